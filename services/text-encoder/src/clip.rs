@@ -1,0 +1,191 @@
+//! The CLIP text transformer (transformers' `CLIPTextModel`), configured from its
+//! config.json, so OpenCLIP ViT-H (SD 2.x: 23 layers, exact GELU) and ViT-L (SD 1.x, quick
+//! GELU) load with the same code. Returns the last hidden state after the final layer norm.
+//! Any batch size; the causal mask is the only mask (SD pipelines pass no attention mask).
+
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, LayerNormConfig, Linear, VarBuilder};
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ClipTextConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+}
+
+fn default_act() -> String {
+    "quick_gelu".into()
+}
+fn default_eps() -> f64 {
+    1e-5
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Activation {
+    QuickGelu,
+    /// transformers' "gelu": the exact erf form.
+    GeluErf,
+    /// "gelu_new" / "gelu_pytorch_tanh": the tanh approximation.
+    GeluTanh,
+}
+
+impl Activation {
+    fn parse(name: &str) -> std::result::Result<Self, String> {
+        match name {
+            "quick_gelu" => Ok(Self::QuickGelu),
+            "gelu" => Ok(Self::GeluErf),
+            "gelu_new" | "gelu_pytorch_tanh" => Ok(Self::GeluTanh),
+            other => Err(format!("hidden_act {other:?} is not supported (quick_gelu, gelu, gelu_new)")),
+        }
+    }
+
+    fn forward(self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::QuickGelu => xs * candle_nn::ops::sigmoid(&(xs * 1.702)?)?,
+            Self::GeluErf => xs.gelu_erf(),
+            Self::GeluTanh => xs.gelu(),
+        }
+    }
+}
+
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
+    heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn new(vb: VarBuilder, c: &ClipTextConfig) -> Result<Self> {
+        let d = c.hidden_size;
+        Ok(Self {
+            q: linear(d, d, vb.pp("q_proj"))?,
+            k: linear(d, d, vb.pp("k_proj"))?,
+            v: linear(d, d, vb.pp("v_proj"))?,
+            out: linear(d, d, vb.pp("out_proj"))?,
+            heads: c.num_attention_heads,
+            head_dim: d / c.num_attention_heads,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (b, t, d) = xs.dims3()?;
+        let split = |x: Tensor| x.reshape((b, t, self.heads, self.head_dim))?.transpose(1, 2)?.contiguous();
+        let q = split((self.q.forward(xs)? * (self.head_dim as f64).powf(-0.5))?)?;
+        let k = split(self.k.forward(xs)?)?;
+        let v = split(self.v.forward(xs)?)?;
+        let scores = q.matmul(&k.t()?)?.broadcast_add(mask)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let ys = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
+        self.out.forward(&ys)
+    }
+}
+
+struct EncoderLayer {
+    norm1: LayerNorm,
+    attn: Attention,
+    norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    act: Activation,
+}
+
+impl EncoderLayer {
+    fn forward(&self, xs: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let xs = (xs + self.attn.forward(&self.norm1.forward(xs)?, mask)?)?;
+        let h = self.fc2.forward(&self.act.forward(&self.fc1.forward(&self.norm2.forward(&xs)?)?)?)?;
+        xs + h
+    }
+}
+
+pub struct ClipTextModel {
+    token_embedding: Embedding,
+    position_embedding: Embedding,
+    layers: Vec<EncoderLayer>,
+    final_norm: LayerNorm,
+    max_positions: usize,
+    hidden_size: usize,
+}
+
+impl ClipTextModel {
+    /// `vb` is rooted at the checkpoint's top level (tensors under `text_model.`).
+    pub fn new(vb: VarBuilder, c: &ClipTextConfig) -> std::result::Result<Self, String> {
+        let act = Activation::parse(&c.hidden_act)?;
+        if c.num_attention_heads == 0 || c.hidden_size % c.num_attention_heads != 0 {
+            return Err(format!(
+                "hidden_size {} is not divisible by num_attention_heads {}",
+                c.hidden_size, c.num_attention_heads
+            ));
+        }
+        let build = || -> Result<Self> {
+            // transformers 4 saved every key under `text_model.`; transformers 5 saves them bare.
+            let vb = if vb.contains_tensor("text_model.final_layer_norm.weight") { vb.pp("text_model") } else { vb };
+            let ln = LayerNormConfig { eps: c.layer_norm_eps, ..Default::default() };
+            let emb = vb.pp("embeddings");
+            let layers = (0..c.num_hidden_layers)
+                .map(|i| {
+                    let l = vb.pp(format!("encoder.layers.{i}"));
+                    Ok(EncoderLayer {
+                        norm1: layer_norm(c.hidden_size, ln, l.pp("layer_norm1"))?,
+                        attn: Attention::new(l.pp("self_attn"), c)?,
+                        norm2: layer_norm(c.hidden_size, ln, l.pp("layer_norm2"))?,
+                        fc1: linear(c.hidden_size, c.intermediate_size, l.pp("mlp.fc1"))?,
+                        fc2: linear(c.intermediate_size, c.hidden_size, l.pp("mlp.fc2"))?,
+                        act,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok(Self {
+                token_embedding: embedding(c.vocab_size, c.hidden_size, emb.pp("token_embedding"))?,
+                position_embedding: embedding(c.max_position_embeddings, c.hidden_size, emb.pp("position_embedding"))?,
+                layers,
+                final_norm: layer_norm(c.hidden_size, ln, vb.pp("final_layer_norm"))?,
+                max_positions: c.max_position_embeddings,
+                hidden_size: c.hidden_size,
+            })
+        };
+        build().map_err(|e| e.to_string())
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        self.hidden_size
+    }
+
+    pub fn max_positions(&self) -> usize {
+        self.max_positions
+    }
+
+    /// `input_ids`: u32 [batch, seq] with seq <= max_position_embeddings.
+    /// Returns the last hidden state [batch, seq, hidden] in f32.
+    pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (_, seq) = input_ids.dims2()?;
+        let device = input_ids.device();
+        let positions = Tensor::arange(0u32, seq as u32, device)?;
+        let mut xs = self
+            .token_embedding
+            .forward(input_ids)?
+            .broadcast_add(&self.position_embedding.forward(&positions)?)?;
+        let mask = causal_mask(seq, xs.dtype(), device)?;
+        for layer in &self.layers {
+            xs = layer.forward(&xs, &mask)?;
+        }
+        self.final_norm.forward(&xs)?.to_dtype(DType::F32)
+    }
+}
+
+/// [1, 1, seq, seq] with -inf above the diagonal, broadcast over batch and heads.
+fn causal_mask(seq: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let mask: Vec<f32> =
+        (0..seq).flat_map(|i| (0..seq).map(move |j| if j > i { f32::NEG_INFINITY } else { 0. })).collect();
+    Tensor::from_vec(mask, (1, 1, seq, seq), device)?.to_dtype(dtype)
+}

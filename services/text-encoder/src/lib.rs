@@ -1,0 +1,193 @@
+//! text-encoder service: prompts in, CLIP text embeddings out.
+//!
+//! [`LocalTextEncoder`] runs the model on a worker thread; [`TextEncoderService`] serves it
+//! over gRPC; [`TextEncoderClient`] calls a remote one. Both implement
+//! [`sdmesh_core::TextEncoder`].
+
+pub mod clip;
+pub mod tokenizer;
+
+use candle_core::{DType, Device, Tensor};
+use sdmesh_core::model_dir::{ComponentDir, ModelDirError};
+use sdmesh_core::serve::{serve, Health};
+use sdmesh_core::{Error, ModelWorker, Result, TextEmbeddings};
+use sdmesh_proto::v1;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio::sync::OnceCell;
+
+/// Texts per Encode request; a job needs two (prompt and negative prompt).
+pub const MAX_TEXTS: usize = 64;
+/// Bytes per text: far past what fits in 77 tokens, small enough to tokenize quickly.
+pub const MAX_TEXT_BYTES: usize = 16 * 1024;
+
+#[derive(Debug, Clone)]
+pub struct TextEncoderOptions {
+    /// Diffusers-layout model folder (uses text_encoder/ and tokenizer/).
+    pub model: PathBuf,
+    pub device: Device,
+    pub queue_capacity: usize,
+}
+
+pub struct LocalTextEncoder {
+    worker: ModelWorker<Vec<String>, TextEmbeddings>,
+    info: v1::TextEncoderInfo,
+}
+
+impl LocalTextEncoder {
+    /// Loads tokenizer and weights and runs one warm-up encode.
+    pub fn load(opts: &TextEncoderOptions) -> std::result::Result<Self, ModelDirError> {
+        let dir = ComponentDir::open(&opts.model, "text_encoder")?;
+        let config: clip::ClipTextConfig = dir.json("config.json")?;
+        let vb = dir.var_builder(&["model"], DType::F32, &opts.device)?;
+        let model = clip::ClipTextModel::new(vb, &config)
+            .map_err(|message| ModelDirError::Malformed { path: dir.path.clone(), message })?;
+        let tokenizer = tokenizer::ClipTokenizer::load(&ComponentDir::open(&opts.model, "tokenizer")?, model.max_positions())?;
+        let info = v1::TextEncoderInfo {
+            context_length: tokenizer.context_length() as u32,
+            hidden_size: model.hidden_size() as u32,
+        };
+        let device = opts.device.clone();
+        // Warm-up: the first forward pass allocates; do it before reporting SERVING.
+        encode_batch(&tokenizer, &model, &device, &[String::new()])
+            .map_err(|e| ModelDirError::Malformed { path: dir.path.clone(), message: format!("warm-up failed: {e}") })?;
+        let worker = ModelWorker::spawn("text-encoder", opts.queue_capacity, move |texts: Vec<String>| {
+            encode_batch(&tokenizer, &model, &device, &texts)
+        });
+        Ok(Self { worker, info })
+    }
+}
+
+fn encode_batch(
+    tokenizer: &tokenizer::ClipTokenizer,
+    model: &clip::ClipTextModel,
+    device: &Device,
+    texts: &[String],
+) -> Result<TextEmbeddings> {
+    let mut ids = Vec::with_capacity(texts.len() * tokenizer.context_length());
+    let mut truncated_tokens = Vec::with_capacity(texts.len());
+    for text in texts {
+        let tokens = tokenizer.encode(text).map_err(Error::invalid)?;
+        if tokens.truncated > 0 {
+            tracing::warn!(
+                dropped = tokens.truncated,
+                "prompt truncated: {} tokens beyond the {}-token context were dropped",
+                tokens.truncated,
+                tokenizer.context_length()
+            );
+        }
+        ids.extend(tokens.ids);
+        truncated_tokens.push(tokens.truncated as u32);
+    }
+    let ids = Tensor::from_vec(ids, (texts.len(), tokenizer.context_length()), device)?;
+    let embeddings = model.forward(&ids)?.to_device(&Device::Cpu)?;
+    Ok(TextEmbeddings { embeddings, truncated_tokens })
+}
+
+fn validate_texts(texts: &[String]) -> Result<()> {
+    if texts.is_empty() || texts.len() > MAX_TEXTS {
+        return Err(Error::invalid(format!("texts: {} given, 1 to {MAX_TEXTS} allowed", texts.len())));
+    }
+    if let Some((i, t)) = texts.iter().enumerate().find(|(_, t)| t.len() > MAX_TEXT_BYTES) {
+        return Err(Error::invalid(format!("texts[{i}]: {} bytes, at most {MAX_TEXT_BYTES} allowed", t.len())));
+    }
+    Ok(())
+}
+
+#[async_trait::async_trait]
+impl sdmesh_core::TextEncoder for LocalTextEncoder {
+    async fn encode(&self, texts: Vec<String>) -> Result<TextEmbeddings> {
+        validate_texts(&texts)?;
+        self.worker.call(texts).await
+    }
+
+    async fn info(&self) -> Result<v1::TextEncoderInfo> {
+        Ok(self.info.clone())
+    }
+}
+
+/// The gRPC face of a [`LocalTextEncoder`]; UNAVAILABLE until the model has loaded.
+#[derive(Clone)]
+pub struct TextEncoderService {
+    local: Arc<OnceCell<LocalTextEncoder>>,
+}
+
+impl TextEncoderService {
+    fn local(&self) -> std::result::Result<&LocalTextEncoder, tonic::Status> {
+        self.local.get().ok_or_else(sdmesh_core::loading)
+    }
+}
+
+#[tonic::async_trait]
+impl v1::text_encoder_server::TextEncoder for TextEncoderService {
+    async fn encode(
+        &self,
+        request: tonic::Request<v1::EncodeTextRequest>,
+    ) -> std::result::Result<tonic::Response<v1::EncodeTextResponse>, tonic::Status> {
+        let local = self.local()?;
+        let out = sdmesh_core::TextEncoder::encode(local, request.into_inner().texts).await?;
+        Ok(tonic::Response::new(v1::EncodeTextResponse {
+            embeddings: Some(v1::Tensor::from_candle(&out.embeddings)?),
+            truncated_tokens: out.truncated_tokens,
+        }))
+    }
+
+    async fn info(
+        &self,
+        _: tonic::Request<v1::InfoRequest>,
+    ) -> std::result::Result<tonic::Response<v1::TextEncoderInfo>, tonic::Status> {
+        Ok(tonic::Response::new(self.local()?.info.clone()))
+    }
+}
+
+/// Serves the text encoder on `listener` until `shutdown`: health NOT_SERVING while the model
+/// loads, SERVING once it has warmed up. A model that fails to load ends `run` with the error.
+pub async fn run(
+    opts: TextEncoderOptions,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let health = Health::new(&[v1::text_encoder_server::SERVICE_NAME]).await;
+    let service = TextEncoderService { local: Arc::new(OnceCell::new()) };
+    let routes = health.routes().add_service(
+        v1::text_encoder_server::TextEncoderServer::new(service.clone())
+            .max_decoding_message_size(sdmesh_core::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(sdmesh_core::MAX_MESSAGE_BYTES),
+    );
+    let server = tokio::spawn(serve(listener, routes, health.clone(), shutdown));
+    let local = tokio::task::spawn_blocking(move || LocalTextEncoder::load(&opts)).await??;
+    let _ = service.local.set(local);
+    health.set(sdmesh_core::serve::ServingStatus::Serving).await;
+    tracing::info!("text encoder ready");
+    server.await??;
+    Ok(())
+}
+
+/// A remote text-encoder service.
+#[derive(Clone)]
+pub struct TextEncoderClient {
+    inner: v1::text_encoder_client::TextEncoderClient<tonic::transport::Channel>,
+}
+
+impl TextEncoderClient {
+    pub fn new(url: &str) -> Result<Self> {
+        let inner = v1::text_encoder_client::TextEncoderClient::new(sdmesh_core::client::lazy_channel(url)?)
+            .max_decoding_message_size(sdmesh_core::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(sdmesh_core::MAX_MESSAGE_BYTES);
+        Ok(Self { inner })
+    }
+}
+
+#[async_trait::async_trait]
+impl sdmesh_core::TextEncoder for TextEncoderClient {
+    async fn encode(&self, texts: Vec<String>) -> Result<TextEmbeddings> {
+        let out = self.inner.clone().encode(v1::EncodeTextRequest { texts }).await?.into_inner();
+        let embeddings = sdmesh_proto::required(&out.embeddings, "embeddings")?.to_candle("embeddings", &Device::Cpu)?;
+        Ok(TextEmbeddings { embeddings, truncated_tokens: out.truncated_tokens })
+    }
+
+    async fn info(&self) -> Result<v1::TextEncoderInfo> {
+        Ok(self.inner.clone().info(v1::InfoRequest {}).await?.into_inner())
+    }
+}

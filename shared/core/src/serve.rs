@@ -1,0 +1,104 @@
+//! Serving a component: health (grpc.health.v1), reflection, graceful shutdown.
+
+use std::future::Future;
+use tokio::net::TcpListener;
+use tonic::service::Routes;
+use tonic_health::server::HealthReporter;
+pub use tonic_health::ServingStatus;
+
+/// Health of one process. Starts NOT_SERVING; the service flips it once its model is ready.
+#[derive(Clone)]
+pub struct Health {
+    reporter: HealthReporter,
+    names: Vec<String>,
+    /// Health and reflection, to which a service adds its own.
+    routes: Routes,
+}
+
+impl Health {
+    /// `names` are the fully-qualified gRPC service names this process serves
+    /// (the overall status "" is kept in step with them).
+    pub async fn new(names: &[&str]) -> Self {
+        let (reporter, service) = tonic_health::server::health_reporter();
+        let names: Vec<String> = std::iter::once(String::new()).chain(names.iter().map(|s| s.to_string())).collect();
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(sdmesh_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .expect("the embedded descriptor sets are valid");
+        let routes = Routes::new(service).add_service(reflection);
+        let health = Self { reporter, names, routes };
+        health.set(ServingStatus::NotServing).await;
+        health
+    }
+
+    /// Health and reflection; add the service's own with `.add_service(..)`.
+    pub fn routes(&self) -> Routes {
+        self.routes.clone()
+    }
+
+    pub async fn set(&self, status: ServingStatus) {
+        for name in &self.names {
+            self.reporter.set_service_status(name, status).await;
+        }
+    }
+}
+
+/// Serves `routes` (built from [`Health::routes`]) on `listener` until `shutdown` resolves,
+/// then reports NOT_SERVING and lets in-flight calls finish.
+pub async fn serve(
+    listener: TcpListener,
+    routes: Routes,
+    health: Health,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let draining = health.clone();
+    tonic::transport::Server::builder()
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(incoming, async move {
+            shutdown.await;
+            draining.set(ServingStatus::NotServing).await;
+            tracing::info!("shutting down: draining in-flight calls");
+        })
+        .await
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
+
+/// Logging to stderr, filtered by RUST_LOG (default `info`).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+/// Binds `addr` and prints `listening on ADDR` (the real port when 0 was asked) on stdout, so
+/// launchers and tests can find a service started on an ephemeral port.
+pub async fn bind(addr: &str) -> std::io::Result<TcpListener> {
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    println!("listening on {local}");
+    tracing::info!(%local, "listening");
+    Ok(listener)
+}

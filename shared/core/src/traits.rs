@@ -1,0 +1,57 @@
+//! The components as the orchestrator sees them. Each has a local candle implementation
+//! (in its service crate) and a gRPC client implementation of the same trait, so a job runs
+//! the same code in one process or across the mesh.
+
+use crate::Result;
+use candle_core::Tensor;
+use sdmesh_proto::v1::{TextEncoderInfo, UnetInfo, VaeInfo};
+
+/// Output of the text encoder for a batch of texts.
+#[derive(Debug, Clone)]
+pub struct TextEmbeddings {
+    /// f32 [n_texts, context_length, hidden_size], on the CPU.
+    pub embeddings: Tensor,
+    /// Per text, how many tokens did not fit the context length.
+    pub truncated_tokens: Vec<u32>,
+}
+
+#[async_trait::async_trait]
+pub trait TextEncoder: Send + Sync {
+    async fn encode(&self, texts: Vec<String>) -> Result<TextEmbeddings>;
+    async fn info(&self) -> Result<TextEncoderInfo>;
+}
+
+/// One denoising step, classifier-free guidance included.
+#[derive(Debug, Clone)]
+pub struct DenoiseInput {
+    /// Scheduler-scaled model input [batch, channels, h, w].
+    pub latents: Tensor,
+    pub timestep: f64,
+    /// [1 or batch, context_length, dim].
+    pub cond: Tensor,
+    /// Same shape as `cond`; used when `guidance_scale > 1`.
+    pub uncond: Option<Tensor>,
+    pub guidance_scale: f32,
+    pub guidance_rescale: f32,
+}
+
+impl DenoiseInput {
+    /// Whether this step runs the doubled (unconditional + conditional) forward pass.
+    pub fn uses_guidance(&self) -> bool {
+        self.guidance_scale > 1.0
+    }
+}
+
+#[async_trait::async_trait]
+pub trait Denoiser: Send + Sync {
+    /// Returns the guided model output, f32 with the shape of `latents`, on the CPU.
+    async fn denoise(&self, input: DenoiseInput) -> Result<Tensor>;
+    async fn info(&self) -> Result<UnetInfo>;
+}
+
+#[async_trait::async_trait]
+pub trait Vae: Send + Sync {
+    /// Diffusion latents (scaled) -> f32 NHWC images in [0, 1], on the CPU.
+    async fn decode(&self, latents: Tensor) -> Result<Tensor>;
+    async fn info(&self) -> Result<VaeInfo>;
+}

@@ -1,0 +1,15 @@
+//! The sd.v1 gRPC contracts and the one tensor codec every service uses.
+
+pub mod sd {
+    pub mod v1 {
+        tonic::include_proto!("sd.v1");
+    }
+}
+
+pub use sd::v1;
+
+mod tensor;
+pub use tensor::{required, TensorError, MAX_TENSOR_ELEMENTS};
+
+/// Encoded `FileDescriptorSet` of every sd.v1 file, for gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sd_descriptor.bin"));

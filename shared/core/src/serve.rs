@@ -102,3 +102,31 @@ pub async fn bind(addr: &str) -> std::io::Result<TcpListener> {
     tracing::info!(%local, "listening");
     Ok(listener)
 }
+
+/// Flags every model service takes.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServiceArgs {
+    /// Diffusers-layout model folder (e.g. a local copy of stabilityai/stable-diffusion-2-1).
+    #[arg(long, env = "SDMESH_MODEL")]
+    pub model: std::path::PathBuf,
+    /// Address to listen on; port 0 picks a free port (printed as `listening on ADDR`).
+    #[arg(long, env = "SDMESH_LISTEN")]
+    pub listen: Option<String>,
+    /// Device to run on: cpu.
+    #[arg(long, env = "SDMESH_DEVICE", default_value = "cpu")]
+    pub device: String,
+    /// Requests waiting for the model beyond which new ones get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "SDMESH_QUEUE_CAPACITY", default_value_t = 64)]
+    pub queue_capacity: usize,
+}
+
+impl ServiceArgs {
+    pub fn device(&self) -> Result<candle_core::Device, String> {
+        crate::parse_device(&self.device)
+    }
+
+    /// Binds `--listen`, or `default` when it was not given.
+    pub async fn bind(&self, default: &str) -> std::io::Result<TcpListener> {
+        bind(self.listen.as_deref().unwrap_or(default)).await
+    }
+}

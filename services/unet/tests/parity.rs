@@ -1,0 +1,92 @@
+//! Parity with diffusers' UNet2DConditionModel and StableDiffusionPipeline's guidance on the
+//! committed tiny models (reference: tests/fixtures/generate.py).
+
+use candle_core::{DType, Device, Tensor};
+use sdmesh_core::{DenoiseInput, Denoiser};
+use sdmesh_testkit::{assert_close, load_json, load_tensors, model};
+use sdmesh_unet::{LocalUnet, UnetOptions};
+
+fn load(name: &str) -> LocalUnet {
+    LocalUnet::load(&UnetOptions { model: model(name), device: Device::Cpu, queue_capacity: 8 }).unwrap()
+}
+
+fn input(latents: &Tensor, timestep: f64, cond: &Tensor) -> DenoiseInput {
+    DenoiseInput {
+        latents: latents.clone(),
+        timestep,
+        cond: cond.clone(),
+        uncond: None,
+        guidance_scale: 1.0,
+        guidance_rescale: 0.0,
+    }
+}
+
+#[tokio::test]
+async fn unet_matches_diffusers_for_eps_and_v_models() {
+    for name in ["sd21-tiny", "sd21-base-tiny"] {
+        let unet = load(name);
+        let r = load_tensors(&format!("{name}/unet.safetensors"));
+        let timesteps = r["timesteps"].to_vec1::<f32>().unwrap();
+        for (k, t) in timesteps.iter().enumerate() {
+            let out = unet.denoise(input(&r["sample"], *t as f64, &r["encoder_hidden_states"])).await.unwrap();
+            assert_close(&format!("{name} unet t={t}"), &out, &r[&format!("out_{k}")], 1e-4);
+        }
+    }
+}
+
+#[tokio::test]
+async fn guidance_and_rescale_match_the_pipeline() {
+    for name in ["sd21-tiny", "sd21-base-tiny"] {
+        let unet = load(name);
+        let r = load_tensors(&format!("{name}/unet.safetensors"));
+        let g = &load_json(&format!("{name}/unet.json"))["guidance"];
+        let mut x = input(&r["latents"], g["timestep"].as_f64().unwrap(), &r["cond"]);
+        x.uncond = Some(r["uncond"].clone());
+        x.guidance_scale = g["guidance_scale"].as_f64().unwrap() as f32;
+        // u + g(c - u) multiplies the UNet's float32 rounding (~2e-5 here) by about 2g + 1 = 16.
+        let tol = 5e-4;
+        let plain = unet.denoise(x.clone()).await.unwrap();
+        assert_close(&format!("{name} guided"), &plain, &r["guided_no_rescale"], tol);
+        x.guidance_rescale = g["guidance_rescale"].as_f64().unwrap() as f32;
+        let rescaled = unet.denoise(x).await.unwrap();
+        assert_close(&format!("{name} guided + rescale"), &rescaled, &r["guided"], tol);
+    }
+}
+
+#[tokio::test]
+async fn batch_of_one_cond_broadcasts_and_batching_does_not_change_a_sample() {
+    let unet = load("sd21-tiny");
+    let r = load_tensors("sd21-tiny/unet.safetensors");
+    let ehs = &r["encoder_hidden_states"];
+    let first_cond = ehs.narrow(0, 0, 1).unwrap();
+    let both = unet.denoise(input(&r["sample"], 500.0, &first_cond)).await.unwrap();
+    let one = unet.denoise(input(&r["sample"].narrow(0, 1, 1).unwrap(), 500.0, &first_cond)).await.unwrap();
+    assert_close("sample 1 alone vs in a batch", &one, &both.narrow(0, 1, 1).unwrap(), 1e-5);
+}
+
+#[tokio::test]
+async fn bad_inputs_are_invalid_argument() {
+    let unet = load("sd21-tiny");
+    let cpu = &Device::Cpu;
+    let cond = Tensor::zeros((1, 77, 32), DType::F32, cpu).unwrap();
+    let latents = Tensor::zeros((1, 4, 8, 8), DType::F32, cpu).unwrap();
+    let cases: Vec<(&str, DenoiseInput)> = vec![
+        ("latents", input(&Tensor::zeros((1, 3, 8, 8), DType::F32, cpu).unwrap(), 1.0, &cond)),
+        ("latents", input(&Tensor::zeros((4, 8, 8), DType::F32, cpu).unwrap(), 1.0, &cond)),
+        ("latents", input(&Tensor::zeros((1, 4, 512, 8), DType::F32, cpu).unwrap(), 1.0, &cond)),
+        ("cond", input(&latents, 1.0, &Tensor::zeros((1, 77, 16), DType::F32, cpu).unwrap())),
+        ("cond", input(&latents, 1.0, &Tensor::zeros((3, 77, 32), DType::F32, cpu).unwrap())),
+        ("timestep", input(&latents, f64::NAN, &cond)),
+        ("guidance_scale", DenoiseInput { guidance_scale: f32::NAN, ..input(&latents, 1.0, &cond) }),
+        ("guidance_scale", DenoiseInput { guidance_scale: -1.0, ..input(&latents, 1.0, &cond) }),
+        ("uncond", DenoiseInput { guidance_scale: 7.5, ..input(&latents, 1.0, &cond) }),
+        ("guidance_rescale", DenoiseInput { guidance_rescale: 2.0, ..input(&latents, 1.0, &cond) }),
+    ];
+    for (field, x) in cases {
+        let err = unet.denoise(x).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+        assert!(err.to_string().contains(field), "{field}: {err}");
+    }
+    // Still serving after all of that.
+    unet.denoise(input(&latents, 1.0, &cond)).await.unwrap();
+}

@@ -1,0 +1,231 @@
+//! vae service: diffusion latents -> images.
+//!
+//! The service owns the whole AutoencoderKL (encoder included), so image-to-latent encoding
+//! (img2img, inpainting) is one more RPC on the same loaded model.
+
+use candle_core::{DType, Device, Tensor};
+use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
+use sdmesh_core::model_dir::{ComponentDir, ModelDirError};
+use sdmesh_core::serve::{serve, Health, ServingStatus};
+use sdmesh_core::{Error, ModelWorker, Result};
+use sdmesh_proto::v1;
+use serde::Deserialize;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio::sync::OnceCell;
+
+/// Images per decode.
+pub const MAX_BATCH: usize = 16;
+/// Latent side: 256 latents = 2048 pixels at the usual scale factor of 8.
+pub const MAX_LATENT_SIDE: usize = 256;
+
+#[derive(Debug, Clone, Deserialize)]
+struct VaeConfigJson {
+    #[serde(default = "three")]
+    in_channels: usize,
+    #[serde(default = "three")]
+    out_channels: usize,
+    block_out_channels: Vec<usize>,
+    #[serde(default = "one")]
+    layers_per_block: usize,
+    #[serde(default = "four")]
+    latent_channels: usize,
+    #[serde(default = "thirty_two")]
+    norm_num_groups: usize,
+    #[serde(default = "sd_scaling")]
+    scaling_factor: f64,
+    shift_factor: Option<f64>,
+    #[serde(default = "yes")]
+    use_quant_conv: bool,
+    #[serde(default = "yes")]
+    use_post_quant_conv: bool,
+    #[serde(default = "yes")]
+    mid_block_add_attention: bool,
+}
+
+fn one() -> usize {
+    1
+}
+fn three() -> usize {
+    3
+}
+fn four() -> usize {
+    4
+}
+fn thirty_two() -> usize {
+    32
+}
+fn sd_scaling() -> f64 {
+    0.18215
+}
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone)]
+pub struct VaeOptions {
+    /// Diffusers-layout model folder (uses vae/).
+    pub model: PathBuf,
+    pub device: Device,
+    pub queue_capacity: usize,
+}
+
+struct Model {
+    vae: AutoEncoderKL,
+    scaling_factor: f64,
+    device: Device,
+    dtype: DType,
+}
+
+impl Model {
+    /// Scaled latents -> f32 NHWC in [0, 1], as diffusers' pipeline postprocesses them.
+    fn decode(&self, latents: Tensor) -> Result<Tensor> {
+        let z = (latents.to_device(&self.device)?.to_dtype(self.dtype)? / self.scaling_factor)?;
+        // One image at a time: candle 0.11's single-head VAE attention gives wrong results for
+        // every sample but the first of a batch (found by the parity test), and per-image
+        // decoding also bounds peak memory.
+        let images = (0..z.dim(0)?)
+            .map(|i| self.vae.decode(&z.narrow(0, i, 1)?))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let image = Tensor::cat(&images, 0)?.to_dtype(DType::F32)?;
+        let image = ((image / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
+        Ok(image.permute((0, 2, 3, 1))?.contiguous()?.to_device(&Device::Cpu)?)
+    }
+}
+
+pub struct LocalVae {
+    worker: ModelWorker<Tensor, Tensor>,
+    info: v1::VaeInfo,
+}
+
+impl LocalVae {
+    pub fn load(opts: &VaeOptions) -> std::result::Result<Self, ModelDirError> {
+        let dir = ComponentDir::open(&opts.model, "vae")?;
+        let json: VaeConfigJson = dir.json("config.json")?;
+        let malformed = |message: String| ModelDirError::Malformed { path: dir.path.join("config.json"), message };
+        if json.shift_factor.is_some_and(|s| s != 0.0) || !json.mid_block_add_attention {
+            return Err(malformed("shift_factor / mid_block_add_attention false are not supported by this VAE".into()));
+        }
+        if json.block_out_channels.is_empty() || json.block_out_channels.iter().any(|c| c % json.norm_num_groups != 0) {
+            return Err(malformed(format!(
+                "block_out_channels {:?} must be non-empty multiples of norm_num_groups {}",
+                json.block_out_channels, json.norm_num_groups
+            )));
+        }
+        let config = AutoEncoderKLConfig {
+            block_out_channels: json.block_out_channels.clone(),
+            layers_per_block: json.layers_per_block,
+            latent_channels: json.latent_channels,
+            norm_num_groups: json.norm_num_groups,
+            use_quant_conv: json.use_quant_conv,
+            use_post_quant_conv: json.use_post_quant_conv,
+        };
+        let dtype = DType::F32;
+        let vb = dir.var_builder(&["diffusion_pytorch_model"], dtype, &opts.device)?;
+        let vae = AutoEncoderKL::new(vb, json.in_channels, json.out_channels, config)
+            .map_err(|e| ModelDirError::Malformed { path: dir.path.clone(), message: e.to_string() })?;
+        let info = v1::VaeInfo {
+            latent_channels: json.latent_channels as u32,
+            scale_factor: 1 << (json.block_out_channels.len() - 1),
+            scaling_factor: json.scaling_factor,
+        };
+        let model = Model { vae, scaling_factor: json.scaling_factor, device: opts.device.clone(), dtype };
+        let warm_up = || -> Result<Tensor> { model.decode(Tensor::zeros((1, json.latent_channels, 8, 8), DType::F32, &Device::Cpu)?) };
+        warm_up().map_err(|e| ModelDirError::Malformed { path: dir.path.clone(), message: format!("warm-up failed: {e}") })?;
+        let worker = ModelWorker::spawn("vae", opts.queue_capacity, move |latents| model.decode(latents));
+        Ok(Self { worker, info })
+    }
+}
+
+#[async_trait::async_trait]
+impl sdmesh_core::Vae for LocalVae {
+    async fn decode(&self, latents: Tensor) -> Result<Tensor> {
+        let c = self.info.latent_channels as usize;
+        match latents.dims() {
+            &[n, ch, h, w] if ch == c && (1..=MAX_BATCH).contains(&n) && (1..=MAX_LATENT_SIDE).contains(&h) && (1..=MAX_LATENT_SIDE).contains(&w) => {}
+            dims => {
+                return Err(Error::invalid(format!(
+                    "latents: shape {dims:?}; expected [1..={MAX_BATCH}, {c}, 1..={MAX_LATENT_SIDE}, 1..={MAX_LATENT_SIDE}]"
+                )))
+            }
+        }
+        self.worker.call(latents.to_dtype(DType::F32)?).await
+    }
+
+    async fn info(&self) -> Result<v1::VaeInfo> {
+        Ok(self.info)
+    }
+}
+
+#[derive(Clone)]
+pub struct VaeService {
+    local: Arc<OnceCell<LocalVae>>,
+}
+
+#[tonic::async_trait]
+impl v1::vae_server::Vae for VaeService {
+    async fn decode(
+        &self,
+        request: tonic::Request<v1::DecodeRequest>,
+    ) -> std::result::Result<tonic::Response<v1::DecodeResponse>, tonic::Status> {
+        let local = self.local.get().ok_or_else(sdmesh_core::loading)?;
+        let latents = sdmesh_proto::required(&request.get_ref().latents, "latents")?.to_candle("latents", &Device::Cpu)?;
+        let images = sdmesh_core::Vae::decode(local, latents).await?;
+        Ok(tonic::Response::new(v1::DecodeResponse { images: Some(v1::Tensor::from_candle(&images)?) }))
+    }
+
+    async fn info(&self, _: tonic::Request<v1::InfoRequest>) -> std::result::Result<tonic::Response<v1::VaeInfo>, tonic::Status> {
+        Ok(tonic::Response::new(self.local.get().ok_or_else(sdmesh_core::loading)?.info))
+    }
+}
+
+/// Serves the VAE on `listener` until `shutdown` (NOT_SERVING while loading).
+pub async fn run(
+    opts: VaeOptions,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let health = Health::new(&[v1::vae_server::SERVICE_NAME]).await;
+    let service = VaeService { local: Arc::new(OnceCell::new()) };
+    let routes = health.routes().add_service(
+        v1::vae_server::VaeServer::new(service.clone())
+            .max_decoding_message_size(sdmesh_core::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(sdmesh_core::MAX_MESSAGE_BYTES),
+    );
+    let server = tokio::spawn(serve(listener, routes, health.clone(), shutdown));
+    let local = tokio::task::spawn_blocking(move || LocalVae::load(&opts)).await??;
+    let _ = service.local.set(local);
+    health.set(ServingStatus::Serving).await;
+    tracing::info!("vae ready");
+    server.await??;
+    Ok(())
+}
+
+/// A remote vae service.
+#[derive(Clone)]
+pub struct VaeClient {
+    inner: v1::vae_client::VaeClient<tonic::transport::Channel>,
+}
+
+impl VaeClient {
+    pub fn new(url: &str) -> Result<Self> {
+        let inner = v1::vae_client::VaeClient::new(sdmesh_core::client::lazy_channel(url)?)
+            .max_decoding_message_size(sdmesh_core::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(sdmesh_core::MAX_MESSAGE_BYTES);
+        Ok(Self { inner })
+    }
+}
+
+#[async_trait::async_trait]
+impl sdmesh_core::Vae for VaeClient {
+    async fn decode(&self, latents: Tensor) -> Result<Tensor> {
+        let request = v1::DecodeRequest { latents: Some(v1::Tensor::from_candle(&latents)?) };
+        let out = self.inner.clone().decode(request).await?.into_inner();
+        Ok(sdmesh_proto::required(&out.images, "images")?.to_candle("images", &Device::Cpu)?)
+    }
+
+    async fn info(&self) -> Result<v1::VaeInfo> {
+        Ok(self.inner.clone().info(v1::InfoRequest {}).await?.into_inner())
+    }
+}

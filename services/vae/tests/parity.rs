@@ -1,0 +1,41 @@
+//! Parity with diffusers' AutoencoderKL decode (+ the pipeline's postprocessing) on the
+//! committed tiny models; sd21-base-tiny has fp16 weights with legacy attention key names.
+
+use candle_core::{DType, Device, Tensor};
+use sdmesh_core::Vae;
+use sdmesh_testkit::{assert_close, load_tensors, model};
+use sdmesh_vae::{LocalVae, VaeOptions};
+
+fn load(name: &str) -> LocalVae {
+    LocalVae::load(&VaeOptions { model: model(name), device: Device::Cpu, queue_capacity: 8 }).unwrap()
+}
+
+/// diffusers' output_type="np": (x / 2 + 0.5).clamp(0, 1), NCHW -> NHWC.
+fn postprocess(raw: &Tensor) -> Tensor {
+    ((raw / 2.0).unwrap() + 0.5).unwrap().clamp(0f32, 1f32).unwrap().permute((0, 2, 3, 1)).unwrap()
+}
+
+#[tokio::test]
+async fn decode_matches_diffusers() {
+    for name in ["sd21-tiny", "sd21-base-tiny"] {
+        let vae = load(name);
+        let info = vae.info().await.unwrap();
+        assert_eq!((info.scale_factor, info.latent_channels), (8, 4));
+        assert!((info.scaling_factor - 0.18215).abs() < 1e-12);
+        let r = load_tensors(&format!("{name}/vae.safetensors"));
+        for (latents, image) in [("latents", "image"), ("latents_ns", "image_ns")] {
+            let out = vae.decode(r[latents].clone()).await.unwrap();
+            assert_close(&format!("{name} {image}"), &out, &postprocess(&r[image]), 1e-4);
+        }
+    }
+}
+
+#[tokio::test]
+async fn bad_latents_are_invalid_argument() {
+    let vae = load("sd21-tiny");
+    for dims in [vec![1, 3, 8, 8], vec![4, 8, 8], vec![1, 4, 0, 8], vec![1, 4, 300, 8], vec![17, 4, 8, 8]] {
+        let err = vae.decode(Tensor::zeros(dims.as_slice(), DType::F32, &Device::Cpu).unwrap()).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{dims:?}: {err}");
+        assert!(err.to_string().contains("latents"), "{err}");
+    }
+}

@@ -1,0 +1,52 @@
+use clap::Parser;
+use sdmesh_core::serve::{bind, init_logging, shutdown_signal};
+use sdmesh_orchestrator::pipeline::Limits;
+use sdmesh_orchestrator::{run, OrchestratorOptions};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// sdmesh orchestrator: the public Generate API over the text-encoder, unet and vae services.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Diffusers-layout model folder (reads scheduler/scheduler_config.json).
+    #[arg(long, env = "SDMESH_MODEL")]
+    model: PathBuf,
+    /// Address to listen on; port 0 picks a free port (printed as `listening on ADDR`).
+    #[arg(long, env = "SDMESH_LISTEN", default_value = "127.0.0.1:50050")]
+    listen: String,
+    /// text-encoder service URL.
+    #[arg(long, env = "SDMESH_TEXT_ENCODER_URL", default_value = "http://127.0.0.1:50051")]
+    text_encoder_url: String,
+    /// unet service URL.
+    #[arg(long, env = "SDMESH_UNET_URL", default_value = "http://127.0.0.1:50052")]
+    unet_url: String,
+    /// vae service URL.
+    #[arg(long, env = "SDMESH_VAE_URL", default_value = "http://127.0.0.1:50053")]
+    vae_url: String,
+    /// Largest height or width a request may ask for, in pixels.
+    #[arg(long, env = "SDMESH_MAX_SIDE", default_value_t = 2048)]
+    max_side: u32,
+    /// Most images one request may ask for.
+    #[arg(long, env = "SDMESH_MAX_IMAGES", default_value_t = 8)]
+    max_images: u32,
+    /// Seconds to wait at start-up for the model services.
+    #[arg(long, env = "SDMESH_STARTUP_TIMEOUT", default_value_t = 300)]
+    startup_timeout: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    init_logging();
+    let a = Args::parse();
+    let listener = bind(&a.listen).await?;
+    let opts = OrchestratorOptions {
+        model: a.model,
+        text_encoder_url: a.text_encoder_url,
+        unet_url: a.unet_url,
+        vae_url: a.vae_url,
+        limits: Limits { max_side: a.max_side, max_images: a.max_images },
+        startup_timeout: Duration::from_secs(a.startup_timeout),
+    };
+    run(opts, listener, shutdown_signal()).await
+}

@@ -1,0 +1,257 @@
+//! One txt2img job, as diffusers' StableDiffusionPipeline runs it: encode prompt and negative
+//! prompt, draw the initial latents, run the scheduler loop calling the denoiser each step,
+//! decode. The components are traits, so the same code runs in one process or over gRPC.
+
+use crate::noise::NoiseSource;
+use crate::scheduler::{self, ResolvedScheduler, SchedulerConfig, SchedulerRequest};
+use candle_core::{DType, Tensor};
+use sdmesh_core::{DenoiseInput, Denoiser, Error, Result, TextEncoder, Vae};
+use sdmesh_proto::v1;
+use std::sync::Arc;
+
+pub const DEFAULT_STEPS: u32 = 50;
+pub const DEFAULT_GUIDANCE: f32 = 7.5;
+
+/// Bounds on what one request may ask for.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest height or width in pixels.
+    pub max_side: u32,
+    pub max_images: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { max_side: 2048, max_images: 8 }
+    }
+}
+
+/// What the model services report about themselves, fetched once.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    pub unet: v1::UnetInfo,
+    pub vae: v1::VaeInfo,
+    pub text: v1::TextEncoderInfo,
+}
+
+/// A validated job, every default resolved.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub steps: usize,
+    pub guidance_scale: f32,
+    pub guidance_rescale: f32,
+    pub seed: u64,
+    pub height: usize,
+    pub width: usize,
+    pub num_images: usize,
+    pub scheduler: ResolvedScheduler,
+    /// f32 [num_images, latent_channels, height/f, width/f]; drawn from the seed when None.
+    pub init_latents: Option<Tensor>,
+}
+
+impl Job {
+    pub fn uses_guidance(&self) -> bool {
+        self.guidance_scale > 1.0
+    }
+}
+
+/// Reported after every denoising step.
+#[derive(Debug, Clone)]
+pub struct StepProgress {
+    pub step: usize,
+    pub total: usize,
+    pub timestep: f64,
+    /// The latents after this step (a cheap, shared handle).
+    pub latents: Tensor,
+}
+
+pub struct JobOutput {
+    /// f32 [num_images, height, width, 3] in [0, 1].
+    pub images: Tensor,
+    pub warnings: Vec<String>,
+}
+
+#[derive(Clone)]
+pub struct Pipeline {
+    pub text_encoder: Arc<dyn TextEncoder>,
+    pub denoiser: Arc<dyn Denoiser>,
+    pub vae: Arc<dyn Vae>,
+    pub scheduler_config: SchedulerConfig,
+    pub info: ModelInfo,
+    pub limits: Limits,
+    /// Name written into the PNG parameters (the model folder's name).
+    pub model_name: String,
+}
+
+impl Pipeline {
+    /// Asks each component for its info.
+    pub async fn model_info(text: &dyn TextEncoder, unet: &dyn Denoiser, vae: &dyn Vae) -> Result<ModelInfo> {
+        Ok(ModelInfo { text: text.info().await?, unet: unet.info().await?, vae: vae.info().await? })
+    }
+
+    fn latent_shape(&self, job: &Job) -> [usize; 4] {
+        let f = self.info.vae.scale_factor as usize;
+        [job.num_images, self.info.unet.in_channels as usize, job.height / f, job.width / f]
+    }
+
+    /// Checks a request and resolves its defaults. Every error is INVALID_ARGUMENT and says
+    /// what is allowed.
+    pub fn validate(&self, r: &v1::GenerateRequest) -> Result<Job> {
+        let limits = &self.limits;
+        let f = self.info.vae.scale_factor;
+        let default_side = self.info.unet.sample_size * f;
+        let side = |name: &str, v: u32| -> Result<usize> {
+            let v = if v == 0 { default_side } else { v };
+            if v % f != 0 || v > limits.max_side {
+                return Err(Error::invalid(format!(
+                    "{name}: {v} is not allowed; use a multiple of {f} from {f} to {} (0 = the model's default, {default_side})",
+                    limits.max_side
+                )));
+            }
+            Ok(v as usize)
+        };
+        let height = side("height", r.height)?;
+        let width = side("width", r.width)?;
+        let max_steps = self.scheduler_config.num_train_timesteps() as u32;
+        let steps = if r.steps == 0 { DEFAULT_STEPS } else { r.steps };
+        if steps > max_steps {
+            return Err(Error::invalid(format!("steps: {steps} is not allowed; use 1 to {max_steps} (0 = {DEFAULT_STEPS})")));
+        }
+        let guidance_scale = r.guidance_scale.unwrap_or(DEFAULT_GUIDANCE);
+        if !guidance_scale.is_finite() || guidance_scale < 0.0 {
+            return Err(Error::invalid(format!("guidance_scale: {guidance_scale} is not allowed; use a finite value >= 0")));
+        }
+        if !(0.0..=1.0).contains(&r.guidance_rescale) {
+            return Err(Error::invalid(format!("guidance_rescale: {} is not allowed; use 0 to 1", r.guidance_rescale)));
+        }
+        let num_images = if r.num_images == 0 { 1 } else { r.num_images };
+        if num_images > limits.max_images {
+            return Err(Error::invalid(format!("num_images: {num_images} is not allowed; use 1 to {}", limits.max_images)));
+        }
+        let options = r.scheduler.clone().unwrap_or_default();
+        let scheduler = scheduler::resolve(&SchedulerRequest {
+            name: options.name,
+            eta: options.eta,
+            use_karras_sigmas: options.use_karras_sigmas,
+        })
+        .map_err(|e| Error::invalid(format!("scheduler: {e}")))?;
+        // Building it checks the step count against the config (e.g. spacing limits).
+        scheduler::build(&self.scheduler_config, &scheduler, steps as usize).map_err(|e| Error::invalid(format!("scheduler: {e}")))?;
+        let mut job = Job {
+            prompt: r.prompt.clone(),
+            negative_prompt: r.negative_prompt.clone(),
+            steps: steps as usize,
+            guidance_scale,
+            guidance_rescale: r.guidance_rescale,
+            seed: r.seed.unwrap_or_else(rand::random),
+            height,
+            width,
+            num_images: num_images as usize,
+            scheduler,
+            init_latents: None,
+        };
+        if let Some(t) = &r.init_latents {
+            let latents = t.to_candle("init_latents", &candle_core::Device::Cpu)?.to_dtype(DType::F32)?;
+            let expected = self.latent_shape(&job);
+            if latents.dims() != expected {
+                return Err(Error::invalid(format!(
+                    "init_latents: shape {:?}, expected {expected:?} ([num_images, channels, height/{f}, width/{f}])",
+                    latents.dims()
+                )));
+            }
+            job.init_latents = Some(latents);
+        }
+        Ok(job)
+    }
+
+    /// Runs a validated job. `progress` is called after every step; returning false cancels.
+    pub async fn run(
+        &self,
+        job: &Job,
+        noise: &mut dyn NoiseSource,
+        progress: &mut (dyn FnMut(StepProgress) -> bool + Send),
+    ) -> Result<JobOutput> {
+        let mut warnings = Vec::new();
+        // Prompt embeddings: [negative; prompt] in one call when guidance is on.
+        let texts = if job.uses_guidance() {
+            vec![job.negative_prompt.clone(), job.prompt.clone()]
+        } else {
+            vec![job.prompt.clone()]
+        };
+        let encoded = self.text_encoder.encode(texts).await?;
+        for (which, dropped) in ["negative prompt", "prompt"].iter().rev().zip(encoded.truncated_tokens.iter().rev()) {
+            if *dropped > 0 {
+                let msg = format!(
+                    "{which} truncated: {dropped} tokens beyond the {}-token context were dropped",
+                    self.info.text.context_length
+                );
+                tracing::warn!("{msg}");
+                warnings.push(msg);
+            }
+        }
+        let (cond, uncond) = if job.uses_guidance() {
+            (encoded.embeddings.narrow(0, 1, 1)?, Some(encoded.embeddings.narrow(0, 0, 1)?))
+        } else {
+            (encoded.embeddings, None)
+        };
+
+        let mut scheduler =
+            scheduler::build(&self.scheduler_config, &job.scheduler, job.steps).map_err(Error::invalid)?;
+        let mut latents = match &job.init_latents {
+            Some(t) => t.clone(),
+            None => noise.randn(&self.latent_shape(job))?,
+        };
+        latents = (latents * scheduler.init_noise_sigma())?;
+        let timesteps = scheduler.timesteps().to_vec();
+        for (i, &t) in timesteps.iter().enumerate() {
+            let span = tracing::debug_span!("step", step = i, timestep = t);
+            let _entered = span.enter();
+            let model_input = scheduler.scale_model_input(&latents, i)?;
+            let model_output = self
+                .denoiser
+                .denoise(DenoiseInput {
+                    latents: model_input,
+                    timestep: t,
+                    cond: cond.clone(),
+                    uncond: uncond.clone(),
+                    guidance_scale: job.guidance_scale,
+                    guidance_rescale: job.guidance_rescale,
+                })
+                .await?;
+            latents = scheduler.step(&model_output, i, &latents, noise)?;
+            if !progress(StepProgress { step: i + 1, total: timesteps.len(), timestep: t, latents: latents.clone() }) {
+                return Err(Error::Remote(tonic::Status::cancelled("the client went away")));
+            }
+        }
+        let images = self.vae.decode(latents).await?;
+        Ok(JobOutput { images, warnings })
+    }
+
+    /// The generation parameters, A1111-style, as written into each PNG.
+    pub fn parameters(&self, job: &Job) -> String {
+        let mut s = job.prompt.clone();
+        if !job.negative_prompt.is_empty() {
+            s.push_str(&format!("\nNegative prompt: {}", job.negative_prompt));
+        }
+        s.push_str(&format!(
+            "\nSteps: {}, Sampler: {}, CFG scale: {}, Guidance rescale: {}, Seed: {}, Size: {}x{}, Model: {}",
+            job.steps,
+            job.scheduler.canonical_name(),
+            job.guidance_scale,
+            job.guidance_rescale,
+            job.seed,
+            job.width,
+            job.height,
+            self.model_name
+        ));
+        if job.scheduler.eta > 0.0 {
+            s.push_str(&format!(", Eta: {}", job.scheduler.eta));
+        }
+        if job.init_latents.is_some() {
+            s.push_str(", Initial latents: given");
+        }
+        s
+    }
+}

@@ -1,0 +1,209 @@
+//! End to end across real processes: text-encoder, unet, vae and orchestrator binaries each in
+//! their own OS process on ephemeral loopback ports, talking gRPC; `sdctl` as the client.
+//! Needs the workspace binaries built (`make test` builds them first).
+
+use candle_core::Device;
+use sdmesh_proto::v1;
+use sdmesh_testkit::{assert_close, load_json, load_tensors, model};
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tonic_health::pb::health_check_response::ServingStatus;
+
+fn bin(name: &str) -> PathBuf {
+    // target/<profile>/deps/e2e-HASH -> target/<profile>/NAME
+    let dir = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().to_path_buf();
+    let path = dir.join(name);
+    assert!(path.exists(), "{} is missing: build the workspace binaries first (cargo build --bins)", path.display());
+    path
+}
+
+/// A service process, killed when dropped.
+struct Service {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `name` with `args` plus `--listen 127.0.0.1:0` and reads the port it printed.
+fn start(name: &str, args: &[&str]) -> Service {
+    let mut child = Command::new(bin(name))
+        .args(args)
+        .args(["--listen", "127.0.0.1:0"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let addr = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("{name} printed {line:?}")).to_string();
+    Service { child, addr: format!("http://{addr}") }
+}
+
+async fn wait_serving(url: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = async {
+            let channel = tonic::transport::Endpoint::from_shared(url.to_string()).ok()?.connect().await.ok()?;
+            let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+            let r = client.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.ok()?;
+            Some(r.into_inner().status)
+        }
+        .await;
+        if status == Some(ServingStatus::Serving as i32) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{url} did not become SERVING");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+struct Mesh {
+    orchestrator: Service,
+    unet: Service,
+    _others: Vec<Service>,
+}
+
+async fn start_mesh(model_name: &str) -> Mesh {
+    let dir = model(model_name);
+    let dir = dir.to_str().unwrap();
+    let te = start("sdmesh-text-encoder", &["--model", dir]);
+    let unet = start("sdmesh-unet", &["--model", dir]);
+    let vae = start("sdmesh-vae", &["--model", dir]);
+    for s in [&te, &unet, &vae] {
+        wait_serving(&s.addr).await;
+    }
+    let orchestrator = start(
+        "sdmesh-orchestrator",
+        &["--model", dir, "--text-encoder-url", &te.addr, "--unet-url", &unet.addr, "--vae-url", &vae.addr],
+    );
+    wait_serving(&orchestrator.addr).await;
+    Mesh { orchestrator, unet, _others: vec![te, vae] }
+}
+
+#[tokio::test]
+async fn sdctl_through_separate_processes_gives_the_reference_image() {
+    let mesh = start_mesh("sd21-tiny").await;
+    let case = load_json("cases.json").as_array().unwrap().iter().find(|c| c["name"] == "sd21_ddim").unwrap().clone();
+    let r = load_tensors("cases/sd21_ddim.safetensors");
+    let tmp = std::env::temp_dir().join(format!("sdmesh-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    r["init_latents"].write_npy(tmp.join("init.npy")).unwrap();
+    let out = Command::new(bin("sdctl"))
+        .args(["generate", "--endpoint", &mesh.orchestrator.addr, "--quiet"])
+        .args(["--prompt", case["prompt"].as_str().unwrap()])
+        .args(["--steps", &case["steps"].to_string(), "--guidance", &case["guidance_scale"].to_string()])
+        .args(["--height", &case["height"].to_string(), "--width", &case["width"].to_string()])
+        .args(["--scheduler", "DDIMScheduler", "--seed", "1234"])
+        .arg("--init-latents")
+        .arg(tmp.join("init.npy"))
+        .arg("--out")
+        .arg(tmp.join("out.png"))
+        .arg("--out-array")
+        .arg(tmp.join("out.npy"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "sdctl failed: {}", String::from_utf8_lossy(&out.stderr));
+    let array = candle_core::Tensor::read_npy(tmp.join("out.npy")).unwrap();
+    assert_close("image through the mesh", &array, &r["image"], 1e-3);
+    // The PNG carries the parameters that regenerate it.
+    let png = std::fs::read(tmp.join("out.png")).unwrap();
+    let text = String::from_utf8_lossy(&png);
+    assert!(text.contains("parameters") && text.contains("Seed: 1234") && text.contains("Sampler: DDIMScheduler"), "PNG text chunk");
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+#[tokio::test]
+async fn same_request_same_bytes_and_bad_input_is_invalid_argument() {
+    let mesh = start_mesh("sd21-base-tiny").await;
+    let mut client = v1::orchestrator_client::OrchestratorClient::connect(mesh.orchestrator.addr.clone()).await.unwrap();
+    let base = v1::GenerateRequest {
+        prompt: "a red cube".into(),
+        steps: 3,
+        seed: Some(7),
+        height: 64,
+        width: 48,
+        num_images: 2,
+        scheduler: Some(v1::SchedulerOptions { name: "dpm++2m-karras".into(), ..Default::default() }),
+        ..Default::default()
+    };
+    let a = client.generate(base.clone()).await.unwrap().into_inner();
+    let b = client.generate(base.clone()).await.unwrap().into_inner();
+    assert_eq!(a.images.len(), 2);
+    assert_eq!(a.images, b.images, "same request, same bytes");
+    assert_eq!((a.seed, a.scheduler.as_str()), (7, "DPMSolverMultistepScheduler (karras)"));
+    let c = client.generate(v1::GenerateRequest { seed: Some(8), ..base.clone() }).await.unwrap().into_inner();
+    assert_ne!(a.images, c.images, "another seed, another image");
+
+    let bad: Vec<(&str, v1::GenerateRequest)> = vec![
+        ("height", v1::GenerateRequest { height: 60, ..base.clone() }),
+        ("width", v1::GenerateRequest { width: 4096, ..base.clone() }),
+        ("steps", v1::GenerateRequest { steps: 100_000, ..base.clone() }),
+        ("guidance_scale", v1::GenerateRequest { guidance_scale: Some(f32::NAN), ..base.clone() }),
+        ("guidance_scale", v1::GenerateRequest { guidance_scale: Some(-2.0), ..base.clone() }),
+        ("guidance_rescale", v1::GenerateRequest { guidance_rescale: 3.0, ..base.clone() }),
+        ("num_images", v1::GenerateRequest { num_images: 1000, ..base.clone() }),
+        ("scheduler", v1::GenerateRequest { scheduler: Some(v1::SchedulerOptions { name: "warp-drive".into(), ..Default::default() }), ..base.clone() }),
+        ("init_latents", v1::GenerateRequest {
+            init_latents: Some(v1::Tensor { dtype: v1::Dtype::F32 as i32, shape: vec![2, 4, 8, 6], data: vec![0; 7] }),
+            ..base.clone()
+        }),
+        ("init_latents", v1::GenerateRequest {
+            init_latents: Some(v1::Tensor::from_candle(&candle_core::Tensor::zeros((1, 4, 8, 8), candle_core::DType::F32, &Device::Cpu).unwrap()).unwrap()),
+            ..base.clone()
+        }),
+    ];
+    for (field, request) in bad {
+        let err = client.generate(request).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{field}: {err:?}");
+        assert!(err.message().contains(field), "{field}: {}", err.message());
+    }
+
+    // The unet service itself: a tensor whose bytes do not match its shape, a wrong latent shape.
+    let mut unet = v1::unet_client::UnetClient::connect(mesh.unet.addr.clone()).await.unwrap();
+    let cond = v1::Tensor::from_candle(&candle_core::Tensor::zeros((1, 77, 32), candle_core::DType::F32, &Device::Cpu).unwrap()).unwrap();
+    let request = |latents: v1::Tensor| v1::DenoiseRequest {
+        latents: Some(latents),
+        timestep: 10.0,
+        cond: Some(cond.clone()),
+        uncond: None,
+        guidance_scale: 1.0,
+        guidance_rescale: 0.0,
+    };
+    let short = v1::Tensor { dtype: v1::Dtype::F32 as i32, shape: vec![1, 4, 8, 8], data: vec![0; 100] };
+    let err = unet.denoise(request(short)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("latents") && err.message().contains("bytes"), "{}", err.message());
+    let wrong = v1::Tensor::from_candle(&candle_core::Tensor::zeros((1, 3, 8, 8), candle_core::DType::F32, &Device::Cpu).unwrap()).unwrap();
+    let err = unet.denoise(request(wrong)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+
+    // Nothing crashed: the mesh still serves the same bytes.
+    let again = client.generate(base).await.unwrap().into_inner();
+    assert_eq!(again.images, a.images);
+}
+
+#[test]
+fn a_broken_model_folder_stops_the_service_naming_the_file() {
+    let tmp = std::env::temp_dir().join(format!("sdmesh-e2e-broken-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(tmp.join("unet")).unwrap();
+    std::fs::write(tmp.join("unet/config.json"), b"{\"block_out_channels\": [32, 64], oops").unwrap();
+    let out = Command::new(bin("sdmesh-unet"))
+        .args(["--listen", "127.0.0.1:0", "--model"])
+        .arg(&tmp)
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("unet/config.json") && stderr.contains("invalid JSON"), "{stderr}");
+    std::fs::remove_dir_all(&tmp).unwrap();
+}

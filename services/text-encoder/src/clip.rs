@@ -121,7 +121,7 @@ impl ClipTextModel {
     /// `vb` is rooted at the checkpoint's top level (tensors under `text_model.`).
     pub fn new(vb: VarBuilder, c: &ClipTextConfig) -> std::result::Result<Self, String> {
         let act = Activation::parse(&c.hidden_act)?;
-        if c.num_attention_heads == 0 || c.hidden_size % c.num_attention_heads != 0 {
+        if c.num_attention_heads == 0 || !c.hidden_size.is_multiple_of(c.num_attention_heads) {
             return Err(format!(
                 "hidden_size {} is not divisible by num_attention_heads {}",
                 c.hidden_size, c.num_attention_heads

@@ -103,7 +103,7 @@ impl sdmesh_core::TextEncoder for LocalTextEncoder {
     }
 
     async fn info(&self) -> Result<v1::TextEncoderInfo> {
-        Ok(self.info.clone())
+        Ok(self.info)
     }
 }
 
@@ -137,7 +137,7 @@ impl v1::text_encoder_server::TextEncoder for TextEncoderService {
         &self,
         _: tonic::Request<v1::InfoRequest>,
     ) -> std::result::Result<tonic::Response<v1::TextEncoderInfo>, tonic::Status> {
-        Ok(tonic::Response::new(self.local()?.info.clone()))
+        Ok(tonic::Response::new(self.local()?.info))
     }
 }
 

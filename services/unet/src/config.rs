@@ -183,7 +183,7 @@ impl UnetConfigJson {
             }
             let out_channels = self.block_out_channels[i];
             let attention_head_dim = heads.get(i).ok_or("attention_head_dim has fewer entries than blocks")?;
-            if attention_head_dim == 0 || out_channels % attention_head_dim != 0 || out_channels % self.norm_num_groups != 0 {
+            if attention_head_dim == 0 || !out_channels.is_multiple_of(attention_head_dim) || !out_channels.is_multiple_of(self.norm_num_groups) {
                 return Err(format!(
                     "block {i}: {out_channels} channels do not divide into {attention_head_dim} heads / {} groups",
                     self.norm_num_groups

@@ -65,6 +65,9 @@ struct GenerateArgs {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    /// Seconds to keep retrying while the mesh is not up yet (UNAVAILABLE).
+    #[arg(long, default_value_t = 0)]
+    wait: u64,
 }
 
 #[tokio::main]
@@ -115,7 +118,16 @@ async fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     let mut client = v1::orchestrator_client::OrchestratorClient::new(channel)
         .max_decoding_message_size(sdmesh_core::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(sdmesh_core::MAX_MESSAGE_BYTES);
-    let mut events = client.generate_stream(request).await.map_err(status_error)?.into_inner();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(a.wait);
+    let mut events = loop {
+        match client.generate_stream(request.clone()).await {
+            Ok(r) => break r.into_inner(),
+            Err(s) if s.code() == tonic::Code::Unavailable && std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            Err(s) => return Err(status_error(s)),
+        }
+    };
     let bar = if a.quiet { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(0) };
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] t={msg}")

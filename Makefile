@@ -1,0 +1,41 @@
+# sdmesh: Stable Diffusion 2.x as a mesh of gRPC services.
+#   make run    build, start the mesh on MODEL, generate one image, stop
+#   make test   every test (parity with diffusers, services, end to end across processes)
+
+MODEL   ?= tests/fixtures/models/sd21-tiny
+PROMPT  ?= a photograph of an astronaut riding a horse
+OUT     ?= out/sdmesh.png
+LISTEN  ?= 127.0.0.1:50050
+SEED    ?= 42
+STEPS   ?=
+ARGS    ?=
+CARGO   ?= cargo
+
+.PHONY: build run test fixtures clean
+
+build:
+	$(CARGO) build --bins
+
+run: build
+	@mkdir -p $(dir $(OUT))
+	@echo "starting the mesh on $(MODEL) (orchestrator on $(LISTEN))"
+	@target/debug/sdmesh serve --model "$(MODEL)" --listen $(LISTEN) > out/sdmesh-serve.log 2>&1 & \
+	  pid=$$!; trap "kill $$pid 2>/dev/null" EXIT; \
+	  target/debug/sdctl generate --endpoint http://$(LISTEN) --wait 600 --prompt "$(PROMPT)" --seed $(SEED) \
+	    $(if $(STEPS),--steps $(STEPS)) $(ARGS) --out "$(OUT)" \
+	  || { echo "generation failed; the mesh's log is out/sdmesh-serve.log" >&2; exit 1; }; \
+	  echo "image written to $(OUT) (mesh log: out/sdmesh-serve.log)"
+
+# The service binaries must exist before the end-to-end tests start them as processes.
+test: build
+	$(CARGO) test --workspace
+
+# Regenerates tests/fixtures (tiny models + reference outputs) with diffusers in .venv.
+fixtures:
+	python3 -m venv .venv
+	.venv/bin/pip install -q -r tests/fixtures/requirements.txt
+	.venv/bin/python tests/fixtures/generate.py
+
+clean:
+	$(CARGO) clean
+	rm -rf out

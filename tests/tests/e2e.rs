@@ -126,11 +126,11 @@ async fn same_request_same_bytes_and_bad_input_is_invalid_argument() {
     let mut client = v1::orchestrator_client::OrchestratorClient::connect(mesh.orchestrator.addr.clone()).await.unwrap();
     let base = v1::GenerateRequest {
         prompt: "a red cube".into(),
-        steps: 3,
+        steps: Some(3),
         seed: Some(7),
-        height: 64,
-        width: 48,
-        num_images: 2,
+        height: Some(64),
+        width: Some(48),
+        num_images: Some(2),
         scheduler: Some(v1::SchedulerOptions { name: "dpm++2m-karras".into(), ..Default::default() }),
         ..Default::default()
     };
@@ -143,13 +143,17 @@ async fn same_request_same_bytes_and_bad_input_is_invalid_argument() {
     assert_ne!(a.images, c.images, "another seed, another image");
 
     let bad: Vec<(&str, v1::GenerateRequest)> = vec![
-        ("height", v1::GenerateRequest { height: 60, ..base.clone() }),
-        ("width", v1::GenerateRequest { width: 4096, ..base.clone() }),
-        ("steps", v1::GenerateRequest { steps: 100_000, ..base.clone() }),
+        ("height", v1::GenerateRequest { height: Some(60), ..base.clone() }),
+        ("height", v1::GenerateRequest { height: Some(0), ..base.clone() }),
+        ("width", v1::GenerateRequest { width: Some(4096), ..base.clone() }),
+        ("width", v1::GenerateRequest { width: Some(0), ..base.clone() }),
+        ("steps", v1::GenerateRequest { steps: Some(0), ..base.clone() }),
+        ("steps", v1::GenerateRequest { steps: Some(100_000), ..base.clone() }),
         ("guidance_scale", v1::GenerateRequest { guidance_scale: Some(f32::NAN), ..base.clone() }),
         ("guidance_scale", v1::GenerateRequest { guidance_scale: Some(-2.0), ..base.clone() }),
         ("guidance_rescale", v1::GenerateRequest { guidance_rescale: 3.0, ..base.clone() }),
-        ("num_images", v1::GenerateRequest { num_images: 1000, ..base.clone() }),
+        ("num_images", v1::GenerateRequest { num_images: Some(1000), ..base.clone() }),
+        ("num_images", v1::GenerateRequest { num_images: Some(0), ..base.clone() }),
         ("scheduler", v1::GenerateRequest { scheduler: Some(v1::SchedulerOptions { name: "warp-drive".into(), ..Default::default() }), ..base.clone() }),
         ("init_latents", v1::GenerateRequest {
             init_latents: Some(v1::Tensor { dtype: v1::Dtype::F32 as i32, shape: vec![2, 4, 8, 6], data: vec![0; 7] }),

@@ -72,14 +72,21 @@ pub async fn pipeline_over(
     Ok(Pipeline { text_encoder, denoiser, vae, scheduler_config, info, limits, model_name: model_name(model) })
 }
 
-/// Serves the public API on `listener` until `shutdown`; NOT_SERVING until every model
-/// service has answered.
+/// Serves the public API on `listener` until `shutdown`; NOT_SERVING (and UNAVAILABLE to
+/// calls) until every model service has answered.
 pub async fn run(
     opts: OrchestratorOptions,
     listener: TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let health = Health::new(&[v1::orchestrator_server::SERVICE_NAME]).await;
+    let service = server::OrchestratorService::default();
+    let routes = health.routes().add_service(
+        v1::orchestrator_server::OrchestratorServer::new(service.clone())
+            .max_decoding_message_size(sdmesh_core::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(sdmesh_core::MAX_MESSAGE_BYTES),
+    );
+    let server = tokio::spawn(serve(listener, routes, health.clone(), shutdown));
     let pipeline = pipeline_over(
         &opts.model,
         Arc::new(sdmesh_text_encoder::TextEncoderClient::new(&opts.text_encoder_url)?),
@@ -89,13 +96,9 @@ pub async fn run(
         opts.startup_timeout,
     )
     .await?;
-    let routes = health.routes().add_service(
-        v1::orchestrator_server::OrchestratorServer::new(server::OrchestratorService::new(pipeline))
-            .max_decoding_message_size(sdmesh_core::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(sdmesh_core::MAX_MESSAGE_BYTES),
-    );
+    service.set_pipeline(pipeline);
     health.set(ServingStatus::Serving).await;
     tracing::info!("orchestrator ready");
-    serve(listener, routes, health, shutdown).await?;
+    server.await??;
     Ok(())
 }

@@ -102,11 +102,11 @@ impl Pipeline {
         let limits = &self.limits;
         let f = self.info.vae.scale_factor;
         let default_side = self.info.unet.sample_size * f;
-        let side = |name: &str, v: u32| -> Result<usize> {
-            let v = if v == 0 { default_side } else { v };
-            if v % f != 0 || v > limits.max_side {
+        let side = |name: &str, v: Option<u32>| -> Result<usize> {
+            let v = v.unwrap_or(default_side);
+            if v == 0 || !v.is_multiple_of(f) || v > limits.max_side {
                 return Err(Error::invalid(format!(
-                    "{name}: {v} is not allowed; use a multiple of {f} from {f} to {} (0 = the model's default, {default_side})",
+                    "{name}: {v} is not allowed; use a multiple of {f} from {f} to {} (unset = the model's native {default_side})",
                     limits.max_side
                 )));
             }
@@ -115,9 +115,9 @@ impl Pipeline {
         let height = side("height", r.height)?;
         let width = side("width", r.width)?;
         let max_steps = self.scheduler_config.num_train_timesteps() as u32;
-        let steps = if r.steps == 0 { DEFAULT_STEPS } else { r.steps };
-        if steps > max_steps {
-            return Err(Error::invalid(format!("steps: {steps} is not allowed; use 1 to {max_steps} (0 = {DEFAULT_STEPS})")));
+        let steps = r.steps.unwrap_or(DEFAULT_STEPS);
+        if steps == 0 || steps > max_steps {
+            return Err(Error::invalid(format!("steps: {steps} is not allowed; use 1 to {max_steps} (unset = {DEFAULT_STEPS})")));
         }
         let guidance_scale = r.guidance_scale.unwrap_or(DEFAULT_GUIDANCE);
         if !guidance_scale.is_finite() || guidance_scale < 0.0 {
@@ -126,8 +126,8 @@ impl Pipeline {
         if !(0.0..=1.0).contains(&r.guidance_rescale) {
             return Err(Error::invalid(format!("guidance_rescale: {} is not allowed; use 0 to 1", r.guidance_rescale)));
         }
-        let num_images = if r.num_images == 0 { 1 } else { r.num_images };
-        if num_images > limits.max_images {
+        let num_images = r.num_images.unwrap_or(1);
+        if num_images == 0 || num_images > limits.max_images {
             return Err(Error::invalid(format!("num_images: {num_images} is not allowed; use 1 to {}", limits.max_images)));
         }
         let options = r.scheduler.clone().unwrap_or_default();

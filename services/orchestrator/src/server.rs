@@ -5,21 +5,34 @@ use crate::pipeline::{Job, JobOutput, Pipeline, StepProgress};
 use sdmesh_core::Result;
 use sdmesh_proto::v1;
 use std::pin::Pin;
-use tokio::sync::mpsc;
+use std::sync::Arc;
+use tokio::sync::{mpsc, OnceCell};
 use tokio_stream::Stream;
 
-#[derive(Clone)]
+/// The public API over a [`Pipeline`]; UNAVAILABLE until the pipeline is set (the model
+/// services have answered).
+#[derive(Clone, Default)]
 pub struct OrchestratorService {
-    pipeline: Pipeline,
+    pipeline: Arc<OnceCell<Pipeline>>,
 }
 
 impl OrchestratorService {
     pub fn new(pipeline: Pipeline) -> Self {
-        Self { pipeline }
+        let service = Self::default();
+        service.set_pipeline(pipeline);
+        service
     }
 
-    fn response(&self, job: &Job, out: JobOutput, return_array: bool) -> Result<v1::GenerateResponse> {
-        let parameters = self.pipeline.parameters(job);
+    pub fn set_pipeline(&self, pipeline: Pipeline) {
+        let _ = self.pipeline.set(pipeline);
+    }
+
+    fn pipeline(&self) -> std::result::Result<&Pipeline, tonic::Status> {
+        self.pipeline.get().ok_or_else(|| tonic::Status::unavailable("waiting for the model services; retry shortly"))
+    }
+
+    fn response(pipeline: &Pipeline, job: &Job, out: JobOutput, return_array: bool) -> Result<v1::GenerateResponse> {
+        let parameters = pipeline.parameters(job);
         let pngs = crate::png::encode_pngs(&out.images, &parameters)?;
         Ok(v1::GenerateResponse {
             images: pngs
@@ -44,10 +57,11 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
         request: tonic::Request<v1::GenerateRequest>,
     ) -> std::result::Result<tonic::Response<v1::GenerateResponse>, tonic::Status> {
         let request = request.into_inner();
-        let job = self.pipeline.validate(&request)?;
+        let pipeline = self.pipeline()?;
+        let job = pipeline.validate(&request)?;
         tracing::info!(seed = job.seed, steps = job.steps, scheduler = %job.scheduler.canonical_name(), "generate");
-        let out = self.pipeline.run(&job, &mut SeededNoise::new(job.seed), &mut |_| true).await?;
-        Ok(tonic::Response::new(self.response(&job, out, request.return_array)?))
+        let out = pipeline.run(&job, &mut SeededNoise::new(job.seed), &mut |_| true).await?;
+        Ok(tonic::Response::new(Self::response(pipeline, &job, out, request.return_array)?))
     }
 
     type GenerateStreamStream = EventStream;
@@ -57,11 +71,11 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
         request: tonic::Request<v1::GenerateRequest>,
     ) -> std::result::Result<tonic::Response<Self::GenerateStreamStream>, tonic::Status> {
         let request = request.into_inner();
-        let job = self.pipeline.validate(&request)?;
+        let pipeline = self.pipeline()?.clone();
+        let job = pipeline.validate(&request)?;
         tracing::info!(seed = job.seed, steps = job.steps, scheduler = %job.scheduler.canonical_name(), "generate (stream)");
         // Room for every progress event, so the job never waits on a slow reader.
         let (tx, rx) = mpsc::channel(job.steps + 2);
-        let this = self.clone();
         tokio::spawn(async move {
             let progress_tx = tx.clone();
             let mut progress = move |p: StepProgress| {
@@ -75,11 +89,10 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
                 // A closed stream means the client went away: stop the job.
                 progress_tx.try_send(Ok(event)).is_ok() || !progress_tx.is_closed()
             };
-            let result = this
-                .pipeline
+            let result = pipeline
                 .run(&job, &mut SeededNoise::new(job.seed), &mut progress)
                 .await
-                .and_then(|out| this.response(&job, out, request.return_array));
+                .and_then(|out| Self::response(&pipeline, &job, out, request.return_array));
             let event = match result {
                 Ok(r) => Ok(v1::GenerateEvent { event: Some(v1::generate_event::Event::Result(r)) }),
                 Err(e) => Err(tonic::Status::from(e)),

@@ -31,13 +31,13 @@ fn request(case: &serde_json::Value, init: &candle_core::Tensor) -> v1::Generate
     v1::GenerateRequest {
         prompt: case["prompt"].as_str().unwrap().into(),
         negative_prompt: case["negative_prompt"].as_str().unwrap_or("").into(),
-        steps: case["steps"].as_u64().unwrap() as u32,
+        steps: Some(case["steps"].as_u64().unwrap() as u32),
         guidance_scale: Some(case["guidance_scale"].as_f64().unwrap() as f32),
         guidance_rescale: case["guidance_rescale"].as_f64().unwrap() as f32,
         seed: Some(0),
-        height: case["height"].as_u64().unwrap() as u32,
-        width: case["width"].as_u64().unwrap() as u32,
-        num_images: case["num_images_per_prompt"].as_u64().unwrap() as u32,
+        height: Some(case["height"].as_u64().unwrap() as u32),
+        width: Some(case["width"].as_u64().unwrap() as u32),
+        num_images: Some(case["num_images_per_prompt"].as_u64().unwrap() as u32),
         scheduler: Some(v1::SchedulerOptions {
             name: case["scheduler"].as_str().unwrap().into(),
             eta: case["eta"].as_f64().filter(|e| *e > 0.0).map(|e| e as f32),

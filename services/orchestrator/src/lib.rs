@@ -7,6 +7,7 @@ pub mod pipeline;
 pub mod png;
 pub mod scheduler;
 pub mod server;
+pub mod torch_rng;
 
 use pipeline::{Limits, Pipeline};
 use sdmesh_core::model_dir::{ComponentDir, ModelDirError};

@@ -5,33 +5,33 @@
 //! production it is [`SeededNoise`]; tests substitute recorded draws from the reference so
 //! stochastic schedulers can be compared exactly.
 
+use crate::torch_rng::TorchGenerator;
 use candle_core::{Device, Result, Tensor};
-use rand::SeedableRng;
-use rand_distr::Distribution;
 
 pub trait NoiseSource: Send {
     /// Standard normal f32 noise of `shape`, on the CPU.
     fn randn(&mut self, shape: &[usize]) -> Result<Tensor>;
 }
 
-/// Noise from a seed: ChaCha8 (rand_chacha) seeded with the 64-bit seed, standard normal
-/// samples (rand_distr's ziggurat) filled in row-major order. Deterministic on every
-/// platform and replica: same seed, same draws.
+/// Noise from a seed, exactly as diffusers draws it with
+/// `generator=torch.Generator("cpu").manual_seed(seed)`: one [`TorchGenerator`] for the whole
+/// job, each draw `torch.randn(shape, generator=g)` in float32 (see [`crate::torch_rng`] for
+/// what that is bit for bit). Deterministic on every platform and replica: same seed, same
+/// draws, and the same draws as PyTorch's CPU generator.
 pub struct SeededNoise {
-    rng: rand_chacha::ChaCha8Rng,
+    generator: TorchGenerator,
 }
 
 impl SeededNoise {
     pub fn new(seed: u64) -> Self {
-        Self { rng: rand_chacha::ChaCha8Rng::seed_from_u64(seed) }
+        Self { generator: TorchGenerator::new(seed) }
     }
 }
 
 impl NoiseSource for SeededNoise {
     fn randn(&mut self, shape: &[usize]) -> Result<Tensor> {
         let n: usize = shape.iter().product();
-        let data: Vec<f32> = (0..n).map(|_| rand_distr::StandardNormal.sample(&mut self.rng)).collect();
-        Tensor::from_vec(data, shape, &Device::Cpu)
+        Tensor::from_vec(self.generator.randn(n), shape, &Device::Cpu)
     }
 }
 

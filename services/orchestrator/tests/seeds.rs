@@ -1,0 +1,170 @@
+//! Seeds compatible with diffusers (tests/fixtures/reference-seeds, made by generate_seeds.py):
+//! `SeededNoise::new(seed)` draws exactly what `torch.randn(shape,
+//! generator=torch.Generator("cpu").manual_seed(seed))` does, bit for bit, and a job given only a
+//! seed reproduces diffusers' StableDiffusionPipeline run with that generator.
+
+use candle_core::{Device, Tensor};
+use sdmesh_orchestrator::noise::{NoiseSource, SeededNoise};
+use sdmesh_orchestrator::pipeline::{Limits, Pipeline};
+use sdmesh_proto::v1;
+use sdmesh_testkit::{assert_close, fixtures, max_abs_diff, model};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+fn seeds_dir() -> PathBuf {
+    fixtures().join("reference-seeds")
+}
+
+fn load_json(rel: &str) -> serde_json::Value {
+    let path = seeds_dir().join(rel);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn load_tensors(rel: &str) -> HashMap<String, Tensor> {
+    let path = seeds_dir().join(rel);
+    candle_core::safetensors::load(&path, &Device::Cpu).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn shape_of(v: &serde_json::Value) -> Vec<usize> {
+    v.as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect()
+}
+
+fn flat(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+/// Exact equality of the bits (so -0 vs +0 or NaN payloads would count), naming the first mismatch.
+fn assert_bits_equal(what: &str, actual: &Tensor, expected: &Tensor) {
+    assert_eq!(actual.dims(), expected.dims(), "{what}: shape");
+    let (a, e) = (flat(actual), flat(expected));
+    if let Some(i) = a.iter().zip(&e).position(|(x, y)| x.to_bits() != y.to_bits()) {
+        let mismatches = a.iter().zip(&e).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+        panic!(
+            "{what}: first mismatch at flat index {i} of {}: got {:e} ({:#010x}), torch {:e} ({:#010x}); {mismatches} mismatches",
+            a.len(),
+            a[i],
+            a[i].to_bits(),
+            e[i],
+            e[i].to_bits()
+        );
+    }
+}
+
+#[test]
+fn randn_equals_torch_bit_for_bit() {
+    let spec = load_json("randn.json");
+    let t = load_tensors("randn.safetensors");
+    let mut checked = 0;
+    for single in spec["singles"].as_array().unwrap() {
+        let seed = single["seed"].as_u64().unwrap();
+        let shape = shape_of(&single["shape"]);
+        let key = single["key"].as_str().unwrap();
+        let got = SeededNoise::new(seed).randn(&shape).unwrap();
+        assert_bits_equal(&format!("seed {seed} shape {shape:?}"), &got, &t[key]);
+        checked += shape.iter().product::<usize>();
+    }
+    assert!(spec["singles"].as_array().unwrap().len() >= 60);
+    for seq in spec["sequences"].as_array().unwrap() {
+        let seed = seq["seed"].as_u64().unwrap();
+        let mut noise = SeededNoise::new(seed);
+        for (i, (shape, key)) in seq["shapes"].as_array().unwrap().iter().zip(seq["keys"].as_array().unwrap()).enumerate() {
+            let shape = shape_of(shape);
+            let got = noise.randn(&shape).unwrap();
+            assert_bits_equal(&format!("seed {seed}, draw {i} {shape:?} of a sequence"), &got, &t[key.as_str().unwrap()]);
+            checked += shape.iter().product::<usize>();
+        }
+    }
+    println!("{checked} values equal to torch's bit for bit");
+}
+
+async fn local_pipeline(name: &str) -> Pipeline {
+    let dir = model(name);
+    let te = sdmesh_text_encoder::LocalTextEncoder::load(&sdmesh_text_encoder::TextEncoderOptions {
+        model: dir.clone(),
+        device: Device::Cpu,
+        queue_capacity: 8,
+    })
+    .unwrap();
+    let unet = sdmesh_unet::LocalUnet::load(&sdmesh_unet::UnetOptions { model: dir.clone(), device: Device::Cpu, queue_capacity: 8 }).unwrap();
+    let vae = sdmesh_vae::LocalVae::load(&sdmesh_vae::VaeOptions { model: dir.clone(), device: Device::Cpu, queue_capacity: 8 }).unwrap();
+    sdmesh_orchestrator::pipeline_over(&dir, Arc::new(te), Arc::new(unet), Arc::new(vae), Limits::default(), Duration::from_secs(1))
+        .await
+        .unwrap()
+}
+
+/// The request a case describes: the seed only, no initial latents.
+fn request(case: &serde_json::Value) -> v1::GenerateRequest {
+    let kwargs = &case["scheduler_kwargs"];
+    v1::GenerateRequest {
+        prompt: case["prompt"].as_str().unwrap().into(),
+        negative_prompt: case["negative_prompt"].as_str().unwrap_or("").into(),
+        steps: Some(case["steps"].as_u64().unwrap() as u32),
+        guidance_scale: Some(case["guidance_scale"].as_f64().unwrap() as f32),
+        guidance_rescale: case["guidance_rescale"].as_f64().unwrap() as f32,
+        seed: Some(case["seed"].as_u64().unwrap()),
+        height: Some(case["height"].as_u64().unwrap() as u32),
+        width: Some(case["width"].as_u64().unwrap() as u32),
+        num_images: Some(case["num_images_per_prompt"].as_u64().unwrap() as u32),
+        scheduler: Some(v1::SchedulerOptions {
+            name: case["scheduler"].as_str().unwrap().into(),
+            eta: case["eta"].as_f64().filter(|e| *e > 0.0).map(|e| e as f32),
+            use_karras_sigmas: kwargs.get("use_karras_sigmas").and_then(|v| v.as_bool()),
+        }),
+        init_latents: None,
+        return_array: true,
+    }
+}
+
+/// The by-seed cases checked here; the reference also has `seed_sd21_euler_ancestral`, whose
+/// test comes with that scheduler.
+const CASES: &[&str] = &["seed_sd21_ddim", "seed_base_ddim_eta_two_images", "seed_sd21_dpmpp2m_nonsquare"];
+
+#[tokio::test]
+async fn same_seed_same_image_as_diffusers() {
+    let cases = load_json("cases.json");
+    let cases: HashMap<&str, &serde_json::Value> =
+        cases.as_array().unwrap().iter().map(|c| (c["name"].as_str().unwrap(), c)).collect();
+    let mut pipelines = HashMap::new();
+    let mut report = Vec::new();
+    for &name in CASES {
+        let case = cases.get(name).unwrap_or_else(|| panic!("{name} missing from reference-seeds/cases.json"));
+        let model_name = case["model"].as_str().unwrap().to_string();
+        if !pipelines.contains_key(&model_name) {
+            pipelines.insert(model_name.clone(), local_pipeline(&model_name).await);
+        }
+        let pipeline = &pipelines[&model_name];
+        let r = load_tensors(&format!("cases/{name}.safetensors"));
+        let job = pipeline.validate(&request(case)).unwrap();
+        assert!(job.init_latents.is_none());
+        let seed = case["seed"].as_u64().unwrap();
+        assert_eq!(job.seed, seed);
+        // The first draw is the pipeline's initial noise, exactly.
+        let init = SeededNoise::new(seed).randn(r["init_noise"].dims()).unwrap();
+        assert_bits_equal(&format!("{name} initial noise"), &init, &r["init_noise"]);
+
+        let mut seen = Vec::new();
+        let out = pipeline
+            .run(&job, &mut SeededNoise::new(job.seed), &mut |p| {
+                seen.push((p.timestep, p.latents));
+                true
+            })
+            .await
+            .unwrap();
+        let timesteps = r["timesteps"].to_vec1::<f32>().unwrap();
+        assert_eq!(seen.len(), timesteps.len(), "{name}: step count");
+        for (i, (t, latents)) in seen.iter().enumerate() {
+            assert_eq!(*t as f32, timesteps[i], "{name}: timestep {i}");
+            // As tests/pipeline.rs: relative to the latents' scale (float32 rounding in UNet and scheduler).
+            let expected = &r[&format!("latents_{i}")];
+            let scale = expected.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1.0);
+            report.push(format!("{name} step {i}: {:e} (scale {scale})", max_abs_diff(latents, expected).0));
+            assert_close(&format!("{name} latents after step {i}"), latents, expected, 2.5e-4 * scale);
+        }
+        assert_close(&format!("{name} image"), &out.images, &r["image"], 1e-3);
+        report.push(format!("{name}: image max abs error {:e}", max_abs_diff(&out.images, &r["image"]).0));
+    }
+    println!("{}", report.join("\n"));
+}

@@ -35,6 +35,7 @@ fixtures:
 	python3 -m venv .venv
 	.venv/bin/pip install -q -r tests/fixtures/requirements.txt
 	.venv/bin/python tests/fixtures/generate.py
+	.venv/bin/python tests/fixtures/generate_schedulers.py
 	.venv/bin/python tests/fixtures/generate_seeds.py
 
 clean:

@@ -118,9 +118,9 @@ fn request(case: &serde_json::Value) -> v1::GenerateRequest {
     }
 }
 
-/// The by-seed cases checked here; the reference also has `seed_sd21_euler_ancestral`, whose
-/// test comes with that scheduler.
-const CASES: &[&str] = &["seed_sd21_ddim", "seed_base_ddim_eta_two_images", "seed_sd21_dpmpp2m_nonsquare"];
+/// The by-seed cases (tests/fixtures/reference-seeds/cases.json), all checked.
+const CASES: &[&str] =
+    &["seed_sd21_ddim", "seed_base_ddim_eta_two_images", "seed_sd21_dpmpp2m_nonsquare", "seed_sd21_euler_ancestral"];
 
 #[tokio::test]
 async fn same_seed_same_image_as_diffusers() {

@@ -161,6 +161,21 @@ impl SchedulerConfig {
     pub fn dpm_solver(&self) -> Result<DpmSolverConfig, String> {
         DpmSolverConfig::read(self)
     }
+
+    /// The config as one of the k-diffusion style classes (Euler, Euler ancestral, LMS, Heun) reads it.
+    pub fn k_diffusion(&self, class: KClass) -> Result<KDiffusionConfig, String> {
+        KDiffusionConfig::read(self, class)
+    }
+
+    /// The config as `PNDMScheduler` reads it.
+    pub fn pndm(&self) -> Result<PndmConfig, String> {
+        PndmConfig::read(self)
+    }
+
+    /// The config as `DDPMScheduler` reads it.
+    pub fn ddpm(&self) -> Result<DdpmConfig, String> {
+        DdpmConfig::read(self)
+    }
 }
 
 /// The keys shared by both classes, with the same defaults in both.
@@ -355,6 +370,211 @@ impl DpmSolverConfig {
     }
 }
 
+/// The sigma-based ("k-diffusion") classes that share one schedule computation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KClass {
+    Euler,
+    EulerAncestral,
+    Lms,
+    Heun,
+    KDpm2,
+    KDpm2Ancestral,
+}
+
+impl KClass {
+    pub fn class_name(self) -> &'static str {
+        match self {
+            Self::Euler => "EulerDiscreteScheduler",
+            Self::EulerAncestral => "EulerAncestralDiscreteScheduler",
+            Self::Lms => "LMSDiscreteScheduler",
+            Self::Heun => "HeunDiscreteScheduler",
+            Self::KDpm2 => "KDPM2DiscreteScheduler",
+            Self::KDpm2Ancestral => "KDPM2AncestralDiscreteScheduler",
+        }
+    }
+}
+
+/// The `__init__` keys of `EulerDiscreteScheduler`, `EulerAncestralDiscreteScheduler`,
+/// `LMSDiscreteScheduler` and `HeunDiscreteScheduler` this implementation honours, with each
+/// class's defaults (all "linspace", steps_offset 0). Keys a class does not have are ignored
+/// like diffusers does (e.g. `use_karras_sigmas` for Euler ancestral, which has no Karras option
+/// in diffusers 0.42); non-default values that are not implemented are rejected.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KDiffusionConfig {
+    pub class: KClass,
+    pub betas: BetaConfig,
+    pub prediction_type: PredictionType,
+    pub use_karras_sigmas: bool,
+    /// Euler only: the Karras range's ends (default: the schedule's own sigmas).
+    pub sigma_min: Option<f64>,
+    pub sigma_max: Option<f64>,
+    pub timestep_spacing: TimestepSpacing,
+    pub steps_offset: i64,
+    /// Euler only: the last sigma is sigma_min instead of 0 (`final_sigmas_type` "sigma_min").
+    pub final_sigma_min: bool,
+    /// Heun only: `clip_sample` (default false) with its range.
+    pub clip_sample_range: Option<f64>,
+}
+
+impl KDiffusionConfig {
+    fn read(config: &SchedulerConfig, class: KClass) -> Result<Self, String> {
+        let name = class.class_name();
+        let keys = Keys { raw: &config.raw, class: name };
+        let mut betas = BetaConfig::read(&keys)?;
+        // Heun's and KDPM2's beta defaults differ from the others' (0.00085 .. 0.012, still "linear").
+        if matches!(class, KClass::Heun | KClass::KDpm2 | KClass::KDpm2Ancestral) {
+            betas.beta_start = keys.f64("beta_start", 0.00085)?;
+            betas.beta_end = keys.f64("beta_end", 0.012)?;
+        }
+        // Only Euler and Euler ancestral have rescale_betas_zero_snr.
+        if !matches!(class, KClass::Euler | KClass::EulerAncestral) {
+            betas.rescale_betas_zero_snr = false;
+        }
+        let prediction_type = config.prediction_type;
+        if matches!(class, KClass::EulerAncestral | KClass::KDpm2 | KClass::KDpm2Ancestral)
+            && prediction_type == PredictionType::Sample
+        {
+            return Err(format!("{name}: prediction_type \"sample\" is not supported (diffusers does not implement it either); supported: \"epsilon\", \"v_prediction\""));
+        }
+        let has_karras = class != KClass::EulerAncestral;
+        if has_karras {
+            for key in ["use_exponential_sigmas", "use_beta_sigmas"] {
+                if keys.bool(key, false)? {
+                    return Err(format!(
+                        "{name}: {key} is not supported; supported sigma schedules: the default (from the timesteps) and use_karras_sigmas"
+                    ));
+                }
+            }
+        }
+        let mut out = Self {
+            class,
+            betas,
+            prediction_type,
+            use_karras_sigmas: has_karras && keys.bool("use_karras_sigmas", false)?,
+            sigma_min: None,
+            sigma_max: None,
+            timestep_spacing: keys.spacing(TimestepSpacing::Linspace)?,
+            steps_offset: keys.i64("steps_offset", 0)?,
+            final_sigma_min: false,
+            clip_sample_range: None,
+        };
+        match class {
+            KClass::Euler => {
+                keys.choice("interpolation_type", "linear", &[("linear", ())]).map_err(|e| {
+                    format!("{e} (\"log_linear\" is not implemented here)")
+                })?;
+                let continuous = keys.choice(
+                    "timestep_type",
+                    "discrete",
+                    &[("discrete", false), ("continuous", true)],
+                )?;
+                if continuous && prediction_type == PredictionType::VPrediction {
+                    return Err(format!(
+                        "{name}: timestep_type \"continuous\" with v_prediction (EDM timesteps) is not supported; supported: \"discrete\""
+                    ));
+                }
+                out.sigma_min = keys.opt_f64("sigma_min")?;
+                out.sigma_max = keys.opt_f64("sigma_max")?;
+                out.final_sigma_min = keys.choice(
+                    "final_sigmas_type",
+                    "zero",
+                    &[("zero", false), ("sigma_min", true)],
+                )?;
+            }
+            KClass::Heun => {
+                if keys.bool("clip_sample", false)? {
+                    out.clip_sample_range = Some(keys.f64("clip_sample_range", 1.0)?);
+                }
+            }
+            KClass::EulerAncestral | KClass::Lms | KClass::KDpm2 | KClass::KDpm2Ancestral => {}
+        }
+        Ok(out)
+    }
+}
+
+/// The `PNDMScheduler.__init__` keys, diffusers' defaults for absent ones. Only the PLMS
+/// variant (`skip_prk_steps` true, as every Stable Diffusion config sets) is implemented.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PndmConfig {
+    pub betas: BetaConfig,
+    pub set_alpha_to_one: bool,
+    pub prediction_type: PredictionType,
+    pub timestep_spacing: TimestepSpacing,
+    pub steps_offset: i64,
+}
+
+impl PndmConfig {
+    fn read(config: &SchedulerConfig) -> Result<Self, String> {
+        let name = "PNDMScheduler";
+        let keys = Keys { raw: &config.raw, class: name };
+        let mut betas = BetaConfig::read(&keys)?;
+        betas.rescale_betas_zero_snr = false;
+        // The class default is false; Stable Diffusion configs all set it.
+        if !keys.bool("skip_prk_steps", false)? {
+            return Err(format!(
+                "{name}: skip_prk_steps false (Runge-Kutta warm-up steps) is not supported; supported: true (PLMS, what Stable Diffusion configs set)"
+            ));
+        }
+        if config.prediction_type == PredictionType::Sample {
+            return Err(format!(
+                "{name}: prediction_type \"sample\" is not supported (nor by diffusers); supported: \"epsilon\", \"v_prediction\""
+            ));
+        }
+        Ok(Self {
+            betas,
+            set_alpha_to_one: keys.bool("set_alpha_to_one", false)?,
+            prediction_type: config.prediction_type,
+            timestep_spacing: keys.spacing(TimestepSpacing::Leading)?,
+            steps_offset: keys.i64("steps_offset", 0)?,
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VarianceType {
+    FixedSmall,
+    FixedSmallLog,
+    FixedLarge,
+}
+
+/// The `DDPMScheduler.__init__` keys, diffusers' defaults for absent ones.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DdpmConfig {
+    pub betas: BetaConfig,
+    pub variance_type: VarianceType,
+    pub clip_sample: bool,
+    pub clip_sample_range: f64,
+    pub prediction_type: PredictionType,
+    pub thresholding: Option<Thresholding>,
+    pub timestep_spacing: TimestepSpacing,
+    pub steps_offset: i64,
+}
+
+impl DdpmConfig {
+    fn read(config: &SchedulerConfig) -> Result<Self, String> {
+        let keys = Keys { raw: &config.raw, class: "DDPMScheduler" };
+        Ok(Self {
+            betas: BetaConfig::read(&keys)?,
+            variance_type: keys.choice(
+                "variance_type",
+                "fixed_small",
+                &[
+                    ("fixed_small", VarianceType::FixedSmall),
+                    ("fixed_small_log", VarianceType::FixedSmallLog),
+                    ("fixed_large", VarianceType::FixedLarge),
+                ],
+            )?,
+            // Like DDIM, DDPM clips x0 to [-1, 1] unless the config says not to.
+            clip_sample: keys.bool("clip_sample", true)?,
+            clip_sample_range: keys.f64("clip_sample_range", 1.0)?,
+            prediction_type: config.prediction_type,
+            thresholding: keys.thresholding()?,
+            timestep_spacing: keys.spacing(TimestepSpacing::Leading)?,
+            steps_offset: keys.i64("steps_offset", 0)?,
+        })
+    }
+}
+
 /// Typed access to the keys of one class, with that class's defaults.
 struct Keys<'a> {
     raw: &'a Map<String, Value>,
@@ -421,6 +641,13 @@ impl Keys<'_> {
             None | Some(Value::Null) => Ok(None),
             Some(Value::String(s)) => Ok(Some(s.clone())),
             Some(v) => Err(self.bad(key, "a string or null", v)),
+        }
+    }
+
+    fn opt_f64(&self, key: &str) -> Result<Option<f64>, String> {
+        match self.raw.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(_) => self.f64(key, 0.0).map(Some),
         }
     }
 

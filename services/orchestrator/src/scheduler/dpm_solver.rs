@@ -111,7 +111,7 @@ pub fn dpm_schedule(cfg: &DpmSolverConfig, steps: usize) -> (Vec<i64>, Vec<f32>)
 }
 
 /// diffusers' `_sigma_to_t`: float64 log of the sigma against the float32 log-sigmas.
-fn sigma_to_t(sigma: f64, log_sigmas: &[f32]) -> f64 {
+pub(super) fn sigma_to_t(sigma: f64, log_sigmas: &[f32]) -> f64 {
     let log_sigma = sigma.max(1e-10).ln();
     // low_idx = argmax(cumsum(dists >= 0)) (the first index reaching the maximum count),
     // clipped to len - 2.

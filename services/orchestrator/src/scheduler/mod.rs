@@ -1,5 +1,9 @@
-//! Diffusion schedulers that reproduce diffusers' `DDIMScheduler` and
-//! `DPMSolverMultistepScheduler` (DPM-Solver++ 2M, optionally with Karras sigmas).
+//! Diffusion schedulers that reproduce diffusers' `DDIMScheduler`,
+//! `DPMSolverMultistepScheduler` (DPM-Solver++ 2M, optionally with Karras sigmas),
+//! `EulerDiscreteScheduler`, `EulerAncestralDiscreteScheduler`, `LMSDiscreteScheduler`,
+//! `HeunDiscreteScheduler`, `KDPM2DiscreteScheduler`, `KDPM2AncestralDiscreteScheduler`
+//! (these six in `kdiffusion`; Karras sigmas except for Euler ancestral), `PNDMScheduler`
+//! (PLMS) and `DDPMScheduler`.
 //!
 //! Every torch / numpy operation diffusers performs is reproduced with its exact rounding
 //! (see `numerics`), except that torch evaluates float32 `sqrt`/`log`/`exp` with MKL VML,
@@ -20,11 +24,21 @@
 //!
 //! Iterate over [`Scheduler::timesteps`], not `0..steps`: like diffusers, some configurations
 //! give a different count (DDIM/DPM `trailing` spacing for some step counts, DPM's
-//! `lambda_min_clipped`). Timesteps are integers (as f64); Karras schedules can repeat one.
+//! `lambda_min_clipped`), and some schedulers always do: Heun and KDPM2 evaluate the model
+//! twice per step (2 * steps - 1 timesteps), PNDM repeats its second timestep (steps + 1). DDIM, DPM,
+//! PNDM and DDPM timesteps are integers (as f64); Euler, Euler ancestral, LMS and Heun ones
+//! are diffusers' float32 values, fractional with their default "linspace" spacing; the
+//! sigma-based ones also scale the model input (`scale_model_input`) and the initial noise
+//! (`init_noise_sigma` > 1). Stochastic schedulers (DDIM with eta > 0, Euler ancestral, DDPM,
+//! KDPM2 ancestral)
+//! draw from the job's noise source in `step`.
 
 pub mod config;
 pub mod ddim;
+pub mod ddpm;
 pub mod dpm_solver;
+pub mod kdiffusion;
+pub mod pndm;
 mod numerics;
 
 pub use config::{PredictionType, SchedulerConfig};
@@ -35,6 +49,37 @@ use candle_core::{DType, Tensor};
 pub enum SchedulerKind {
     Ddim,
     DpmSolverMultistep,
+    Euler,
+    EulerAncestral,
+    Lms,
+    Heun,
+    Pndm,
+    Ddpm,
+    KDpm2,
+    KDpm2Ancestral,
+}
+
+impl SchedulerKind {
+    /// diffusers' class name.
+    pub fn class_name(self) -> &'static str {
+        match self {
+            Self::Ddim => "DDIMScheduler",
+            Self::DpmSolverMultistep => "DPMSolverMultistepScheduler",
+            Self::Euler => "EulerDiscreteScheduler",
+            Self::EulerAncestral => "EulerAncestralDiscreteScheduler",
+            Self::Lms => "LMSDiscreteScheduler",
+            Self::Heun => "HeunDiscreteScheduler",
+            Self::Pndm => "PNDMScheduler",
+            Self::Ddpm => "DDPMScheduler",
+            Self::KDpm2 => "KDPM2DiscreteScheduler",
+            Self::KDpm2Ancestral => "KDPM2AncestralDiscreteScheduler",
+        }
+    }
+
+    /// Whether the class has a `use_karras_sigmas` option.
+    pub fn has_karras(self) -> bool {
+        matches!(self, Self::DpmSolverMultistep | Self::Euler | Self::Lms | Self::Heun | Self::KDpm2 | Self::KDpm2Ancestral)
+    }
 }
 
 /// What a request asks for.
@@ -44,7 +89,8 @@ pub struct SchedulerRequest {
     pub name: String,
     /// DDIM's eta (0 = deterministic DDIM, 1 = DDPM-like); only DDIM takes it.
     pub eta: Option<f32>,
-    /// DPM-Solver only: overrides the config's `use_karras_sigmas`.
+    /// Schedulers with Karras sigmas (DPM-Solver, Euler, LMS, Heun): overrides the config's
+    /// `use_karras_sigmas`.
     pub use_karras_sigmas: Option<bool>,
 }
 
@@ -52,9 +98,9 @@ pub struct SchedulerRequest {
 #[derive(Clone, Debug, PartialEq)]
 pub struct ResolvedScheduler {
     pub kind: SchedulerKind,
-    /// DDIM's eta; 0 for DPM-Solver.
+    /// DDIM's eta; 0 for the others.
     pub eta: f64,
-    /// DPM-Solver only: `Some` overrides the config's `use_karras_sigmas`; always `None` for DDIM.
+    /// `Some` overrides the config's `use_karras_sigmas`; always `None` for schedulers without it.
     pub use_karras_sigmas: Option<bool>,
 }
 
@@ -62,25 +108,82 @@ pub struct ResolvedScheduler {
 pub const ACCEPTED_NAMES: &str = "\"\" / \"ddim\" / \"DDIMScheduler\" (DDIM, the default); \
 \"dpm++2m\" / \"dpmpp_2m\" / \"dpm++_2m\" / \"dpmsolver++\" / \"DPMSolverMultistep\" / \"DPMSolverMultistepScheduler\" \
 (DPM-Solver++ 2M); \"dpm++2m-karras\" / \"dpmpp_2m_karras\" / \"dpm++_2m_karras\" / \"DPMSolverMultistepScheduler (karras)\" \
-(DPM-Solver++ 2M with Karras sigmas)";
+(DPM-Solver++ 2M with Karras sigmas); \"euler\" / \"EulerDiscrete\" / \"EulerDiscreteScheduler\" (Euler); \
+\"euler-karras\" / \"euler_karras\" / \"EulerDiscreteScheduler (karras)\"; \
+\"euler_a\" / \"euler-a\" / \"euler-ancestral\" / \"euler_ancestral\" / \"EulerAncestralDiscrete\" / \"EulerAncestralDiscreteScheduler\" \
+(Euler ancestral); \"lms\" / \"LMSDiscrete\" / \"LMSDiscreteScheduler\" (LMS); \"lms-karras\" / \"lms_karras\" / \
+\"LMSDiscreteScheduler (karras)\"; \"heun\" / \"HeunDiscrete\" / \"HeunDiscreteScheduler\" (Heun); \"heun-karras\" / \
+\"heun_karras\" / \"HeunDiscreteScheduler (karras)\"; \"pndm\" / \"plms\" / \"PNDM\" / \"PNDMScheduler\" (PNDM, PLMS steps); \
+\"ddpm\" / \"DDPM\" / \"DDPMScheduler\" (DDPM); \"kdpm2\" / \"dpm2\" / \"KDPM2Discrete\" / \"KDPM2DiscreteScheduler\" \
+(KDPM2); \"kdpm2-karras\" / \"kdpm2_karras\" / \"dpm2-karras\" / \"KDPM2DiscreteScheduler (karras)\"; \"kdpm2_a\" / \"kdpm2-a\" / \
+\"kdpm2-ancestral\" / \"dpm2_a\" / \"KDPM2AncestralDiscrete\" / \"KDPM2AncestralDiscreteScheduler\" (KDPM2 ancestral); \
+\"kdpm2_a-karras\" / \"kdpm2_a_karras\" / \"dpm2_a-karras\" / \"KDPM2AncestralDiscreteScheduler (karras)\"";
 
-const DDIM_NAMES: &[&str] = &["", "ddim", "ddimscheduler"];
-const DPM_NAMES: &[&str] =
-    &["dpm++2m", "dpmpp_2m", "dpm++_2m", "dpmsolver++", "dpmsolvermultistep", "dpmsolvermultistepscheduler"];
-const DPM_KARRAS_NAMES: &[&str] =
-    &["dpm++2m-karras", "dpmpp_2m_karras", "dpm++_2m_karras", "dpmsolvermultistepscheduler (karras)"];
+/// (lowercase names, kind, whether the name means Karras sigmas)
+const NAMES: &[(&[&str], SchedulerKind, bool)] = &[
+    (&["", "ddim", "ddimscheduler"], SchedulerKind::Ddim, false),
+    (
+        &["dpm++2m", "dpmpp_2m", "dpm++_2m", "dpmsolver++", "dpmsolvermultistep", "dpmsolvermultistepscheduler"],
+        SchedulerKind::DpmSolverMultistep,
+        false,
+    ),
+    (
+        &["dpm++2m-karras", "dpmpp_2m_karras", "dpm++_2m_karras", "dpmsolvermultistepscheduler (karras)"],
+        SchedulerKind::DpmSolverMultistep,
+        true,
+    ),
+    (&["euler", "eulerdiscrete", "eulerdiscretescheduler"], SchedulerKind::Euler, false),
+    (&["euler-karras", "euler_karras", "eulerdiscretescheduler (karras)"], SchedulerKind::Euler, true),
+    (
+        &[
+            "euler_a",
+            "euler-a",
+            "euler-ancestral",
+            "euler_ancestral",
+            "eulerancestraldiscrete",
+            "eulerancestraldiscretescheduler",
+        ],
+        SchedulerKind::EulerAncestral,
+        false,
+    ),
+    (&["lms", "lmsdiscrete", "lmsdiscretescheduler"], SchedulerKind::Lms, false),
+    (&["lms-karras", "lms_karras", "lmsdiscretescheduler (karras)"], SchedulerKind::Lms, true),
+    (&["heun", "heundiscrete", "heundiscretescheduler"], SchedulerKind::Heun, false),
+    (&["heun-karras", "heun_karras", "heundiscretescheduler (karras)"], SchedulerKind::Heun, true),
+    (&["pndm", "plms", "pndmscheduler"], SchedulerKind::Pndm, false),
+    (&["ddpm", "ddpmscheduler"], SchedulerKind::Ddpm, false),
+    (&["kdpm2", "dpm2", "kdpm2discrete", "kdpm2discretescheduler"], SchedulerKind::KDpm2, false),
+    (
+        &["kdpm2-karras", "kdpm2_karras", "dpm2-karras", "dpm2_karras", "kdpm2discretescheduler (karras)"],
+        SchedulerKind::KDpm2,
+        true,
+    ),
+    (
+        &[
+            "kdpm2_a",
+            "kdpm2-a",
+            "kdpm2-ancestral",
+            "kdpm2_ancestral",
+            "dpm2_a",
+            "dpm2-a",
+            "kdpm2ancestraldiscrete",
+            "kdpm2ancestraldiscretescheduler",
+        ],
+        SchedulerKind::KDpm2Ancestral,
+        false,
+    ),
+    (
+        &["kdpm2_a-karras", "kdpm2_a_karras", "kdpm2-a-karras", "dpm2_a-karras", "dpm2_a_karras", "kdpm2ancestraldiscretescheduler (karras)"],
+        SchedulerKind::KDpm2Ancestral,
+        true,
+    ),
+];
 
 /// Parses a request's scheduler: the name (case-insensitive, surrounding spaces ignored), and
 /// the options that go with it. Errors are messages for the user.
 pub fn resolve(req: &SchedulerRequest) -> Result<ResolvedScheduler, String> {
     let name = req.name.trim().to_lowercase();
-    let (kind, name_karras) = if DDIM_NAMES.contains(&name.as_str()) {
-        (SchedulerKind::Ddim, false)
-    } else if DPM_NAMES.contains(&name.as_str()) {
-        (SchedulerKind::DpmSolverMultistep, false)
-    } else if DPM_KARRAS_NAMES.contains(&name.as_str()) {
-        (SchedulerKind::DpmSolverMultistep, true)
-    } else {
+    let Some(&(_, kind, name_karras)) = NAMES.iter().find(|(names, _, _)| names.contains(&name.as_str())) else {
         return Err(format!("unknown scheduler {:?}; accepted names: {ACCEPTED_NAMES}", req.name));
     };
     if let Some(eta) = req.eta {
@@ -92,17 +195,27 @@ pub fn resolve(req: &SchedulerRequest) -> Result<ResolvedScheduler, String> {
         SchedulerKind::Ddim => {
             if req.use_karras_sigmas == Some(true) {
                 return Err(format!(
-                    "use_karras_sigmas applies to DPM-Solver++ only, not DDIM; for Karras sigmas use \"dpm++2m-karras\" (accepted names: {ACCEPTED_NAMES})"
+                    "use_karras_sigmas applies to DPM-Solver++, Euler, LMS, Heun and KDPM2, not DDIM; for Karras sigmas use e.g. \"dpm++2m-karras\" (accepted names: {ACCEPTED_NAMES})"
                 ));
             }
             Ok(ResolvedScheduler { kind, eta: f64::from(req.eta.unwrap_or(0.0)), use_karras_sigmas: None })
         }
-        SchedulerKind::DpmSolverMultistep => {
+        _ => {
             // eta 0 is what an unset proto field reads as, and means "no noise": accept it.
             if req.eta.is_some_and(|eta| eta != 0.0) {
                 return Err(format!(
-                    "eta applies to DDIM only; DPM-Solver++ 2M is deterministic (accepted names: {ACCEPTED_NAMES})"
+                    "eta applies to DDIM only, not {} (accepted names: {ACCEPTED_NAMES})",
+                    kind.class_name()
                 ));
+            }
+            if !kind.has_karras() {
+                if req.use_karras_sigmas == Some(true) {
+                    return Err(format!(
+                        "use_karras_sigmas applies to DPM-Solver++, Euler, LMS, Heun and KDPM2, not {} (accepted names: {ACCEPTED_NAMES})",
+                        kind.class_name()
+                    ));
+                }
+                return Ok(ResolvedScheduler { kind, eta: 0.0, use_karras_sigmas: None });
             }
             if name_karras && req.use_karras_sigmas == Some(false) {
                 return Err(format!("scheduler {:?} means Karras sigmas, but use_karras_sigmas is false", req.name));
@@ -116,28 +229,31 @@ pub fn resolve(req: &SchedulerRequest) -> Result<ResolvedScheduler, String> {
 impl ResolvedScheduler {
     /// A human-readable name that [`resolve`] accepts back.
     pub fn canonical_name(&self) -> String {
-        match (self.kind, self.use_karras_sigmas) {
-            (SchedulerKind::Ddim, _) => "DDIMScheduler".into(),
-            (SchedulerKind::DpmSolverMultistep, Some(true)) => "DPMSolverMultistepScheduler (karras)".into(),
-            (SchedulerKind::DpmSolverMultistep, _) => "DPMSolverMultistepScheduler".into(),
+        match (self.kind.has_karras(), self.use_karras_sigmas) {
+            (true, Some(true)) => format!("{} (karras)", self.kind.class_name()),
+            _ => self.kind.class_name().into(),
         }
     }
 }
 
 /// One configured scheduler run (a fixed step count); stateful for multistep solvers.
 pub trait Scheduler: Send {
-    /// The timesteps to denoise at, in order (integers; fed to the denoiser as they are).
+    /// The timesteps to denoise at, in order (fed to the denoiser as they are; see the module docs).
     fn timesteps(&self) -> &[f64];
 
-    /// Standard deviation of the initial noise (1 for DDIM and DPM-Solver).
+    /// Standard deviation of the initial noise (1 for DDIM, DPM-Solver, PNDM and DDPM; the
+    /// largest sigma, or sqrt(sigma_max^2 + 1) with "leading" spacing, for the sigma-based ones).
     fn init_noise_sigma(&self) -> f64;
 
-    /// The denoiser's input at step `step_index` (the identity for DDIM and DPM-Solver).
+    /// The denoiser's input at step `step_index` (the identity for DDIM, DPM-Solver, PNDM and
+    /// DDPM; `sample / sqrt(sigma^2 + 1)` for the sigma-based ones).
     fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> candle_core::Result<Tensor>;
 
     /// One step x_t -> x_{t-1}, for the model output at `timesteps()[step_index]`; steps must
     /// be taken in order (step 0 starts over). Draws noise from `noise` only when it needs it
-    /// (DDIM with eta > 0), in the shape of `model_output`. Returns f32.
+    /// (DDIM with eta > 0, Euler ancestral every step, DDPM at every timestep above 0, KDPM2
+    /// ancestral at every second-order evaluation), once per
+    /// step, in the shape of `model_output`. Returns f32.
     fn step(
         &mut self,
         model_output: &Tensor,
@@ -146,8 +262,10 @@ pub trait Scheduler: Send {
         noise: &mut dyn crate::noise::NoiseSource,
     ) -> candle_core::Result<Tensor>;
 
-    /// The noise levels sigma_i = sqrt((1 - alpha_bar) / alpha_bar), `timesteps().len() + 1`
-    /// of them, for schedulers that have them (DPM-Solver), as diffusers' float32 `sigmas`.
+    /// The noise levels sigma_i = sqrt((1 - alpha_bar) / alpha_bar), for schedulers that have
+    /// them, as diffusers' float32 `sigmas`: `timesteps().len() + 1` of them (DPM-Solver,
+    /// Euler, Euler ancestral, LMS), or Heun's `timesteps().len() + 1` / KDPM2's
+    /// `timesteps().len() + 3` repeated ones.
     fn sigmas(&self) -> Option<&[f32]> {
         None
     }
@@ -171,6 +289,28 @@ pub fn build(
             }
             Ok(Box::new(dpm_solver::DpmSolverMultistep::new(&cfg, steps)?))
         }
+        SchedulerKind::Euler
+        | SchedulerKind::EulerAncestral
+        | SchedulerKind::Lms
+        | SchedulerKind::Heun
+        | SchedulerKind::KDpm2
+        | SchedulerKind::KDpm2Ancestral => {
+            let class = match resolved.kind {
+                SchedulerKind::Euler => config::KClass::Euler,
+                SchedulerKind::EulerAncestral => config::KClass::EulerAncestral,
+                SchedulerKind::Lms => config::KClass::Lms,
+                SchedulerKind::Heun => config::KClass::Heun,
+                SchedulerKind::KDpm2 => config::KClass::KDpm2,
+                _ => config::KClass::KDpm2Ancestral,
+            };
+            let mut cfg = config.k_diffusion(class)?;
+            if let Some(karras) = resolved.use_karras_sigmas {
+                cfg.use_karras_sigmas = karras;
+            }
+            Ok(Box::new(kdiffusion::KDiffusion::new(&cfg, steps)?))
+        }
+        SchedulerKind::Pndm => Ok(Box::new(pndm::Pndm::new(&config.pndm()?, steps)?)),
+        SchedulerKind::Ddpm => Ok(Box::new(ddpm::Ddpm::new(&config.ddpm()?, steps)?)),
     }
 }
 

@@ -168,7 +168,7 @@ pub fn np_interp_integer_grid(x: f64, fp: &[f32]) -> f64 {
 
 /// torch's scalar `lerp` as compiled for the CPU (FMA-contracted, and exactly what the
 /// vectorised `lerp_vec` computes too).
-fn torch_lerp(start: f32, end: f32, weight: f32) -> f32 {
+pub fn torch_lerp(start: f32, end: f32, weight: f32) -> f32 {
     if weight.abs() < 0.5 {
         weight.mul_add(end - start, start)
     } else {

@@ -37,7 +37,8 @@ struct GenerateArgs {
     /// Guidance rescale, 0 to 1.
     #[arg(long, default_value_t = 0.0)]
     guidance_rescale: f32,
-    /// ddim (default), dpm++2m, dpm++2m-karras, or a diffusers class name.
+    /// ddim (default), dpm++2m, dpm++2m-karras, euler, euler-karras, euler_a, lms, heun, pndm, ddpm,
+    /// kdpm2, kdpm2_a (Karras variants with -karras), or a diffusers class name.
     #[arg(long, default_value = "")]
     scheduler: String,
     /// DDIM eta.

@@ -65,3 +65,13 @@ fn unravel(mut flat: usize, dims: &[usize]) -> Vec<usize> {
     }
     idx
 }
+
+/// A JSON file under tests/fixtures (e.g. "reference-seeds/cases.json").
+pub fn load_fixture_json(rel: &str) -> serde_json::Value {
+    load_json(&format!("../{rel}"))
+}
+
+/// A safetensors file under tests/fixtures.
+pub fn load_fixture_tensors(rel: &str) -> HashMap<String, Tensor> {
+    load_tensors(&format!("../{rel}"))
+}

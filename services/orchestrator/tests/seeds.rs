@@ -3,29 +3,21 @@
 //! generator=torch.Generator("cpu").manual_seed(seed))` does, bit for bit, and a job given only a
 //! seed reproduces diffusers' StableDiffusionPipeline run with that generator.
 
-use candle_core::{Device, Tensor};
-use sdmesh_orchestrator::noise::{NoiseSource, SeededNoise};
-use sdmesh_orchestrator::pipeline::{Limits, Pipeline};
-use sdmesh_proto::v1;
-use sdmesh_testkit::{assert_close, fixtures, max_abs_diff, model};
-use std::collections::HashMap;
-use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::Duration;
+mod common;
 
-fn seeds_dir() -> PathBuf {
-    fixtures().join("reference-seeds")
-}
+use candle_core::Tensor;
+use common::{check_case, recorder, Pipelines};
+use sdmesh_orchestrator::noise::{NoiseSource, SeededNoise};
+use sdmesh_proto::v1;
+use sdmesh_testkit::{load_fixture_json, load_fixture_tensors};
+use std::collections::HashMap;
 
 fn load_json(rel: &str) -> serde_json::Value {
-    let path = seeds_dir().join(rel);
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    load_fixture_json(&format!("reference-seeds/{rel}"))
 }
 
 fn load_tensors(rel: &str) -> HashMap<String, Tensor> {
-    let path = seeds_dir().join(rel);
-    candle_core::safetensors::load(&path, &Device::Cpu).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    load_fixture_tensors(&format!("reference-seeds/{rel}"))
 }
 
 fn shape_of(v: &serde_json::Value) -> Vec<usize> {
@@ -80,20 +72,6 @@ fn randn_equals_torch_bit_for_bit() {
     println!("{checked} values equal to torch's bit for bit");
 }
 
-async fn local_pipeline(name: &str) -> Pipeline {
-    let dir = model(name);
-    let te = sdmesh_text_encoder::LocalTextEncoder::load(&sdmesh_text_encoder::TextEncoderOptions {
-        model: dir.clone(),
-        device: Device::Cpu,
-        queue_capacity: 8,
-    })
-    .unwrap();
-    let unet = sdmesh_unet::LocalUnet::load(&sdmesh_unet::UnetOptions { model: dir.clone(), device: Device::Cpu, queue_capacity: 8 }).unwrap();
-    let vae = sdmesh_vae::LocalVae::load(&sdmesh_vae::VaeOptions { model: dir.clone(), device: Device::Cpu, queue_capacity: 8 }).unwrap();
-    sdmesh_orchestrator::pipeline_over(&dir, Arc::new(te), Arc::new(unet), Arc::new(vae), Limits::default(), Duration::from_secs(1))
-        .await
-        .unwrap()
-}
 
 /// The request a case describes: the seed only, no initial latents.
 fn request(case: &serde_json::Value) -> v1::GenerateRequest {
@@ -127,15 +105,11 @@ async fn same_seed_same_image_as_diffusers() {
     let cases = load_json("cases.json");
     let cases: HashMap<&str, &serde_json::Value> =
         cases.as_array().unwrap().iter().map(|c| (c["name"].as_str().unwrap(), c)).collect();
-    let mut pipelines = HashMap::new();
+    let mut pipelines = Pipelines::default();
     let mut report = Vec::new();
     for &name in CASES {
         let case = cases.get(name).unwrap_or_else(|| panic!("{name} missing from reference-seeds/cases.json"));
-        let model_name = case["model"].as_str().unwrap().to_string();
-        if !pipelines.contains_key(&model_name) {
-            pipelines.insert(model_name.clone(), local_pipeline(&model_name).await);
-        }
-        let pipeline = &pipelines[&model_name];
+        let pipeline = pipelines.get(case["model"].as_str().unwrap()).await;
         let r = load_tensors(&format!("cases/{name}.safetensors"));
         let job = pipeline.validate(&request(case)).unwrap();
         assert!(job.init_latents.is_none());
@@ -144,27 +118,9 @@ async fn same_seed_same_image_as_diffusers() {
         // The first draw is the pipeline's initial noise, exactly.
         let init = SeededNoise::new(seed).randn(r["init_noise"].dims()).unwrap();
         assert_bits_equal(&format!("{name} initial noise"), &init, &r["init_noise"]);
-
         let mut seen = Vec::new();
-        let out = pipeline
-            .run(&job, &mut SeededNoise::new(job.seed), &mut |p| {
-                seen.push((p.timestep, p.latents));
-                true
-            })
-            .await
-            .unwrap();
-        let timesteps = r["timesteps"].to_vec1::<f32>().unwrap();
-        assert_eq!(seen.len(), timesteps.len(), "{name}: step count");
-        for (i, (t, latents)) in seen.iter().enumerate() {
-            assert_eq!(*t as f32, timesteps[i], "{name}: timestep {i}");
-            // As tests/pipeline.rs: relative to the latents' scale (float32 rounding in UNet and scheduler).
-            let expected = &r[&format!("latents_{i}")];
-            let scale = expected.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1.0);
-            report.push(format!("{name} step {i}: {:e} (scale {scale})", max_abs_diff(latents, expected).0));
-            assert_close(&format!("{name} latents after step {i}"), latents, expected, 2.5e-4 * scale);
-        }
-        assert_close(&format!("{name} image"), &out.images, &r["image"], 1e-3);
-        report.push(format!("{name}: image max abs error {:e}", max_abs_diff(&out.images, &r["image"]).0));
+        let out = pipeline.run(&job, &mut SeededNoise::new(job.seed), &mut recorder(&mut seen)).await.unwrap();
+        check_case(name, &seen, &out.images, &r, 0.0, &mut report);
     }
     println!("{}", report.join("\n"));
 }

@@ -1,0 +1,72 @@
+//! What the end-to-end parity tests share: the real components in one process, and the
+//! comparison of a run's steps and image with a diffusers reference case.
+
+use candle_core::{Device, Tensor};
+use sdmesh_orchestrator::pipeline::{Limits, Pipeline, StepProgress};
+use sdmesh_testkit::{assert_close, max_abs_diff, model};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The committed tiny model `name` with local text encoder, UNet and VAE.
+pub async fn local_pipeline(name: &str) -> Pipeline {
+    let dir = model(name);
+    let te = sdmesh_text_encoder::LocalTextEncoder::load(&sdmesh_text_encoder::TextEncoderOptions {
+        model: dir.clone(),
+        device: Device::Cpu,
+        queue_capacity: 8,
+    })
+    .unwrap();
+    let unet = sdmesh_unet::LocalUnet::load(&sdmesh_unet::UnetOptions { model: dir.clone(), device: Device::Cpu, queue_capacity: 8 }).unwrap();
+    let vae = sdmesh_vae::LocalVae::load(&sdmesh_vae::VaeOptions { model: dir.clone(), device: Device::Cpu, queue_capacity: 8 }).unwrap();
+    sdmesh_orchestrator::pipeline_over(&dir, Arc::new(te), Arc::new(unet), Arc::new(vae), Limits::default(), Duration::from_secs(1))
+        .await
+        .unwrap()
+}
+
+/// One pipeline per model, loaded on first use.
+#[derive(Default)]
+pub struct Pipelines(HashMap<String, Pipeline>);
+
+impl Pipelines {
+    pub async fn get(&mut self, name: &str) -> &Pipeline {
+        if !self.0.contains_key(name) {
+            self.0.insert(name.to_string(), local_pipeline(name).await);
+        }
+        &self.0[name]
+    }
+}
+
+/// Collects every step's (timestep, latents) through the progress callback.
+pub fn recorder(seen: &mut Vec<(f64, Tensor)>) -> impl FnMut(StepProgress) -> bool + Send + '_ {
+    move |p| {
+        seen.push((p.timestep, p.latents));
+        true
+    }
+}
+
+/// Compares a run with reference case tensors `r` (`timesteps`, `latents_i`, `image`):
+/// timesteps within `timestep_tol` (0 = exact as f32), each step's latents within 2.5e-4 of
+/// their scale (float32 rounding in UNet and scheduler; latents reach |x| ~ 50 with the random
+/// epsilon UNet), the image within 1e-3. Appends the errors to `report`.
+pub fn check_case(
+    name: &str,
+    seen: &[(f64, Tensor)],
+    images: &Tensor,
+    r: &HashMap<String, Tensor>,
+    timestep_tol: f64,
+    report: &mut Vec<String>,
+) {
+    let timesteps = r["timesteps"].to_vec1::<f32>().unwrap();
+    assert_eq!(seen.len(), timesteps.len(), "{name}: step count");
+    for (i, (t, latents)) in seen.iter().enumerate() {
+        let t_ok = *t as f32 == timesteps[i] || (*t - f64::from(timesteps[i])).abs() <= timestep_tol;
+        assert!(t_ok, "{name}: timestep {i}: {t} vs {}", timesteps[i]);
+        let expected = &r[&format!("latents_{i}")];
+        let scale = expected.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1.0);
+        report.push(format!("{name} step {i}: {:e} (scale {scale})", max_abs_diff(latents, expected).0));
+        assert_close(&format!("{name} latents after step {i}"), latents, expected, 2.5e-4 * scale);
+    }
+    assert_close(&format!("{name} image"), images, &r["image"], 1e-3);
+    report.push(format!("{name}: image max abs error {:e}", max_abs_diff(images, &r["image"]).0));
+}

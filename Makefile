@@ -36,6 +36,7 @@ fixtures:
 	.venv/bin/pip install -q -r tests/fixtures/requirements.txt
 	.venv/bin/python tests/fixtures/generate.py
 	.venv/bin/python tests/fixtures/generate_schedulers.py
+	.venv/bin/python tests/fixtures/generate_schedulers2.py
 	.venv/bin/python tests/fixtures/generate_seeds.py
 
 clean:

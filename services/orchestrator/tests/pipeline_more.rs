@@ -7,7 +7,7 @@
 mod common;
 
 use candle_core::Tensor;
-use common::{check_case, recorder, Pipelines};
+use common::{check_case, recorder, Pipelines, LATENT_REL_TOL};
 use sdmesh_orchestrator::noise::{NoiseSource, RecordedNoise};
 use sdmesh_proto::v1;
 use sdmesh_testkit::{load_fixture_json, load_fixture_tensors};
@@ -62,7 +62,7 @@ async fn every_scheduler_case_matches_diffusers() {
         } else {
             0.0
         };
-        check_case(name, &seen, &out.images, &r, timestep_tol, &mut report);
+        check_case(name, &seen, &out.images, &r, timestep_tol, LATENT_REL_TOL, &mut report);
     }
     println!("{}", report.join("\n"));
 }

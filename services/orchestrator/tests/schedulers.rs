@@ -238,7 +238,7 @@ fn bad_scheduler_requests() {
             && e.contains("dpm++2m-karras")
             && e.contains("DPMSolverMultistepScheduler")
     };
-    for name in ["euler karras", "unipc", "dpm++", "dpm++2m karras", "ddim2", "dpm++3m"] {
+    for name in ["euler karras", "unipc2", "dpm++", "dpm++2m karras", "ddim2", "dpm++3m"] {
         let e = resolve(&req(name)).expect_err(name);
         assert!(e.contains("unknown scheduler") && listed(&e), "{name:?}: {e}");
     }
@@ -315,7 +315,7 @@ fn unsupported_config_values_are_errors() {
     let dpm_cases: &[(&str, Value, &str)] = &[
         ("solver_order", json!(3), "supported: 1, 2"),
         ("algorithm_type", json!("dpmsolver"), "supported: \"dpmsolver++\""),
-        ("algorithm_type", json!("sde-dpmsolver++"), "supported: \"dpmsolver++\""),
+        ("algorithm_type", json!("sde-dpmsolver"), "supported: \"dpmsolver++\", \"sde-dpmsolver++\""),
         ("use_exponential_sigmas", json!(true), "use_karras_sigmas"),
         ("use_beta_sigmas", json!(true), "use_karras_sigmas"),
         ("use_lu_lambdas", json!(true), "use_karras_sigmas"),

@@ -284,7 +284,7 @@ fn new_scheduler_names() {
 
 #[test]
 fn bad_new_scheduler_requests() {
-    for name in ["euler karras", "euler-a-karras", "euler_a_karras", "k_lms", "heun2", "pndm-karras", "unipc", "kdpm2 a"] {
+    for name in ["euler karras", "euler-a-karras", "euler_a_karras", "k_lms", "heun2", "pndm-karras", "unipc2", "kdpm2 a"] {
         let e = resolve(&req(name)).expect_err(name);
         assert!(e.contains("unknown scheduler") && e.contains("euler_a") && e.contains("PNDMScheduler"), "{name:?}: {e}");
     }

@@ -6,7 +6,7 @@
 mod common;
 
 use candle_core::Tensor;
-use common::{check_case, recorder, Pipelines};
+use common::{check_case, recorder, Pipelines, LATENT_REL_TOL};
 use sdmesh_orchestrator::noise::{NoiseSource, SeededNoise};
 use sdmesh_proto::v1;
 use sdmesh_testkit::{load_fixture_json, load_fixture_tensors};
@@ -120,7 +120,7 @@ async fn same_seed_same_image_as_diffusers() {
         assert_bits_equal(&format!("{name} initial noise"), &init, &r["init_noise"]);
         let mut seen = Vec::new();
         let out = pipeline.run(&job, &mut SeededNoise::new(job.seed), &mut recorder(&mut seen)).await.unwrap();
-        check_case(name, &seen, &out.images, &r, 0.0, &mut report);
+        check_case(name, &seen, &out.images, &r, 0.0, LATENT_REL_TOL, &mut report);
     }
     println!("{}", report.join("\n"));
 }

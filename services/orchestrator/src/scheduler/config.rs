@@ -167,6 +167,21 @@ impl SchedulerConfig {
         KDiffusionConfig::read(self, class)
     }
 
+    /// The config as `UniPCMultistepScheduler` reads it.
+    pub fn unipc(&self) -> Result<UniPcConfig, String> {
+        UniPcConfig::read(self)
+    }
+
+    /// The config as `DPMSolverSinglestepScheduler` reads it.
+    pub fn dpm_singlestep(&self) -> Result<DpmSinglestepConfig, String> {
+        DpmSinglestepConfig::read(self)
+    }
+
+    /// The config as `DEISMultistepScheduler` reads it.
+    pub fn deis(&self) -> Result<DeisConfig, String> {
+        DeisConfig::read(self)
+    }
+
     /// The config as `PNDMScheduler` reads it.
     pub fn pndm(&self) -> Result<PndmConfig, String> {
         PndmConfig::read(self)
@@ -274,7 +289,7 @@ impl DdimConfig {
 
 /// Every `DPMSolverMultistepScheduler.__init__` key this implementation honours, diffusers'
 /// defaults for absent ones. Keys whose non-default values are not implemented
-/// (`algorithm_type` other than dpmsolver++, `use_exponential_sigmas`, `use_beta_sigmas`,
+/// (`algorithm_type` other than dpmsolver++ / sde-dpmsolver++, `use_exponential_sigmas`, `use_beta_sigmas`,
 /// `use_lu_lambdas`, `use_flow_sigmas`, learned `variance_type`, `solver_order` 3) are
 /// rejected when read; `flow_shift`, `use_dynamic_shifting` and `time_shift_type` only act
 /// on flow sigmas or a `mu` argument SD never passes, so they are accepted and have no effect.
@@ -283,6 +298,9 @@ pub struct DpmSolverConfig {
     pub betas: BetaConfig,
     /// 1 or 2.
     pub solver_order: usize,
+    /// `algorithm_type` "sde-dpmsolver++" (DPM-Solver++ 2M SDE: draws noise every step)
+    /// instead of "dpmsolver++".
+    pub sde: bool,
     pub prediction_type: PredictionType,
     pub thresholding: Option<Thresholding>,
     pub solver_type: SolverType,
@@ -305,11 +323,12 @@ impl DpmSolverConfig {
         }
         // diffusers silently rewrites algorithm_type "deis" to "dpmsolver++".
         let algorithm_type = keys.string("algorithm_type", "dpmsolver++")?;
-        if algorithm_type != "dpmsolver++" && algorithm_type != "deis" {
+        if !matches!(algorithm_type.as_str(), "dpmsolver++" | "sde-dpmsolver++" | "deis") {
             return Err(format!(
-                "{DPM}: algorithm_type {algorithm_type:?} is not supported; supported: \"dpmsolver++\" (\"deis\" is read as \"dpmsolver++\", as diffusers does)"
+                "{DPM}: algorithm_type {algorithm_type:?} is not supported; supported: \"dpmsolver++\", \"sde-dpmsolver++\" (\"deis\" is read as \"dpmsolver++\", as diffusers does)"
             ));
         }
+        let sde = algorithm_type == "sde-dpmsolver++";
         // Likewise "logrho", "bh1" and "bh2" (UniPC / DEIS names) become "midpoint".
         let solver_type = keys.choice(
             "solver_type",
@@ -356,6 +375,7 @@ impl DpmSolverConfig {
         Ok(Self {
             betas: BetaConfig::read(&keys)?,
             solver_order,
+            sde,
             prediction_type: config.prediction_type,
             thresholding: keys.thresholding()?,
             solver_type,
@@ -364,6 +384,252 @@ impl DpmSolverConfig {
             use_karras_sigmas: keys.bool("use_karras_sigmas", false)?,
             final_sigmas_type,
             lambda_min_clipped,
+            timestep_spacing: keys.spacing(TimestepSpacing::Linspace)?,
+            steps_offset: keys.i64("steps_offset", 0)?,
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UniPcSolverType {
+    /// B(h) = h.
+    Bh1,
+    /// B(h) = e^h - 1 (diffusers' default).
+    Bh2,
+}
+
+impl UniPcSolverType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Bh1 => "bh1",
+            Self::Bh2 => "bh2",
+        }
+    }
+}
+
+/// Every `UniPCMultistepScheduler.__init__` key this implementation honours, diffusers'
+/// defaults for absent ones (solver_order 2, bh2, "linspace", final sigma 0). Not implemented,
+/// and rejected when read: `solver_order` 3+, `predict_x0` false, a `solver_p`,
+/// exponential / beta / flow sigmas, Karras `sigma_min` / `sigma_max` overrides.
+#[derive(Clone, Debug, PartialEq)]
+pub struct UniPcConfig {
+    pub betas: BetaConfig,
+    /// 1 or 2.
+    pub solver_order: usize,
+    pub prediction_type: PredictionType,
+    pub thresholding: Option<Thresholding>,
+    pub solver_type: UniPcSolverType,
+    pub lower_order_final: bool,
+    /// Steps whose corrector is skipped (diffusers' `disable_corrector`: the corrector applied at
+    /// step i is skipped when i - 1 is listed).
+    pub disable_corrector: Vec<i64>,
+    pub use_karras_sigmas: bool,
+    pub final_sigmas_type: FinalSigmasType,
+    pub timestep_spacing: TimestepSpacing,
+    pub steps_offset: i64,
+}
+
+impl UniPcConfig {
+    fn read(config: &SchedulerConfig) -> Result<Self, String> {
+        const NAME: &str = "UniPCMultistepScheduler";
+        let keys = Keys { raw: &config.raw, class: NAME };
+        let solver_order = keys.usize("solver_order", 2)?;
+        if !(1..=2).contains(&solver_order) {
+            return Err(format!("{NAME}: solver_order {solver_order} is not supported; supported: 1, 2"));
+        }
+        if !keys.bool("predict_x0", true)? {
+            return Err(format!("{NAME}: predict_x0 false (the noise-prediction variant) is not supported; supported: true"));
+        }
+        // diffusers rewrites the DPM-Solver / DEIS names to "bh2".
+        let solver_type = keys.choice(
+            "solver_type",
+            "bh2",
+            &[
+                ("bh1", UniPcSolverType::Bh1),
+                ("bh2", UniPcSolverType::Bh2),
+                ("midpoint", UniPcSolverType::Bh2),
+                ("heun", UniPcSolverType::Bh2),
+                ("logrho", UniPcSolverType::Bh2),
+            ],
+        )?;
+        if !matches!(keys.raw.get("solver_p"), None | Some(Value::Null)) {
+            return Err(format!("{NAME}: solver_p (an external predictor scheduler) is not supported; supported: null"));
+        }
+        for key in ["use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas"] {
+            if keys.bool(key, false)? {
+                return Err(format!(
+                    "{NAME}: {key} is not supported; supported sigma schedules: the default (from the timesteps) and use_karras_sigmas"
+                ));
+            }
+        }
+        let use_karras_sigmas = keys.bool("use_karras_sigmas", false)?;
+        for key in ["sigma_min", "sigma_max"] {
+            if keys.opt_f64(key)?.is_some() {
+                return Err(format!("{NAME}: {key} is not supported; supported: null (the training schedule's own range)"));
+            }
+        }
+        let disable_corrector = match keys.raw.get("disable_corrector") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| v.as_i64().ok_or_else(|| keys.bad("disable_corrector", "a list of integers", v)))
+                .collect::<Result<Vec<_>, _>>()?,
+            Some(v) => return Err(keys.bad("disable_corrector", "a list of integers", v)),
+        };
+        let prediction_type = config.prediction_type;
+        Ok(Self {
+            betas: BetaConfig::read(&keys)?,
+            solver_order,
+            prediction_type,
+            thresholding: keys.thresholding()?,
+            solver_type,
+            lower_order_final: keys.bool("lower_order_final", true)?,
+            disable_corrector,
+            use_karras_sigmas,
+            final_sigmas_type: keys.choice(
+                "final_sigmas_type",
+                "zero",
+                &[("zero", FinalSigmasType::Zero), ("sigma_min", FinalSigmasType::SigmaMin)],
+            )?,
+            timestep_spacing: keys.spacing(TimestepSpacing::Linspace)?,
+            steps_offset: keys.i64("steps_offset", 0)?,
+        })
+    }
+}
+
+/// Every `DPMSolverSinglestepScheduler.__init__` key this implementation honours, diffusers'
+/// defaults for absent ones (solver_order 2, midpoint, lower_order_final false). The class has no
+/// `timestep_spacing` / `steps_offset` (always "linspace") nor `rescale_betas_zero_snr`; keys
+/// it does not know are ignored. Rejected: `algorithm_type` other than dpmsolver++ ("deis" is
+/// read as dpmsolver++ like diffusers), solver_order 3, exponential / beta / flow sigmas,
+/// learned `variance_type`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DpmSinglestepConfig {
+    pub betas: BetaConfig,
+    /// 1 or 2.
+    pub solver_order: usize,
+    pub prediction_type: PredictionType,
+    pub thresholding: Option<Thresholding>,
+    pub solver_type: SolverType,
+    /// As configured; diffusers forces it on for a zero final sigma or a step count not a
+    /// multiple of the order (see `dpm_singlestep`).
+    pub lower_order_final: bool,
+    pub use_karras_sigmas: bool,
+    pub final_sigmas_type: FinalSigmasType,
+    pub lambda_min_clipped: f64,
+}
+
+impl DpmSinglestepConfig {
+    fn read(config: &SchedulerConfig) -> Result<Self, String> {
+        const NAME: &str = "DPMSolverSinglestepScheduler";
+        let keys = Keys { raw: &config.raw, class: NAME };
+        let solver_order = keys.usize("solver_order", 2)?;
+        if !(1..=2).contains(&solver_order) {
+            return Err(format!("{NAME}: solver_order {solver_order} is not supported; supported: 1, 2"));
+        }
+        let algorithm_type = keys.string("algorithm_type", "dpmsolver++")?;
+        if algorithm_type != "dpmsolver++" && algorithm_type != "deis" {
+            return Err(format!(
+                "{NAME}: algorithm_type {algorithm_type:?} is not supported; supported: \"dpmsolver++\" (\"deis\" is read as \"dpmsolver++\", as diffusers does)"
+            ));
+        }
+        let solver_type = keys.choice(
+            "solver_type",
+            "midpoint",
+            &[
+                ("midpoint", SolverType::Midpoint),
+                ("heun", SolverType::Heun),
+                ("logrho", SolverType::Midpoint),
+                ("bh1", SolverType::Midpoint),
+                ("bh2", SolverType::Midpoint),
+            ],
+        )?;
+        for key in ["use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas"] {
+            if keys.bool(key, false)? {
+                return Err(format!(
+                    "{NAME}: {key} is not supported; supported sigma schedules: the default (from the timesteps) and use_karras_sigmas"
+                ));
+            }
+        }
+        if let Some(v) = keys.opt_string("variance_type")? {
+            if v == "learned" || v == "learned_range" {
+                return Err(format!("{NAME}: variance_type {v:?} is not supported; supported: null"));
+            }
+        }
+        let lambda_min_clipped = match keys.raw.get("lambda_min_clipped") {
+            None => f64::NEG_INFINITY,
+            Some(_) => keys.f64("lambda_min_clipped", f64::NEG_INFINITY)?,
+        };
+        let final_sigmas_type = keys.choice(
+            "final_sigmas_type",
+            "zero",
+            &[("zero", FinalSigmasType::Zero), ("sigma_min", FinalSigmasType::SigmaMin)],
+        )?;
+        let mut betas = BetaConfig::read(&keys)?;
+        betas.rescale_betas_zero_snr = false;
+        Ok(Self {
+            betas,
+            solver_order,
+            prediction_type: config.prediction_type,
+            thresholding: keys.thresholding()?,
+            solver_type,
+            lower_order_final: keys.bool("lower_order_final", false)?,
+            use_karras_sigmas: keys.bool("use_karras_sigmas", false)?,
+            final_sigmas_type,
+            lambda_min_clipped,
+        })
+    }
+}
+
+/// Every `DEISMultistepScheduler.__init__` key this implementation honours, diffusers'
+/// defaults for absent ones (solver_order 2, "linspace"; the last sigma is always the schedule's
+/// smallest, never 0). `algorithm_type` "dpmsolver"/"dpmsolver++" and `solver_type`
+/// "midpoint"/"heun"/"bh1"/"bh2" are read as "deis"/"logrho", as diffusers does; solver_order
+/// 3 and exponential / beta / flow sigmas are rejected.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeisConfig {
+    pub betas: BetaConfig,
+    /// 1 or 2.
+    pub solver_order: usize,
+    pub prediction_type: PredictionType,
+    pub thresholding: Option<Thresholding>,
+    pub lower_order_final: bool,
+    pub use_karras_sigmas: bool,
+    pub timestep_spacing: TimestepSpacing,
+    pub steps_offset: i64,
+}
+
+impl DeisConfig {
+    fn read(config: &SchedulerConfig) -> Result<Self, String> {
+        const NAME: &str = "DEISMultistepScheduler";
+        let keys = Keys { raw: &config.raw, class: NAME };
+        let solver_order = keys.usize("solver_order", 2)?;
+        if !(1..=2).contains(&solver_order) {
+            return Err(format!("{NAME}: solver_order {solver_order} is not supported; supported: 1, 2"));
+        }
+        keys.choice("algorithm_type", "deis", &[("deis", ()), ("dpmsolver", ()), ("dpmsolver++", ())])?;
+        keys.choice(
+            "solver_type",
+            "logrho",
+            &[("logrho", ()), ("midpoint", ()), ("heun", ()), ("bh1", ()), ("bh2", ())],
+        )?;
+        for key in ["use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas"] {
+            if keys.bool(key, false)? {
+                return Err(format!(
+                    "{NAME}: {key} is not supported; supported sigma schedules: the default (from the timesteps) and use_karras_sigmas"
+                ));
+            }
+        }
+        let mut betas = BetaConfig::read(&keys)?;
+        // DEIS has no rescale_betas_zero_snr.
+        betas.rescale_betas_zero_snr = false;
+        Ok(Self {
+            betas,
+            solver_order,
+            prediction_type: config.prediction_type,
+            thresholding: keys.thresholding()?,
+            lower_order_final: keys.bool("lower_order_final", true)?,
+            use_karras_sigmas: keys.bool("use_karras_sigmas", false)?,
             timestep_spacing: keys.spacing(TimestepSpacing::Linspace)?,
             steps_offset: keys.i64("steps_offset", 0)?,
         })

@@ -1,5 +1,7 @@
 //! diffusers' `DPMSolverMultistepScheduler` with `algorithm_type` "dpmsolver++" (Lu et al.
-//! 2022): solver_order 2 is DPM-Solver++ 2M, optionally on Karras sigmas.
+//! 2022): solver_order 2 is DPM-Solver++ 2M, optionally on Karras sigmas; and with
+//! "sde-dpmsolver++" (DPM-Solver++ 2M SDE), which draws one noise tensor every step (the last
+//! one included, although its coefficient is 0 with a zero final sigma).
 //!
 //! The schedule (timesteps, sigmas) is computed like diffusers: numpy float64 for the
 //! timesteps and Karras sigmas, the float32 torch sigmas otherwise, all stored as float32.
@@ -19,6 +21,7 @@ pub struct DpmSolverMultistep {
     /// `timesteps.len() + 1` noise levels; the last is 0 or sigma_min.
     sigmas: Vec<f32>,
     solver_order: usize,
+    sde: bool,
     solver_type: SolverType,
     prediction_type: PredictionType,
     thresholding: Option<Thresholding>,
@@ -33,6 +36,40 @@ pub struct DpmSolverMultistep {
 
 /// The schedule diffusers' `set_timesteps(steps)` computes: (integer timesteps, float32 sigmas).
 pub fn dpm_schedule(cfg: &DpmSolverConfig, steps: usize) -> (Vec<i64>, Vec<f32>) {
+    vp_schedule(
+        &VpSchedule {
+            betas: &cfg.betas,
+            timestep_spacing: cfg.timestep_spacing,
+            steps_offset: cfg.steps_offset,
+            use_karras_sigmas: cfg.use_karras_sigmas,
+            final_sigmas_type: cfg.final_sigmas_type,
+            lambda_min_clipped: cfg.lambda_min_clipped,
+            karras_always_rounded: false,
+            karras_final_sigma_min_is_last: false,
+        },
+        steps,
+    )
+}
+
+/// What the multistep VP-schedule solvers' `set_timesteps` depends on.
+pub(super) struct VpSchedule<'a> {
+    pub betas: &'a super::config::BetaConfig,
+    pub timestep_spacing: TimestepSpacing,
+    pub steps_offset: i64,
+    pub use_karras_sigmas: bool,
+    pub final_sigmas_type: FinalSigmasType,
+    /// -inf: no clipping.
+    pub lambda_min_clipped: f64,
+    /// Karras timesteps always rounded (UniPC, DEIS, DPM-Solver singlestep); DPM-Solver
+    /// multistep keeps the cosine schedule's fractional ones, then truncates.
+    pub karras_always_rounded: bool,
+    /// With Karras sigmas, `final_sigmas_type` "sigma_min" ends on the Karras schedule's last
+    /// sigma instead of the training sigma_min (UniPC, DEIS).
+    pub karras_final_sigma_min_is_last: bool,
+}
+
+/// DPM-Solver's / UniPC's `set_timesteps(steps)`: (integer timesteps, float32 sigmas).
+pub(super) fn vp_schedule(cfg: &VpSchedule, steps: usize) -> (Vec<i64>, Vec<f32>) {
     let n = cfg.betas.num_train_timesteps;
     let mut alphas_cumprod = cfg.betas.alphas_cumprod();
     if cfg.betas.rescale_betas_zero_snr {
@@ -94,7 +131,8 @@ pub fn dpm_schedule(cfg: &DpmSolverConfig, steps: usize) -> (Vec<i64>, Vec<f32>)
             .map(|&s| {
                 let t = sigma_to_t(s, &log_sigmas);
                 // diffusers rounds except for squaredcos_cap_v2; the int64 cast then truncates.
-                let t = if cfg.betas.beta_schedule == BetaSchedule::SquaredcosCapV2 { t } else { np_round(t) };
+                let t =
+                    if cfg.betas.beta_schedule == BetaSchedule::SquaredcosCapV2 && !cfg.karras_always_rounded { t } else { np_round(t) };
                 t as i64
             })
             .collect();
@@ -104,6 +142,9 @@ pub fn dpm_schedule(cfg: &DpmSolverConfig, steps: usize) -> (Vec<i64>, Vec<f32>)
     };
     let sigma_last = match cfg.final_sigmas_type {
         FinalSigmasType::Zero => 0.0,
+        FinalSigmasType::SigmaMin if cfg.karras_final_sigma_min_is_last && cfg.use_karras_sigmas => {
+            sigmas.last().map_or(train_sigmas[0], |&s| s as f32)
+        }
         FinalSigmasType::SigmaMin => train_sigmas[0],
     };
     let sigmas = sigmas.into_iter().map(|s| s as f32).chain(std::iter::once(sigma_last)).collect();
@@ -134,13 +175,13 @@ pub(super) fn sigma_to_t(sigma: f64, log_sigmas: &[f32]) -> f64 {
 }
 
 /// `_sigma_to_alpha_sigma_t` in float32: alpha = 1 / sqrt(sigma^2 + 1), sigma_t = sigma * alpha.
-fn alpha_sigma(sigma: f32) -> (f32, f32) {
+pub(super) fn alpha_sigma(sigma: f32) -> (f32, f32) {
     let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
     (alpha, sigma * alpha)
 }
 
 /// log-SNR lambda = log(alpha) - log(sigma), float32.
-fn lambda(alpha: f32, sigma: f32) -> f32 {
+pub(super) fn lambda(alpha: f32, sigma: f32) -> f32 {
     alpha.ln() - sigma.ln()
 }
 
@@ -157,6 +198,7 @@ impl DpmSolverMultistep {
             timesteps,
             sigmas,
             solver_order: cfg.solver_order,
+            sde: cfg.sde,
             solver_type: cfg.solver_type,
             prediction_type: cfg.prediction_type,
             thresholding: cfg.thresholding,
@@ -206,7 +248,7 @@ impl Scheduler for DpmSolverMultistep {
         model_output: &Tensor,
         step_index: usize,
         sample: &Tensor,
-        _noise: &mut dyn crate::noise::NoiseSource,
+        noise: &mut dyn crate::noise::NoiseSource,
     ) -> Result<Tensor> {
         check_same_shape(model_output, sample)?;
         let len = self.timesteps.len();
@@ -241,40 +283,75 @@ impl Scheduler for DpmSolverMultistep {
             *last = Some(x0);
         }
 
+        // diffusers draws the SDE noise after converting the model output, every step.
+        let z = if self.sde { Some(to_f32_vec(&noise.randn(model_output.dims())?)?) } else { None };
+
         let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[i + 1]);
         let (alpha_s0, sigma_s0) = alpha_sigma(self.sigmas[i]);
         let lambda_t = lambda(alpha_t, sigma_t);
         let lambda_s0 = lambda(alpha_s0, sigma_s0);
         let h = lambda_t - lambda_s0;
-        let c_sample = sigma_t / sigma_s0;
-        let c_d0 = alpha_t * ((-h).exp() - 1.0);
         let m0 = self.model_outputs[self.solver_order - 1].as_deref().unwrap_or_default();
-
-        let prev: Vec<f32> = if self.solver_order == 1 || self.lower_order_nums < 1 || lower_order_final {
-            // dpm_solver_first_order_update
-            s.iter().zip(m0).map(|(s, d0)| c_sample * s - c_d0 * d0).collect()
+        let first_order = self.solver_order == 1 || self.lower_order_nums < 1 || lower_order_final;
+        // D1 = (1 / r0) * (m0 - m1), for the second-order update.
+        let d1_scale = if first_order {
+            0.0
         } else {
-            // multistep_dpm_solver_second_order_update
-            let m1 = self.model_outputs[self.solver_order - 2].as_deref().unwrap_or_default();
             let (alpha_s1, sigma_s1) = alpha_sigma(self.sigmas[i - 1]);
             let lambda_s1 = lambda(alpha_s1, sigma_s1);
             let h_0 = lambda_s0 - lambda_s1;
             let r0 = h_0 / h;
-            let inv_r0 = 1.0 / r0;
-            let c_d1 = match self.solver_type {
-                SolverType::Midpoint => 0.5 * c_d0,
-                SolverType::Heun => alpha_t * (((-h).exp() - 1.0) / h + 1.0),
-            };
-            s.iter()
-                .zip(m0.iter().zip(m1))
-                .map(|(s, (d0, x1))| {
-                    let d1 = inv_r0 * (d0 - x1);
-                    match self.solver_type {
-                        SolverType::Midpoint => c_sample * s - c_d0 * d0 - c_d1 * d1,
-                        SolverType::Heun => c_sample * s - c_d0 * d0 + c_d1 * d1,
-                    }
-                })
-                .collect()
+            1.0 / r0
+        };
+        let m1: &[f32] =
+            if first_order { m0 } else { self.model_outputs[self.solver_order - 2].as_deref().unwrap_or_default() };
+
+        let prev: Vec<f32> = if let Some(z) = z {
+            // sde-dpmsolver++: x = (sigma_t / sigma_s0 * e^-h) x + alpha_t (1 - e^-2h) D0
+            //   [+ c D1] + sigma_t sqrt(1 - e^-2h) z, each coefficient a float32 0-d tensor.
+            let c_sample = sigma_t / sigma_s0 * (-h).exp();
+            let e2 = (-2.0 * h).exp();
+            let c_d0 = alpha_t * (1.0 - e2);
+            let c_noise = sigma_t * (1.0 - e2).sqrt();
+            if first_order {
+                s.iter().zip(m0).zip(&z).map(|((s, d0), z)| c_sample * s + c_d0 * d0 + c_noise * z).collect()
+            } else {
+                let c_d1 = match self.solver_type {
+                    SolverType::Midpoint => 0.5 * c_d0,
+                    SolverType::Heun => alpha_t * ((1.0 - e2) / (-2.0 * h) + 1.0),
+                };
+                s.iter()
+                    .zip(m0.iter().zip(m1))
+                    .zip(&z)
+                    .map(|((s, (d0, x1)), z)| {
+                        let d1 = d1_scale * (d0 - x1);
+                        c_sample * s + c_d0 * d0 + c_d1 * d1 + c_noise * z
+                    })
+                    .collect()
+            }
+        } else {
+            let c_sample = sigma_t / sigma_s0;
+            let c_d0 = alpha_t * ((-h).exp() - 1.0);
+            if first_order {
+                // dpm_solver_first_order_update
+                s.iter().zip(m0).map(|(s, d0)| c_sample * s - c_d0 * d0).collect()
+            } else {
+                // multistep_dpm_solver_second_order_update
+                let c_d1 = match self.solver_type {
+                    SolverType::Midpoint => 0.5 * c_d0,
+                    SolverType::Heun => alpha_t * (((-h).exp() - 1.0) / h + 1.0),
+                };
+                s.iter()
+                    .zip(m0.iter().zip(m1))
+                    .map(|(s, (d0, x1))| {
+                        let d1 = d1_scale * (d0 - x1);
+                        match self.solver_type {
+                            SolverType::Midpoint => c_sample * s - c_d0 * d0 - c_d1 * d1,
+                            SolverType::Heun => c_sample * s - c_d0 * d0 + c_d1 * d1,
+                        }
+                    })
+                    .collect()
+            }
         };
         if self.lower_order_nums < self.solver_order {
             self.lower_order_nums += 1;

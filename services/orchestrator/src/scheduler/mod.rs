@@ -1,9 +1,10 @@
 //! Diffusion schedulers that reproduce diffusers' `DDIMScheduler`,
-//! `DPMSolverMultistepScheduler` (DPM-Solver++ 2M, optionally with Karras sigmas),
+//! `DPMSolverMultistepScheduler` (DPM-Solver++ 2M and 2M SDE, optionally with Karras sigmas),
 //! `EulerDiscreteScheduler`, `EulerAncestralDiscreteScheduler`, `LMSDiscreteScheduler`,
 //! `HeunDiscreteScheduler`, `KDPM2DiscreteScheduler`, `KDPM2AncestralDiscreteScheduler`
 //! (these six in `kdiffusion`; Karras sigmas except for Euler ancestral), `PNDMScheduler`
-//! (PLMS) and `DDPMScheduler`.
+//! (PLMS), `DDPMScheduler`, `UniPCMultistepScheduler` (bh1 / bh2), `DEISMultistepScheduler` and
+//! `DPMSolverSinglestepScheduler` (DPM-Solver++ 2S; the last three optionally with Karras sigmas).
 //!
 //! Every torch / numpy operation diffusers performs is reproduced with its exact rounding
 //! (see `numerics`), except that torch evaluates float32 `sqrt`/`log`/`exp` with MKL VML,
@@ -23,25 +24,28 @@
 //! ```
 //!
 //! Iterate over [`Scheduler::timesteps`], not `0..steps`: like diffusers, some configurations
-//! give a different count (DDIM/DPM `trailing` spacing for some step counts, DPM's
+//! give a different count (DDIM/DPM/UniPC `trailing` spacing for some step counts, DPM's
 //! `lambda_min_clipped`), and some schedulers always do: Heun and KDPM2 evaluate the model
 //! twice per step (2 * steps - 1 timesteps), PNDM repeats its second timestep (steps + 1). DDIM, DPM,
-//! PNDM and DDPM timesteps are integers (as f64); Euler, Euler ancestral, LMS and Heun ones
+//! UniPC, PNDM and DDPM timesteps are integers (as f64); Euler, Euler ancestral, LMS and Heun ones
 //! are diffusers' float32 values, fractional with their default "linspace" spacing; the
 //! sigma-based ones also scale the model input (`scale_model_input`) and the initial noise
 //! (`init_noise_sigma` > 1). Stochastic schedulers (DDIM with eta > 0, Euler ancestral, DDPM,
-//! KDPM2 ancestral)
+//! KDPM2 ancestral, DPM-Solver++ 2M SDE)
 //! draw from the job's noise source in `step`.
 
 pub mod config;
 pub mod ddim;
 pub mod ddpm;
+pub mod deis;
+pub mod dpm_singlestep;
 pub mod dpm_solver;
 pub mod kdiffusion;
 pub mod pndm;
+pub mod unipc;
 mod numerics;
 
-pub use config::{PredictionType, SchedulerConfig};
+pub use config::{PredictionType, SchedulerConfig, UniPcSolverType};
 
 use candle_core::{DType, Tensor};
 
@@ -49,6 +53,8 @@ use candle_core::{DType, Tensor};
 pub enum SchedulerKind {
     Ddim,
     DpmSolverMultistep,
+    /// `DPMSolverMultistepScheduler` with `algorithm_type` "sde-dpmsolver++" (DPM-Solver++ 2M SDE).
+    DpmSolverSde,
     Euler,
     EulerAncestral,
     Lms,
@@ -57,6 +63,11 @@ pub enum SchedulerKind {
     Ddpm,
     KDpm2,
     KDpm2Ancestral,
+    /// `UniPCMultistepScheduler`, with the solver type a name asks for (`None`: the config's,
+    /// diffusers' default bh2).
+    UniPc(Option<UniPcSolverType>),
+    Deis,
+    DpmSolverSinglestep,
 }
 
 impl SchedulerKind {
@@ -64,7 +75,7 @@ impl SchedulerKind {
     pub fn class_name(self) -> &'static str {
         match self {
             Self::Ddim => "DDIMScheduler",
-            Self::DpmSolverMultistep => "DPMSolverMultistepScheduler",
+            Self::DpmSolverMultistep | Self::DpmSolverSde => "DPMSolverMultistepScheduler",
             Self::Euler => "EulerDiscreteScheduler",
             Self::EulerAncestral => "EulerAncestralDiscreteScheduler",
             Self::Lms => "LMSDiscreteScheduler",
@@ -73,12 +84,15 @@ impl SchedulerKind {
             Self::Ddpm => "DDPMScheduler",
             Self::KDpm2 => "KDPM2DiscreteScheduler",
             Self::KDpm2Ancestral => "KDPM2AncestralDiscreteScheduler",
+            Self::UniPc(_) => "UniPCMultistepScheduler",
+            Self::Deis => "DEISMultistepScheduler",
+            Self::DpmSolverSinglestep => "DPMSolverSinglestepScheduler",
         }
     }
 
     /// Whether the class has a `use_karras_sigmas` option.
     pub fn has_karras(self) -> bool {
-        matches!(self, Self::DpmSolverMultistep | Self::Euler | Self::Lms | Self::Heun | Self::KDpm2 | Self::KDpm2Ancestral)
+        matches!(self, Self::DpmSolverMultistep | Self::DpmSolverSde | Self::Euler | Self::Lms | Self::Heun | Self::KDpm2 | Self::KDpm2Ancestral | Self::UniPc(_) | Self::Deis | Self::DpmSolverSinglestep)
     }
 }
 
@@ -108,7 +122,9 @@ pub struct ResolvedScheduler {
 pub const ACCEPTED_NAMES: &str = "\"\" / \"ddim\" / \"DDIMScheduler\" (DDIM, the default); \
 \"dpm++2m\" / \"dpmpp_2m\" / \"dpm++_2m\" / \"dpmsolver++\" / \"DPMSolverMultistep\" / \"DPMSolverMultistepScheduler\" \
 (DPM-Solver++ 2M); \"dpm++2m-karras\" / \"dpmpp_2m_karras\" / \"dpm++_2m_karras\" / \"DPMSolverMultistepScheduler (karras)\" \
-(DPM-Solver++ 2M with Karras sigmas); \"euler\" / \"EulerDiscrete\" / \"EulerDiscreteScheduler\" (Euler); \
+(DPM-Solver++ 2M with Karras sigmas); \"dpm++2m-sde\" / \"dpmpp_2m_sde\" / \"dpm++_2m_sde\" / \"sde-dpmsolver++\" / \
+\"DPMSolverMultistepScheduler (sde-dpmsolver++)\" (DPM-Solver++ 2M SDE); \"dpm++2m-sde-karras\" / \"dpmpp_2m_sde_karras\" / \
+\"dpm++_2m_sde_karras\" / \"DPMSolverMultistepScheduler (sde-dpmsolver++, karras)\" (DPM-Solver++ 2M SDE with Karras sigmas); \"euler\" / \"EulerDiscrete\" / \"EulerDiscreteScheduler\" (Euler); \
 \"euler-karras\" / \"euler_karras\" / \"EulerDiscreteScheduler (karras)\"; \
 \"euler_a\" / \"euler-a\" / \"euler-ancestral\" / \"euler_ancestral\" / \"EulerAncestralDiscrete\" / \"EulerAncestralDiscreteScheduler\" \
 (Euler ancestral); \"lms\" / \"LMSDiscrete\" / \"LMSDiscreteScheduler\" (LMS); \"lms-karras\" / \"lms_karras\" / \
@@ -117,7 +133,14 @@ pub const ACCEPTED_NAMES: &str = "\"\" / \"ddim\" / \"DDIMScheduler\" (DDIM, the
 \"ddpm\" / \"DDPM\" / \"DDPMScheduler\" (DDPM); \"kdpm2\" / \"dpm2\" / \"KDPM2Discrete\" / \"KDPM2DiscreteScheduler\" \
 (KDPM2); \"kdpm2-karras\" / \"kdpm2_karras\" / \"dpm2-karras\" / \"KDPM2DiscreteScheduler (karras)\"; \"kdpm2_a\" / \"kdpm2-a\" / \
 \"kdpm2-ancestral\" / \"dpm2_a\" / \"KDPM2AncestralDiscrete\" / \"KDPM2AncestralDiscreteScheduler\" (KDPM2 ancestral); \
-\"kdpm2_a-karras\" / \"kdpm2_a_karras\" / \"dpm2_a-karras\" / \"KDPM2AncestralDiscreteScheduler (karras)\"";
+\"kdpm2_a-karras\" / \"kdpm2_a_karras\" / \"dpm2_a-karras\" / \"KDPM2AncestralDiscreteScheduler (karras)\"; \
+\"unipc\" / \"UniPCMultistep\" / \"UniPCMultistepScheduler\" (UniPC, the config's solver type, default bh2); \"unipc-bh1\" / \
+\"UniPCMultistepScheduler (bh1)\"; \"unipc-bh2\" / \"UniPCMultistepScheduler (bh2)\"; with Karras sigmas \"unipc-karras\" / \
+\"unipc-bh1-karras\" / \"unipc-bh2-karras\" / \"UniPCMultistepScheduler (karras)\" / \"UniPCMultistepScheduler (bh1, karras)\" / \
+\"UniPCMultistepScheduler (bh2, karras)\"; \"deis\" / \"DEISMultistep\" / \"DEISMultistepScheduler\" (DEIS); \
+\"deis-karras\" / \"deis_karras\" / \"DEISMultistepScheduler (karras)\"; \"dpm++2s\" / \"dpmpp_2s\" / \
+\"dpmsolver_singlestep\" / \"DPMSolverSinglestep\" / \"DPMSolverSinglestepScheduler\" (DPM-Solver++ 2S, single-step); \
+\"dpm++2s-karras\" / \"dpmpp_2s_karras\" / \"DPMSolverSinglestepScheduler (karras)\"";
 
 /// (lowercase names, kind, whether the name means Karras sigmas)
 const NAMES: &[(&[&str], SchedulerKind, bool)] = &[
@@ -130,6 +153,21 @@ const NAMES: &[(&[&str], SchedulerKind, bool)] = &[
     (
         &["dpm++2m-karras", "dpmpp_2m_karras", "dpm++_2m_karras", "dpmsolvermultistepscheduler (karras)"],
         SchedulerKind::DpmSolverMultistep,
+        true,
+    ),
+    (
+        &["dpm++2m-sde", "dpmpp_2m_sde", "dpm++_2m_sde", "sde-dpmsolver++", "dpmsolvermultistepscheduler (sde-dpmsolver++)"],
+        SchedulerKind::DpmSolverSde,
+        false,
+    ),
+    (
+        &[
+            "dpm++2m-sde-karras",
+            "dpmpp_2m_sde_karras",
+            "dpm++_2m_sde_karras",
+            "dpmsolvermultistepscheduler (sde-dpmsolver++, karras)",
+        ],
+        SchedulerKind::DpmSolverSde,
         true,
     ),
     (&["euler", "eulerdiscrete", "eulerdiscretescheduler"], SchedulerKind::Euler, false),
@@ -177,6 +215,32 @@ const NAMES: &[(&[&str], SchedulerKind, bool)] = &[
         SchedulerKind::KDpm2Ancestral,
         true,
     ),
+    (&["unipc", "unipcmultistep", "unipcmultistepscheduler"], SchedulerKind::UniPc(None), false),
+    (&["unipc-karras", "unipc_karras", "unipcmultistepscheduler (karras)"], SchedulerKind::UniPc(None), true),
+    (&["unipc-bh1", "unipc_bh1", "unipcmultistepscheduler (bh1)"], SchedulerKind::UniPc(Some(UniPcSolverType::Bh1)), false),
+    (
+        &["unipc-bh1-karras", "unipc_bh1_karras", "unipcmultistepscheduler (bh1, karras)"],
+        SchedulerKind::UniPc(Some(UniPcSolverType::Bh1)),
+        true,
+    ),
+    (&["unipc-bh2", "unipc_bh2", "unipcmultistepscheduler (bh2)"], SchedulerKind::UniPc(Some(UniPcSolverType::Bh2)), false),
+    (
+        &["unipc-bh2-karras", "unipc_bh2_karras", "unipcmultistepscheduler (bh2, karras)"],
+        SchedulerKind::UniPc(Some(UniPcSolverType::Bh2)),
+        true,
+    ),
+    (&["deis", "deismultistep", "deismultistepscheduler"], SchedulerKind::Deis, false),
+    (&["deis-karras", "deis_karras", "deismultistepscheduler (karras)"], SchedulerKind::Deis, true),
+    (
+        &["dpm++2s", "dpmpp_2s", "dpm++_2s", "dpmsolver_singlestep", "dpmsolversinglestep", "dpmsolversinglestepscheduler"],
+        SchedulerKind::DpmSolverSinglestep,
+        false,
+    ),
+    (
+        &["dpm++2s-karras", "dpmpp_2s_karras", "dpm++_2s_karras", "dpmsolver_singlestep_karras", "dpmsolversinglestepscheduler (karras)"],
+        SchedulerKind::DpmSolverSinglestep,
+        true,
+    ),
 ];
 
 /// Parses a request's scheduler: the name (case-insensitive, surrounding spaces ignored), and
@@ -195,7 +259,7 @@ pub fn resolve(req: &SchedulerRequest) -> Result<ResolvedScheduler, String> {
         SchedulerKind::Ddim => {
             if req.use_karras_sigmas == Some(true) {
                 return Err(format!(
-                    "use_karras_sigmas applies to DPM-Solver++, Euler, LMS, Heun and KDPM2, not DDIM; for Karras sigmas use e.g. \"dpm++2m-karras\" (accepted names: {ACCEPTED_NAMES})"
+                    "use_karras_sigmas applies to DPM-Solver++, Euler, LMS, Heun, KDPM2, UniPC, DEIS and DPM-Solver singlestep, not DDIM; for Karras sigmas use e.g. \"dpm++2m-karras\" (accepted names: {ACCEPTED_NAMES})"
                 ));
             }
             Ok(ResolvedScheduler { kind, eta: f64::from(req.eta.unwrap_or(0.0)), use_karras_sigmas: None })
@@ -211,7 +275,7 @@ pub fn resolve(req: &SchedulerRequest) -> Result<ResolvedScheduler, String> {
             if !kind.has_karras() {
                 if req.use_karras_sigmas == Some(true) {
                     return Err(format!(
-                        "use_karras_sigmas applies to DPM-Solver++, Euler, LMS, Heun and KDPM2, not {} (accepted names: {ACCEPTED_NAMES})",
+                        "use_karras_sigmas applies to DPM-Solver++, Euler, LMS, Heun, KDPM2, UniPC, DEIS and DPM-Solver singlestep, not {} (accepted names: {ACCEPTED_NAMES})",
                         kind.class_name()
                     ));
                 }
@@ -229,6 +293,21 @@ pub fn resolve(req: &SchedulerRequest) -> Result<ResolvedScheduler, String> {
 impl ResolvedScheduler {
     /// A human-readable name that [`resolve`] accepts back.
     pub fn canonical_name(&self) -> String {
+        if let SchedulerKind::UniPc(solver_type) = self.kind {
+            let karras = self.use_karras_sigmas == Some(true);
+            return match (solver_type, karras) {
+                (None, false) => "UniPCMultistepScheduler".into(),
+                (None, true) => "UniPCMultistepScheduler (karras)".into(),
+                (Some(t), false) => format!("UniPCMultistepScheduler ({})", t.as_str()),
+                (Some(t), true) => format!("UniPCMultistepScheduler ({}, karras)", t.as_str()),
+            };
+        }
+        if self.kind == SchedulerKind::DpmSolverSde {
+            return match self.use_karras_sigmas {
+                Some(true) => "DPMSolverMultistepScheduler (sde-dpmsolver++, karras)".into(),
+                _ => "DPMSolverMultistepScheduler (sde-dpmsolver++)".into(),
+            };
+        }
         match (self.kind.has_karras(), self.use_karras_sigmas) {
             (true, Some(true)) => format!("{} (karras)", self.kind.class_name()),
             _ => self.kind.class_name().into(),
@@ -252,7 +331,7 @@ pub trait Scheduler: Send {
     /// One step x_t -> x_{t-1}, for the model output at `timesteps()[step_index]`; steps must
     /// be taken in order (step 0 starts over). Draws noise from `noise` only when it needs it
     /// (DDIM with eta > 0, Euler ancestral every step, DDPM at every timestep above 0, KDPM2
-    /// ancestral at every second-order evaluation), once per
+    /// ancestral at every second-order evaluation, DPM-Solver++ 2M SDE every step), once per
     /// step, in the shape of `model_output`. Returns f32.
     fn step(
         &mut self,
@@ -282,8 +361,10 @@ pub fn build(
     check_steps(config.num_train_timesteps(), steps)?;
     match resolved.kind {
         SchedulerKind::Ddim => Ok(Box::new(ddim::Ddim::new(&config.ddim()?, steps, resolved.eta)?)),
-        SchedulerKind::DpmSolverMultistep => {
+        SchedulerKind::DpmSolverMultistep | SchedulerKind::DpmSolverSde => {
             let mut cfg = config.dpm_solver()?;
+            // The name picks the algorithm, whatever the config's algorithm_type says.
+            cfg.sde = resolved.kind == SchedulerKind::DpmSolverSde;
             if let Some(karras) = resolved.use_karras_sigmas {
                 cfg.use_karras_sigmas = karras;
             }
@@ -308,6 +389,30 @@ pub fn build(
                 cfg.use_karras_sigmas = karras;
             }
             Ok(Box::new(kdiffusion::KDiffusion::new(&cfg, steps)?))
+        }
+        SchedulerKind::UniPc(solver_type) => {
+            let mut cfg = config.unipc()?;
+            if let Some(t) = solver_type {
+                cfg.solver_type = t;
+            }
+            if let Some(karras) = resolved.use_karras_sigmas {
+                cfg.use_karras_sigmas = karras;
+            }
+            Ok(Box::new(unipc::UniPc::new(&cfg, steps)?))
+        }
+        SchedulerKind::Deis => {
+            let mut cfg = config.deis()?;
+            if let Some(karras) = resolved.use_karras_sigmas {
+                cfg.use_karras_sigmas = karras;
+            }
+            Ok(Box::new(deis::Deis::new(&cfg, steps)?))
+        }
+        SchedulerKind::DpmSolverSinglestep => {
+            let mut cfg = config.dpm_singlestep()?;
+            if let Some(karras) = resolved.use_karras_sigmas {
+                cfg.use_karras_sigmas = karras;
+            }
+            Ok(Box::new(dpm_singlestep::DpmSinglestep::new(&cfg, steps)?))
         }
         SchedulerKind::Pndm => Ok(Box::new(pndm::Pndm::new(&config.pndm()?, steps)?)),
         SchedulerKind::Ddpm => Ok(Box::new(ddpm::Ddpm::new(&config.ddpm()?, steps)?)),

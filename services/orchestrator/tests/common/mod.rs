@@ -45,16 +45,20 @@ pub fn recorder(seen: &mut Vec<(f64, Tensor)>) -> impl FnMut(StepProgress) -> bo
     }
 }
 
+/// The usual bound on a step's latents, relative to their scale: float32 rounding in UNet and
+/// scheduler (latents reach |x| ~ 50 with the random epsilon UNet).
+pub const LATENT_REL_TOL: f32 = 2.5e-4;
+
 /// Compares a run with reference case tensors `r` (`timesteps`, `latents_i`, `image`):
-/// timesteps within `timestep_tol` (0 = exact as f32), each step's latents within 2.5e-4 of
-/// their scale (float32 rounding in UNet and scheduler; latents reach |x| ~ 50 with the random
-/// epsilon UNet), the image within 1e-3. Appends the errors to `report`.
+/// timesteps within `timestep_tol` (0 = exact as f32), each step's latents within
+/// `latent_rel_tol` of their scale, the image within 1e-3. Appends the errors to `report`.
 pub fn check_case(
     name: &str,
     seen: &[(f64, Tensor)],
     images: &Tensor,
     r: &HashMap<String, Tensor>,
     timestep_tol: f64,
+    latent_rel_tol: f32,
     report: &mut Vec<String>,
 ) {
     let timesteps = r["timesteps"].to_vec1::<f32>().unwrap();
@@ -65,7 +69,7 @@ pub fn check_case(
         let expected = &r[&format!("latents_{i}")];
         let scale = expected.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1.0);
         report.push(format!("{name} step {i}: {:e} (scale {scale})", max_abs_diff(latents, expected).0));
-        assert_close(&format!("{name} latents after step {i}"), latents, expected, 2.5e-4 * scale);
+        assert_close(&format!("{name} latents after step {i}"), latents, expected, latent_rel_tol * scale);
     }
     assert_close(&format!("{name} image"), images, &r["image"], 1e-3);
     report.push(format!("{name}: image max abs error {:e}", max_abs_diff(images, &r["image"]).0));

@@ -37,8 +37,9 @@ struct GenerateArgs {
     /// Guidance rescale, 0 to 1.
     #[arg(long, default_value_t = 0.0)]
     guidance_rescale: f32,
-    /// ddim (default), dpm++2m, dpm++2m-karras, euler, euler-karras, euler_a, lms, heun, pndm, ddpm,
-    /// kdpm2, kdpm2_a (Karras variants with -karras), or a diffusers class name.
+    /// ddim (default), dpm++2m, dpm++2m-karras, dpm++2m-sde, dpm++2s, unipc (unipc-bh1, unipc-bh2),
+    /// deis, euler, euler-karras, euler_a, lms, heun, pndm, ddpm, kdpm2, kdpm2_a (Karras variants
+    /// with -karras), or a diffusers class name.
     #[arg(long, default_value = "")]
     scheduler: String,
     /// DDIM eta.

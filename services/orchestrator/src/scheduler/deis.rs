@@ -87,14 +87,6 @@ impl Scheduler for Deis {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _step_index: usize) -> Result<Tensor> {
-        Ok(sample.clone())
-    }
-
     fn sigmas(&self) -> Option<&[f32]> {
         Some(&self.sigmas)
     }

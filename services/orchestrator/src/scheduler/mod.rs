@@ -322,11 +322,15 @@ pub trait Scheduler: Send {
 
     /// Standard deviation of the initial noise (1 for DDIM, DPM-Solver, PNDM and DDPM; the
     /// largest sigma, or sqrt(sigma_max^2 + 1) with "leading" spacing, for the sigma-based ones).
-    fn init_noise_sigma(&self) -> f64;
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
 
     /// The denoiser's input at step `step_index` (the identity for DDIM, DPM-Solver, PNDM and
     /// DDPM; `sample / sqrt(sigma^2 + 1)` for the sigma-based ones).
-    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> candle_core::Result<Tensor>;
+    fn scale_model_input(&self, sample: &Tensor, _step_index: usize) -> candle_core::Result<Tensor> {
+        Ok(sample.clone())
+    }
 
     /// One step x_t -> x_{t-1}, for the model output at `timesteps()[step_index]`; steps must
     /// be taken in order (step 0 starts over). Draws noise from `noise` only when it needs it

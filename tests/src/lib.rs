@@ -34,7 +34,8 @@ pub fn load_json(rel: &str) -> serde_json::Value {
 /// Max |actual - expected| over all elements, with the index of the worst one.
 pub fn max_abs_diff(actual: &Tensor, expected: &Tensor) -> (f32, usize) {
     let a = actual.to_dtype(DType::F32).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1::<f32>()).expect("actual");
-    let e = expected.to_dtype(DType::F32).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1::<f32>()).expect("expected");
+    let e =
+        expected.to_dtype(DType::F32).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1::<f32>()).expect("expected");
     a.iter()
         .zip(&e)
         .enumerate()
@@ -47,7 +48,9 @@ pub fn assert_close(what: &str, actual: &Tensor, expected: &Tensor, tol: f32) {
     assert_eq!(actual.dims(), expected.dims(), "{what}: shape differs");
     let (err, at) = max_abs_diff(actual, expected);
     if err > tol {
-        let flat = |t: &Tensor| t.to_dtype(DType::F32).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1::<f32>()).expect("flat");
+        let flat = |t: &Tensor| {
+            t.to_dtype(DType::F32).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1::<f32>()).expect("flat")
+        };
         let index = unravel(at, actual.dims());
         panic!(
             "{what}: max abs error {err:e} > {tol:e} at {index:?} (actual {}, expected {})",

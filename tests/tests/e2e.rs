@@ -43,7 +43,8 @@ fn start(name: &str, args: &[&str]) -> Service {
         .unwrap();
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addr = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("{name} printed {line:?}")).to_string();
+    let addr =
+        line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("{name} printed {line:?}")).to_string();
     Service { child, addr: format!("http://{addr}") }
 }
 
@@ -116,14 +117,18 @@ async fn sdctl_through_separate_processes_gives_the_reference_image() {
     // The PNG carries the parameters that regenerate it.
     let png = std::fs::read(tmp.join("out.png")).unwrap();
     let text = String::from_utf8_lossy(&png);
-    assert!(text.contains("parameters") && text.contains("Seed: 1234") && text.contains("Sampler: DDIMScheduler"), "PNG text chunk");
+    assert!(
+        text.contains("parameters") && text.contains("Seed: 1234") && text.contains("Sampler: DDIMScheduler"),
+        "PNG text chunk"
+    );
     std::fs::remove_dir_all(&tmp).unwrap();
 }
 
 #[tokio::test]
 async fn same_request_same_bytes_and_bad_input_is_invalid_argument() {
     let mesh = start_mesh("sd21-base-tiny").await;
-    let mut client = v1::orchestrator_client::OrchestratorClient::connect(mesh.orchestrator.addr.clone()).await.unwrap();
+    let mut client =
+        v1::orchestrator_client::OrchestratorClient::connect(mesh.orchestrator.addr.clone()).await.unwrap();
     let base = v1::GenerateRequest {
         prompt: "a red cube".into(),
         steps: Some(3),
@@ -154,15 +159,36 @@ async fn same_request_same_bytes_and_bad_input_is_invalid_argument() {
         ("guidance_rescale", v1::GenerateRequest { guidance_rescale: 3.0, ..base.clone() }),
         ("num_images", v1::GenerateRequest { num_images: Some(1000), ..base.clone() }),
         ("num_images", v1::GenerateRequest { num_images: Some(0), ..base.clone() }),
-        ("scheduler", v1::GenerateRequest { scheduler: Some(v1::SchedulerOptions { name: "warp-drive".into(), ..Default::default() }), ..base.clone() }),
-        ("init_latents", v1::GenerateRequest {
-            init_latents: Some(v1::Tensor { dtype: v1::Dtype::F32 as i32, shape: vec![2, 4, 8, 6], data: vec![0; 7] }),
-            ..base.clone()
-        }),
-        ("init_latents", v1::GenerateRequest {
-            init_latents: Some(v1::Tensor::from_candle(&candle_core::Tensor::zeros((1, 4, 8, 8), candle_core::DType::F32, &Device::Cpu).unwrap()).unwrap()),
-            ..base.clone()
-        }),
+        (
+            "scheduler",
+            v1::GenerateRequest {
+                scheduler: Some(v1::SchedulerOptions { name: "warp-drive".into(), ..Default::default() }),
+                ..base.clone()
+            },
+        ),
+        (
+            "init_latents",
+            v1::GenerateRequest {
+                init_latents: Some(v1::Tensor {
+                    dtype: v1::Dtype::F32 as i32,
+                    shape: vec![2, 4, 8, 6],
+                    data: vec![0; 7],
+                }),
+                ..base.clone()
+            },
+        ),
+        (
+            "init_latents",
+            v1::GenerateRequest {
+                init_latents: Some(
+                    v1::Tensor::from_candle(
+                        &candle_core::Tensor::zeros((1, 4, 8, 8), candle_core::DType::F32, &Device::Cpu).unwrap(),
+                    )
+                    .unwrap(),
+                ),
+                ..base.clone()
+            },
+        ),
     ];
     for (field, request) in bad {
         let err = client.generate(request).await.unwrap_err();
@@ -172,7 +198,10 @@ async fn same_request_same_bytes_and_bad_input_is_invalid_argument() {
 
     // The unet service itself: a tensor whose bytes do not match its shape, a wrong latent shape.
     let mut unet = v1::unet_client::UnetClient::connect(mesh.unet.addr.clone()).await.unwrap();
-    let cond = v1::Tensor::from_candle(&candle_core::Tensor::zeros((1, 77, 32), candle_core::DType::F32, &Device::Cpu).unwrap()).unwrap();
+    let cond = v1::Tensor::from_candle(
+        &candle_core::Tensor::zeros((1, 77, 32), candle_core::DType::F32, &Device::Cpu).unwrap(),
+    )
+    .unwrap();
     let request = |latents: v1::Tensor| v1::DenoiseRequest {
         latents: Some(latents),
         timestep: 10.0,
@@ -185,7 +214,10 @@ async fn same_request_same_bytes_and_bad_input_is_invalid_argument() {
     let err = unet.denoise(request(short)).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
     assert!(err.message().contains("latents") && err.message().contains("bytes"), "{}", err.message());
-    let wrong = v1::Tensor::from_candle(&candle_core::Tensor::zeros((1, 3, 8, 8), candle_core::DType::F32, &Device::Cpu).unwrap()).unwrap();
+    let wrong = v1::Tensor::from_candle(
+        &candle_core::Tensor::zeros((1, 3, 8, 8), candle_core::DType::F32, &Device::Cpu).unwrap(),
+    )
+    .unwrap();
     let err = unet.denoise(request(wrong)).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
 

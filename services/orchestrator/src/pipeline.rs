@@ -117,18 +117,25 @@ impl Pipeline {
         let max_steps = self.scheduler_config.num_train_timesteps() as u32;
         let steps = r.steps.unwrap_or(DEFAULT_STEPS);
         if steps == 0 || steps > max_steps {
-            return Err(Error::invalid(format!("steps: {steps} is not allowed; use 1 to {max_steps} (unset = {DEFAULT_STEPS})")));
+            return Err(Error::invalid(format!(
+                "steps: {steps} is not allowed; use 1 to {max_steps} (unset = {DEFAULT_STEPS})"
+            )));
         }
         let guidance_scale = r.guidance_scale.unwrap_or(DEFAULT_GUIDANCE);
         if !guidance_scale.is_finite() || guidance_scale < 0.0 {
-            return Err(Error::invalid(format!("guidance_scale: {guidance_scale} is not allowed; use a finite value >= 0")));
+            return Err(Error::invalid(format!(
+                "guidance_scale: {guidance_scale} is not allowed; use a finite value >= 0"
+            )));
         }
         if !(0.0..=1.0).contains(&r.guidance_rescale) {
             return Err(Error::invalid(format!("guidance_rescale: {} is not allowed; use 0 to 1", r.guidance_rescale)));
         }
         let num_images = r.num_images.unwrap_or(1);
         if num_images == 0 || num_images > limits.max_images {
-            return Err(Error::invalid(format!("num_images: {num_images} is not allowed; use 1 to {}", limits.max_images)));
+            return Err(Error::invalid(format!(
+                "num_images: {num_images} is not allowed; use 1 to {}",
+                limits.max_images
+            )));
         }
         let options = r.scheduler.clone().unwrap_or_default();
         let scheduler = scheduler::resolve(&SchedulerRequest {
@@ -138,7 +145,8 @@ impl Pipeline {
         })
         .map_err(|e| Error::invalid(format!("scheduler: {e}")))?;
         // Building it checks the step count against the config (e.g. spacing limits).
-        scheduler::build(&self.scheduler_config, &scheduler, steps as usize).map_err(|e| Error::invalid(format!("scheduler: {e}")))?;
+        scheduler::build(&self.scheduler_config, &scheduler, steps as usize)
+            .map_err(|e| Error::invalid(format!("scheduler: {e}")))?;
         let mut job = Job {
             prompt: r.prompt.clone(),
             negative_prompt: r.negative_prompt.clone(),

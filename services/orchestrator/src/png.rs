@@ -46,7 +46,8 @@ mod tests {
 
     #[test]
     fn round_trips_pixels_and_parameters() {
-        let img = Tensor::from_vec(vec![0f32, 0.5, 1.0, 0.25, 0.75, 0.1], (1, 1, 2, 3), &candle_core::Device::Cpu).unwrap();
+        let img =
+            Tensor::from_vec(vec![0f32, 0.5, 1.0, 0.25, 0.75, 0.1], (1, 1, 2, 3), &candle_core::Device::Cpu).unwrap();
         let pngs = encode_pngs(&img, "a cat\nSteps: 5, Seed: 1").unwrap();
         let decoder = png::Decoder::new(std::io::Cursor::new(&pngs[0]));
         let mut reader = decoder.read_info().unwrap();

@@ -129,7 +129,12 @@ fn schedules_match_diffusers() {
         classes.insert(case["scheduler"].as_str().unwrap().to_string());
         let steps = case["steps"].as_u64().expect("steps") as usize;
         let scheduler = build(&config, &resolved(kind), steps).unwrap_or_else(|e| panic!("{what}: {e}"));
-        check_timesteps(&what, scheduler.timesteps(), &f64s(&case["timesteps"]), timestep_tol(&case["scheduler"], &case["kwargs"]));
+        check_timesteps(
+            &what,
+            scheduler.timesteps(),
+            &f64s(&case["timesteps"]),
+            timestep_tol(&case["scheduler"], &case["kwargs"]),
+        );
         let init = case["init_noise_sigma"].as_f64().expect("init_noise_sigma");
         let rel = rel_err(scheduler.init_noise_sigma(), init);
         assert!(rel <= SIGMA_REL_TOL, "{what}: init_noise_sigma {} vs {init}", scheduler.init_noise_sigma());
@@ -232,24 +237,73 @@ fn req(name: &str) -> SchedulerRequest {
 #[test]
 fn new_scheduler_names() {
     let table: &[(&[&str], SchedulerKind, Option<bool>, &str)] = &[
-        (&["euler", "Euler", "EulerDiscrete", "EulerDiscreteScheduler", " eulerdiscretescheduler "], SchedulerKind::Euler, None, "EulerDiscreteScheduler"),
-        (&["euler-karras", "euler_karras", "EulerDiscreteScheduler (karras)"], SchedulerKind::Euler, Some(true), "EulerDiscreteScheduler (karras)"),
         (
-            &["euler_a", "euler-a", "euler-ancestral", "Euler_Ancestral", "EulerAncestralDiscrete", "EulerAncestralDiscreteScheduler"],
+            &["euler", "Euler", "EulerDiscrete", "EulerDiscreteScheduler", " eulerdiscretescheduler "],
+            SchedulerKind::Euler,
+            None,
+            "EulerDiscreteScheduler",
+        ),
+        (
+            &["euler-karras", "euler_karras", "EulerDiscreteScheduler (karras)"],
+            SchedulerKind::Euler,
+            Some(true),
+            "EulerDiscreteScheduler (karras)",
+        ),
+        (
+            &[
+                "euler_a",
+                "euler-a",
+                "euler-ancestral",
+                "Euler_Ancestral",
+                "EulerAncestralDiscrete",
+                "EulerAncestralDiscreteScheduler",
+            ],
             SchedulerKind::EulerAncestral,
             None,
             "EulerAncestralDiscreteScheduler",
         ),
         (&["lms", "LMS", "LMSDiscrete", "LMSDiscreteScheduler"], SchedulerKind::Lms, None, "LMSDiscreteScheduler"),
-        (&["lms-karras", "lms_karras", "LMSDiscreteScheduler (karras)"], SchedulerKind::Lms, Some(true), "LMSDiscreteScheduler (karras)"),
-        (&["heun", "Heun", "HeunDiscrete", "HeunDiscreteScheduler"], SchedulerKind::Heun, None, "HeunDiscreteScheduler"),
-        (&["heun-karras", "heun_karras", "HeunDiscreteScheduler (karras)"], SchedulerKind::Heun, Some(true), "HeunDiscreteScheduler (karras)"),
+        (
+            &["lms-karras", "lms_karras", "LMSDiscreteScheduler (karras)"],
+            SchedulerKind::Lms,
+            Some(true),
+            "LMSDiscreteScheduler (karras)",
+        ),
+        (
+            &["heun", "Heun", "HeunDiscrete", "HeunDiscreteScheduler"],
+            SchedulerKind::Heun,
+            None,
+            "HeunDiscreteScheduler",
+        ),
+        (
+            &["heun-karras", "heun_karras", "HeunDiscreteScheduler (karras)"],
+            SchedulerKind::Heun,
+            Some(true),
+            "HeunDiscreteScheduler (karras)",
+        ),
         (&["pndm", "plms", "PNDM", "PNDMScheduler", "pndmscheduler"], SchedulerKind::Pndm, None, "PNDMScheduler"),
         (&["ddpm", "DDPM", "DDPMScheduler"], SchedulerKind::Ddpm, None, "DDPMScheduler"),
-        (&["kdpm2", "dpm2", "KDPM2Discrete", "KDPM2DiscreteScheduler"], SchedulerKind::KDpm2, None, "KDPM2DiscreteScheduler"),
-        (&["kdpm2-karras", "kdpm2_karras", "dpm2-karras", "KDPM2DiscreteScheduler (karras)"], SchedulerKind::KDpm2, Some(true), "KDPM2DiscreteScheduler (karras)"),
         (
-            &["kdpm2_a", "kdpm2-a", "kdpm2-ancestral", "dpm2_a", "KDPM2AncestralDiscrete", "KDPM2AncestralDiscreteScheduler"],
+            &["kdpm2", "dpm2", "KDPM2Discrete", "KDPM2DiscreteScheduler"],
+            SchedulerKind::KDpm2,
+            None,
+            "KDPM2DiscreteScheduler",
+        ),
+        (
+            &["kdpm2-karras", "kdpm2_karras", "dpm2-karras", "KDPM2DiscreteScheduler (karras)"],
+            SchedulerKind::KDpm2,
+            Some(true),
+            "KDPM2DiscreteScheduler (karras)",
+        ),
+        (
+            &[
+                "kdpm2_a",
+                "kdpm2-a",
+                "kdpm2-ancestral",
+                "dpm2_a",
+                "KDPM2AncestralDiscrete",
+                "KDPM2AncestralDiscreteScheduler",
+            ],
             SchedulerKind::KDpm2Ancestral,
             None,
             "KDPM2AncestralDiscreteScheduler",
@@ -284,9 +338,14 @@ fn new_scheduler_names() {
 
 #[test]
 fn bad_new_scheduler_requests() {
-    for name in ["euler karras", "euler-a-karras", "euler_a_karras", "k_lms", "heun2", "pndm-karras", "unipc2", "kdpm2 a"] {
+    for name in
+        ["euler karras", "euler-a-karras", "euler_a_karras", "k_lms", "heun2", "pndm-karras", "unipc2", "kdpm2 a"]
+    {
         let e = resolve(&req(name)).expect_err(name);
-        assert!(e.contains("unknown scheduler") && e.contains("euler_a") && e.contains("PNDMScheduler"), "{name:?}: {e}");
+        assert!(
+            e.contains("unknown scheduler") && e.contains("euler_a") && e.contains("PNDMScheduler"),
+            "{name:?}: {e}"
+        );
     }
     for name in ["euler", "euler_a", "lms", "heun", "pndm", "ddpm", "kdpm2", "kdpm2_a"] {
         let e = resolve(&SchedulerRequest { name: name.into(), eta: Some(0.5), ..Default::default() }).expect_err(name);
@@ -297,8 +356,9 @@ fn bad_new_scheduler_requests() {
             .expect_err(name);
         assert!(e.contains("use_karras_sigmas"), "{name}: {e}");
     }
-    let e = resolve(&SchedulerRequest { name: "heun-karras".into(), use_karras_sigmas: Some(false), ..Default::default() })
-        .expect_err("contradiction");
+    let e =
+        resolve(&SchedulerRequest { name: "heun-karras".into(), use_karras_sigmas: Some(false), ..Default::default() })
+            .expect_err("contradiction");
     assert!(e.contains("Karras"), "{e}");
 }
 

@@ -117,7 +117,13 @@ fn schedules_match_diffusers() {
             assert!(rel <= SIGMA_REL_TOL, "{what}: sigma {i} = {a}, diffusers {e} (relative error {rel:e})");
         }
     }
-    assert!(kinds.contains("DpmSolverSde") && kinds.contains("UniPc(None)") && kinds.contains("Deis") && kinds.contains("DpmSolverSinglestep"), "{kinds:?}");
+    assert!(
+        kinds.contains("DpmSolverSde")
+            && kinds.contains("UniPc(None)")
+            && kinds.contains("Deis")
+            && kinds.contains("DpmSolverSinglestep"),
+        "{kinds:?}"
+    );
     println!("sigmas: worst relative error {worst:e}");
 }
 
@@ -194,13 +200,24 @@ fn req(name: &str) -> SchedulerRequest {
 fn second_batch_scheduler_names() {
     let table: &[(&[&str], SchedulerKind, Option<bool>, &str)] = &[
         (
-            &["dpm++2m-sde", "dpmpp_2m_sde", "DPM++_2M_SDE", "sde-dpmsolver++", "DPMSolverMultistepScheduler (sde-dpmsolver++)"],
+            &[
+                "dpm++2m-sde",
+                "dpmpp_2m_sde",
+                "DPM++_2M_SDE",
+                "sde-dpmsolver++",
+                "DPMSolverMultistepScheduler (sde-dpmsolver++)",
+            ],
             SchedulerKind::DpmSolverSde,
             None,
             "DPMSolverMultistepScheduler (sde-dpmsolver++)",
         ),
         (
-            &["dpm++2m-sde-karras", "dpmpp_2m_sde_karras", " DPM++_2M_SDE_Karras ", "DPMSolverMultistepScheduler (sde-dpmsolver++, karras)"],
+            &[
+                "dpm++2m-sde-karras",
+                "dpmpp_2m_sde_karras",
+                " DPM++_2M_SDE_Karras ",
+                "DPMSolverMultistepScheduler (sde-dpmsolver++, karras)",
+            ],
             SchedulerKind::DpmSolverSde,
             Some(true),
             "DPMSolverMultistepScheduler (sde-dpmsolver++, karras)",
@@ -215,25 +232,60 @@ fn second_batch_scheduler_names() {
             assert!(ACCEPTED_NAMES.contains(canonical), "{canonical} not listed");
         }
     }
-    let r = resolve(&SchedulerRequest { name: "dpm++2m-sde".into(), use_karras_sigmas: Some(true), ..Default::default() })
-        .expect("karras option");
+    let r =
+        resolve(&SchedulerRequest { name: "dpm++2m-sde".into(), use_karras_sigmas: Some(true), ..Default::default() })
+            .expect("karras option");
     assert_eq!(r.canonical_name(), "DPMSolverMultistepScheduler (sde-dpmsolver++, karras)");
     assert_eq!(resolve(&req(&r.canonical_name())).expect("canonical"), r);
     let e = resolve(&SchedulerRequest { name: "dpm++2m-sde".into(), eta: Some(0.5), ..Default::default() })
         .expect_err("eta");
     assert!(e.contains("eta applies to DDIM only"), "{e}");
-    let e = resolve(&SchedulerRequest { name: "dpm++2m-sde-karras".into(), use_karras_sigmas: Some(false), ..Default::default() })
-        .expect_err("contradiction");
+    let e = resolve(&SchedulerRequest {
+        name: "dpm++2m-sde-karras".into(),
+        use_karras_sigmas: Some(false),
+        ..Default::default()
+    })
+    .expect_err("contradiction");
     assert!(e.contains("Karras"), "{e}");
     let bh1 = Some(UniPcSolverType::Bh1);
     let bh2 = Some(UniPcSolverType::Bh2);
     let unipc: &[(&[&str], SchedulerKind, Option<bool>, &str)] = &[
-        (&["unipc", "UniPC", "UniPCMultistep", "UniPCMultistepScheduler"], SchedulerKind::UniPc(None), None, "UniPCMultistepScheduler"),
-        (&["unipc-karras", "unipc_karras", "UniPCMultistepScheduler (karras)"], SchedulerKind::UniPc(None), Some(true), "UniPCMultistepScheduler (karras)"),
-        (&["unipc-bh1", "UNIPC_BH1", "UniPCMultistepScheduler (bh1)"], SchedulerKind::UniPc(bh1), None, "UniPCMultistepScheduler (bh1)"),
-        (&["unipc-bh2", "unipc_bh2", "UniPCMultistepScheduler (bh2)"], SchedulerKind::UniPc(bh2), None, "UniPCMultistepScheduler (bh2)"),
-        (&["unipc-bh1-karras", "unipc_bh1_karras", "UniPCMultistepScheduler (bh1, karras)"], SchedulerKind::UniPc(bh1), Some(true), "UniPCMultistepScheduler (bh1, karras)"),
-        (&["unipc-bh2-karras", "UniPCMultistepScheduler (bh2, karras)"], SchedulerKind::UniPc(bh2), Some(true), "UniPCMultistepScheduler (bh2, karras)"),
+        (
+            &["unipc", "UniPC", "UniPCMultistep", "UniPCMultistepScheduler"],
+            SchedulerKind::UniPc(None),
+            None,
+            "UniPCMultistepScheduler",
+        ),
+        (
+            &["unipc-karras", "unipc_karras", "UniPCMultistepScheduler (karras)"],
+            SchedulerKind::UniPc(None),
+            Some(true),
+            "UniPCMultistepScheduler (karras)",
+        ),
+        (
+            &["unipc-bh1", "UNIPC_BH1", "UniPCMultistepScheduler (bh1)"],
+            SchedulerKind::UniPc(bh1),
+            None,
+            "UniPCMultistepScheduler (bh1)",
+        ),
+        (
+            &["unipc-bh2", "unipc_bh2", "UniPCMultistepScheduler (bh2)"],
+            SchedulerKind::UniPc(bh2),
+            None,
+            "UniPCMultistepScheduler (bh2)",
+        ),
+        (
+            &["unipc-bh1-karras", "unipc_bh1_karras", "UniPCMultistepScheduler (bh1, karras)"],
+            SchedulerKind::UniPc(bh1),
+            Some(true),
+            "UniPCMultistepScheduler (bh1, karras)",
+        ),
+        (
+            &["unipc-bh2-karras", "UniPCMultistepScheduler (bh2, karras)"],
+            SchedulerKind::UniPc(bh2),
+            Some(true),
+            "UniPCMultistepScheduler (bh2, karras)",
+        ),
     ];
     for (names, kind, karras, canonical) in unipc {
         for name in *names {
@@ -244,15 +296,20 @@ fn second_batch_scheduler_names() {
             assert!(ACCEPTED_NAMES.contains(canonical), "{canonical} not listed");
         }
     }
-    let r = resolve(&SchedulerRequest { name: "unipc-bh1".into(), use_karras_sigmas: Some(true), ..Default::default() })
-        .expect("karras option");
+    let r =
+        resolve(&SchedulerRequest { name: "unipc-bh1".into(), use_karras_sigmas: Some(true), ..Default::default() })
+            .expect("karras option");
     assert_eq!(resolve(&req(&r.canonical_name())).expect("canonical"), r);
     for bad in ["unipc-bh3", "unipc bh1", "unipc-karras-bh1", "unipc3"] {
         assert!(resolve(&req(bad)).expect_err(bad).contains("unknown scheduler"), "{bad}");
     }
     for (names, karras, canonical) in [
         (&["deis", "DEIS", "DEISMultistep", "DEISMultistepScheduler"][..], None, "DEISMultistepScheduler"),
-        (&["deis-karras", "deis_karras", "DEISMultistepScheduler (karras)"][..], Some(true), "DEISMultistepScheduler (karras)"),
+        (
+            &["deis-karras", "deis_karras", "DEISMultistepScheduler (karras)"][..],
+            Some(true),
+            "DEISMultistepScheduler (karras)",
+        ),
     ] {
         for name in names {
             let r = resolve(&req(name)).unwrap_or_else(|e| panic!("{name:?}: {e}"));
@@ -264,7 +321,14 @@ fn second_batch_scheduler_names() {
     }
     for (names, karras, canonical) in [
         (
-            &["dpm++2s", "dpmpp_2s", "DPM++_2S", "dpmsolver_singlestep", "DPMSolverSinglestep", "DPMSolverSinglestepScheduler"][..],
+            &[
+                "dpm++2s",
+                "dpmpp_2s",
+                "DPM++_2S",
+                "dpmsolver_singlestep",
+                "DPMSolverSinglestep",
+                "DPMSolverSinglestepScheduler",
+            ][..],
             None,
             "DPMSolverSinglestepScheduler",
         ),
@@ -353,7 +417,9 @@ fn unipc_solver_type_and_unsupported_values() {
         assert!(e.contains("UniPCMultistepScheduler") && e.contains(hint), "{key}={value}: {e}");
     }
     // Keys of other classes are ignored (the checkpoint's PNDM config has skip_prk_steps).
-    assert!(build(&base.with("lambda_min_clipped", json!(-5.1)).unwrap(), &resolved(SchedulerKind::UniPc(None)), 5).is_ok());
+    assert!(
+        build(&base.with("lambda_min_clipped", json!(-5.1)).unwrap(), &resolved(SchedulerKind::UniPc(None)), 5).is_ok()
+    );
 }
 
 #[test]
@@ -366,7 +432,9 @@ fn deis_config_values() {
     assert_eq!(sigmas.len(), 5);
     assert!(sigmas[4] > 0.0 && sigmas[4] < 0.1, "{sigmas:?}");
     // DPM-Solver / UniPC names for algorithm_type and solver_type are read as deis / logrho.
-    for (k, v) in [("algorithm_type", json!("dpmsolver++")), ("solver_type", json!("bh2")), ("solver_type", json!("midpoint"))] {
+    for (k, v) in
+        [("algorithm_type", json!("dpmsolver++")), ("solver_type", json!("bh2")), ("solver_type", json!("midpoint"))]
+    {
         assert!(build(&base.with(k, v.clone()).unwrap(), &deis, 4).is_ok(), "{k}={v}");
     }
     for (key, value, hint) in [

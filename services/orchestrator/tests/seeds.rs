@@ -62,16 +62,21 @@ fn randn_equals_torch_bit_for_bit() {
     for seq in spec["sequences"].as_array().unwrap() {
         let seed = seq["seed"].as_u64().unwrap();
         let mut noise = SeededNoise::new(seed);
-        for (i, (shape, key)) in seq["shapes"].as_array().unwrap().iter().zip(seq["keys"].as_array().unwrap()).enumerate() {
+        for (i, (shape, key)) in
+            seq["shapes"].as_array().unwrap().iter().zip(seq["keys"].as_array().unwrap()).enumerate()
+        {
             let shape = shape_of(shape);
             let got = noise.randn(&shape).unwrap();
-            assert_bits_equal(&format!("seed {seed}, draw {i} {shape:?} of a sequence"), &got, &t[key.as_str().unwrap()]);
+            assert_bits_equal(
+                &format!("seed {seed}, draw {i} {shape:?} of a sequence"),
+                &got,
+                &t[key.as_str().unwrap()],
+            );
             checked += shape.iter().product::<usize>();
         }
     }
     println!("{checked} values equal to torch's bit for bit");
 }
-
 
 /// The request a case describes: the seed only, no initial latents.
 fn request(case: &serde_json::Value) -> v1::GenerateRequest {

@@ -73,7 +73,11 @@ async fn main() -> anyhow::Result<()> {
         unet,
         stopped(),
     ));
-    tasks.spawn(sdmesh_vae::run(sdmesh_vae::VaeOptions { model: model.clone(), device, queue_capacity }, vae, stopped()));
+    tasks.spawn(sdmesh_vae::run(
+        sdmesh_vae::VaeOptions { model: model.clone(), device, queue_capacity },
+        vae,
+        stopped(),
+    ));
     tasks.spawn(sdmesh_orchestrator::run(opts, bind(&listen).await?, stopped()));
     tokio::spawn(async move {
         shutdown_signal().await;

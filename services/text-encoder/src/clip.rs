@@ -171,10 +171,8 @@ impl ClipTextModel {
         let (_, seq) = input_ids.dims2()?;
         let device = input_ids.device();
         let positions = Tensor::arange(0u32, seq as u32, device)?;
-        let mut xs = self
-            .token_embedding
-            .forward(input_ids)?
-            .broadcast_add(&self.position_embedding.forward(&positions)?)?;
+        let mut xs =
+            self.token_embedding.forward(input_ids)?.broadcast_add(&self.position_embedding.forward(&positions)?)?;
         let mask = causal_mask(seq, xs.dtype(), device)?;
         for layer in &self.layers {
             xs = layer.forward(&xs, &mask)?;

@@ -43,15 +43,18 @@ impl LocalTextEncoder {
         let vb = dir.var_builder(&["model"], DType::F32, &opts.device)?;
         let model = clip::ClipTextModel::new(vb, &config)
             .map_err(|message| ModelDirError::Malformed { path: dir.path.clone(), message })?;
-        let tokenizer = tokenizer::ClipTokenizer::load(&ComponentDir::open(&opts.model, "tokenizer")?, model.max_positions())?;
+        let tokenizer =
+            tokenizer::ClipTokenizer::load(&ComponentDir::open(&opts.model, "tokenizer")?, model.max_positions())?;
         let info = v1::TextEncoderInfo {
             context_length: tokenizer.context_length() as u32,
             hidden_size: model.hidden_size() as u32,
         };
         let device = opts.device.clone();
         // Warm-up: the first forward pass allocates; do it before reporting SERVING.
-        encode_batch(&tokenizer, &model, &device, &[String::new()])
-            .map_err(|e| ModelDirError::Malformed { path: dir.path.clone(), message: format!("warm-up failed: {e}") })?;
+        encode_batch(&tokenizer, &model, &device, &[String::new()]).map_err(|e| ModelDirError::Malformed {
+            path: dir.path.clone(),
+            message: format!("warm-up failed: {e}"),
+        })?;
         let worker = ModelWorker::spawn("text-encoder", opts.queue_capacity, move |texts: Vec<String>| {
             encode_batch(&tokenizer, &model, &device, &texts)
         });
@@ -183,7 +186,8 @@ impl TextEncoderClient {
 impl sdmesh_core::TextEncoder for TextEncoderClient {
     async fn encode(&self, texts: Vec<String>) -> Result<TextEmbeddings> {
         let out = self.inner.clone().encode(v1::EncodeTextRequest { texts }).await?.into_inner();
-        let embeddings = sdmesh_proto::required(&out.embeddings, "embeddings")?.to_candle("embeddings", &Device::Cpu)?;
+        let embeddings =
+            sdmesh_proto::required(&out.embeddings, "embeddings")?.to_candle("embeddings", &Device::Cpu)?;
         Ok(TextEmbeddings { embeddings, truncated_tokens: out.truncated_tokens })
     }
 

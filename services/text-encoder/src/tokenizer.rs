@@ -91,7 +91,9 @@ impl ClipTokenizer {
         tokenizer.add_special_tokens(&specials);
 
         let id = |t: &str| {
-            tokenizer.token_to_id(t).ok_or_else(|| malformed(vocab.clone(), format!("token {t:?} is not in the vocabulary")))
+            tokenizer
+                .token_to_id(t)
+                .ok_or_else(|| malformed(vocab.clone(), format!("token {t:?} is not in the vocabulary")))
         };
         let model_max_length = config.get("model_max_length").and_then(Value::as_u64).unwrap_or(77) as usize;
         let context_length = model_max_length.min(max_positions);

@@ -21,7 +21,8 @@ fn tokenizer_ids_match_transformers() {
     let mut failures = Vec::new();
     for case in cases {
         let prompt = case["prompt"].as_str().unwrap();
-        let expected: Vec<u32> = case["input_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let expected: Vec<u32> =
+            case["input_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
         let untruncated = case["untruncated_length"].as_u64().unwrap() as usize;
         let got = tok.encode(prompt).unwrap();
         if got.ids != expected || got.truncated != untruncated.saturating_sub(77) {

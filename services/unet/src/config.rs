@@ -141,7 +141,10 @@ impl UnetConfigJson {
             return unsupported(&format!("time_embedding_type {:?}", self.time_embedding_type));
         }
         if self.act_fn != "silu" || self.resnet_time_scale_shift != "default" {
-            return unsupported(&format!("act_fn {:?} / resnet_time_scale_shift {:?}", self.act_fn, self.resnet_time_scale_shift));
+            return unsupported(&format!(
+                "act_fn {:?} / resnet_time_scale_shift {:?}",
+                self.act_fn, self.resnet_time_scale_shift
+            ));
         }
         if self.conv_in_kernel != 3 || self.conv_out_kernel != 3 {
             return unsupported("conv_in_kernel / conv_out_kernel other than 3");
@@ -183,13 +186,19 @@ impl UnetConfigJson {
             }
             let out_channels = self.block_out_channels[i];
             let attention_head_dim = heads.get(i).ok_or("attention_head_dim has fewer entries than blocks")?;
-            if attention_head_dim == 0 || !out_channels.is_multiple_of(attention_head_dim) || !out_channels.is_multiple_of(self.norm_num_groups) {
+            if attention_head_dim == 0
+                || !out_channels.is_multiple_of(attention_head_dim)
+                || !out_channels.is_multiple_of(self.norm_num_groups)
+            {
                 return Err(format!(
                     "block {i}: {out_channels} channels do not divide into {attention_head_dim} heads / {} groups",
                     self.norm_num_groups
                 ));
             }
-            let layers = self.transformer_layers_per_block.get(i).ok_or("transformer_layers_per_block has fewer entries than blocks")?;
+            let layers = self
+                .transformer_layers_per_block
+                .get(i)
+                .ok_or("transformer_layers_per_block has fewer entries than blocks")?;
             blocks.push(BlockConfig { out_channels, use_cross_attn: cross.then_some(layers), attention_head_dim });
         }
         Ok(UNet2DConditionModelConfig {

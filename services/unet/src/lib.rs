@@ -72,19 +72,27 @@ impl LocalUnet {
                 guidance_rescale: 0.5,
             })
         };
-        warm_up()
-            .map_err(|e| ModelDirError::Malformed { path: dir.path.clone(), message: format!("warm-up failed: {e}") })?;
+        warm_up().map_err(|e| ModelDirError::Malformed {
+            path: dir.path.clone(),
+            message: format!("warm-up failed: {e}"),
+        })?;
         let worker = ModelWorker::spawn("unet", opts.queue_capacity, move |input| model.denoise(input));
         Ok(Self { worker, info })
     }
 
     fn validate(&self, x: &DenoiseInput) -> Result<()> {
         let info = &self.info;
-        let (n, c, h, w) = x
-            .latents
-            .dims4()
-            .map_err(|_| Error::invalid(format!("latents: shape {:?}, expected [batch, channels, height, width]", x.latents.dims())))?;
-        if c != info.in_channels as usize || n == 0 || n > MAX_BATCH || h == 0 || w == 0 || h > MAX_LATENT_SIDE || w > MAX_LATENT_SIDE {
+        let (n, c, h, w) = x.latents.dims4().map_err(|_| {
+            Error::invalid(format!("latents: shape {:?}, expected [batch, channels, height, width]", x.latents.dims()))
+        })?;
+        if c != info.in_channels as usize
+            || n == 0
+            || n > MAX_BATCH
+            || h == 0
+            || w == 0
+            || h > MAX_LATENT_SIDE
+            || w > MAX_LATENT_SIDE
+        {
             return Err(Error::invalid(format!(
                 "latents: shape {:?}; expected [1..={MAX_BATCH}, {}, 1..={MAX_LATENT_SIDE}, 1..={MAX_LATENT_SIDE}]",
                 x.latents.dims(),
@@ -102,7 +110,13 @@ impl LocalUnet {
         }
         let check_cond = |name: &str, t: &Tensor| -> Result<()> {
             match t.dims() {
-                &[b, s, d] if (b == 1 || b == n) && (1..=MAX_CONTEXT).contains(&s) && d == info.cross_attention_dim as usize => Ok(()),
+                &[b, s, d]
+                    if (b == 1 || b == n)
+                        && (1..=MAX_CONTEXT).contains(&s)
+                        && d == info.cross_attention_dim as usize =>
+                {
+                    Ok(())
+                }
                 dims => Err(Error::invalid(format!(
                     "{name}: shape {dims:?}; expected [1 or {n}, 1..={MAX_CONTEXT}, {}]",
                     info.cross_attention_dim
@@ -114,7 +128,11 @@ impl LocalUnet {
             let uncond = x.uncond.as_ref().ok_or_else(|| Error::invalid("uncond: required when guidance_scale > 1"))?;
             check_cond("uncond", uncond)?;
             if uncond.dims() != x.cond.dims() {
-                return Err(Error::invalid(format!("uncond: shape {:?} differs from cond {:?}", uncond.dims(), x.cond.dims())));
+                return Err(Error::invalid(format!(
+                    "uncond: shape {:?} differs from cond {:?}",
+                    uncond.dims(),
+                    x.cond.dims()
+                )));
             }
         }
         Ok(())
@@ -213,7 +231,10 @@ impl v1::unet_server::Unet for UnetService {
         Ok(tonic::Response::new(v1::DenoiseResponse { model_output: Some(v1::Tensor::from_candle(&out)?) }))
     }
 
-    async fn info(&self, _: tonic::Request<v1::InfoRequest>) -> std::result::Result<tonic::Response<v1::UnetInfo>, tonic::Status> {
+    async fn info(
+        &self,
+        _: tonic::Request<v1::InfoRequest>,
+    ) -> std::result::Result<tonic::Response<v1::UnetInfo>, tonic::Status> {
         Ok(tonic::Response::new(self.local.get().ok_or_else(sdmesh_core::loading)?.info))
     }
 }

@@ -85,9 +85,8 @@ impl Model {
         // One image at a time: candle 0.11's single-head VAE attention gives wrong results for
         // every sample but the first of a batch (found by the parity test), and per-image
         // decoding also bounds peak memory.
-        let images = (0..z.dim(0)?)
-            .map(|i| self.vae.decode(&z.narrow(0, i, 1)?))
-            .collect::<candle_core::Result<Vec<_>>>()?;
+        let images =
+            (0..z.dim(0)?).map(|i| self.vae.decode(&z.narrow(0, i, 1)?)).collect::<candle_core::Result<Vec<_>>>()?;
         let image = Tensor::cat(&images, 0)?.to_dtype(DType::F32)?;
         let image = ((image / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
         Ok(image.permute((0, 2, 3, 1))?.contiguous()?.to_device(&Device::Cpu)?)
@@ -131,8 +130,13 @@ impl LocalVae {
             scaling_factor: json.scaling_factor,
         };
         let model = Model { vae, scaling_factor: json.scaling_factor, device: opts.device.clone(), dtype };
-        let warm_up = || -> Result<Tensor> { model.decode(Tensor::zeros((1, json.latent_channels, 8, 8), DType::F32, &Device::Cpu)?) };
-        warm_up().map_err(|e| ModelDirError::Malformed { path: dir.path.clone(), message: format!("warm-up failed: {e}") })?;
+        let warm_up = || -> Result<Tensor> {
+            model.decode(Tensor::zeros((1, json.latent_channels, 8, 8), DType::F32, &Device::Cpu)?)
+        };
+        warm_up().map_err(|e| ModelDirError::Malformed {
+            path: dir.path.clone(),
+            message: format!("warm-up failed: {e}"),
+        })?;
         let worker = ModelWorker::spawn("vae", opts.queue_capacity, move |latents| model.decode(latents));
         Ok(Self { worker, info })
     }
@@ -170,12 +174,16 @@ impl v1::vae_server::Vae for VaeService {
         request: tonic::Request<v1::DecodeRequest>,
     ) -> std::result::Result<tonic::Response<v1::DecodeResponse>, tonic::Status> {
         let local = self.local.get().ok_or_else(sdmesh_core::loading)?;
-        let latents = sdmesh_proto::required(&request.get_ref().latents, "latents")?.to_candle("latents", &Device::Cpu)?;
+        let latents =
+            sdmesh_proto::required(&request.get_ref().latents, "latents")?.to_candle("latents", &Device::Cpu)?;
         let images = sdmesh_core::Vae::decode(local, latents).await?;
         Ok(tonic::Response::new(v1::DecodeResponse { images: Some(v1::Tensor::from_candle(&images)?) }))
     }
 
-    async fn info(&self, _: tonic::Request<v1::InfoRequest>) -> std::result::Result<tonic::Response<v1::VaeInfo>, tonic::Status> {
+    async fn info(
+        &self,
+        _: tonic::Request<v1::InfoRequest>,
+    ) -> std::result::Result<tonic::Response<v1::VaeInfo>, tonic::Status> {
         Ok(tonic::Response::new(self.local.get().ok_or_else(sdmesh_core::loading)?.info))
     }
 }

@@ -116,7 +116,9 @@ fn check_safetensors_header(path: &Path) -> Result<()> {
             .and_then(|v| v.as_u64())
             .ok_or_else(|| malformed(format!("tensor {name} has no data_offsets")))?;
         if end > data_len {
-            return Err(malformed(format!("truncated: tensor {name} ends at byte {end} of a {data_len}-byte data section")));
+            return Err(malformed(format!(
+                "truncated: tensor {name} ends at byte {end} of a {data_len}-byte data section"
+            )));
         }
     }
     Ok(())

@@ -34,8 +34,8 @@ impl<I: Send + 'static, O: Send + 'static> ModelWorker<I, O> {
             .spawn(move || {
                 while let Some(job) = rx.blocking_recv() {
                     let _entered = job.span.enter();
-                    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(job.input)))
-                        .unwrap_or_else(|panic| {
+                    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(job.input))).unwrap_or_else(
+                        |panic| {
                             let msg = panic
                                 .downcast_ref::<String>()
                                 .cloned()
@@ -43,7 +43,8 @@ impl<I: Send + 'static, O: Send + 'static> ModelWorker<I, O> {
                                 .unwrap_or_default();
                             tracing::error!(worker = name, "model panicked: {msg}");
                             Err(Error::internal(format!("{name} model panicked: {msg}")))
-                        });
+                        },
+                    );
                     // The caller may have gone away (cancelled); nothing to do then.
                     let _ = job.reply.send(out);
                 }

@@ -67,10 +67,8 @@ impl v1::Tensor {
     /// Encodes a candle tensor (any device) for the wire.
     pub fn from_candle(t: &Tensor) -> Result<Self, TensorError> {
         let err = |source| TensorError::Candle { name: "tensor".into(), source };
-        let dtype = to_wire_dtype(t.dtype()).ok_or(TensorError::UnsupportedDType {
-            name: "tensor".into(),
-            dtype: -1,
-        })?;
+        let dtype =
+            to_wire_dtype(t.dtype()).ok_or(TensorError::UnsupportedDType { name: "tensor".into(), dtype: -1 })?;
         let shape = t.dims().iter().map(|&d| d as u64).collect();
         let flat = t.flatten_all().map_err(err)?;
         let data: Vec<u8> = match t.dtype() {
@@ -109,7 +107,9 @@ impl v1::Tensor {
         let d = &self.data;
         let t = match dtype {
             DType::F32 => Tensor::from_vec(le_chunks(d).map(f32::from_le_bytes).collect::<Vec<_>>(), shape, device),
-            DType::F16 => Tensor::from_vec(le_chunks(d).map(half::f16::from_le_bytes).collect::<Vec<_>>(), shape, device),
+            DType::F16 => {
+                Tensor::from_vec(le_chunks(d).map(half::f16::from_le_bytes).collect::<Vec<_>>(), shape, device)
+            }
             DType::BF16 => {
                 Tensor::from_vec(le_chunks(d).map(half::bf16::from_le_bytes).collect::<Vec<_>>(), shape, device)
             }

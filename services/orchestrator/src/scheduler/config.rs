@@ -438,7 +438,9 @@ impl UniPcConfig {
             return Err(format!("{NAME}: solver_order {solver_order} is not supported; supported: 1, 2"));
         }
         if !keys.bool("predict_x0", true)? {
-            return Err(format!("{NAME}: predict_x0 false (the noise-prediction variant) is not supported; supported: true"));
+            return Err(format!(
+                "{NAME}: predict_x0 false (the noise-prediction variant) is not supported; supported: true"
+            ));
         }
         // diffusers rewrites the DPM-Solver / DEIS names to "bh2".
         let solver_type = keys.choice(
@@ -453,7 +455,9 @@ impl UniPcConfig {
             ],
         )?;
         if !matches!(keys.raw.get("solver_p"), None | Some(Value::Null)) {
-            return Err(format!("{NAME}: solver_p (an external predictor scheduler) is not supported; supported: null"));
+            return Err(format!(
+                "{NAME}: solver_p (an external predictor scheduler) is not supported; supported: null"
+            ));
         }
         for key in ["use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas"] {
             if keys.bool(key, false)? {
@@ -465,7 +469,9 @@ impl UniPcConfig {
         let use_karras_sigmas = keys.bool("use_karras_sigmas", false)?;
         for key in ["sigma_min", "sigma_max"] {
             if keys.opt_f64(key)?.is_some() {
-                return Err(format!("{NAME}: {key} is not supported; supported: null (the training schedule's own range)"));
+                return Err(format!(
+                    "{NAME}: {key} is not supported; supported: null (the training schedule's own range)"
+                ));
             }
         }
         let disable_corrector = match keys.raw.get("disable_corrector") {
@@ -726,14 +732,10 @@ impl KDiffusionConfig {
         };
         match class {
             KClass::Euler => {
-                keys.choice("interpolation_type", "linear", &[("linear", ())]).map_err(|e| {
-                    format!("{e} (\"log_linear\" is not implemented here)")
-                })?;
-                let continuous = keys.choice(
-                    "timestep_type",
-                    "discrete",
-                    &[("discrete", false), ("continuous", true)],
-                )?;
+                keys.choice("interpolation_type", "linear", &[("linear", ())])
+                    .map_err(|e| format!("{e} (\"log_linear\" is not implemented here)"))?;
+                let continuous =
+                    keys.choice("timestep_type", "discrete", &[("discrete", false), ("continuous", true)])?;
                 if continuous && prediction_type == PredictionType::VPrediction {
                     return Err(format!(
                         "{name}: timestep_type \"continuous\" with v_prediction (EDM timesteps) is not supported; supported: \"discrete\""
@@ -741,11 +743,8 @@ impl KDiffusionConfig {
                 }
                 out.sigma_min = keys.opt_f64("sigma_min")?;
                 out.sigma_max = keys.opt_f64("sigma_max")?;
-                out.final_sigma_min = keys.choice(
-                    "final_sigmas_type",
-                    "zero",
-                    &[("zero", false), ("sigma_min", true)],
-                )?;
+                out.final_sigma_min =
+                    keys.choice("final_sigmas_type", "zero", &[("zero", false), ("sigma_min", true)])?;
             }
             KClass::Heun => {
                 if keys.bool("clip_sample", false)? {

@@ -72,12 +72,8 @@ impl DpmSinglestep {
             steps,
         );
         let timesteps = checked_timesteps(CLASS, &timesteps, n, steps)?;
-        let orders = order_list(
-            steps,
-            cfg.solver_order,
-            cfg.lower_order_final,
-            cfg.final_sigmas_type == FinalSigmasType::Zero,
-        );
+        let orders =
+            order_list(steps, cfg.solver_order, cfg.lower_order_final, cfg.final_sigmas_type == FinalSigmasType::Zero);
         if orders.len() != timesteps.len() {
             return Err(format!(
                 "{CLASS}: {steps} steps give {} timesteps but {} solver orders with this config",

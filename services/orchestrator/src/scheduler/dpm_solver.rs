@@ -131,8 +131,11 @@ pub(super) fn vp_schedule(cfg: &VpSchedule, steps: usize) -> (Vec<i64>, Vec<f32>
             .map(|&s| {
                 let t = sigma_to_t(s, &log_sigmas);
                 // diffusers rounds except for squaredcos_cap_v2; the int64 cast then truncates.
-                let t =
-                    if cfg.betas.beta_schedule == BetaSchedule::SquaredcosCapV2 && !cfg.karras_always_rounded { t } else { np_round(t) };
+                let t = if cfg.betas.beta_schedule == BetaSchedule::SquaredcosCapV2 && !cfg.karras_always_rounded {
+                    t
+                } else {
+                    np_round(t)
+                };
                 t as i64
             })
             .collect();

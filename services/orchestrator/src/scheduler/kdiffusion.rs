@@ -29,7 +29,9 @@ pub fn k_schedule(cfg: &KDiffusionConfig, steps: usize) -> (Vec<f64>, Vec<f32>) 
     let train_sigmas: Vec<f32> = alphas_cumprod.iter().map(|a| ((1.0 - a) / a).sqrt()).collect();
     let timesteps: Vec<f32> = match cfg.timestep_spacing {
         // np.linspace(..., dtype=float32): computed in float64, then cast.
-        TimestepSpacing::Linspace => np_linspace(0.0, (n - 1) as f64, steps).into_iter().rev().map(|t| t as f32).collect(),
+        TimestepSpacing::Linspace => {
+            np_linspace(0.0, (n - 1) as f64, steps).into_iter().rev().map(|t| t as f32).collect()
+        }
         TimestepSpacing::Leading => {
             let ratio = n / steps;
             (0..steps).rev().map(|i| (i * ratio) as f32 + cfg.steps_offset as f32).collect()
@@ -38,8 +40,7 @@ pub fn k_schedule(cfg: &KDiffusionConfig, steps: usize) -> (Vec<f64>, Vec<f32>) 
             np_arange(n as f64, 0.0, -(n as f64 / steps as f64)).into_iter().map(|t| np_round(t) as f32 - 1.0).collect()
         }
     };
-    let mut sigmas: Vec<f64> =
-        timesteps.iter().map(|&t| np_interp_integer_grid(f64::from(t), &train_sigmas)).collect();
+    let mut sigmas: Vec<f64> = timesteps.iter().map(|&t| np_interp_integer_grid(f64::from(t), &train_sigmas)).collect();
     let mut timesteps: Vec<f64> = timesteps.into_iter().map(f64::from).collect();
     if cfg.use_karras_sigmas && !sigmas.is_empty() {
         // Unlike DPM-Solver, the Karras range is the interpolated schedule's own ends (or the
@@ -136,11 +137,17 @@ enum State {
     Euler,
     EulerAncestral,
     /// The last (up to 4) derivatives, oldest first.
-    Lms { derivatives: Vec<Vec<f32>> },
+    Lms {
+        derivatives: Vec<Vec<f32>>,
+    },
     /// After a first-order step: (derivative, dt, sample).
-    Heun { pending: Option<(Vec<f32>, f32, Vec<f32>)> },
+    Heun {
+        pending: Option<(Vec<f32>, f32, Vec<f32>)>,
+    },
     /// KDPM2 (ancestral or not): the sample of the last first-order step.
-    KDpm2 { pending: Option<Vec<f32>> },
+    KDpm2 {
+        pending: Option<Vec<f32>>,
+    },
 }
 
 pub struct KDiffusion {
@@ -168,7 +175,10 @@ impl KDiffusion {
         }
         let (timesteps, sigmas) = k_schedule(cfg, steps);
         if timesteps.is_empty() {
-            return Err(format!("{}: {steps} steps give no timesteps with this scheduler config", cfg.class.class_name()));
+            return Err(format!(
+                "{}: {steps} steps give no timesteps with this scheduler config",
+                cfg.class.class_name()
+            ));
         }
         let init_noise_sigma = init_noise_sigma(cfg.timestep_spacing, &sigmas);
         let as_f32 = |t: Vec<f64>| -> Vec<f64> { t.into_iter().map(|t| f64::from(t as f32)).collect() };
@@ -266,7 +276,9 @@ impl KDiffusion {
 fn lms_coefficient(sigmas: &[f32], order: usize, t: usize, current_order: usize) -> f64 {
     let node = |k: usize| f64::from(sigmas[t - k]);
     let basis = |tau: f64| {
-        (0..order).filter(|&k| k != current_order).fold(1.0, |p, k| p * (tau - node(k)) / (node(current_order) - node(k)))
+        (0..order)
+            .filter(|&k| k != current_order)
+            .fold(1.0, |p, k| p * (tau - node(k)) / (node(current_order) - node(k)))
     };
     let (a, b) = (f64::from(sigmas[t]), f64::from(sigmas[t + 1]));
     let x1 = (3.0 / 7.0 - 2.0 / 7.0 * (6.0f64 / 5.0).sqrt()).sqrt();
@@ -377,11 +389,8 @@ impl Scheduler for KDiffusion {
             }
             State::Heun { pending } => {
                 let first_order = pending.is_none();
-                let (sigma, sigma_next) = if first_order {
-                    (sigmas[i], sigma_at(sigmas, i + 1, len)?)
-                } else {
-                    (sigmas[i - 1], sigmas[i])
-                };
+                let (sigma, sigma_next) =
+                    if first_order { (sigmas[i], sigma_at(sigmas, i + 1, len)?) } else { (sigmas[i - 1], sigmas[i]) };
                 let sigma_input = if first_order { sigma } else { sigma_next };
                 let mut x0 = denoised(self.prediction_type, &m, &s, sigma_input);
                 if let Some(r) = self.clip_sample_range {

@@ -41,9 +41,9 @@ pub mod deis;
 pub mod dpm_singlestep;
 pub mod dpm_solver;
 pub mod kdiffusion;
+mod numerics;
 pub mod pndm;
 pub mod unipc;
-mod numerics;
 
 pub use config::{PredictionType, SchedulerConfig, UniPcSolverType};
 
@@ -92,7 +92,19 @@ impl SchedulerKind {
 
     /// Whether the class has a `use_karras_sigmas` option.
     pub fn has_karras(self) -> bool {
-        matches!(self, Self::DpmSolverMultistep | Self::DpmSolverSde | Self::Euler | Self::Lms | Self::Heun | Self::KDpm2 | Self::KDpm2Ancestral | Self::UniPc(_) | Self::Deis | Self::DpmSolverSinglestep)
+        matches!(
+            self,
+            Self::DpmSolverMultistep
+                | Self::DpmSolverSde
+                | Self::Euler
+                | Self::Lms
+                | Self::Heun
+                | Self::KDpm2
+                | Self::KDpm2Ancestral
+                | Self::UniPc(_)
+                | Self::Deis
+                | Self::DpmSolverSinglestep
+        )
     }
 }
 
@@ -156,7 +168,13 @@ const NAMES: &[(&[&str], SchedulerKind, bool)] = &[
         true,
     ),
     (
-        &["dpm++2m-sde", "dpmpp_2m_sde", "dpm++_2m_sde", "sde-dpmsolver++", "dpmsolvermultistepscheduler (sde-dpmsolver++)"],
+        &[
+            "dpm++2m-sde",
+            "dpmpp_2m_sde",
+            "dpm++_2m_sde",
+            "sde-dpmsolver++",
+            "dpmsolvermultistepscheduler (sde-dpmsolver++)",
+        ],
         SchedulerKind::DpmSolverSde,
         false,
     ),
@@ -211,19 +229,34 @@ const NAMES: &[(&[&str], SchedulerKind, bool)] = &[
         false,
     ),
     (
-        &["kdpm2_a-karras", "kdpm2_a_karras", "kdpm2-a-karras", "dpm2_a-karras", "dpm2_a_karras", "kdpm2ancestraldiscretescheduler (karras)"],
+        &[
+            "kdpm2_a-karras",
+            "kdpm2_a_karras",
+            "kdpm2-a-karras",
+            "dpm2_a-karras",
+            "dpm2_a_karras",
+            "kdpm2ancestraldiscretescheduler (karras)",
+        ],
         SchedulerKind::KDpm2Ancestral,
         true,
     ),
     (&["unipc", "unipcmultistep", "unipcmultistepscheduler"], SchedulerKind::UniPc(None), false),
     (&["unipc-karras", "unipc_karras", "unipcmultistepscheduler (karras)"], SchedulerKind::UniPc(None), true),
-    (&["unipc-bh1", "unipc_bh1", "unipcmultistepscheduler (bh1)"], SchedulerKind::UniPc(Some(UniPcSolverType::Bh1)), false),
+    (
+        &["unipc-bh1", "unipc_bh1", "unipcmultistepscheduler (bh1)"],
+        SchedulerKind::UniPc(Some(UniPcSolverType::Bh1)),
+        false,
+    ),
     (
         &["unipc-bh1-karras", "unipc_bh1_karras", "unipcmultistepscheduler (bh1, karras)"],
         SchedulerKind::UniPc(Some(UniPcSolverType::Bh1)),
         true,
     ),
-    (&["unipc-bh2", "unipc_bh2", "unipcmultistepscheduler (bh2)"], SchedulerKind::UniPc(Some(UniPcSolverType::Bh2)), false),
+    (
+        &["unipc-bh2", "unipc_bh2", "unipcmultistepscheduler (bh2)"],
+        SchedulerKind::UniPc(Some(UniPcSolverType::Bh2)),
+        false,
+    ),
     (
         &["unipc-bh2-karras", "unipc_bh2_karras", "unipcmultistepscheduler (bh2, karras)"],
         SchedulerKind::UniPc(Some(UniPcSolverType::Bh2)),
@@ -232,12 +265,25 @@ const NAMES: &[(&[&str], SchedulerKind, bool)] = &[
     (&["deis", "deismultistep", "deismultistepscheduler"], SchedulerKind::Deis, false),
     (&["deis-karras", "deis_karras", "deismultistepscheduler (karras)"], SchedulerKind::Deis, true),
     (
-        &["dpm++2s", "dpmpp_2s", "dpm++_2s", "dpmsolver_singlestep", "dpmsolversinglestep", "dpmsolversinglestepscheduler"],
+        &[
+            "dpm++2s",
+            "dpmpp_2s",
+            "dpm++_2s",
+            "dpmsolver_singlestep",
+            "dpmsolversinglestep",
+            "dpmsolversinglestepscheduler",
+        ],
         SchedulerKind::DpmSolverSinglestep,
         false,
     ),
     (
-        &["dpm++2s-karras", "dpmpp_2s_karras", "dpm++_2s_karras", "dpmsolver_singlestep_karras", "dpmsolversinglestepscheduler (karras)"],
+        &[
+            "dpm++2s-karras",
+            "dpmpp_2s_karras",
+            "dpm++_2s_karras",
+            "dpmsolver_singlestep_karras",
+            "dpmsolversinglestepscheduler (karras)",
+        ],
         SchedulerKind::DpmSolverSinglestep,
         true,
     ),

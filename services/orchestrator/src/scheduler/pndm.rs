@@ -26,7 +26,9 @@ pub struct Pndm {
 /// `set_timesteps(steps)` with skip_prk_steps: the PLMS timesteps, descending.
 pub fn pndm_timesteps(spacing: TimestepSpacing, n: usize, steps_offset: i64, steps: usize) -> Vec<i64> {
     let ts: Vec<i64> = match spacing {
-        TimestepSpacing::Linspace => np_linspace(0.0, (n - 1) as f64, steps).into_iter().map(|t| np_round(t) as i64).collect(),
+        TimestepSpacing::Linspace => {
+            np_linspace(0.0, (n - 1) as f64, steps).into_iter().map(|t| np_round(t) as i64).collect()
+        }
         TimestepSpacing::Leading => {
             let ratio = (n / steps) as i64;
             (0..steps as i64).map(|i| i * ratio + steps_offset).collect()

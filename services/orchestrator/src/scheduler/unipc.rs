@@ -241,8 +241,7 @@ impl Scheduler for UniPc {
         if let Some(last) = self.model_outputs.last_mut() {
             *last = Some(model_t);
         }
-        let this_order =
-            if self.lower_order_final { self.solver_order.min(len - i) } else { self.solver_order };
+        let this_order = if self.lower_order_final { self.solver_order.min(len - i) } else { self.solver_order };
         self.this_order = this_order.min(self.lower_order_nums + 1);
         let prev = self.predictor(i, &s, self.this_order);
         self.last_sample = Some(s);

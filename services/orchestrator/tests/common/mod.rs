@@ -17,11 +17,28 @@ pub async fn local_pipeline(name: &str) -> Pipeline {
         queue_capacity: 8,
     })
     .unwrap();
-    let unet = sdmesh_unet::LocalUnet::load(&sdmesh_unet::UnetOptions { model: dir.clone(), device: Device::Cpu, queue_capacity: 8 }).unwrap();
-    let vae = sdmesh_vae::LocalVae::load(&sdmesh_vae::VaeOptions { model: dir.clone(), device: Device::Cpu, queue_capacity: 8 }).unwrap();
-    sdmesh_orchestrator::pipeline_over(&dir, Arc::new(te), Arc::new(unet), Arc::new(vae), Limits::default(), Duration::from_secs(1))
-        .await
-        .unwrap()
+    let unet = sdmesh_unet::LocalUnet::load(&sdmesh_unet::UnetOptions {
+        model: dir.clone(),
+        device: Device::Cpu,
+        queue_capacity: 8,
+    })
+    .unwrap();
+    let vae = sdmesh_vae::LocalVae::load(&sdmesh_vae::VaeOptions {
+        model: dir.clone(),
+        device: Device::Cpu,
+        queue_capacity: 8,
+    })
+    .unwrap();
+    sdmesh_orchestrator::pipeline_over(
+        &dir,
+        Arc::new(te),
+        Arc::new(unet),
+        Arc::new(vae),
+        Limits::default(),
+        Duration::from_secs(1),
+    )
+    .await
+    .unwrap()
 }
 
 /// One pipeline per model, loaded on first use.

@@ -2,6 +2,7 @@
 //! noise, the scheduler loop, decoding, PNG encoding — and calls the model services (or local
 //! models: the components are traits) for the heavy work. It needs no GPU.
 
+pub mod embedding_cache;
 pub mod noise;
 pub mod pipeline;
 pub mod png;
@@ -46,6 +47,18 @@ pub struct OrchestratorOptions {
     pub limits: Limits,
     /// How long to wait at start-up for the model services to report their info.
     pub startup_timeout: Duration,
+    /// Bytes of prompt embeddings kept in the in-process cache (0 turns it off).
+    pub embedding_cache_bytes: usize,
+}
+
+/// Puts a prompt-embedding cache in front of the pipeline's text encoder.
+pub fn with_embedding_cache(mut pipeline: Pipeline, store: Arc<dyn embedding_cache::EmbeddingStore>) -> Pipeline {
+    pipeline.text_encoder = Arc::new(embedding_cache::CachedTextEncoder::new(
+        pipeline.text_encoder.clone(),
+        store,
+        pipeline.info.text.clone(),
+    ));
+    pipeline
 }
 
 /// Builds a pipeline over given components, asking each for its info; retries UNAVAILABLE
@@ -97,6 +110,10 @@ pub async fn run(
         opts.startup_timeout,
     )
     .await?;
+    let pipeline = match opts.embedding_cache_bytes {
+        0 => pipeline,
+        bytes => with_embedding_cache(pipeline, Arc::new(embedding_cache::LruStore::new(bytes))),
+    };
     service.set_pipeline(pipeline);
     health.set(ServingStatus::Serving).await;
     tracing::info!("orchestrator ready");

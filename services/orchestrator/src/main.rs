@@ -30,6 +30,9 @@ struct Args {
     /// Most images one request may ask for.
     #[arg(long, env = "SDMESH_MAX_IMAGES", default_value_t = 8)]
     max_images: u32,
+    /// Bytes of prompt embeddings cached in this process (0 = no cache). SD 2.x: 308 KiB each.
+    #[arg(long, env = "SDMESH_EMBEDDING_CACHE_BYTES", default_value_t = 256 << 20)]
+    embedding_cache_bytes: usize,
     /// Seconds to wait at start-up for the model services.
     #[arg(long, env = "SDMESH_STARTUP_TIMEOUT", default_value_t = 300)]
     startup_timeout: u64,
@@ -47,6 +50,7 @@ async fn main() -> anyhow::Result<()> {
         vae_url: a.vae_url,
         limits: Limits { max_side: a.max_side, max_images: a.max_images },
         startup_timeout: Duration::from_secs(a.startup_timeout),
+        embedding_cache_bytes: a.embedding_cache_bytes,
     };
     run(opts, listener, shutdown_signal()).await
 }

@@ -60,6 +60,7 @@ async fn main() -> anyhow::Result<()> {
         vae_url: url(&vae)?,
         limits: Limits { max_side, max_images },
         startup_timeout: Duration::from_secs(600),
+        embedding_cache_bytes: 256 << 20,
     };
     tracing::info!(text_encoder = %opts.text_encoder_url, unet = %opts.unet_url, vae = %opts.vae_url, "model services");
     let mut tasks = tokio::task::JoinSet::new();

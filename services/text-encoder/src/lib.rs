@@ -43,11 +43,18 @@ impl LocalTextEncoder {
         let vb = dir.var_builder(&["model"], DType::F32, &opts.device)?;
         let model = clip::ClipTextModel::new(vb, &config)
             .map_err(|message| ModelDirError::Malformed { path: dir.path.clone(), message })?;
-        let tokenizer =
-            tokenizer::ClipTokenizer::load(&ComponentDir::open(&opts.model, "tokenizer")?, model.max_positions())?;
+        let tokenizer_dir = ComponentDir::open(&opts.model, "tokenizer")?;
+        let tokenizer = tokenizer::ClipTokenizer::load(&tokenizer_dir, model.max_positions())?;
+        let mut inputs = vec![dir.file("config.json")?, dir.weights(&["model"])?];
+        for name in ["vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json"] {
+            if let Ok(path) = tokenizer_dir.file(name) {
+                inputs.push(path);
+            }
+        }
         let info = v1::TextEncoderInfo {
             context_length: tokenizer.context_length() as u32,
             hidden_size: model.hidden_size() as u32,
+            fingerprint: fingerprint(&inputs)?,
         };
         let device = opts.device.clone();
         // Warm-up: the first forward pass allocates; do it before reporting SERVING.
@@ -60,6 +67,22 @@ impl LocalTextEncoder {
         });
         Ok(Self { worker, info })
     }
+}
+
+/// BLAKE3 over every file an embedding depends on: each file's name (not its path, so replicas
+/// with the model in different places agree) and bytes, in a fixed order.
+fn fingerprint(files: &[PathBuf]) -> std::result::Result<String, ModelDirError> {
+    let mut hasher = blake3::Hasher::new();
+    for path in files {
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        hasher.update(name.as_bytes()).update(&[0]);
+        let file = std::fs::File::open(path)
+            .map_err(|e| ModelDirError::Malformed { path: path.clone(), message: e.to_string() })?;
+        hasher
+            .update_reader(file)
+            .map_err(|e| ModelDirError::Malformed { path: path.clone(), message: e.to_string() })?;
+    }
+    Ok(hasher.finalize().to_hex().to_string())
 }
 
 fn encode_batch(
@@ -106,7 +129,7 @@ impl sdmesh_core::TextEncoder for LocalTextEncoder {
     }
 
     async fn info(&self) -> Result<v1::TextEncoderInfo> {
-        Ok(self.info)
+        Ok(self.info.clone())
     }
 }
 
@@ -140,7 +163,7 @@ impl v1::text_encoder_server::TextEncoder for TextEncoderService {
         &self,
         _: tonic::Request<v1::InfoRequest>,
     ) -> std::result::Result<tonic::Response<v1::TextEncoderInfo>, tonic::Status> {
-        Ok(tonic::Response::new(self.local()?.info))
+        Ok(tonic::Response::new(self.local()?.info.clone()))
     }
 }
 

@@ -93,3 +93,13 @@ fn broken_model_folders_fail_naming_the_file() {
     assert!(err.contains("tokenizer/vocab.json") && err.contains("missing"), "{err}");
     std::fs::remove_dir_all(&tmp).unwrap();
 }
+
+#[tokio::test]
+async fn fingerprint_is_stable_and_tells_models_apart() {
+    let a = LocalTextEncoder::load(&options("sd21-tiny")).unwrap().info().await.unwrap();
+    let again = LocalTextEncoder::load(&options("sd21-tiny")).unwrap().info().await.unwrap();
+    let b = LocalTextEncoder::load(&options("sd21-base-tiny")).unwrap().info().await.unwrap();
+    assert_eq!(a.fingerprint.len(), 64, "{}", a.fingerprint);
+    assert_eq!(a.fingerprint, again.fingerprint);
+    assert_ne!(a.fingerprint, b.fingerprint);
+}

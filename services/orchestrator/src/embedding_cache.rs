@@ -1,0 +1,263 @@
+//! Prompt-embedding cache in front of the text encoder.
+//!
+//! Each text's embedding is stored under a key that covers everything the embedding depends
+//! on: the text encoder's fingerprint (weights, config, tokenizer files), the context length
+//! and the exact text. Values are compact and self-checking (magic, shape, f32 bytes, BLAKE3
+//! checksum): a truncated, corrupted or foreign value is ignored and recomputed, never used.
+//! The store is a trait: an in-process LRU bounded in bytes is the embedded default.
+
+use candle_core::{Device, Tensor};
+use sdmesh_core::{Result, TextEmbeddings, TextEncoder};
+use sdmesh_proto::v1;
+use std::sync::{Arc, Mutex};
+
+/// Where cached values live.
+#[async_trait::async_trait]
+pub trait EmbeddingStore: Send + Sync {
+    async fn get(&self, key: &str) -> Option<Vec<u8>>;
+    async fn put(&self, key: &str, value: Vec<u8>);
+}
+
+/// In-process LRU bounded by the total bytes of its values.
+pub struct LruStore {
+    inner: Mutex<LruInner>,
+}
+
+struct LruInner {
+    entries: lru::LruCache<String, Vec<u8>>,
+    bytes: usize,
+    max_bytes: usize,
+}
+
+impl LruStore {
+    pub fn new(max_bytes: usize) -> Self {
+        Self { inner: Mutex::new(LruInner { entries: lru::LruCache::unbounded(), bytes: 0, max_bytes }) }
+    }
+
+    /// Bytes held now.
+    pub fn bytes(&self) -> usize {
+        self.inner.lock().map(|i| i.bytes).unwrap_or(0)
+    }
+}
+
+#[async_trait::async_trait]
+impl EmbeddingStore for LruStore {
+    async fn get(&self, key: &str) -> Option<Vec<u8>> {
+        self.inner.lock().ok()?.entries.get(key).cloned()
+    }
+
+    async fn put(&self, key: &str, value: Vec<u8>) {
+        let Ok(mut inner) = self.inner.lock() else { return };
+        if value.len() > inner.max_bytes {
+            return;
+        }
+        inner.bytes += value.len();
+        if let Some(old) = inner.entries.put(key.to_string(), value) {
+            inner.bytes -= old.len();
+        }
+        while inner.bytes > inner.max_bytes {
+            match inner.entries.pop_lru() {
+                Some((_, v)) => inner.bytes -= v.len(),
+                None => break,
+            }
+        }
+    }
+}
+
+const MAGIC: &[u8; 4] = b"SDE1";
+
+/// `MAGIC | truncated u32 | rank u8 | dims u32... | f32 data | blake3(all before)`, LE.
+fn encode_value(embedding: &Tensor, truncated: u32) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(embedding.elem_count() * 4 + 64);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&truncated.to_le_bytes());
+    out.push(embedding.rank() as u8);
+    for &d in embedding.dims() {
+        out.extend_from_slice(&(d as u32).to_le_bytes());
+    }
+    for v in embedding.flatten_all()?.to_vec1::<f32>()? {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    let checksum = blake3::hash(&out);
+    out.extend_from_slice(checksum.as_bytes());
+    Ok(out)
+}
+
+/// The embedding and truncation count, or None for anything that is not a whole, intact
+/// value of the expected shape.
+fn decode_value(bytes: &[u8], expected_dims: &[usize]) -> Option<(Tensor, u32)> {
+    let (body, checksum) = bytes.split_at_checked(bytes.len().checked_sub(32)?)?;
+    if blake3::hash(body).as_bytes() != checksum || body.get(..4)? != MAGIC {
+        return None;
+    }
+    let truncated = u32::from_le_bytes(body.get(4..8)?.try_into().ok()?);
+    let rank = *body.get(8)? as usize;
+    let mut dims = Vec::with_capacity(rank);
+    for i in 0..rank {
+        let at = 9 + 4 * i;
+        dims.push(u32::from_le_bytes(body.get(at..at + 4)?.try_into().ok()?) as usize);
+    }
+    let data = body.get(9 + 4 * rank..)?;
+    if dims != expected_dims || data.len() != dims.iter().product::<usize>() * 4 {
+        return None;
+    }
+    let values: Vec<f32> = data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    Some((Tensor::from_vec(values, dims, &Device::Cpu).ok()?, truncated))
+}
+
+/// A [`TextEncoder`] that answers from the cache and encodes only the misses (in one call).
+pub struct CachedTextEncoder {
+    inner: Arc<dyn TextEncoder>,
+    store: Arc<dyn EmbeddingStore>,
+    info: v1::TextEncoderInfo,
+}
+
+impl CachedTextEncoder {
+    /// `info` is the inner encoder's (its fingerprint keys the cache).
+    pub fn new(inner: Arc<dyn TextEncoder>, store: Arc<dyn EmbeddingStore>, info: v1::TextEncoderInfo) -> Self {
+        Self { inner, store, info }
+    }
+
+    fn key(&self, text: &str) -> String {
+        let mut h = blake3::Hasher::new();
+        h.update(self.info.fingerprint.as_bytes()).update(&[0]);
+        h.update(&self.info.context_length.to_le_bytes()).update(&self.info.hidden_size.to_le_bytes());
+        h.update(text.as_bytes());
+        format!("sdmesh:emb:v1:{}", h.finalize().to_hex())
+    }
+}
+
+#[async_trait::async_trait]
+impl TextEncoder for CachedTextEncoder {
+    async fn encode(&self, texts: Vec<String>) -> Result<TextEmbeddings> {
+        let dims = [1, self.info.context_length as usize, self.info.hidden_size as usize];
+        let keys: Vec<String> = texts.iter().map(|t| self.key(t)).collect();
+        let mut found: Vec<Option<(Tensor, u32)>> = Vec::with_capacity(texts.len());
+        for key in &keys {
+            found.push(self.store.get(key).await.and_then(|v| decode_value(&v, &dims)));
+        }
+        let misses: Vec<usize> = (0..texts.len()).filter(|&i| found[i].is_none()).collect();
+        if !misses.is_empty() {
+            let computed = self.inner.encode(misses.iter().map(|&i| texts[i].clone()).collect()).await?;
+            for (j, &i) in misses.iter().enumerate() {
+                let embedding = computed.embeddings.narrow(0, j, 1)?;
+                let truncated = computed.truncated_tokens.get(j).copied().unwrap_or(0);
+                self.store.put(&keys[i], encode_value(&embedding, truncated)?).await;
+                found[i] = Some((embedding, truncated));
+            }
+        }
+        let (embeddings, truncated_tokens): (Vec<Tensor>, Vec<u32>) = found.into_iter().flatten().unzip();
+        Ok(TextEmbeddings { embeddings: Tensor::cat(&embeddings, 0)?, truncated_tokens })
+    }
+
+    async fn info(&self) -> Result<v1::TextEncoderInfo> {
+        Ok(self.info.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Embeds each text as a constant: its length, plus a per-encoder offset.
+    struct Counting {
+        calls: AtomicUsize,
+        texts: AtomicUsize,
+        offset: f32,
+    }
+
+    #[async_trait::async_trait]
+    impl TextEncoder for Counting {
+        async fn encode(&self, texts: Vec<String>) -> Result<TextEmbeddings> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            self.texts.fetch_add(texts.len(), Ordering::SeqCst);
+            let rows: Vec<Tensor> = texts
+                .iter()
+                .map(|t| Tensor::full(t.len() as f32 + self.offset, (1, 4, 3), &Device::Cpu))
+                .collect::<candle_core::Result<_>>()?;
+            Ok(TextEmbeddings { embeddings: Tensor::cat(&rows, 0)?, truncated_tokens: vec![7; texts.len()] })
+        }
+        async fn info(&self) -> Result<v1::TextEncoderInfo> {
+            Ok(info("fp-a"))
+        }
+    }
+
+    fn info(fingerprint: &str) -> v1::TextEncoderInfo {
+        v1::TextEncoderInfo { context_length: 4, hidden_size: 3, fingerprint: fingerprint.into() }
+    }
+
+    fn counting(offset: f32) -> Arc<Counting> {
+        Arc::new(Counting { calls: AtomicUsize::new(0), texts: AtomicUsize::new(0), offset })
+    }
+
+    fn value_of(e: &TextEmbeddings, row: usize) -> f32 {
+        e.embeddings.get(row).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()[0]
+    }
+
+    #[tokio::test]
+    async fn repeated_texts_do_not_reach_the_encoder() {
+        let inner = counting(0.0);
+        let store = Arc::new(LruStore::new(1 << 20));
+        let cached = CachedTextEncoder::new(inner.clone(), store, info("fp-a"));
+        let a = cached.encode(vec!["".into(), "a cat".into()]).await.unwrap();
+        let b = cached.encode(vec!["a cat".into(), "".into(), "a dog!".into()]).await.unwrap();
+        assert_eq!(inner.calls.load(Ordering::SeqCst), 2);
+        assert_eq!(inner.texts.load(Ordering::SeqCst), 3, "only 'a dog!' was encoded the second time");
+        assert_eq!((value_of(&a, 0), value_of(&a, 1)), (0.0, 5.0));
+        assert_eq!((value_of(&b, 0), value_of(&b, 1), value_of(&b, 2)), (5.0, 0.0, 6.0));
+        assert_eq!(b.truncated_tokens, vec![7, 7, 7], "truncation counts survive the cache");
+        cached.encode(vec!["a cat".into()]).await.unwrap();
+        assert_eq!(inner.calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn another_fingerprint_never_hits() {
+        let store: Arc<LruStore> = Arc::new(LruStore::new(1 << 20));
+        let (a, b) = (counting(0.0), counting(100.0));
+        CachedTextEncoder::new(a.clone(), store.clone(), info("fp-a")).encode(vec!["x".into()]).await.unwrap();
+        let got = CachedTextEncoder::new(b.clone(), store, info("fp-b")).encode(vec!["x".into()]).await.unwrap();
+        assert_eq!(b.calls.load(Ordering::SeqCst), 1);
+        assert_eq!(value_of(&got, 0), 101.0);
+    }
+
+    #[tokio::test]
+    async fn corrupted_truncated_or_foreign_values_are_recomputed() {
+        let inner = counting(0.0);
+        let store = Arc::new(LruStore::new(1 << 20));
+        let cached = CachedTextEncoder::new(inner.clone(), store.clone(), info("fp-a"));
+        cached.encode(vec!["abc".into()]).await.unwrap();
+        let key = cached.key("abc");
+        let good = store.get(&key).await.unwrap();
+        let mut flipped = good.clone();
+        flipped[20] ^= 1;
+        let wrong_shape =
+            encode_value(&Tensor::zeros((1, 2, 3), candle_core::DType::F32, &Device::Cpu).unwrap(), 0).unwrap();
+        for (i, bad) in
+            [flipped, good[..good.len() - 5].to_vec(), b"garbage".to_vec(), vec![], wrong_shape].into_iter().enumerate()
+        {
+            store.put(&key, bad).await;
+            let got = cached.encode(vec!["abc".into()]).await.unwrap();
+            assert_eq!(value_of(&got, 0), 3.0);
+            assert_eq!(inner.calls.load(Ordering::SeqCst), 2 + i, "bad value {i} was used");
+        }
+        // Recomputing rewrote a good value.
+        cached.encode(vec!["abc".into()]).await.unwrap();
+        assert_eq!(inner.calls.load(Ordering::SeqCst), 6);
+    }
+
+    #[tokio::test]
+    async fn lru_stays_within_its_byte_bound() {
+        let one = encode_value(&Tensor::zeros((1, 4, 3), candle_core::DType::F32, &Device::Cpu).unwrap(), 0).unwrap();
+        let store = LruStore::new(one.len() * 2);
+        store.put("a", one.clone()).await;
+        store.put("b", one.clone()).await;
+        store.get("a").await;
+        store.put("c", one.clone()).await;
+        assert!(store.bytes() <= one.len() * 2);
+        assert!(store.get("b").await.is_none(), "least recently used goes first");
+        assert!(store.get("a").await.is_some() && store.get("c").await.is_some());
+        store.put("huge", vec![0; one.len() * 3]).await;
+        assert!(store.get("huge").await.is_none());
+    }
+}

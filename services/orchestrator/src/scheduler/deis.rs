@@ -10,7 +10,7 @@
 use super::config::{DeisConfig, FinalSigmasType, PredictionType, Thresholding};
 use super::dpm_solver::{alpha_sigma, lambda, vp_schedule, VpSchedule};
 use super::numerics::threshold_sample;
-use super::{check_same_shape, check_steps, checked_timesteps, step_out_of_range, to_f32_vec, Scheduler};
+use super::{begin_ordered_step, check_steps, checked_timesteps, push_history, to_f32_vec, Scheduler};
 use candle_core::{Result, Tensor};
 
 const CLASS: &str = "DEISMultistepScheduler";
@@ -98,29 +98,17 @@ impl Scheduler for Deis {
         sample: &Tensor,
         _noise: &mut dyn crate::noise::NoiseSource,
     ) -> Result<Tensor> {
-        check_same_shape(model_output, sample)?;
         let len = self.timesteps.len();
-        if step_index >= len {
-            return Err(step_out_of_range(step_index, len));
-        }
-        if step_index == 0 {
+        if begin_ordered_step("DEIS is multistep", model_output, sample, step_index, len, self.next_step)? {
             self.model_outputs.iter_mut().for_each(|m| *m = None);
             self.lower_order_nums = 0;
-        } else if step_index != self.next_step {
-            return Err(candle_core::Error::Msg(format!(
-                "DEIS is multistep: steps must be taken in order; step {step_index} asked, {} expected",
-                self.next_step
-            )));
         }
         let i = step_index;
         let lower_order_final = i == len - 1 && self.lower_order_final && len < 15;
         let s = to_f32_vec(sample)?;
         let batch = *sample.dims().first().unwrap_or(&1);
         let eps = self.noise_prediction(to_f32_vec(model_output)?, &s, self.sigmas[i], batch);
-        self.model_outputs.rotate_left(1);
-        if let Some(last) = self.model_outputs.last_mut() {
-            *last = Some(eps);
-        }
+        push_history(&mut self.model_outputs, eps);
         let m0 = self.model_outputs[self.solver_order - 1].as_deref().unwrap_or_default();
         let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[i + 1]);
         let (alpha_s0, sigma_s0) = alpha_sigma(self.sigmas[i]);

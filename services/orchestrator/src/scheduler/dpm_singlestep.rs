@@ -9,7 +9,7 @@
 use super::config::{DpmSinglestepConfig, FinalSigmasType, PredictionType, SolverType, Thresholding, TimestepSpacing};
 use super::dpm_solver::{alpha_sigma, lambda, vp_schedule, VpSchedule};
 use super::numerics::threshold_sample;
-use super::{check_same_shape, check_steps, checked_timesteps, step_out_of_range, to_f32_vec, Scheduler};
+use super::{begin_ordered_step, check_steps, checked_timesteps, push_history, to_f32_vec, Scheduler};
 use candle_core::{Result, Tensor};
 
 const CLASS: &str = "DPMSolverSinglestepScheduler";
@@ -125,28 +125,16 @@ impl Scheduler for DpmSinglestep {
         sample: &Tensor,
         _noise: &mut dyn crate::noise::NoiseSource,
     ) -> Result<Tensor> {
-        check_same_shape(model_output, sample)?;
         let len = self.timesteps.len();
-        if step_index >= len {
-            return Err(step_out_of_range(step_index, len));
-        }
-        if step_index == 0 {
+        if begin_ordered_step("DPM-Solver singlestep", model_output, sample, step_index, len, self.next_step)? {
             self.model_outputs.iter_mut().for_each(|m| *m = None);
             self.sample = None;
-        } else if step_index != self.next_step {
-            return Err(candle_core::Error::Msg(format!(
-                "DPM-Solver singlestep: steps must be taken in order; step {step_index} asked, {} expected",
-                self.next_step
-            )));
         }
         let i = step_index;
         let batch = *sample.dims().first().unwrap_or(&1);
         let s = to_f32_vec(sample)?;
         let x0 = self.data_prediction(to_f32_vec(model_output)?, &s, self.sigmas[i], batch);
-        self.model_outputs.rotate_left(1);
-        if let Some(last) = self.model_outputs.last_mut() {
-            *last = Some(x0);
-        }
+        push_history(&mut self.model_outputs, x0);
         let mut order = self.orders[i];
         while order > 1 && self.model_outputs[self.solver_order - order].is_none() {
             order -= 1;

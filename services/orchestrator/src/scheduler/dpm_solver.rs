@@ -11,7 +11,7 @@ use super::config::{
     BetaSchedule, DpmSolverConfig, FinalSigmasType, PredictionType, SolverType, Thresholding, TimestepSpacing,
 };
 use super::numerics::{np_arange, np_interp_integer_grid, np_linspace, np_round, threshold_sample};
-use super::{check_same_shape, check_steps, checked_timesteps, step_out_of_range, to_f32_vec, Scheduler};
+use super::{begin_ordered_step, check_steps, checked_timesteps, push_history, to_f32_vec, Scheduler};
 use candle_core::{Result, Tensor};
 
 const CLASS: &str = "DPMSolverMultistepScheduler";
@@ -245,19 +245,10 @@ impl Scheduler for DpmSolverMultistep {
         sample: &Tensor,
         noise: &mut dyn crate::noise::NoiseSource,
     ) -> Result<Tensor> {
-        check_same_shape(model_output, sample)?;
         let len = self.timesteps.len();
-        if step_index >= len {
-            return Err(step_out_of_range(step_index, len));
-        }
-        if step_index == 0 {
+        if begin_ordered_step("DPM-Solver++ is multistep", model_output, sample, step_index, len, self.next_step)? {
             self.model_outputs.iter_mut().for_each(|m| *m = None);
             self.lower_order_nums = 0;
-        } else if step_index != self.next_step {
-            return Err(candle_core::Error::Msg(format!(
-                "DPM-Solver++ is multistep: steps must be taken in order; step {step_index} asked, {} expected",
-                self.next_step
-            )));
         }
         // diffusers finds the first step's index by looking its timestep up, taking the
         // *second* match when the value repeats (meant for img2img). Karras sigmas on the
@@ -273,10 +264,7 @@ impl Scheduler for DpmSolverMultistep {
         let s = to_f32_vec(sample)?;
         let batch = *sample.dims().first().unwrap_or(&1);
         let x0 = self.data_prediction(to_f32_vec(model_output)?, &s, self.sigmas[i], batch);
-        self.model_outputs.rotate_left(1);
-        if let Some(last) = self.model_outputs.last_mut() {
-            *last = Some(x0);
-        }
+        push_history(&mut self.model_outputs, x0);
 
         // diffusers draws the SDE noise after converting the model output, every step.
         let z = if self.sde { Some(to_f32_vec(&noise.randn(model_output.dims())?)?) } else { None };

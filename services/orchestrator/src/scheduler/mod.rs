@@ -517,6 +517,36 @@ fn check_same_shape(model_output: &Tensor, sample: &Tensor) -> candle_core::Resu
     Ok(())
 }
 
+/// The start of a multistep scheduler's step: shapes match, the index is in range and follows
+/// the previous step. Returns true for step 0, where the caller clears its history.
+fn begin_ordered_step(
+    name: &str,
+    model_output: &Tensor,
+    sample: &Tensor,
+    step_index: usize,
+    len: usize,
+    next_step: usize,
+) -> candle_core::Result<bool> {
+    check_same_shape(model_output, sample)?;
+    if step_index >= len {
+        return Err(step_out_of_range(step_index, len));
+    }
+    if step_index != 0 && step_index != next_step {
+        return Err(candle_core::Error::Msg(format!(
+            "{name}: steps must be taken in order; step {step_index} asked, {next_step} expected"
+        )));
+    }
+    Ok(step_index == 0)
+}
+
+/// Appends the newest model output to a fixed-length history, dropping the oldest.
+fn push_history(history: &mut [Option<Vec<f32>>], latest: Vec<f32>) {
+    history.rotate_left(1);
+    if let Some(last) = history.last_mut() {
+        *last = Some(latest);
+    }
+}
+
 fn step_out_of_range(step_index: usize, len: usize) -> candle_core::Error {
     candle_core::Error::Msg(format!("scheduler step {step_index} is out of range: the schedule has {len} steps"))
 }

@@ -11,7 +11,7 @@
 use super::config::{PredictionType, Thresholding, UniPcConfig, UniPcSolverType};
 use super::dpm_solver::{alpha_sigma, lambda, vp_schedule, VpSchedule};
 use super::numerics::threshold_sample;
-use super::{check_same_shape, check_steps, checked_timesteps, step_out_of_range, to_f32_vec, Scheduler};
+use super::{begin_ordered_step, check_steps, checked_timesteps, push_history, to_f32_vec, Scheduler};
 use candle_core::{Result, Tensor};
 
 const CLASS: &str = "UniPCMultistepScheduler";
@@ -211,21 +211,12 @@ impl Scheduler for UniPc {
         sample: &Tensor,
         _noise: &mut dyn crate::noise::NoiseSource,
     ) -> Result<Tensor> {
-        check_same_shape(model_output, sample)?;
         let len = self.timesteps.len();
-        if step_index >= len {
-            return Err(step_out_of_range(step_index, len));
-        }
-        if step_index == 0 {
+        if begin_ordered_step("UniPC is multistep", model_output, sample, step_index, len, self.next_step)? {
             self.model_outputs.iter_mut().for_each(|m| *m = None);
             self.last_sample = None;
             self.lower_order_nums = 0;
             self.this_order = 1;
-        } else if step_index != self.next_step {
-            return Err(candle_core::Error::Msg(format!(
-                "UniPC is multistep: steps must be taken in order; step {step_index} asked, {} expected",
-                self.next_step
-            )));
         }
         let i = step_index;
         let batch = *sample.dims().first().unwrap_or(&1);
@@ -237,10 +228,7 @@ impl Scheduler for UniPc {
                 s = self.corrector(i, &model_t, last, self.this_order);
             }
         }
-        self.model_outputs.rotate_left(1);
-        if let Some(last) = self.model_outputs.last_mut() {
-            *last = Some(model_t);
-        }
+        push_history(&mut self.model_outputs, model_t);
         let this_order = if self.lower_order_final { self.solver_order.min(len - i) } else { self.solver_order };
         self.this_order = this_order.min(self.lower_order_nums + 1);
         let prev = self.predictor(i, &s, self.this_order);

@@ -6,9 +6,8 @@
 mod common;
 
 use candle_core::Tensor;
-use common::{check_case, recorder, Pipelines, LATENT_REL_TOL};
+use common::{check_case, recorder, request, Pipelines, LATENT_REL_TOL};
 use sdmesh_orchestrator::noise::{NoiseSource, SeededNoise};
-use sdmesh_proto::v1;
 use sdmesh_testkit::{load_fixture_json, load_fixture_tensors};
 use std::collections::HashMap;
 
@@ -78,29 +77,6 @@ fn randn_equals_torch_bit_for_bit() {
     println!("{checked} values equal to torch's bit for bit");
 }
 
-/// The request a case describes: the seed only, no initial latents.
-fn request(case: &serde_json::Value) -> v1::GenerateRequest {
-    let kwargs = &case["scheduler_kwargs"];
-    v1::GenerateRequest {
-        prompt: case["prompt"].as_str().unwrap().into(),
-        negative_prompt: case["negative_prompt"].as_str().unwrap_or("").into(),
-        steps: Some(case["steps"].as_u64().unwrap() as u32),
-        guidance_scale: Some(case["guidance_scale"].as_f64().unwrap() as f32),
-        guidance_rescale: case["guidance_rescale"].as_f64().unwrap() as f32,
-        seed: Some(case["seed"].as_u64().unwrap()),
-        height: Some(case["height"].as_u64().unwrap() as u32),
-        width: Some(case["width"].as_u64().unwrap() as u32),
-        num_images: Some(case["num_images_per_prompt"].as_u64().unwrap() as u32),
-        scheduler: Some(v1::SchedulerOptions {
-            name: case["scheduler"].as_str().unwrap().into(),
-            eta: case["eta"].as_f64().filter(|e| *e > 0.0).map(|e| e as f32),
-            use_karras_sigmas: kwargs.get("use_karras_sigmas").and_then(|v| v.as_bool()),
-        }),
-        init_latents: None,
-        return_array: true,
-    }
-}
-
 /// The by-seed cases (tests/fixtures/reference-seeds/cases.json), all checked.
 const CASES: &[&str] =
     &["seed_sd21_ddim", "seed_base_ddim_eta_two_images", "seed_sd21_dpmpp2m_nonsquare", "seed_sd21_euler_ancestral"];
@@ -116,7 +92,7 @@ async fn same_seed_same_image_as_diffusers() {
         let case = cases.get(name).unwrap_or_else(|| panic!("{name} missing from reference-seeds/cases.json"));
         let pipeline = pipelines.get(case["model"].as_str().unwrap()).await;
         let r = load_tensors(&format!("cases/{name}.safetensors"));
-        let job = pipeline.validate(&request(case)).unwrap();
+        let job = pipeline.validate(&request(case, None)).unwrap();
         assert!(job.init_latents.is_none());
         let seed = case["seed"].as_u64().unwrap();
         assert_eq!(job.seed, seed);

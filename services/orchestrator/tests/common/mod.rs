@@ -3,6 +3,7 @@
 
 use candle_core::{Device, Tensor};
 use sdmesh_orchestrator::pipeline::{Limits, Pipeline, StepProgress};
+use sdmesh_proto::v1;
 use sdmesh_testkit::{assert_close, max_abs_diff, model};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -90,4 +91,37 @@ pub fn check_case(
     }
     assert_close(&format!("{name} image"), images, &r["image"], 1e-3);
     report.push(format!("{name}: image max abs error {:e}", max_abs_diff(images, &r["image"]).0));
+}
+
+/// The request a reference case describes. The scheduler is the case's `short_name` when it has
+/// one (which also says Karras), else its diffusers class name with `scheduler_kwargs`'
+/// `use_karras_sigmas`; absent `guidance_rescale`, `eta`, `num_images_per_prompt`, `seed` take
+/// the pipeline's defaults (seed 0). `init` is the reference's initial latents, if it gave any.
+pub fn request(case: &serde_json::Value, init: Option<&Tensor>) -> v1::GenerateRequest {
+    let num = |key: &str| case.get(key).and_then(|v| v.as_f64());
+    let (name, use_karras_sigmas) = match case.get("short_name").and_then(|v| v.as_str()) {
+        Some(short) => (short, None),
+        None => (
+            case["scheduler"].as_str().unwrap(),
+            case["scheduler_kwargs"].get("use_karras_sigmas").and_then(|v| v.as_bool()),
+        ),
+    };
+    v1::GenerateRequest {
+        prompt: case["prompt"].as_str().unwrap().into(),
+        negative_prompt: case["negative_prompt"].as_str().unwrap_or("").into(),
+        steps: Some(case["steps"].as_u64().unwrap() as u32),
+        guidance_scale: Some(case["guidance_scale"].as_f64().unwrap() as f32),
+        guidance_rescale: num("guidance_rescale").unwrap_or(0.0) as f32,
+        seed: Some(case.get("seed").and_then(|v| v.as_u64()).unwrap_or(0)),
+        height: Some(case["height"].as_u64().unwrap() as u32),
+        width: Some(case["width"].as_u64().unwrap() as u32),
+        num_images: Some(num("num_images_per_prompt").unwrap_or(1.0) as u32),
+        scheduler: Some(v1::SchedulerOptions {
+            name: name.into(),
+            eta: num("eta").filter(|e| *e > 0.0).map(|e| e as f32),
+            use_karras_sigmas,
+        }),
+        init_latents: init.map(|t| v1::Tensor::from_candle(t).unwrap()),
+        return_array: true,
+    }
 }

@@ -1,14 +1,18 @@
 //! Scheduler parity with diffusers (tests/fixtures/reference: schedulers.json,
 //! scheduler_steps.json + scheduler_steps/*.safetensors), request parsing and config handling.
 
+#[path = "common/schedulers.rs"]
+mod shared;
+
 use candle_core::{Device, Tensor};
-use sdmesh_orchestrator::noise::{NoiseSource, RecordedNoise};
+use sdmesh_orchestrator::noise::RecordedNoise;
 use sdmesh_orchestrator::scheduler::config::TimestepSpacing;
 use sdmesh_orchestrator::scheduler::{
     build, resolve, ResolvedScheduler, Scheduler, SchedulerConfig, SchedulerKind, SchedulerRequest,
 };
 use sdmesh_testkit::{load_json, load_tensors, max_abs_diff};
 use serde_json::{json, Value};
+use shared::{model_config, req, CountingNoise};
 
 /// Largest accepted max-abs error of one step's output against diffusers, given diffusers'
 /// input. Not 0: torch computes the per-step scalars' sqrt/log/exp with MKL VML (HA mode,
@@ -21,11 +25,6 @@ const CHAIN_REL_TOL: f32 = 1e-6;
 /// Relative tolerance of sigmas (timesteps must be equal). The float32 training sigmas come
 /// from torch's MKL sqrt, so one can be an ulp (1.2e-7 relative) away from ours.
 const SIGMA_REL_TOL: f64 = 1e-6;
-
-fn model_config(model: &str) -> SchedulerConfig {
-    let path = sdmesh_testkit::model(model).join("scheduler").join("scheduler_config.json");
-    SchedulerConfig::from_file(&path).expect("scheduler config")
-}
 
 fn kind_of(class: &str) -> SchedulerKind {
     match class {
@@ -76,19 +75,6 @@ fn schedules_match_diffusers() {
         }
     }
     println!("sigmas: worst relative error {worst_sigma_rel:e}");
-}
-
-/// Counts the draws a scheduler makes while replaying the recorded ones.
-struct CountingNoise {
-    inner: RecordedNoise,
-    draws: usize,
-}
-
-impl NoiseSource for CountingNoise {
-    fn randn(&mut self, shape: &[usize]) -> candle_core::Result<Tensor> {
-        self.draws += 1;
-        self.inner.randn(shape)
-    }
 }
 
 /// The worst element of one scheduler_steps case: (max abs error, max |reference|, where).
@@ -176,10 +162,6 @@ fn chained_steps_track_diffusers() {
     let report = report.join("\n");
     println!("{report}\nworst relative: {worst_rel:e}");
     assert!(worst_rel <= CHAIN_REL_TOL, "relative error {worst_rel:e} > {CHAIN_REL_TOL:e}:\n{report}");
-}
-
-fn req(name: &str) -> SchedulerRequest {
-    SchedulerRequest { name: name.into(), ..Default::default() }
 }
 
 #[test]

@@ -13,15 +13,18 @@
 //! reach |x| ~ 50, where an f32 ulp is 3.8e-6);
 //! model inputs within 1e-6 relative to their largest |value| (>= 1).
 
-use candle_core::{Device, Tensor};
-use sdmesh_orchestrator::noise::{NoiseSource, RecordedNoise};
+#[path = "common/schedulers.rs"]
+mod shared;
+
+use candle_core::Tensor;
+use sdmesh_orchestrator::noise::RecordedNoise;
 use sdmesh_orchestrator::scheduler::{
     build, resolve, ResolvedScheduler, Scheduler, SchedulerConfig, SchedulerKind, SchedulerRequest, ACCEPTED_NAMES,
 };
-use sdmesh_testkit::{fixtures, max_abs_diff};
+use sdmesh_testkit::{load_fixture_json, load_fixture_tensors, max_abs_diff};
 use serde_json::{json, Value};
+use shared::{f64s, model_config, rel_err, req, CountingNoise};
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 const STEP_TOL: f32 = 1e-5;
 const STEP_REL_TOL: f32 = 1e-6;
@@ -38,24 +41,12 @@ const INPUT_TOL: f32 = 1e-6;
 const SIGMA_REL_TOL: f64 = 1e-6;
 const TIMESTEP_INTERPOLATED_ABS_TOL: f64 = 1e-3;
 
-fn dir() -> PathBuf {
-    fixtures().join("reference-schedulers")
-}
-
 fn load_json(rel: &str) -> Value {
-    let path = dir().join(rel);
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    load_fixture_json(&format!("reference-schedulers/{rel}"))
 }
 
 fn load_tensors(rel: &str) -> HashMap<String, Tensor> {
-    let path = dir().join(rel);
-    candle_core::safetensors::load(&path, &Device::Cpu).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-fn model_config(model: &str) -> SchedulerConfig {
-    let path = sdmesh_testkit::model(model).join("scheduler").join("scheduler_config.json");
-    SchedulerConfig::from_file(&path).expect("scheduler config")
+    load_fixture_tensors(&format!("reference-schedulers/{rel}"))
 }
 
 fn kind_of(class: &str) -> SchedulerKind {
@@ -74,10 +65,6 @@ fn kind_of(class: &str) -> SchedulerKind {
 
 fn resolved(kind: SchedulerKind) -> ResolvedScheduler {
     ResolvedScheduler { kind, eta: 0.0, use_karras_sigmas: None }
-}
-
-fn f64s(v: &Value) -> Vec<f64> {
-    v.as_array().expect("array").iter().map(|v| v.as_f64().expect("number")).collect()
 }
 
 /// Timesteps as diffusers' float32 values (serde_json's float parsing can be an f64 ulp off, which
@@ -108,10 +95,6 @@ fn timestep_tol(class: &Value, kwargs: &Value) -> Option<f64> {
     } else {
         None
     }
-}
-
-fn rel_err(a: f64, e: f64) -> f64 {
-    (a - e).abs() / e.abs().max(f64::MIN_POSITIVE)
 }
 
 #[test]
@@ -155,18 +138,6 @@ fn schedules_match_diffusers() {
     }
     assert_eq!(classes.len(), 8, "{classes:?}");
     println!("sigmas / init_noise_sigma: worst relative error {worst:e}");
-}
-
-struct CountingNoise {
-    inner: RecordedNoise,
-    draws: usize,
-}
-
-impl NoiseSource for CountingNoise {
-    fn randn(&mut self, shape: &[usize]) -> candle_core::Result<Tensor> {
-        self.draws += 1;
-        self.inner.randn(shape)
-    }
 }
 
 /// Each step against diffusers' output for diffusers' input (and the model input scaling).
@@ -228,10 +199,6 @@ fn steps_match_diffusers() {
         ));
     }
     println!("{}", report.join("\n"));
-}
-
-fn req(name: &str) -> SchedulerRequest {
-    SchedulerRequest { name: name.into(), ..Default::default() }
 }
 
 #[test]

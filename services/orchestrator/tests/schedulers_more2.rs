@@ -11,16 +11,19 @@
 //! random model outputs reach |x| ~ 50, where an f32 ulp is 3.8e-6; measured: 1.5e-5 absolute,
 //! 4.3e-7 relative at worst), DEIS 5e-6 relative (see `DEIS_STEP_REL_TOL`).
 
+#[path = "common/schedulers.rs"]
+mod shared;
+
 use candle_core::{Device, Tensor};
-use sdmesh_orchestrator::noise::{NoiseSource, RecordedNoise};
+use sdmesh_orchestrator::noise::RecordedNoise;
 use sdmesh_orchestrator::scheduler::{
     build, resolve, ResolvedScheduler, Scheduler, SchedulerConfig, SchedulerKind, SchedulerRequest, UniPcSolverType,
     ACCEPTED_NAMES,
 };
-use sdmesh_testkit::{fixtures, max_abs_diff};
+use sdmesh_testkit::{load_fixture_json, load_fixture_tensors, max_abs_diff};
 use serde_json::{json, Value};
+use shared::{f64s, model_config, rel_err, req, CountingNoise};
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 const STEP_TOL: f32 = 1e-5;
 const STEP_REL_TOL: f32 = 1e-6;
@@ -32,24 +35,12 @@ const DEIS_STEP_REL_TOL: f32 = 5e-6;
 const SIGMA_REL_TOL: f64 = 1e-6;
 const TIMESTEP_INTERPOLATED_ABS_TOL: f64 = 1e-3;
 
-fn dir() -> PathBuf {
-    fixtures().join("reference-schedulers2")
-}
-
 fn load_json(rel: &str) -> Value {
-    let path = dir().join(rel);
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    load_fixture_json(&format!("reference-schedulers2/{rel}"))
 }
 
 fn load_tensors(rel: &str) -> HashMap<String, Tensor> {
-    let path = dir().join(rel);
-    candle_core::safetensors::load(&path, &Device::Cpu).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-fn model_config(model: &str) -> SchedulerConfig {
-    let path = sdmesh_testkit::model(model).join("scheduler").join("scheduler_config.json");
-    SchedulerConfig::from_file(&path).expect("scheduler config")
+    load_fixture_tensors(&format!("reference-schedulers2/{rel}"))
 }
 
 /// The kind a fixture's class and kwargs mean.
@@ -69,10 +60,6 @@ fn resolved(kind: SchedulerKind) -> ResolvedScheduler {
     ResolvedScheduler { kind, eta: 0.0, use_karras_sigmas: None }
 }
 
-fn f64s(v: &Value) -> Vec<f64> {
-    v.as_array().expect("array").iter().map(|v| v.as_f64().expect("number")).collect()
-}
-
 fn timestep_tol(kwargs: &Value) -> Option<f64> {
     kwargs.get("use_karras_sigmas").and_then(Value::as_bool).unwrap_or(false).then_some(TIMESTEP_INTERPOLATED_ABS_TOL)
 }
@@ -84,10 +71,6 @@ fn check_timesteps(what: &str, ours: &[f64], expected: &[f64], tol: Option<f64>)
         let ok = a32 == e32 || tol.is_some_and(|tol| (a - f64::from(e32)).abs() <= tol);
         assert!(ok, "{what}: timestep {i} = {a}, diffusers {e}");
     }
-}
-
-fn rel_err(a: f64, e: f64) -> f64 {
-    (a - e).abs() / e.abs().max(f64::MIN_POSITIVE)
 }
 
 #[test]
@@ -125,18 +108,6 @@ fn schedules_match_diffusers() {
         "{kinds:?}"
     );
     println!("sigmas: worst relative error {worst:e}");
-}
-
-struct CountingNoise {
-    inner: RecordedNoise,
-    draws: usize,
-}
-
-impl NoiseSource for CountingNoise {
-    fn randn(&mut self, shape: &[usize]) -> candle_core::Result<Tensor> {
-        self.draws += 1;
-        self.inner.randn(shape)
-    }
 }
 
 /// Each step against diffusers' output for diffusers' input and recorded noise.
@@ -190,10 +161,6 @@ fn steps_match_diffusers() {
         report.push(format!("{name}: step max abs {worst_step:e} ({worst_rel:e} relative)"));
     }
     println!("{}", report.join("\n"));
-}
-
-fn req(name: &str) -> SchedulerRequest {
-    SchedulerRequest { name: name.into(), ..Default::default() }
 }
 
 #[test]

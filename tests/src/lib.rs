@@ -1,6 +1,8 @@
 //! Helpers for tests that compare against the committed reference outputs in
 //! tests/fixtures (made by tests/fixtures/generate.py with diffusers/transformers).
 
+pub mod process;
+
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::PathBuf;

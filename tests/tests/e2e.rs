@@ -4,94 +4,13 @@
 
 use candle_core::Device;
 use sdmesh_proto::v1;
-use sdmesh_testkit::{assert_close, load_json, load_tensors, model};
-use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-use tonic_health::pb::health_check_response::ServingStatus;
-
-fn bin(name: &str) -> PathBuf {
-    // target/<profile>/deps/e2e-HASH -> target/<profile>/NAME
-    let dir = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().to_path_buf();
-    let path = dir.join(name);
-    assert!(path.exists(), "{} is missing: build the workspace binaries first (cargo build --bins)", path.display());
-    path
-}
-
-/// A service process, killed when dropped.
-struct Service {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts `name` with `args` plus `--listen 127.0.0.1:0` and reads the port it printed.
-fn start(name: &str, args: &[&str]) -> Service {
-    let mut child = Command::new(bin(name))
-        .args(args)
-        .args(["--listen", "127.0.0.1:0"])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addr =
-        line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("{name} printed {line:?}")).to_string();
-    Service { child, addr: format!("http://{addr}") }
-}
-
-async fn wait_serving(url: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let status = async {
-            let channel = tonic::transport::Endpoint::from_shared(url.to_string()).ok()?.connect().await.ok()?;
-            let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
-            let r = client.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.ok()?;
-            Some(r.into_inner().status)
-        }
-        .await;
-        if status == Some(ServingStatus::Serving as i32) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{url} did not become SERVING");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-struct Mesh {
-    orchestrator: Service,
-    unet: Service,
-    _others: Vec<Service>,
-}
-
-async fn start_mesh(model_name: &str) -> Mesh {
-    let dir = model(model_name);
-    let dir = dir.to_str().unwrap();
-    let te = start("sdmesh-text-encoder", &["--model", dir]);
-    let unet = start("sdmesh-unet", &["--model", dir]);
-    let vae = start("sdmesh-vae", &["--model", dir]);
-    for s in [&te, &unet, &vae] {
-        wait_serving(&s.addr).await;
-    }
-    let orchestrator = start(
-        "sdmesh-orchestrator",
-        &["--model", dir, "--text-encoder-url", &te.addr, "--unet-url", &unet.addr, "--vae-url", &vae.addr],
-    );
-    wait_serving(&orchestrator.addr).await;
-    Mesh { orchestrator, unet, _others: vec![te, vae] }
-}
+use sdmesh_testkit::process::{bin, Mesh};
+use sdmesh_testkit::{assert_close, load_json, load_tensors};
+use std::process::Command;
 
 #[tokio::test]
 async fn sdctl_through_separate_processes_gives_the_reference_image() {
-    let mesh = start_mesh("sd21-tiny").await;
+    let mesh = Mesh::start("sd21-tiny").await;
     let case = load_json("cases.json").as_array().unwrap().iter().find(|c| c["name"] == "sd21_ddim").unwrap().clone();
     let r = load_tensors("cases/sd21_ddim.safetensors");
     let tmp = std::env::temp_dir().join(format!("sdmesh-e2e-{}", std::process::id()));
@@ -126,7 +45,7 @@ async fn sdctl_through_separate_processes_gives_the_reference_image() {
 
 #[tokio::test]
 async fn same_request_same_bytes_and_bad_input_is_invalid_argument() {
-    let mesh = start_mesh("sd21-base-tiny").await;
+    let mesh = Mesh::start("sd21-base-tiny").await;
     let mut client =
         v1::orchestrator_client::OrchestratorClient::connect(mesh.orchestrator.addr.clone()).await.unwrap();
     let base = v1::GenerateRequest {

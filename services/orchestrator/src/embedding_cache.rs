@@ -137,6 +137,12 @@ impl TextEncoder for CachedTextEncoder {
             found.push(self.store.get(key).await.and_then(|v| decode_value(&v, &dims)));
         }
         let misses: Vec<usize> = (0..texts.len()).filter(|&i| found[i].is_none()).collect();
+        let hits = texts.len() - misses.len();
+        metrics::counter!("sdmesh_embedding_cache_requests_total", "result" => "hit").increment(hits as u64);
+        metrics::counter!("sdmesh_embedding_cache_requests_total", "result" => "miss").increment(misses.len() as u64);
+        let span = tracing::Span::current();
+        span.record("cache_hits", hits);
+        span.record("cache_misses", misses.len());
         if !misses.is_empty() {
             let computed = self.inner.encode(misses.iter().map(|&i| texts[i].clone()).collect()).await?;
             for (j, &i) in misses.iter().enumerate() {

@@ -6,6 +6,7 @@ pub mod embedding_cache;
 pub mod noise;
 pub mod pipeline;
 pub mod png;
+pub mod redis_store;
 pub mod scheduler;
 pub mod server;
 pub mod torch_rng;
@@ -47,8 +48,45 @@ pub struct OrchestratorOptions {
     pub limits: Limits,
     /// How long to wait at start-up for the model services to report their info.
     pub startup_timeout: Duration,
-    /// Bytes of prompt embeddings kept in the in-process cache (0 turns it off).
+    /// Bytes of prompt embeddings kept in the in-process cache (0 turns it off); unused with Redis.
     pub embedding_cache_bytes: usize,
+    /// Keep prompt embeddings in Redis instead of in this process.
+    pub redis: Option<redis_store::RedisOptions>,
+}
+
+/// Where prompt embeddings are cached.
+#[derive(clap::Args, Debug)]
+pub struct CacheArgs {
+    /// Bytes of prompt embeddings cached in this process when no Redis is set (0 = no cache).
+    /// SD 2.x: 308 KiB each.
+    #[arg(long, env = "SDMESH_EMBEDDING_CACHE_BYTES", default_value_t = 256 << 20)]
+    pub embedding_cache_bytes: usize,
+    /// Cache prompt embeddings in Redis, shared by every orchestrator using it:
+    /// redis://[user:password@]host:port/db. Its memory bound is Redis' maxmemory (use an
+    /// allkeys-lru policy).
+    #[arg(long, env = "SDMESH_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+    /// Milliseconds any Redis operation may take before the job goes on without the cache.
+    #[arg(long, env = "SDMESH_REDIS_TIMEOUT_MS", default_value_t = 250)]
+    pub redis_timeout_ms: u64,
+    /// Seconds a cached embedding lives in Redis (0 = until Redis evicts it).
+    #[arg(long, env = "SDMESH_EMBEDDING_CACHE_TTL", default_value_t = 7 * 24 * 3600)]
+    pub embedding_cache_ttl: u64,
+    /// Seconds between reconnection attempts while Redis is unreachable.
+    #[arg(long, env = "SDMESH_REDIS_RETRY_INTERVAL", default_value_t = 1.0)]
+    pub redis_retry_interval: f64,
+}
+
+impl CacheArgs {
+    /// The Redis store's settings, when --redis-url is set.
+    pub fn redis_options(&self) -> Option<redis_store::RedisOptions> {
+        Some(redis_store::RedisOptions {
+            url: self.redis_url.clone()?,
+            timeout: Duration::from_millis(self.redis_timeout_ms),
+            ttl: (self.embedding_cache_ttl > 0).then(|| Duration::from_secs(self.embedding_cache_ttl)),
+            retry_interval: Duration::from_secs_f64(self.redis_retry_interval.max(0.0)),
+        })
+    }
 }
 
 /// Puts a prompt-embedding cache in front of the pipeline's text encoder.
@@ -91,7 +129,7 @@ pub async fn pipeline_over(
 pub async fn run(
     opts: OrchestratorOptions,
     listener: TcpListener,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    shutdown: sdmesh_core::serve::Shutdown,
 ) -> anyhow::Result<()> {
     let health = Health::new(&[v1::orchestrator_server::SERVICE_NAME]).await;
     let service = server::OrchestratorService::default();
@@ -110,9 +148,13 @@ pub async fn run(
         opts.startup_timeout,
     )
     .await?;
-    let pipeline = match opts.embedding_cache_bytes {
-        0 => pipeline,
-        bytes => with_embedding_cache(pipeline, Arc::new(embedding_cache::LruStore::new(bytes))),
+    let pipeline = match (opts.redis, opts.embedding_cache_bytes) {
+        (Some(redis), _) => {
+            tracing::info!(url = %sdmesh_core::redact_url(&redis.url), ttl = ?redis.ttl, "prompt embeddings cached in redis");
+            with_embedding_cache(pipeline, Arc::new(redis_store::RedisStore::new(redis)?))
+        }
+        (None, 0) => pipeline,
+        (None, bytes) => with_embedding_cache(pipeline, Arc::new(embedding_cache::LruStore::new(bytes))),
     };
     service.set_pipeline(pipeline);
     health.set(ServingStatus::Serving).await;

@@ -1,5 +1,6 @@
 use clap::Parser;
-use sdmesh_core::serve::{bind, init_logging, shutdown_signal};
+use sdmesh_core::serve::{bind, Shutdown, ShutdownArgs};
+use sdmesh_core::telemetry::TelemetryArgs;
 use sdmesh_orchestrator::pipeline::Limits;
 use sdmesh_orchestrator::{run, OrchestratorOptions};
 use std::path::PathBuf;
@@ -30,18 +31,21 @@ struct Args {
     /// Most images one request may ask for.
     #[arg(long, env = "SDMESH_MAX_IMAGES", default_value_t = 8)]
     max_images: u32,
-    /// Bytes of prompt embeddings cached in this process (0 = no cache). SD 2.x: 308 KiB each.
-    #[arg(long, env = "SDMESH_EMBEDDING_CACHE_BYTES", default_value_t = 256 << 20)]
-    embedding_cache_bytes: usize,
     /// Seconds to wait at start-up for the model services.
     #[arg(long, env = "SDMESH_STARTUP_TIMEOUT", default_value_t = 300)]
     startup_timeout: u64,
+    #[command(flatten)]
+    cache: sdmesh_orchestrator::CacheArgs,
+    #[command(flatten)]
+    shutdown: ShutdownArgs,
+    #[command(flatten)]
+    telemetry: TelemetryArgs,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    init_logging();
     let a = Args::parse();
+    let telemetry = sdmesh_core::telemetry::init("sdmesh-orchestrator", &a.telemetry).await?;
     let listener = bind(&a.listen).await?;
     let opts = OrchestratorOptions {
         model: a.model,
@@ -50,7 +54,10 @@ async fn main() -> anyhow::Result<()> {
         vae_url: a.vae_url,
         limits: Limits { max_side: a.max_side, max_images: a.max_images },
         startup_timeout: Duration::from_secs(a.startup_timeout),
-        embedding_cache_bytes: a.embedding_cache_bytes,
+        embedding_cache_bytes: a.cache.embedding_cache_bytes,
+        redis: a.cache.redis_options(),
     };
-    run(opts, listener, shutdown_signal()).await
+    let result = run(opts, listener, Shutdown::on_signal(a.shutdown.grace())).await;
+    telemetry.shutdown().await;
+    result
 }

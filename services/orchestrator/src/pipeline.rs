@@ -8,6 +8,7 @@ use candle_core::{DType, Tensor};
 use sdmesh_core::{DenoiseInput, Denoiser, Error, Result, TextEncoder, Vae};
 use sdmesh_proto::v1;
 use std::sync::Arc;
+use tracing::Instrument;
 
 pub const DEFAULT_STEPS: u32 = 50;
 pub const DEFAULT_GUIDANCE: f32 = 7.5;
@@ -188,7 +189,13 @@ impl Pipeline {
         } else {
             vec![job.prompt.clone()]
         };
-        let encoded = self.text_encoder.encode(texts).await?;
+        let encode_span = tracing::info_span!(
+            "encode_prompts",
+            texts = texts.len(),
+            cache_hits = tracing::field::Empty,
+            cache_misses = tracing::field::Empty
+        );
+        let encoded = self.text_encoder.encode(texts).instrument(encode_span).await?;
         for (which, dropped) in ["negative prompt", "prompt"].iter().rev().zip(encoded.truncated_tokens.iter().rev()) {
             if *dropped > 0 {
                 let msg = format!(
@@ -214,9 +221,8 @@ impl Pipeline {
         latents = (latents * scheduler.init_noise_sigma())?;
         let timesteps = scheduler.timesteps().to_vec();
         for (i, &t) in timesteps.iter().enumerate() {
-            let span = tracing::debug_span!("step", step = i, timestep = t);
-            let _entered = span.enter();
-            let model_input = scheduler.scale_model_input(&latents, i)?;
+            let span = tracing::info_span!("step", step = i, timestep = t, batch = job.num_images);
+            let model_input = span.in_scope(|| scheduler.scale_model_input(&latents, i))?;
             let model_output = self
                 .denoiser
                 .denoise(DenoiseInput {
@@ -227,13 +233,15 @@ impl Pipeline {
                     guidance_scale: job.guidance_scale,
                     guidance_rescale: job.guidance_rescale,
                 })
+                .instrument(span.clone())
                 .await?;
-            latents = scheduler.step(&model_output, i, &latents, noise)?;
+            latents = span.in_scope(|| scheduler.step(&model_output, i, &latents, noise))?;
+            metrics::counter!("sdmesh_steps_total").increment(1);
             if !progress(StepProgress { step: i + 1, total: timesteps.len(), timestep: t, latents: latents.clone() }) {
                 return Err(Error::Remote(tonic::Status::cancelled("the client went away")));
             }
         }
-        let images = self.vae.decode(latents).await?;
+        let images = self.vae.decode(latents).instrument(tracing::info_span!("decode", batch = job.num_images)).await?;
         Ok(JobOutput { images, warnings })
     }
 

@@ -8,6 +8,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use tokio::sync::{mpsc, OnceCell};
 use tokio_stream::Stream;
+use tracing::Instrument;
 
 /// The public API over a [`Pipeline`]; UNAVAILABLE until the pipeline is set (the model
 /// services have answered).
@@ -48,6 +49,48 @@ impl OrchestratorService {
     }
 }
 
+/// Metadata naming the tenant a job runs for, recorded on its trace (platforms set it).
+pub const TENANT_METADATA: &str = "x-sdmesh-tenant";
+
+fn tenant(metadata: &tonic::metadata::MetadataMap) -> Option<String> {
+    metadata.get(TENANT_METADATA).and_then(|v| v.to_str().ok()).map(str::to_string)
+}
+
+/// The span of one job; the step, encode and decode spans (and the model services' RPC
+/// spans) are its children.
+fn job_span(pipeline: &Pipeline, job: &Job, tenant: Option<&str>) -> tracing::Span {
+    let span = tracing::info_span!(
+        "generate",
+        model = %pipeline.model_name,
+        scheduler = %job.scheduler.canonical_name(),
+        steps = job.steps,
+        seed = job.seed,
+        width = job.width,
+        height = job.height,
+        batch = job.num_images,
+        guidance_scale = job.guidance_scale,
+        tenant = tracing::field::Empty,
+    );
+    if let Some(tenant) = tenant {
+        span.record("tenant", tenant);
+    }
+    span.in_scope(|| tracing::info!("generate"));
+    span
+}
+
+/// Runs a job, counting it by outcome in `sdmesh_jobs_total{code}` and timing it.
+async fn observe_job<T>(job: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    let started = std::time::Instant::now();
+    let result = job.await;
+    let code = match &result {
+        Ok(_) => tonic::Code::Ok,
+        Err(e) => e.code(),
+    };
+    metrics::counter!("sdmesh_jobs_total", "code" => format!("{code:?}")).increment(1);
+    metrics::histogram!("sdmesh_job_duration_seconds").record(started.elapsed().as_secs_f64());
+    result
+}
+
 type EventStream = Pin<Box<dyn Stream<Item = std::result::Result<v1::GenerateEvent, tonic::Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -56,12 +99,20 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
         &self,
         request: tonic::Request<v1::GenerateRequest>,
     ) -> std::result::Result<tonic::Response<v1::GenerateResponse>, tonic::Status> {
+        let tenant = tenant(request.metadata());
         let request = request.into_inner();
         let pipeline = self.pipeline()?;
         let job = pipeline.validate(&request)?;
-        tracing::info!(seed = job.seed, steps = job.steps, scheduler = %job.scheduler.canonical_name(), "generate");
-        let out = pipeline.run(&job, &mut SeededNoise::new(job.seed), &mut |_| true).await?;
-        Ok(tonic::Response::new(Self::response(pipeline, &job, out, request.return_array)?))
+        let span = job_span(pipeline, &job, tenant.as_deref());
+        let response = observe_job(
+            async {
+                let out = pipeline.run(&job, &mut SeededNoise::new(job.seed), &mut |_| true).await?;
+                Self::response(pipeline, &job, out, request.return_array)
+            }
+            .instrument(span),
+        )
+        .await?;
+        Ok(tonic::Response::new(response))
     }
 
     type GenerateStreamStream = EventStream;
@@ -70,10 +121,11 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
         &self,
         request: tonic::Request<v1::GenerateRequest>,
     ) -> std::result::Result<tonic::Response<Self::GenerateStreamStream>, tonic::Status> {
+        let tenant = tenant(request.metadata());
         let request = request.into_inner();
         let pipeline = self.pipeline()?.clone();
         let job = pipeline.validate(&request)?;
-        tracing::info!(seed = job.seed, steps = job.steps, scheduler = %job.scheduler.canonical_name(), "generate (stream)");
+        let span = job_span(&pipeline, &job, tenant.as_deref());
         // Room for every progress event, so the job never waits on a slow reader.
         let (tx, rx) = mpsc::channel(job.steps + 2);
         tokio::spawn(async move {
@@ -89,10 +141,14 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
                 // A closed stream means the client went away: stop the job.
                 progress_tx.try_send(Ok(event)).is_ok() || !progress_tx.is_closed()
             };
-            let result = pipeline
-                .run(&job, &mut SeededNoise::new(job.seed), &mut progress)
-                .await
-                .and_then(|out| Self::response(&pipeline, &job, out, request.return_array));
+            let result = observe_job(
+                async {
+                    let out = pipeline.run(&job, &mut SeededNoise::new(job.seed), &mut progress).await?;
+                    Self::response(&pipeline, &job, out, request.return_array)
+                }
+                .instrument(span),
+            )
+            .await;
             let event = match result {
                 Ok(r) => Ok(v1::GenerateEvent { event: Some(v1::generate_event::Event::Result(r)) }),
                 Err(e) => Err(tonic::Status::from(e)),

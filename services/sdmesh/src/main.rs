@@ -3,7 +3,8 @@
 //! separate processes; the orchestrator listens on --listen.
 
 use clap::{Parser, Subcommand};
-use sdmesh_core::serve::{bind, init_logging, shutdown_signal};
+use sdmesh_core::serve::{bind, Shutdown, ShutdownArgs};
+use sdmesh_core::telemetry::TelemetryArgs;
 use sdmesh_orchestrator::pipeline::Limits;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -34,22 +35,51 @@ enum Command {
         /// Most images one request may ask for.
         #[arg(long, env = "SDMESH_MAX_IMAGES", default_value_t = 8)]
         max_images: u32,
+        /// Requests waiting for each model beyond which new ones get RESOURCE_EXHAUSTED.
+        #[arg(long, env = "SDMESH_QUEUE_CAPACITY", default_value_t = 64)]
+        queue_capacity: usize,
+        #[command(flatten)]
+        cache: sdmesh_orchestrator::CacheArgs,
+        #[command(flatten)]
+        shutdown: ShutdownArgs,
+        #[command(flatten)]
+        telemetry: TelemetryArgs,
     },
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    init_logging();
-    let Command::Serve { model, listen, device, max_side, max_images } = Cli::parse().command;
+    let Command::Serve { model, listen, device, max_side, max_images, queue_capacity, cache, shutdown, telemetry } =
+        Cli::parse().command;
+    let telemetry = sdmesh_core::telemetry::init("sdmesh", &telemetry).await?;
+    let result = serve(model, listen, device, Limits { max_side, max_images }, queue_capacity, cache, shutdown).await;
+    telemetry.shutdown().await;
+    result
+}
+
+/// Runs the mesh until SIGTERM/SIGINT. The orchestrator drains first (its jobs still need
+/// the model services), then the model services stop.
+async fn serve(
+    model: PathBuf,
+    listen: String,
+    device: String,
+    limits: Limits,
+    queue_capacity: usize,
+    cache: sdmesh_orchestrator::CacheArgs,
+    shutdown: ShutdownArgs,
+) -> anyhow::Result<()> {
     let device = sdmesh_core::parse_device(&device).map_err(anyhow::Error::msg)?;
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stopped = move || {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }
+    let grace = shutdown.grace();
+    let (orchestrator_done_tx, orchestrator_done) = tokio::sync::watch::channel(false);
+    let after_orchestrator = move || {
+        let mut done = orchestrator_done.clone();
+        Shutdown::new(
+            async move {
+                let _ = done.wait_for(|d| *d).await;
+            },
+            grace,
+        )
     };
-    let queue_capacity = 64;
     let loopback = || tokio::net::TcpListener::bind("127.0.0.1:0");
     let (te, unet, vae) = (loopback().await?, loopback().await?, loopback().await?);
     let url = |l: &tokio::net::TcpListener| l.local_addr().map(|a| format!("http://{a}"));
@@ -58,33 +88,35 @@ async fn main() -> anyhow::Result<()> {
         text_encoder_url: url(&te)?,
         unet_url: url(&unet)?,
         vae_url: url(&vae)?,
-        limits: Limits { max_side, max_images },
+        limits,
         startup_timeout: Duration::from_secs(600),
-        embedding_cache_bytes: 256 << 20,
+        embedding_cache_bytes: cache.embedding_cache_bytes,
+        redis: cache.redis_options(),
     };
     tracing::info!(text_encoder = %opts.text_encoder_url, unet = %opts.unet_url, vae = %opts.vae_url, "model services");
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(sdmesh_text_encoder::run(
         sdmesh_text_encoder::TextEncoderOptions { model: model.clone(), device: device.clone(), queue_capacity },
         te,
-        stopped(),
+        after_orchestrator(),
     ));
     tasks.spawn(sdmesh_unet::run(
         sdmesh_unet::UnetOptions { model: model.clone(), device: device.clone(), queue_capacity },
         unet,
-        stopped(),
+        after_orchestrator(),
     ));
     tasks.spawn(sdmesh_vae::run(
         sdmesh_vae::VaeOptions { model: model.clone(), device, queue_capacity },
         vae,
-        stopped(),
+        after_orchestrator(),
     ));
-    tasks.spawn(sdmesh_orchestrator::run(opts, bind(&listen).await?, stopped()));
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        let _ = stop_tx.send(true);
+    let orchestrator = sdmesh_orchestrator::run(opts, bind(&listen).await?, Shutdown::on_signal(grace));
+    tasks.spawn(async move {
+        let result = orchestrator.await;
+        let _ = orchestrator_done_tx.send(true);
+        result
     });
-    // The first service to end (a failed model load, or shutdown) ends the mesh.
+    // The first service to fail (e.g. a model that does not load) ends the mesh.
     let mut result = Ok(());
     while let Some(done) = tasks.join_next().await {
         if let Err(e) = done.map_err(anyhow::Error::from).and_then(|r| r) {

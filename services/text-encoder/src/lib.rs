@@ -10,6 +10,7 @@ pub mod tokenizer;
 use candle_core::{DType, Device, Tensor};
 use sdmesh_core::model_dir::{ComponentDir, ModelDirError};
 use sdmesh_core::serve::{serve, Health};
+use sdmesh_core::telemetry::traced;
 use sdmesh_core::{Error, ModelWorker, Result, TextEmbeddings};
 use sdmesh_proto::v1;
 use std::path::PathBuf;
@@ -172,7 +173,7 @@ impl v1::text_encoder_server::TextEncoder for TextEncoderService {
 pub async fn run(
     opts: TextEncoderOptions,
     listener: TcpListener,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    shutdown: sdmesh_core::serve::Shutdown,
 ) -> anyhow::Result<()> {
     let health = Health::new(&[v1::text_encoder_server::SERVICE_NAME]).await;
     let service = TextEncoderService { local: Arc::new(OnceCell::new()) };
@@ -208,13 +209,13 @@ impl TextEncoderClient {
 #[async_trait::async_trait]
 impl sdmesh_core::TextEncoder for TextEncoderClient {
     async fn encode(&self, texts: Vec<String>) -> Result<TextEmbeddings> {
-        let out = self.inner.clone().encode(v1::EncodeTextRequest { texts }).await?.into_inner();
+        let out = self.inner.clone().encode(traced(v1::EncodeTextRequest { texts })).await?.into_inner();
         let embeddings =
             sdmesh_proto::required(&out.embeddings, "embeddings")?.to_candle("embeddings", &Device::Cpu)?;
         Ok(TextEmbeddings { embeddings, truncated_tokens: out.truncated_tokens })
     }
 
     async fn info(&self) -> Result<v1::TextEncoderInfo> {
-        Ok(self.inner.clone().info(v1::InfoRequest {}).await?.into_inner())
+        Ok(self.inner.clone().info(traced(v1::InfoRequest {})).await?.into_inner())
     }
 }

@@ -1,5 +1,5 @@
 use clap::Parser;
-use sdmesh_core::serve::{init_logging, shutdown_signal, ServiceArgs};
+use sdmesh_core::serve::{model_service_main, ServiceArgs};
 use sdmesh_text_encoder::{run, TextEncoderOptions};
 
 /// sdmesh text-encoder service: CLIP tokenizer + text transformer over gRPC.
@@ -12,10 +12,6 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    init_logging();
-    let Args { service } = Args::parse();
-    let device = service.device().map_err(anyhow::Error::msg)?;
-    let listener = service.bind("127.0.0.1:50051").await?;
-    let opts = TextEncoderOptions { model: service.model, device, queue_capacity: service.queue_capacity };
-    run(opts, listener, shutdown_signal()).await
+    let options = |model, device, queue_capacity| TextEncoderOptions { model, device, queue_capacity };
+    model_service_main("sdmesh-text-encoder", "127.0.0.1:50051", Args::parse().service, options, run).await
 }

@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Tensor, D};
 use candle_transformers::models::stable_diffusion::unet_2d::UNet2DConditionModel;
 use sdmesh_core::model_dir::{ComponentDir, ModelDirError};
 use sdmesh_core::serve::{serve, Health, ServingStatus};
+use sdmesh_core::telemetry::traced;
 use sdmesh_core::{DenoiseInput, Error, ModelWorker, Result};
 use sdmesh_proto::v1;
 use std::path::PathBuf;
@@ -243,7 +244,7 @@ impl v1::unet_server::Unet for UnetService {
 pub async fn run(
     opts: UnetOptions,
     listener: TcpListener,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    shutdown: sdmesh_core::serve::Shutdown,
 ) -> anyhow::Result<()> {
     let health = Health::new(&[v1::unet_server::SERVICE_NAME]).await;
     let service = UnetService { local: Arc::new(OnceCell::new()) };
@@ -290,11 +291,11 @@ impl sdmesh_core::Denoiser for UnetClient {
             guidance_scale: x.guidance_scale,
             guidance_rescale: x.guidance_rescale,
         };
-        let out = self.inner.clone().denoise(request).await?.into_inner();
+        let out = self.inner.clone().denoise(traced(request)).await?.into_inner();
         Ok(sdmesh_proto::required(&out.model_output, "model_output")?.to_candle("model_output", &Device::Cpu)?)
     }
 
     async fn info(&self) -> Result<v1::UnetInfo> {
-        Ok(self.inner.clone().info(v1::InfoRequest {}).await?.into_inner())
+        Ok(self.inner.clone().info(traced(v1::InfoRequest {})).await?.into_inner())
     }
 }

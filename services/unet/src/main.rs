@@ -1,5 +1,5 @@
 use clap::Parser;
-use sdmesh_core::serve::{init_logging, shutdown_signal, ServiceArgs};
+use sdmesh_core::serve::{model_service_main, ServiceArgs};
 use sdmesh_unet::{run, UnetOptions};
 
 /// sdmesh unet service: one guided denoising step per request over gRPC.
@@ -12,10 +12,6 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    init_logging();
-    let Args { service } = Args::parse();
-    let device = service.device().map_err(anyhow::Error::msg)?;
-    let listener = service.bind("127.0.0.1:50052").await?;
-    let opts = UnetOptions { model: service.model, device, queue_capacity: service.queue_capacity };
-    run(opts, listener, shutdown_signal()).await
+    let options = |model, device, queue_capacity| UnetOptions { model, device, queue_capacity };
+    model_service_main("sdmesh-unet", "127.0.0.1:50052", Args::parse().service, options, run).await
 }

@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
 use sdmesh_core::model_dir::{ComponentDir, ModelDirError};
 use sdmesh_core::serve::{serve, Health, ServingStatus};
+use sdmesh_core::telemetry::traced;
 use sdmesh_core::{Error, ModelWorker, Result};
 use sdmesh_proto::v1;
 use serde::Deserialize;
@@ -192,7 +193,7 @@ impl v1::vae_server::Vae for VaeService {
 pub async fn run(
     opts: VaeOptions,
     listener: TcpListener,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    shutdown: sdmesh_core::serve::Shutdown,
 ) -> anyhow::Result<()> {
     let health = Health::new(&[v1::vae_server::SERVICE_NAME]).await;
     let service = VaeService { local: Arc::new(OnceCell::new()) };
@@ -229,11 +230,11 @@ impl VaeClient {
 impl sdmesh_core::Vae for VaeClient {
     async fn decode(&self, latents: Tensor) -> Result<Tensor> {
         let request = v1::DecodeRequest { latents: Some(v1::Tensor::from_candle(&latents)?) };
-        let out = self.inner.clone().decode(request).await?.into_inner();
+        let out = self.inner.clone().decode(traced(request)).await?.into_inner();
         Ok(sdmesh_proto::required(&out.images, "images")?.to_candle("images", &Device::Cpu)?)
     }
 
     async fn info(&self) -> Result<v1::VaeInfo> {
-        Ok(self.inner.clone().info(v1::InfoRequest {}).await?.into_inner())
+        Ok(self.inner.clone().info(traced(v1::InfoRequest {})).await?.into_inner())
     }
 }

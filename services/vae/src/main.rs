@@ -1,5 +1,5 @@
 use clap::Parser;
-use sdmesh_core::serve::{init_logging, shutdown_signal, ServiceArgs};
+use sdmesh_core::serve::{model_service_main, ServiceArgs};
 use sdmesh_vae::{run, VaeOptions};
 
 /// sdmesh vae service: decodes latents to images over gRPC.
@@ -12,10 +12,6 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    init_logging();
-    let Args { service } = Args::parse();
-    let device = service.device().map_err(anyhow::Error::msg)?;
-    let listener = service.bind("127.0.0.1:50053").await?;
-    let opts = VaeOptions { model: service.model, device, queue_capacity: service.queue_capacity };
-    run(opts, listener, shutdown_signal()).await
+    let options = |model, device, queue_capacity| VaeOptions { model, device, queue_capacity };
+    model_service_main("sdmesh-vae", "127.0.0.1:50053", Args::parse().service, options, run).await
 }

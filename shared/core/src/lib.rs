@@ -6,6 +6,7 @@ pub mod client;
 mod error;
 pub mod model_dir;
 pub mod serve;
+pub mod telemetry;
 mod traits;
 mod worker;
 
@@ -28,4 +29,30 @@ pub const MAX_MESSAGE_BYTES: usize = 100 << 20;
 /// Waits for the model to be ready; returned by services while they load.
 pub fn loading() -> tonic::Status {
     tonic::Status::unavailable("the model is still loading; retry shortly")
+}
+
+/// A URL fit for logs: the password (and a lone user name, which may be a token) replaced by
+/// `***`. `redis://user:secret@host:6379/0` -> `redis://user:***@host:6379/0`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else { return url.to_string() };
+    let user = match rest[..at].split_once(':') {
+        Some((user, _password)) => format!("{user}:***"),
+        None => "***".to_string(),
+    };
+    format!("{scheme}://{user}@{}", &rest[at + 1..])
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn redact_url_hides_credentials_only() {
+        use super::redact_url;
+        assert_eq!(redact_url("redis://:hunter2@cache:6379/1"), "redis://:***@cache:6379/1");
+        assert_eq!(redact_url("redis://app:hunter2@cache/0"), "redis://app:***@cache/0");
+        assert_eq!(redact_url("rediss://tok3n@cache"), "rediss://***@cache");
+        assert_eq!(redact_url("redis://cache:6379/0?x=a@b"), "redis://cache:6379/0?x=a@b");
+        assert_eq!(redact_url("http://127.0.0.1:4317"), "http://127.0.0.1:4317");
+    }
 }

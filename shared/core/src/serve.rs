@@ -1,6 +1,7 @@
 //! Serving a component: health (grpc.health.v1), reflection, graceful shutdown.
 
 use std::future::Future;
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tonic::service::Routes;
 use tonic_health::server::HealthReporter;
@@ -44,24 +45,60 @@ impl Health {
     }
 }
 
-/// Serves `routes` (built from [`Health::routes`]) on `listener` until `shutdown` resolves,
-/// then reports NOT_SERVING and lets in-flight calls finish.
+/// Serves `routes` (built from [`Health::routes`]) on `listener` until `shutdown.signal` resolves,
+/// then reports NOT_SERVING, refuses new calls and lets the calls in flight finish, for at most
+/// `shutdown.grace`. Every RPC gets a trace span (child of the caller's) and is counted in the metrics.
 pub async fn serve(
     listener: TcpListener,
     routes: Routes,
     health: Health,
-    shutdown: impl Future<Output = ()> + Send,
+    shutdown: Shutdown,
 ) -> Result<(), tonic::transport::Error> {
+    let Shutdown { signal: shutdown, grace } = shutdown;
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let draining = health.clone();
-    tonic::transport::Server::builder()
+    let (drain_started, drain_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tonic::transport::Server::builder()
+        .trace_fn(crate::telemetry::server_span)
+        .layer(crate::telemetry::RpcMetricsLayer)
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, async move {
             shutdown.await;
             draining.set(ServingStatus::NotServing).await;
-            tracing::info!("shutting down: draining in-flight calls");
-        })
-        .await
+            tracing::info!(grace_seconds = grace.as_secs_f64(), "shutting down: draining in-flight calls");
+            let _ = drain_started.send(());
+        });
+    let grace_over = async move {
+        if drain_rx.await.is_err() {
+            // The server ended without a shutdown.
+            std::future::pending::<()>().await;
+        }
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        result = server => result,
+        _ = grace_over => {
+            tracing::warn!("grace period over: stopping with calls still in flight");
+            Ok(())
+        }
+    }
+}
+
+/// When a server stops: `signal` starts the drain, `grace` bounds it.
+pub struct Shutdown {
+    pub signal: std::pin::Pin<Box<dyn Future<Output = ()> + Send>>,
+    pub grace: Duration,
+}
+
+impl Shutdown {
+    pub fn new(signal: impl Future<Output = ()> + Send + 'static, grace: Duration) -> Self {
+        Self { signal: Box::pin(signal), grace }
+    }
+
+    /// On SIGINT or SIGTERM.
+    pub fn on_signal(grace: Duration) -> Self {
+        Self::new(shutdown_signal(), grace)
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.
@@ -84,13 +121,6 @@ pub async fn shutdown_signal() {
         _ = ctrl_c => {},
         _ = term => {},
     }
-}
-
-/// Logging to stderr, filtered by RUST_LOG (default `info`).
-pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
 
 /// Binds `addr` and prints `listening on ADDR` (the real port when 0 was asked) on stdout, so
@@ -118,6 +148,24 @@ pub struct ServiceArgs {
     /// Requests waiting for the model beyond which new ones get RESOURCE_EXHAUSTED.
     #[arg(long, env = "SDMESH_QUEUE_CAPACITY", default_value_t = 64)]
     pub queue_capacity: usize,
+    #[command(flatten)]
+    pub shutdown: ShutdownArgs,
+    #[command(flatten)]
+    pub telemetry: crate::telemetry::TelemetryArgs,
+}
+
+/// How a process stops.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ShutdownArgs {
+    /// Seconds to let in-flight calls finish after SIGTERM/SIGINT before exiting anyway.
+    #[arg(long = "shutdown-grace", env = "SDMESH_SHUTDOWN_GRACE", default_value_t = 30)]
+    pub grace_seconds: u64,
+}
+
+impl ShutdownArgs {
+    pub fn grace(&self) -> Duration {
+        Duration::from_secs(self.grace_seconds)
+    }
 }
 
 impl ServiceArgs {
@@ -129,4 +177,25 @@ impl ServiceArgs {
     pub async fn bind(&self, default: &str) -> std::io::Result<TcpListener> {
         bind(self.listen.as_deref().unwrap_or(default)).await
     }
+}
+
+/// The whole `main` of a model service binary: telemetry, bind, serve until SIGTERM, flush.
+pub async fn model_service_main<O, F, Fut>(
+    service_name: &'static str,
+    default_listen: &str,
+    args: ServiceArgs,
+    options: impl FnOnce(std::path::PathBuf, candle_core::Device, usize) -> O,
+    run: F,
+) -> anyhow::Result<()>
+where
+    F: FnOnce(O, TcpListener, Shutdown) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let telemetry = crate::telemetry::init(service_name, &args.telemetry).await?;
+    let device = args.device().map_err(anyhow::Error::msg)?;
+    let listener = args.bind(default_listen).await?;
+    let opts = options(args.model, device, args.queue_capacity);
+    let result = run(opts, listener, Shutdown::on_signal(args.shutdown.grace())).await;
+    telemetry.shutdown().await;
+    result
 }

@@ -33,7 +33,9 @@ impl<I: Send + 'static, O: Send + 'static> ModelWorker<I, O> {
             .name(format!("{name}-model"))
             .spawn(move || {
                 while let Some(job) = rx.blocking_recv() {
-                    let _entered = job.span.enter();
+                    metrics::gauge!("sdmesh_queue_depth", "worker" => name).decrement(1.0);
+                    let _entered = tracing::info_span!(parent: &job.span, "model", worker = name).entered();
+                    let started = std::time::Instant::now();
                     let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(job.input))).unwrap_or_else(
                         |panic| {
                             let msg = panic
@@ -45,6 +47,8 @@ impl<I: Send + 'static, O: Send + 'static> ModelWorker<I, O> {
                             Err(Error::internal(format!("{name} model panicked: {msg}")))
                         },
                     );
+                    metrics::histogram!("sdmesh_model_seconds", "worker" => name)
+                        .record(started.elapsed().as_secs_f64());
                     // The caller may have gone away (cancelled); nothing to do then.
                     let _ = job.reply.send(out);
                 }
@@ -57,7 +61,10 @@ impl<I: Send + 'static, O: Send + 'static> ModelWorker<I, O> {
     pub async fn call(&self, input: I) -> Result<O> {
         let (reply, rx) = oneshot::channel();
         let job = Job { input, span: tracing::Span::current(), reply };
-        self.queue.try_send(job).map_err(|e| match e {
+        // Counted before it is queued: the model thread may take it at once.
+        let depth = metrics::gauge!("sdmesh_queue_depth", "worker" => self.name);
+        depth.increment(1.0);
+        self.queue.try_send(job).inspect_err(|_| depth.decrement(1.0)).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => {
                 Error::ResourceExhausted(format!("{} queue is full, retry later", self.name))
             }

@@ -1,0 +1,270 @@
+//! Real processes for end-to-end tests: the workspace's service binaries on ephemeral
+//! loopback ports, and a redis-server. Everything started here is killed when dropped.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tonic_health::pb::health_check_response::ServingStatus;
+
+/// A workspace binary next to the running test (target/<profile>/NAME).
+pub fn bin(name: &str) -> PathBuf {
+    // target/<profile>/deps/TEST-HASH -> target/<profile>/NAME
+    let dir = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().to_path_buf();
+    let path = dir.join(name);
+    assert!(path.exists(), "{} is missing: build the workspace binaries first (cargo build --bins)", path.display());
+    path
+}
+
+/// A service process, killed when dropped.
+pub struct Service {
+    pub child: Child,
+    /// `http://127.0.0.1:PORT` of its gRPC API.
+    pub addr: String,
+    /// `127.0.0.1:PORT` of its Prometheus endpoint, when started with `--metrics-listen`.
+    pub metrics: Option<String>,
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Service {
+    /// Sends SIGTERM (the way Kubernetes stops a pod).
+    pub fn terminate(&self) {
+        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit on its own, for at most `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "process {} did not exit within {timeout:?}", self.child.id());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The Prometheus text it serves now.
+    pub fn scrape(&self) -> String {
+        let addr = self.metrics.as_deref().expect("started without --metrics-listen");
+        http_get(addr, "/metrics")
+    }
+}
+
+/// Starts `name` with `args` plus `--listen 127.0.0.1:0` and `envs`, and reads the address
+/// it printed (and the metrics address, when it serves metrics). Its log goes to stderr.
+pub fn start(name: &str, args: &[&str], envs: &[(&str, &str)]) -> Service {
+    let mut child = Command::new(bin(name))
+        .args(args)
+        .args(["--listen", "127.0.0.1:0"])
+        .env("RUST_LOG", "warn")
+        .envs(envs.iter().copied())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut metrics = None;
+    let addr = loop {
+        let line = lines.next().unwrap_or_else(|| panic!("{name} exited before listening")).unwrap();
+        if let Some(addr) = line.strip_prefix("metrics on ") {
+            metrics = Some(addr.to_string());
+        } else if let Some(addr) = line.strip_prefix("listening on ") {
+            break addr.to_string();
+        }
+    };
+    // Keep reading stdout so the process never writes into a closed pipe.
+    std::thread::spawn(move || for _ in lines {});
+    Service { child, addr: format!("http://{addr}"), metrics }
+}
+
+/// The health status `url` reports now (None: not reachable).
+pub async fn health(url: &str) -> Option<i32> {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_string()).ok()?.connect().await.ok()?;
+    let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+    let r = client.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.ok()?;
+    Some(r.into_inner().status)
+}
+
+/// Waits (up to a minute) until `url` reports SERVING.
+pub async fn wait_serving(url: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while health(url).await != Some(ServingStatus::Serving as i32) {
+        assert!(Instant::now() < deadline, "{url} did not become SERVING");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// text-encoder, unet, vae and orchestrator, each its own process.
+pub struct Mesh {
+    pub orchestrator: Service,
+    pub text_encoder: Service,
+    pub unet: Service,
+    pub vae: Service,
+}
+
+/// Options for [`Mesh::start`].
+#[derive(Default, Clone)]
+pub struct MeshOptions<'a> {
+    /// Arguments every process gets (e.g. `--metrics-listen 127.0.0.1:0`).
+    pub common_args: Vec<&'a str>,
+    /// Arguments the orchestrator alone gets.
+    pub orchestrator_args: Vec<&'a str>,
+    /// Environment of every process.
+    pub envs: Vec<(&'a str, &'a str)>,
+}
+
+impl Mesh {
+    pub async fn start(model_name: &str) -> Mesh {
+        Self::start_with(model_name, &MeshOptions::default()).await
+    }
+
+    pub async fn start_with(model_name: &str, opts: &MeshOptions<'_>) -> Mesh {
+        let dir = crate::model(model_name);
+        let dir = dir.to_str().unwrap();
+        let model_service = |name: &str| {
+            let mut args = vec!["--model", dir];
+            args.extend(&opts.common_args);
+            start(name, &args, &opts.envs)
+        };
+        let text_encoder = model_service("sdmesh-text-encoder");
+        let unet = model_service("sdmesh-unet");
+        let vae = model_service("sdmesh-vae");
+        for s in [&text_encoder, &unet, &vae] {
+            wait_serving(&s.addr).await;
+        }
+        let orchestrator = Self::start_orchestrator(dir, &text_encoder, &unet, &vae, opts).await;
+        Mesh { orchestrator, text_encoder, unet, vae }
+    }
+
+    /// Another orchestrator over this mesh's model services.
+    pub async fn another_orchestrator(&self, model_name: &str, opts: &MeshOptions<'_>) -> Service {
+        let dir = crate::model(model_name);
+        Self::start_orchestrator(dir.to_str().unwrap(), &self.text_encoder, &self.unet, &self.vae, opts).await
+    }
+
+    async fn start_orchestrator(
+        dir: &str,
+        te: &Service,
+        unet: &Service,
+        vae: &Service,
+        opts: &MeshOptions<'_>,
+    ) -> Service {
+        let mut args = vec!["--model", dir, "--text-encoder-url", &te.addr, "--unet-url", &unet.addr];
+        args.extend(["--vae-url", &vae.addr]);
+        args.extend(&opts.common_args);
+        args.extend(&opts.orchestrator_args);
+        let orchestrator = start("sdmesh-orchestrator", &args, &opts.envs);
+        wait_serving(&orchestrator.addr).await;
+        orchestrator
+    }
+}
+
+/// GET `path` from `addr` (host:port) over plain HTTP/1.1; the body.
+pub fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or_else(|| panic!("not HTTP: {response:?}"));
+    assert!(head.starts_with("HTTP/1.1 200"), "GET {path}: {head}");
+    body.to_string()
+}
+
+/// The value of the Prometheus sample `name{labels}` whose labels include all of `labels`
+/// (summed over the matching series); 0 when there is none.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric_name, rest) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            let matches = metric_name == name
+                && labels.iter().all(|(k, v)| rest.split(',').any(|kv| kv == format!("{k}=\"{v}\"")));
+            matches.then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}
+
+/// A redis-server of its own on a free loopback port, without persistence; killed when dropped.
+pub struct RedisServer {
+    child: Option<Child>,
+    pub port: u16,
+}
+
+impl RedisServer {
+    /// Starts redis-server from PATH (`make test` installs it where missing).
+    pub fn start() -> RedisServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut server = RedisServer { child: None, port };
+        server.restart();
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// (Re)starts it on the same port and waits until it answers PING.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("redis-server: {e} (install it: apt-get install redis-server; make test does)"));
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.command(&["PING"]).as_deref() != Some("+PONG") {
+            assert!(Instant::now() < deadline, "redis-server did not answer PING");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills it hard (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Sends one command (RESP) and returns the first line of the reply.
+    pub fn command(&self, args: &[&str]) -> Option<String> {
+        self.command_bytes(&args.iter().map(|a| a.as_bytes()).collect::<Vec<_>>())
+    }
+
+    pub fn command_bytes(&self, args: &[&[u8]]) -> Option<String> {
+        use std::io::Write;
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+        let mut request = format!("*{}\r\n", args.len()).into_bytes();
+        for a in args {
+            request.extend(format!("${}\r\n", a.len()).as_bytes());
+            request.extend(*a);
+            request.extend(b"\r\n");
+        }
+        stream.write_all(&request).ok()?;
+        let mut line = String::new();
+        BufReader::new(stream).read_line(&mut line).ok()?;
+        Some(line.trim_end().to_string())
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

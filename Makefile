@@ -11,7 +11,7 @@ STEPS   ?=
 ARGS    ?=
 CARGO   ?= cargo
 
-.PHONY: build run test fixtures clean
+.PHONY: build run test test-deps fixtures clean
 
 build:
 	$(CARGO) build --bins
@@ -27,8 +27,16 @@ run: build
 	  echo "image written to $(OUT) (mesh log: out/sdmesh-serve.log)"
 
 # The service binaries must exist before the end-to-end tests start them as processes.
-test: build
+test: build test-deps
 	$(CARGO) test --workspace
+
+# The cache tests run a real redis-server; install it where missing (Debian/Ubuntu, as root
+# or with sudo).
+test-deps:
+	@command -v redis-server >/dev/null || { \
+	  echo "installing redis-server (the cache tests start one)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server >/dev/null; }
 
 # Regenerates tests/fixtures (tiny models + reference outputs) with diffusers in .venv.
 fixtures:

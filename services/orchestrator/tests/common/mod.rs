@@ -1,5 +1,6 @@
 //! What the end-to-end parity tests share: the real components in one process, and the
 //! comparison of a run's steps and image with a diffusers reference case.
+#![allow(dead_code)] // each test file uses a part
 
 use candle_core::{Device, Tensor};
 use sdmesh_orchestrator::pipeline::{Limits, Pipeline, StepProgress};

@@ -24,8 +24,10 @@ struct GenerateArgs {
     /// Orchestrator URL.
     #[arg(long, env = "SDMESH_ENDPOINT", default_value = "http://127.0.0.1:50050")]
     endpoint: String,
+    /// What to draw.
     #[arg(long)]
     prompt: String,
+    /// What to steer away from (the unconditional prompt of guidance).
     #[arg(long, default_value = "")]
     negative_prompt: String,
     /// Denoising steps (default 50).
@@ -51,10 +53,15 @@ struct GenerateArgs {
     /// Pixels, a multiple of 8 (default: the model's native size).
     #[arg(long)]
     height: Option<u32>,
+    /// Pixels, a multiple of 8 (default: the model's native size).
     #[arg(long)]
     width: Option<u32>,
+    /// Images from one prompt (one batch, consecutive noise from the seed).
     #[arg(long, default_value_t = 1)]
     num_images: u32,
+    /// Tenant the job runs for (sent as x-sdmesh-tenant metadata, recorded on its trace).
+    #[arg(long, env = "SDMESH_TENANT")]
+    tenant: Option<String>,
     /// Initial noise as float32 NCHW .npy (diffusers' `latents=`), instead of the seed's.
     #[arg(long)]
     init_latents: Option<PathBuf>,
@@ -121,8 +128,16 @@ async fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         .max_decoding_message_size(sdmesh_core::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(sdmesh_core::MAX_MESSAGE_BYTES);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(a.wait);
+    let tenant: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> = match &a.tenant {
+        Some(t) => Some(t.parse().map_err(|_| anyhow::anyhow!("--tenant must be printable ASCII"))?),
+        None => None,
+    };
     let mut events = loop {
-        match client.generate_stream(request.clone()).await {
+        let mut call = tonic::Request::new(request.clone());
+        if let Some(tenant) = &tenant {
+            call.metadata_mut().insert(sdmesh_orchestrator::server::TENANT_METADATA, tenant.clone());
+        }
+        match client.generate_stream(call).await {
             Ok(r) => break r.into_inner(),
             Err(s) if s.code() == tonic::Code::Unavailable && std::time::Instant::now() < deadline => {
                 tokio::time::sleep(std::time::Duration::from_millis(200)).await;

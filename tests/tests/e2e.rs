@@ -162,3 +162,33 @@ fn a_broken_model_folder_stops_the_service_naming_the_file() {
     assert!(stderr.contains("unet/config.json") && stderr.contains("invalid JSON"), "{stderr}");
     std::fs::remove_dir_all(&tmp).unwrap();
 }
+
+#[tokio::test]
+async fn sdmesh_generate_in_process_writes_the_same_png_as_the_mesh() {
+    let mesh = Mesh::start("sd21-base-tiny").await;
+    let tmp = std::env::temp_dir().join(format!("sdmesh-e2e-inproc-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let job = ["--prompt", "a lighthouse", "--negative-prompt", "fog", "--steps", "4", "--seed", "11"];
+    let job = [&job[..], &["--height", "64", "--width", "48", "--scheduler", "euler_a", "--quiet"]].concat();
+    let mesh_png = tmp.join("mesh.png");
+    let out = Command::new(bin("sdctl"))
+        .args(["generate", "--endpoint", &mesh.orchestrator.addr])
+        .args(&job)
+        .arg("--out")
+        .arg(&mesh_png)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "sdctl: {}", String::from_utf8_lossy(&out.stderr));
+    let local_png = tmp.join("local.png");
+    let out = Command::new(bin("sdmesh"))
+        .args(["generate", "--model", sdmesh_testkit::model("sd21-base-tiny").to_str().unwrap()])
+        .args(&job)
+        .arg("--out")
+        .arg(&local_png)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "sdmesh generate: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("seed 11"), "{}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(std::fs::read(&mesh_png).unwrap(), std::fs::read(&local_png).unwrap(), "same job, same bytes");
+    std::fs::remove_dir_all(&tmp).unwrap();
+}

@@ -99,6 +99,33 @@ pub fn with_embedding_cache(mut pipeline: Pipeline, store: Arc<dyn embedding_cac
     pipeline
 }
 
+/// The whole pipeline in this process: local text encoder, UNet and VAE, no gRPC.
+pub async fn local_pipeline(
+    model: &Path,
+    device: &candle_core::Device,
+    queue_capacity: usize,
+    limits: Limits,
+) -> anyhow::Result<Pipeline> {
+    let (dir, dev) = (model.to_path_buf(), device.clone());
+    let text_encoder = tokio::task::spawn_blocking(move || {
+        sdmesh_text_encoder::LocalTextEncoder::load(&sdmesh_text_encoder::TextEncoderOptions {
+            model: dir,
+            device: dev,
+            queue_capacity,
+        })
+    });
+    let (dir, dev) = (model.to_path_buf(), device.clone());
+    let unet = tokio::task::spawn_blocking(move || {
+        sdmesh_unet::LocalUnet::load(&sdmesh_unet::UnetOptions { model: dir, device: dev, queue_capacity })
+    });
+    let (dir, dev) = (model.to_path_buf(), device.clone());
+    let vae = tokio::task::spawn_blocking(move || {
+        sdmesh_vae::LocalVae::load(&sdmesh_vae::VaeOptions { model: dir, device: dev, queue_capacity })
+    });
+    let (text_encoder, unet, vae) = (text_encoder.await??, unet.await??, vae.await??);
+    pipeline_over(model, Arc::new(text_encoder), Arc::new(unet), Arc::new(vae), limits, Duration::from_secs(1)).await
+}
+
 /// Builds a pipeline over given components, asking each for its info; retries UNAVAILABLE
 /// (services still loading) until `timeout`.
 pub async fn pipeline_over(

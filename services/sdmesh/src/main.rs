@@ -18,6 +18,18 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Generate images in this process: the same orchestrator with the models loaded here and
+    /// no gRPC (the baseline the mesh is measured against; handy on one machine).
+    Generate {
+        /// Diffusers-layout model folder.
+        #[arg(long, env = "SDMESH_MODEL")]
+        model: PathBuf,
+        /// Device for the models: cpu.
+        #[arg(long, env = "SDMESH_DEVICE", default_value = "cpu")]
+        device: String,
+        #[command(flatten)]
+        job: sdmesh::JobArgs,
+    },
     /// Start text-encoder, unet, vae and the orchestrator in this process.
     Serve {
         /// Diffusers-layout model folder (e.g. a local stabilityai/stable-diffusion-2-1).
@@ -49,10 +61,32 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let Command::Serve { model, listen, device, max_side, max_images, queue_capacity, cache, shutdown, telemetry } =
-        Cli::parse().command;
+    let (model, listen, device, max_side, max_images, queue_capacity, cache, shutdown, telemetry) = match Cli::parse()
+        .command
+    {
+        Command::Generate { model, device, job } => return generate(model, device, job).await,
+        Command::Serve { model, listen, device, max_side, max_images, queue_capacity, cache, shutdown, telemetry } => {
+            (model, listen, device, max_side, max_images, queue_capacity, cache, shutdown, telemetry)
+        }
+    };
     let telemetry = sdmesh_core::telemetry::init("sdmesh", &telemetry).await?;
     let result = serve(model, listen, device, Limits { max_side, max_images }, queue_capacity, cache, shutdown).await;
+    telemetry.shutdown().await;
+    result
+}
+
+/// One job through an in-process orchestrator (the same service code, called directly).
+async fn generate(model: PathBuf, device: String, job: sdmesh::JobArgs) -> anyhow::Result<()> {
+    use sdmesh_proto::v1::orchestrator_server::Orchestrator;
+    if std::env::var_os("RUST_LOG").is_none() {
+        std::env::set_var("RUST_LOG", "warn");
+    }
+    let telemetry = sdmesh_core::telemetry::init("sdmesh", &TelemetryArgs::default()).await?;
+    let device = sdmesh_core::parse_device(&device).map_err(anyhow::Error::msg)?;
+    let pipeline = sdmesh_orchestrator::local_pipeline(&model, &device, 64, Limits::default()).await?;
+    let service = sdmesh_orchestrator::server::OrchestratorService::new(pipeline);
+    let events = service.generate_stream(job.request()?).await.map_err(sdmesh::status_error)?.into_inner();
+    let result = sdmesh::write_results(&job, events).await;
     telemetry.shutdown().await;
     result
 }

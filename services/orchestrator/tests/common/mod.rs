@@ -12,35 +12,7 @@ use std::time::Duration;
 
 /// The committed tiny model `name` with local text encoder, UNet and VAE.
 pub async fn local_pipeline(name: &str) -> Pipeline {
-    let dir = model(name);
-    let te = sdmesh_text_encoder::LocalTextEncoder::load(&sdmesh_text_encoder::TextEncoderOptions {
-        model: dir.clone(),
-        device: Device::Cpu,
-        queue_capacity: 8,
-    })
-    .unwrap();
-    let unet = sdmesh_unet::LocalUnet::load(&sdmesh_unet::UnetOptions {
-        model: dir.clone(),
-        device: Device::Cpu,
-        queue_capacity: 8,
-    })
-    .unwrap();
-    let vae = sdmesh_vae::LocalVae::load(&sdmesh_vae::VaeOptions {
-        model: dir.clone(),
-        device: Device::Cpu,
-        queue_capacity: 8,
-    })
-    .unwrap();
-    sdmesh_orchestrator::pipeline_over(
-        &dir,
-        Arc::new(te),
-        Arc::new(unet),
-        Arc::new(vae),
-        Limits::default(),
-        Duration::from_secs(1),
-    )
-    .await
-    .unwrap()
+    sdmesh_orchestrator::local_pipeline(&model(name), &Device::Cpu, 8, Limits::default()).await.unwrap()
 }
 
 /// One pipeline per model, loaded on first use.

@@ -1,0 +1,151 @@
+//! What `sdctl generate` (through the mesh) and `sdmesh generate` (in one process) share: the
+//! job's flags, the request they make, and writing the results.
+
+use anyhow::Context;
+use sdmesh_proto::v1;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use tokio_stream::{Stream, StreamExt};
+
+#[derive(clap::Args, Debug)]
+pub struct JobArgs {
+    /// What to draw.
+    #[arg(long)]
+    pub prompt: String,
+    /// What to steer away from (the unconditional prompt of guidance).
+    #[arg(long, default_value = "")]
+    pub negative_prompt: String,
+    /// Denoising steps (default 50).
+    #[arg(long)]
+    pub steps: Option<u32>,
+    /// Classifier-free guidance scale (default 7.5; <= 1 turns guidance off).
+    #[arg(long)]
+    pub guidance: Option<f32>,
+    /// Guidance rescale, 0 to 1.
+    #[arg(long, default_value_t = 0.0)]
+    pub guidance_rescale: f32,
+    /// ddim (default), dpm++2m, dpm++2m-karras, dpm++2m-sde, dpm++2s, unipc (unipc-bh1, unipc-bh2),
+    /// deis, euler, euler-karras, euler_a, lms, heun, pndm, ddpm, kdpm2, kdpm2_a (Karras variants
+    /// with -karras), or a diffusers class name.
+    #[arg(long, default_value = "")]
+    pub scheduler: String,
+    /// DDIM eta.
+    #[arg(long)]
+    pub eta: Option<f32>,
+    /// Random when not given; printed, and written into the PNG.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Pixels, a multiple of 8 (default: the model's native size).
+    #[arg(long)]
+    pub height: Option<u32>,
+    /// Pixels, a multiple of 8 (default: the model's native size).
+    #[arg(long)]
+    pub width: Option<u32>,
+    /// Images from one prompt (one batch, consecutive noise from the seed).
+    #[arg(long, default_value_t = 1)]
+    pub num_images: u32,
+    /// Tenant the job runs for (sent as x-sdmesh-tenant metadata, recorded on its trace).
+    #[arg(long, env = "SDMESH_TENANT")]
+    pub tenant: Option<String>,
+    /// Initial noise as float32 NCHW .npy (diffusers' `latents=`), instead of the seed's.
+    #[arg(long)]
+    pub init_latents: Option<PathBuf>,
+    /// Where to write the PNG (with several images: NAME-0.png, NAME-1.png, ...).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Also write the images as float32 NHWC in [0, 1] .npy (diffusers' output_type="np").
+    #[arg(long)]
+    pub out_array: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+impl JobArgs {
+    /// The request these flags describe.
+    pub fn request(&self) -> anyhow::Result<tonic::Request<v1::GenerateRequest>> {
+        let init_latents = match &self.init_latents {
+            Some(path) => {
+                let t = candle_core::Tensor::read_npy(path).with_context(|| format!("reading {}", path.display()))?;
+                Some(v1::Tensor::from_candle(&t.to_dtype(candle_core::DType::F32)?)?)
+            }
+            None => None,
+        };
+        let mut request = tonic::Request::new(v1::GenerateRequest {
+            prompt: self.prompt.clone(),
+            negative_prompt: self.negative_prompt.clone(),
+            steps: self.steps,
+            guidance_scale: self.guidance,
+            guidance_rescale: self.guidance_rescale,
+            seed: self.seed,
+            height: self.height,
+            width: self.width,
+            num_images: Some(self.num_images),
+            scheduler: Some(v1::SchedulerOptions {
+                name: self.scheduler.clone(),
+                eta: self.eta,
+                use_karras_sigmas: None,
+            }),
+            init_latents,
+            return_array: self.out_array.is_some(),
+        });
+        if let Some(tenant) = &self.tenant {
+            let value = tenant.parse().map_err(|_| anyhow::anyhow!("--tenant must be printable ASCII"))?;
+            request.metadata_mut().insert(sdmesh_orchestrator::server::TENANT_METADATA, value);
+        }
+        Ok(request)
+    }
+}
+
+/// The events of one GenerateStream call, from the mesh or from an in-process orchestrator.
+pub type Events = Pin<Box<dyn Stream<Item = Result<v1::GenerateEvent, tonic::Status>> + Send>>;
+
+pub fn status_error(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+}
+
+/// Shows progress, then writes the PNGs (and the array) where `args` says.
+pub async fn write_results(args: &JobArgs, mut events: Events) -> anyhow::Result<()> {
+    let bar = if args.quiet { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(0) };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] t={msg}")
+            .expect("a valid template"),
+    );
+    let mut result = None;
+    while let Some(event) = events.next().await {
+        match event.map_err(status_error)?.event {
+            Some(v1::generate_event::Event::Progress(p)) => {
+                bar.set_length(p.total_steps as u64);
+                bar.set_position(p.step as u64);
+                bar.set_message(format!("{}", p.timestep));
+            }
+            Some(v1::generate_event::Event::Result(r)) => result = Some(r),
+            None => {}
+        }
+    }
+    bar.finish_and_clear();
+    let r = result.context("the stream ended without a result")?;
+    for w in &r.warnings {
+        eprintln!("warning: {w}");
+    }
+    for (i, image) in r.images.iter().enumerate() {
+        let path = out_path(&args.out, i, r.images.len());
+        std::fs::write(&path, &image.png).with_context(|| format!("writing {}", path.display()))?;
+        println!("wrote {} ({}x{}, seed {}, {})", path.display(), image.width, image.height, r.seed, r.scheduler);
+    }
+    if let (Some(path), Some(array)) = (&args.out_array, &r.array) {
+        let t = array.to_candle("array", &candle_core::Device::Cpu)?;
+        t.write_npy(path).with_context(|| format!("writing {}", path.display()))?;
+        println!("wrote {} (float32 {:?})", path.display(), t.dims());
+    }
+    Ok(())
+}
+
+fn out_path(out: &Path, index: usize, count: usize) -> PathBuf {
+    if count == 1 {
+        return out.to_path_buf();
+    }
+    let stem = out.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let ext = out.extension().map(|e| e.to_string_lossy().into_owned()).unwrap_or_else(|| "png".into());
+    out.with_file_name(format!("{stem}-{index}.{ext}"))
+}

@@ -159,7 +159,7 @@ pub async fn run(
     shutdown: sdmesh_core::serve::Shutdown,
 ) -> anyhow::Result<()> {
     let health = Health::new(&[v1::orchestrator_server::SERVICE_NAME]).await;
-    let service = server::OrchestratorService::default();
+    let service = server::OrchestratorService::served(health.clone());
     let routes = health.routes().add_service(
         v1::orchestrator_server::OrchestratorServer::new(service.clone())
             .max_decoding_message_size(sdmesh_core::MAX_MESSAGE_BYTES)

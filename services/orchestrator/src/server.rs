@@ -2,6 +2,7 @@
 
 use crate::noise::SeededNoise;
 use crate::pipeline::{Job, JobOutput, Pipeline, StepProgress};
+use sdmesh_core::serve::Health;
 use sdmesh_core::Result;
 use sdmesh_proto::v1;
 use std::pin::Pin;
@@ -15,6 +16,9 @@ use tracing::Instrument;
 #[derive(Clone, Default)]
 pub struct OrchestratorService {
     pipeline: Arc<OnceCell<Pipeline>>,
+    /// The server's health, when served: jobs still running when the shutdown grace period
+    /// ends fail with UNAVAILABLE.
+    health: Option<Health>,
 }
 
 impl OrchestratorService {
@@ -22,6 +26,19 @@ impl OrchestratorService {
         let service = Self::default();
         service.set_pipeline(pipeline);
         service
+    }
+
+    /// A service whose jobs end with UNAVAILABLE when `health`'s shutdown grace period is over.
+    pub fn served(health: Health) -> Self {
+        Self { health: Some(health), ..Self::default() }
+    }
+
+    /// `job`, cut short with UNAVAILABLE when the shutdown grace period ends.
+    async fn until_grace_over<T>(&self, job: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+        match &self.health {
+            Some(health) => sdmesh_core::serve::unless_grace_over(health, job).await,
+            None => job.await,
+        }
     }
 
     pub fn set_pipeline(&self, pipeline: Pipeline) {
@@ -105,11 +122,13 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
         let job = pipeline.validate(&request)?;
         let span = job_span(pipeline, &job, tenant.as_deref());
         let response = observe_job(
-            async {
-                let out = pipeline.run(&job, &mut SeededNoise::new(job.seed), &mut |_| true).await?;
-                Self::response(pipeline, &job, out, request.return_array)
-            }
-            .instrument(span),
+            self.until_grace_over(
+                async {
+                    let out = pipeline.run(&job, &mut SeededNoise::new(job.seed), &mut |_| true).await?;
+                    Self::response(pipeline, &job, out, request.return_array)
+                }
+                .instrument(span),
+            ),
         )
         .await?;
         Ok(tonic::Response::new(response))
@@ -128,6 +147,7 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
         let span = job_span(&pipeline, &job, tenant.as_deref());
         // Room for every progress event, so the job never waits on a slow reader.
         let (tx, rx) = mpsc::channel(job.steps + 2);
+        let service = self.clone();
         tokio::spawn(async move {
             let progress_tx = tx.clone();
             let mut progress = move |p: StepProgress| {
@@ -142,11 +162,13 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
                 progress_tx.try_send(Ok(event)).is_ok() || !progress_tx.is_closed()
             };
             let result = observe_job(
-                async {
-                    let out = pipeline.run(&job, &mut SeededNoise::new(job.seed), &mut progress).await?;
-                    Self::response(&pipeline, &job, out, request.return_array)
-                }
-                .instrument(span),
+                service.until_grace_over(
+                    async {
+                        let out = pipeline.run(&job, &mut SeededNoise::new(job.seed), &mut progress).await?;
+                        Self::response(&pipeline, &job, out, request.return_array)
+                    }
+                    .instrument(span),
+                ),
             )
             .await;
             let event = match result {

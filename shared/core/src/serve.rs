@@ -14,6 +14,9 @@ pub struct Health {
     names: Vec<String>,
     /// Health and reflection, to which a service adds its own.
     routes: Routes,
+    /// Set when the shutdown grace period is over: calls still running should end now, with
+    /// UNAVAILABLE (retryable) rather than be cut.
+    grace_over: tokio::sync::watch::Sender<bool>,
 }
 
 impl Health {
@@ -28,7 +31,7 @@ impl Health {
             .build_v1()
             .expect("the embedded descriptor sets are valid");
         let routes = Routes::new(service).add_service(reflection);
-        let health = Self { reporter, names, routes };
+        let health = Self { reporter, names, routes, grace_over: tokio::sync::watch::Sender::new(false) };
         health.set(ServingStatus::NotServing).await;
         health
     }
@@ -42,6 +45,33 @@ impl Health {
         for name in &self.names {
             self.reporter.set_service_status(name, status).await;
         }
+    }
+
+    /// NOT_SERVING, then ends the Watch streams (watchers see NOT_SERVING first): an open
+    /// Watch would otherwise hold the drain for the whole grace period.
+    async fn drain(&self) {
+        self.set(ServingStatus::NotServing).await;
+        let mut reporter = self.reporter.clone();
+        for name in &self.names {
+            reporter.clear_service_status(name).await;
+        }
+    }
+
+    /// Resolves when the shutdown grace period is over.
+    pub async fn grace_over(&self) {
+        let mut rx = self.grace_over.subscribe();
+        let _ = rx.wait_for(|over| *over).await;
+    }
+}
+
+/// Runs `call` unless the shutdown grace period ends first; then UNAVAILABLE, so the client
+/// retries elsewhere instead of seeing a cut connection.
+pub async fn unless_grace_over<T>(health: &Health, call: impl Future<Output = crate::Result<T>>) -> crate::Result<T> {
+    tokio::select! {
+        result = call => result,
+        _ = health.grace_over() => Err(crate::Error::Unavailable(
+            "the server is shutting down and its grace period is over; retry on another replica".into(),
+        )),
     }
 }
 
@@ -64,7 +94,7 @@ pub async fn serve(
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, async move {
             shutdown.await;
-            draining.set(ServingStatus::NotServing).await;
+            draining.drain().await;
             tracing::info!(grace_seconds = grace.as_secs_f64(), "shutting down: draining in-flight calls");
             let _ = drain_started.send(());
         });
@@ -75,12 +105,17 @@ pub async fn serve(
         }
         tokio::time::sleep(grace).await;
     };
+    tokio::pin!(server);
     tokio::select! {
-        result = server => result,
-        _ = grace_over => {
-            tracing::warn!("grace period over: stopping with calls still in flight");
-            Ok(())
-        }
+        result = &mut server => return result,
+        _ = grace_over => {}
+    }
+    tracing::warn!("grace period over: ending the calls still in flight with UNAVAILABLE");
+    health.grace_over.send_replace(true);
+    // A moment for those calls to send their status; then stop regardless.
+    match tokio::time::timeout(Duration::from_secs(1), server).await {
+        Ok(result) => result,
+        Err(_) => Ok(()),
     }
 }
 

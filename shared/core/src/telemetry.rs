@@ -184,11 +184,16 @@ pub fn traced<T>(message: T) -> tonic::Request<T> {
     request
 }
 
+/// Health checks and reflection: neither traced nor counted.
+fn is_infrastructure(path: &str) -> bool {
+    path.starts_with("/grpc.health.") || path.starts_with("/grpc.reflection.")
+}
+
 /// The span of one incoming RPC, child of the caller's trace context when it sent one.
 /// Health checks and reflection get none (probes would flood the traces).
 pub fn server_span(request: &http::Request<()>) -> tracing::Span {
     let path = request.uri().path();
-    if path.starts_with("/grpc.health.") || path.starts_with("/grpc.reflection.") {
+    if is_infrastructure(path) {
         return tracing::Span::none();
     }
     let span = tracing::info_span!("rpc", otel.name = %path.trim_start_matches('/'), otel.kind = "server", rpc.system = "grpc");
@@ -197,7 +202,7 @@ pub fn server_span(request: &http::Request<()>) -> tracing::Span {
     span
 }
 
-/// Counts and times every RPC: `sdmesh_rpc_requests_total{method,code}` and
+/// Counts and times every RPC but health checks and reflection: `sdmesh_rpc_requests_total{method,code}` and
 /// `sdmesh_rpc_duration_seconds{method}`, measured to the end of the response (trailers), so
 /// streaming calls and their final status are counted right.
 #[derive(Clone, Copy, Debug, Default)]

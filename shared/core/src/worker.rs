@@ -36,17 +36,7 @@ impl<I: Send + 'static, O: Send + 'static> ModelWorker<I, O> {
                     metrics::gauge!("sdmesh_queue_depth", "worker" => name).decrement(1.0);
                     let _entered = tracing::info_span!(parent: &job.span, "model", worker = name).entered();
                     let started = std::time::Instant::now();
-                    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(job.input))).unwrap_or_else(
-                        |panic| {
-                            let msg = panic
-                                .downcast_ref::<String>()
-                                .cloned()
-                                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                                .unwrap_or_default();
-                            tracing::error!(worker = name, "model panicked: {msg}");
-                            Err(Error::internal(format!("{name} model panicked: {msg}")))
-                        },
-                    );
+                    let out = catch_panic(name, || run(job.input));
                     metrics::histogram!("sdmesh_model_seconds", "worker" => name)
                         .record(started.elapsed().as_secs_f64());
                     // The caller may have gone away (cancelled); nothing to do then.
@@ -72,6 +62,19 @@ impl<I: Send + 'static, O: Send + 'static> ModelWorker<I, O> {
         })?;
         rx.await.map_err(|_| Error::Unavailable(format!("{} model thread stopped", self.name)))?
     }
+}
+
+/// Runs `f`; a panic becomes an INTERNAL error naming the worker (the thread goes on).
+pub(crate) fn catch_panic<T>(name: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        let msg = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        tracing::error!(worker = name, "model panicked: {msg}");
+        Err(Error::internal(format!("{name} model panicked: {msg}")))
+    })
 }
 
 #[cfg(test)]

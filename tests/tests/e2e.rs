@@ -192,3 +192,47 @@ async fn sdmesh_generate_in_process_writes_the_same_png_as_the_mesh() {
     assert_eq!(std::fs::read(&mesh_png).unwrap(), std::fs::read(&local_png).unwrap(), "same job, same bytes");
     std::fs::remove_dir_all(&tmp).unwrap();
 }
+
+/// Two orchestrator processes over one text-encoder process and one redis-server: the second
+/// finds the first one's prompt embeddings, so the text encoder is called once for both.
+#[tokio::test]
+async fn two_orchestrator_processes_share_prompt_embeddings_through_redis() {
+    let redis = sdmesh_testkit::process::RedisServer::start();
+    let url = redis.url();
+    let opts = sdmesh_testkit::process::MeshOptions {
+        common_args: vec!["--metrics-listen", "127.0.0.1:0"],
+        orchestrator_args: vec!["--redis-url", &url],
+        ..Default::default()
+    };
+    let mesh = Mesh::start_with("sd21-base-tiny", &opts).await;
+    let second = mesh.another_orchestrator("sd21-base-tiny", &opts).await;
+    let request = v1::GenerateRequest {
+        prompt: "a shared prompt".into(),
+        negative_prompt: "a shared negative".into(),
+        steps: Some(2),
+        seed: Some(5),
+        height: Some(32),
+        width: Some(32),
+        ..Default::default()
+    };
+    let mut images = Vec::new();
+    for orchestrator in [&mesh.orchestrator, &second] {
+        let mut client = v1::orchestrator_client::OrchestratorClient::connect(orchestrator.addr.clone()).await.unwrap();
+        images.push(client.generate(request.clone()).await.unwrap().into_inner().images);
+    }
+    assert_eq!(images[0], images[1], "same job, same bytes, cached or not");
+    let encodes = |text: &str| {
+        sdmesh_testkit::process::metric(
+            text,
+            "sdmesh_rpc_requests_total",
+            &[("method", "/sd.v1.TextEncoder/Encode"), ("code", "Ok")],
+        )
+    };
+    assert_eq!(encodes(&mesh.text_encoder.scrape()), 1.0, "the second orchestrator used the first one's entries");
+    let hits = sdmesh_testkit::process::metric(
+        &second.scrape(),
+        "sdmesh_embedding_cache_requests_total",
+        &[("result", "hit")],
+    );
+    assert_eq!(hits, 2.0, "prompt and negative prompt came from Redis");
+}

@@ -116,7 +116,10 @@ pub async fn local_pipeline(
     });
     let (dir, dev) = (model.to_path_buf(), device.clone());
     let unet = tokio::task::spawn_blocking(move || {
-        sdmesh_unet::LocalUnet::load(&sdmesh_unet::UnetOptions { model: dir, device: dev, queue_capacity })
+        sdmesh_unet::LocalUnet::load(&sdmesh_unet::UnetOptions {
+            queue_capacity,
+            ..sdmesh_unet::UnetOptions::new(dir, dev)
+        })
     });
     let (dir, dev) = (model.to_path_buf(), device.clone());
     let vae = tokio::task::spawn_blocking(move || {

@@ -196,7 +196,11 @@ async fn redis_killed_or_stalled_loses_no_job_and_the_cache_comes_back() {
         redis.kill();
     };
     let (images, ()) = tokio::join!(jobs, kill);
-    assert!(same(&images[0], &expected) && same(&images[2], &expected));
+    // Concurrent jobs share UNet batches: the tiny model's rows are then equal within float
+    // rounding, not bit for bit (see services/unet/tests/batching.rs).
+    for i in [0, 2] {
+        assert!(sdmesh_testkit::max_abs_diff(&images[i], &expected).0 < 1e-4, "job {i} of the three");
+    }
     for _ in 0..3 {
         assert!(same(&a.generate("a tree").await, &expected), "a job without Redis");
     }

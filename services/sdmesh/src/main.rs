@@ -135,7 +135,7 @@ async fn serve(
         after_orchestrator(),
     ));
     tasks.spawn(sdmesh_unet::run(
-        sdmesh_unet::UnetOptions { model: model.clone(), device: device.clone(), queue_capacity },
+        sdmesh_unet::UnetOptions { queue_capacity, ..sdmesh_unet::UnetOptions::new(model.clone(), device.clone()) },
         unet,
         after_orchestrator(),
     ));

@@ -8,6 +8,7 @@ pub mod clip;
 pub mod tokenizer;
 
 use candle_core::{DType, Device, Tensor};
+use sdmesh_core::client::{retry_when_overloaded, BACKPRESSURE_PATIENCE};
 use sdmesh_core::model_dir::{ComponentDir, ModelDirError};
 use sdmesh_core::serve::{serve, Health};
 use sdmesh_core::telemetry::traced;
@@ -209,7 +210,13 @@ impl TextEncoderClient {
 #[async_trait::async_trait]
 impl sdmesh_core::TextEncoder for TextEncoderClient {
     async fn encode(&self, texts: Vec<String>) -> Result<TextEmbeddings> {
-        let out = self.inner.clone().encode(traced(v1::EncodeTextRequest { texts })).await?.into_inner();
+        let request = v1::EncodeTextRequest { texts };
+        let out = retry_when_overloaded(BACKPRESSURE_PATIENCE, || {
+            let mut client = self.inner.clone();
+            let request = traced(request.clone());
+            async move { Ok(client.encode(request).await?.into_inner()) }
+        })
+        .await?;
         let embeddings =
             sdmesh_proto::required(&out.embeddings, "embeddings")?.to_candle("embeddings", &Device::Cpu)?;
         Ok(TextEmbeddings { embeddings, truncated_tokens: out.truncated_tokens })

@@ -4,19 +4,25 @@
 //! embeddings and the guidance scale; the service runs the doubled forward pass when guidance
 //! is on and returns the guided model output (epsilon or v, whatever the checkpoint predicts).
 
+mod blocks;
 pub mod config;
+mod resnet;
+mod unet_2d;
 
 use candle_core::{DType, Device, Tensor, D};
-use candle_transformers::models::stable_diffusion::unet_2d::UNet2DConditionModel;
+use sdmesh_core::batch::{BatchOptions, BatchWorker, Batchable};
+use sdmesh_core::client::{retry_when_overloaded, BACKPRESSURE_PATIENCE};
 use sdmesh_core::model_dir::{ComponentDir, ModelDirError};
 use sdmesh_core::serve::{serve, Health, ServingStatus};
 use sdmesh_core::telemetry::traced;
-use sdmesh_core::{DenoiseInput, Error, ModelWorker, Result};
+use sdmesh_core::{DenoiseInput, Error, Result};
 use sdmesh_proto::v1;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::OnceCell;
+use unet_2d::UNet2DConditionModel;
 
 /// Images per step (each doubled under guidance).
 pub const MAX_BATCH: usize = 16;
@@ -31,6 +37,40 @@ pub struct UnetOptions {
     pub model: PathBuf,
     pub device: Device,
     pub queue_capacity: usize,
+    /// Most rows (images; two per image under guidance) in one forward pass over steps of
+    /// concurrent jobs.
+    pub max_batch_rows: usize,
+    /// How long a step may wait for others to share its forward pass (0: never waits; steps
+    /// that queued while the model was busy still run together).
+    pub batch_max_wait: Duration,
+}
+
+impl UnetOptions {
+    /// Defaults: a queue of 64 requests, batches of up to 16 rows, no waiting.
+    pub fn new(model: PathBuf, device: Device) -> Self {
+        Self { model, device, queue_capacity: 64, max_batch_rows: 16, batch_max_wait: Duration::ZERO }
+    }
+}
+
+/// One job's step, as the batcher sees it.
+struct Step(DenoiseInput);
+
+impl Batchable for Step {
+    /// Latent channels, height, width; conditioning length and width.
+    type Key = (Vec<usize>, Vec<usize>);
+
+    fn batch_key(&self) -> Self::Key {
+        (self.0.latents.dims()[1..].to_vec(), self.0.cond.dims()[1..].to_vec())
+    }
+
+    fn rows(&self) -> usize {
+        let n = self.0.latents.dims().first().copied().unwrap_or(1);
+        if self.0.uses_guidance() {
+            2 * n
+        } else {
+            n
+        }
+    }
 }
 
 struct Model {
@@ -40,7 +80,7 @@ struct Model {
 }
 
 pub struct LocalUnet {
-    worker: ModelWorker<DenoiseInput, Tensor>,
+    worker: BatchWorker<Step, Tensor>,
     info: v1::UnetInfo,
 }
 
@@ -62,23 +102,33 @@ impl LocalUnet {
         };
         let model = Model { unet, device: opts.device.clone(), dtype };
         // Warm-up with a small guided step before reporting SERVING.
-        let warm_up = || -> Result<Tensor> {
+        let warm_up = || -> Result<Vec<Tensor>> {
             let context = Tensor::zeros((1, 77, json.cross_attention_dim), DType::F32, &Device::Cpu)?;
-            model.denoise(DenoiseInput {
+            model.denoise(vec![Step(DenoiseInput {
                 latents: Tensor::zeros((1, json.in_channels, 8, 8), DType::F32, &Device::Cpu)?,
                 timestep: 1.0,
                 cond: context.clone(),
                 uncond: Some(context),
                 guidance_scale: 2.0,
                 guidance_rescale: 0.5,
-            })
+            })])
         };
         warm_up().map_err(|e| ModelDirError::Malformed {
             path: dir.path.clone(),
             message: format!("warm-up failed: {e}"),
         })?;
-        let worker = ModelWorker::spawn("unet", opts.queue_capacity, move |input| model.denoise(input));
+        let batching = BatchOptions {
+            queue_capacity: opts.queue_capacity,
+            max_rows: opts.max_batch_rows.max(1),
+            max_wait: opts.batch_max_wait,
+        };
+        let worker = BatchWorker::spawn("unet", batching, move |steps| model.denoise(steps));
         Ok(Self { worker, info })
+    }
+
+    /// Forward passes run so far (each may serve several requests).
+    pub fn batches_run(&self) -> u64 {
+        self.worker.batches_run()
     }
 
     fn validate(&self, x: &DenoiseInput) -> Result<()> {
@@ -141,33 +191,71 @@ impl LocalUnet {
 }
 
 impl Model {
-    fn denoise(&self, x: DenoiseInput) -> Result<Tensor> {
-        let n = x.latents.dim(0)?;
+    /// One forward pass over the steps of several jobs: each contributes its rows ([uncond;
+    /// cond] per image under guidance, as diffusers' pipeline batches them) with its own
+    /// timestep and conditioning; guidance is then applied per job.
+    fn denoise(&self, steps: Vec<Step>) -> Result<Vec<Tensor>> {
         let to_model = |t: &Tensor| -> Result<Tensor> { Ok(t.to_device(&self.device)?.to_dtype(self.dtype)?) };
-        let per_sample = |t: &Tensor| -> Result<Tensor> {
-            let t = to_model(t)?;
-            Ok(if t.dim(0)? == n { t } else { t.repeat((n, 1, 1))? })
-        };
-        let latents = to_model(&x.latents)?;
-        let cond = per_sample(&x.cond)?;
-        let out = match (&x.uncond, x.uses_guidance()) {
-            (Some(uncond), true) => {
-                // One forward over [uncond; cond], as diffusers' pipeline batches it.
-                let input = Tensor::cat(&[&latents, &latents], 0)?;
-                let context = Tensor::cat(&[&per_sample(uncond)?, &cond], 0)?;
-                let out = self.unet.forward(&input, x.timestep, &context)?.to_dtype(DType::F32)?;
-                let (u, c) = (out.narrow(0, 0, n)?, out.narrow(0, n, n)?);
+        let (mut latents, mut contexts, mut timesteps) = (Vec::new(), Vec::new(), Vec::<f32>::new());
+        for Step(x) in &steps {
+            let n = x.latents.dim(0)?;
+            let per_sample = |t: &Tensor| -> Result<Tensor> {
+                let t = to_model(t)?;
+                Ok(if t.dim(0)? == n { t } else { t.repeat((n, 1, 1))? })
+            };
+            let l = to_model(&x.latents)?;
+            match (&x.uncond, x.uses_guidance()) {
+                (Some(uncond), true) => {
+                    latents.extend([l.clone(), l]);
+                    contexts.extend([per_sample(uncond)?, per_sample(&x.cond)?]);
+                    timesteps.extend(std::iter::repeat_n(x.timestep as f32, 2 * n));
+                }
+                _ => {
+                    latents.push(l);
+                    contexts.push(per_sample(&x.cond)?);
+                    timesteps.extend(std::iter::repeat_n(x.timestep as f32, n));
+                }
+            }
+        }
+        let rows = timesteps.len();
+        let timesteps = Tensor::from_vec(timesteps, rows, &self.device)?;
+        let out = self.unet.forward(&Tensor::cat(&latents, 0)?, &timesteps, &Tensor::cat(&contexts, 0)?)?;
+        let out = out.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+        let mut row = 0;
+        let mut outputs = Vec::with_capacity(steps.len());
+        for Step(x) in &steps {
+            let n = x.latents.dim(0)?;
+            let guided = if x.uses_guidance() && x.uncond.is_some() {
+                let (u, c) = (out.narrow(0, row, n)?, out.narrow(0, row + n, n)?);
+                row += 2 * n;
                 let guided = (&u + ((&c - &u)? * x.guidance_scale as f64)?)?;
                 if x.guidance_rescale > 0.0 {
                     rescale_noise_cfg(&guided, &c, x.guidance_rescale as f64)?
                 } else {
                     guided
                 }
-            }
-            _ => self.unet.forward(&latents, x.timestep, &cond)?.to_dtype(DType::F32)?,
-        };
-        Ok(out.to_device(&Device::Cpu)?)
+            } else {
+                row += n;
+                out.narrow(0, row - n, n)?
+            };
+            outputs.push(guided);
+        }
+        Ok(outputs)
     }
+}
+
+/// Writes random weights (candle's default initialisation) for the UNet described by
+/// `unet_dir/config.json` to `unet_dir/diffusion_pytorch_model.safetensors`: a stand-in for a
+/// checkpoint when only the architecture matters (benchmarks, batching tests at real widths).
+pub fn write_random_weights(unet_dir: &std::path::Path) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(unet_dir.join("config.json"))?;
+    let json: config::UnetConfigJson = serde_json::from_str(&text)?;
+    let cfg = json.to_candle().map_err(anyhow::Error::msg)?;
+    let varmap = candle_nn::VarMap::new();
+    let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    UNet2DConditionModel::new(vb, json.in_channels, json.out_channels, false, cfg)?;
+    varmap.save(unet_dir.join("diffusion_pytorch_model.safetensors"))?;
+    Ok(())
 }
 
 /// Per-sample standard deviation (unbiased, like torch.std) over all but the batch dim.
@@ -191,7 +279,7 @@ fn rescale_noise_cfg(cfg: &Tensor, text: &Tensor, phi: f64) -> candle_core::Resu
 impl sdmesh_core::Denoiser for LocalUnet {
     async fn denoise(&self, input: DenoiseInput) -> Result<Tensor> {
         self.validate(&input)?;
-        self.worker.call(input).await
+        self.worker.call(Step(input)).await
     }
 
     async fn info(&self) -> Result<v1::UnetInfo> {
@@ -291,7 +379,12 @@ impl sdmesh_core::Denoiser for UnetClient {
             guidance_scale: x.guidance_scale,
             guidance_rescale: x.guidance_rescale,
         };
-        let out = self.inner.clone().denoise(traced(request)).await?.into_inner();
+        let out = retry_when_overloaded(BACKPRESSURE_PATIENCE, || {
+            let mut client = self.inner.clone();
+            let request = traced(request.clone());
+            async move { Ok(client.denoise(request).await?.into_inner()) }
+        })
+        .await?;
         Ok(sdmesh_proto::required(&out.model_output, "model_output")?.to_candle("model_output", &Device::Cpu)?)
     }
 

@@ -7,7 +7,7 @@ use sdmesh_testkit::{assert_close, load_json, load_tensors, model};
 use sdmesh_unet::{LocalUnet, UnetOptions};
 
 fn load(name: &str) -> LocalUnet {
-    LocalUnet::load(&UnetOptions { model: model(name), device: Device::Cpu, queue_capacity: 8 }).unwrap()
+    LocalUnet::load(&UnetOptions::new(model(name), Device::Cpu)).unwrap()
 }
 
 fn input(latents: &Tensor, timestep: f64, cond: &Tensor) -> DenoiseInput {

@@ -5,6 +5,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
+use sdmesh_core::client::{retry_when_overloaded, BACKPRESSURE_PATIENCE};
 use sdmesh_core::model_dir::{ComponentDir, ModelDirError};
 use sdmesh_core::serve::{serve, Health, ServingStatus};
 use sdmesh_core::telemetry::traced;
@@ -230,7 +231,12 @@ impl VaeClient {
 impl sdmesh_core::Vae for VaeClient {
     async fn decode(&self, latents: Tensor) -> Result<Tensor> {
         let request = v1::DecodeRequest { latents: Some(v1::Tensor::from_candle(&latents)?) };
-        let out = self.inner.clone().decode(traced(request)).await?.into_inner();
+        let out = retry_when_overloaded(BACKPRESSURE_PATIENCE, || {
+            let mut client = self.inner.clone();
+            let request = traced(request.clone());
+            async move { Ok(client.decode(request).await?.into_inner()) }
+        })
+        .await?;
         Ok(sdmesh_proto::required(&out.images, "images")?.to_candle("images", &Device::Cpu)?)
     }
 

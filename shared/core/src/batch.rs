@@ -9,7 +9,9 @@
 
 use crate::{Error, Result};
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, TryRecvError, TrySendError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
@@ -41,11 +43,23 @@ struct Job<I, O> {
 pub struct BatchWorker<I, O> {
     name: &'static str,
     queue: mpsc::SyncSender<Job<I, O>>,
+    batches: Arc<AtomicU64>,
+    /// Microseconds the last batch took (for the retry hint).
+    last_batch_us: Arc<AtomicU64>,
+    capacity: usize,
+    max_rows: usize,
 }
 
 impl<I, O> Clone for BatchWorker<I, O> {
     fn clone(&self) -> Self {
-        Self { name: self.name, queue: self.queue.clone() }
+        Self {
+            name: self.name,
+            queue: self.queue.clone(),
+            batches: self.batches.clone(),
+            last_batch_us: self.last_batch_us.clone(),
+            capacity: self.capacity,
+            max_rows: self.max_rows,
+        }
     }
 }
 
@@ -57,11 +71,16 @@ impl<I: Batchable + Send + 'static, O: Send + 'static> BatchWorker<I, O> {
         F: FnMut(Vec<I>) -> Result<Vec<O>> + Send + 'static,
     {
         let (queue, rx) = mpsc::sync_channel::<Job<I, O>>(opts.queue_capacity.max(1));
+        let batches = Arc::new(AtomicU64::new(0));
+        let counter = batches.clone();
+        let last_batch_us = Arc::new(AtomicU64::new(0));
+        let last_batch = last_batch_us.clone();
         std::thread::Builder::new()
             .name(format!("{name}-model"))
             .spawn(move || {
                 let mut batcher = Batcher { rx, pending: VecDeque::new(), opts, name };
                 while let Some(batch) = batcher.next_batch() {
+                    counter.fetch_add(1, Ordering::Relaxed);
                     let rows: usize = batch.iter().map(|j| j.input.rows()).sum();
                     metrics::histogram!("sdmesh_batch_rows", "worker" => name).record(rows as f64);
                     metrics::histogram!("sdmesh_batch_requests", "worker" => name).record(batch.len() as f64);
@@ -74,6 +93,7 @@ impl<I: Batchable + Send + 'static, O: Send + 'static> BatchWorker<I, O> {
                     let started = Instant::now();
                     let outputs = crate::worker::catch_panic(name, || run(inputs));
                     metrics::histogram!("sdmesh_model_seconds", "worker" => name).record(started.elapsed().as_secs_f64());
+                    last_batch.store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
                     match outputs {
                         Ok(outputs) if outputs.len() == replies.len() => {
                             for (reply, out) in replies.into_iter().zip(outputs) {
@@ -96,7 +116,26 @@ impl<I: Batchable + Send + 'static, O: Send + 'static> BatchWorker<I, O> {
                 }
             })
             .expect("spawning a thread only fails when the OS is out of resources");
-        Self { name, queue }
+        Self {
+            name,
+            queue,
+            batches,
+            last_batch_us,
+            capacity: opts.queue_capacity.max(1),
+            max_rows: opts.max_rows.max(1),
+        }
+    }
+
+    /// About how long the queue takes to drain: batches it holds x the last batch's time.
+    fn retry_hint(&self) -> Duration {
+        let batches = self.capacity.div_ceil(self.max_rows) as u64;
+        let per_batch = self.last_batch_us.load(Ordering::Relaxed).max(1_000);
+        Duration::from_micros((batches * per_batch).clamp(10_000, 30_000_000))
+    }
+
+    /// Batches run so far (forward passes).
+    pub fn batches_run(&self) -> u64 {
+        self.batches.load(Ordering::Relaxed)
     }
 
     /// Queues one request; RESOURCE_EXHAUSTED (with a retry hint) when the queue is full.
@@ -106,7 +145,10 @@ impl<I: Batchable + Send + 'static, O: Send + 'static> BatchWorker<I, O> {
         let depth = metrics::gauge!("sdmesh_queue_depth", "worker" => self.name);
         depth.increment(1.0);
         self.queue.try_send(job).inspect_err(|_| depth.decrement(1.0)).map_err(|e| match e {
-            TrySendError::Full(_) => Error::ResourceExhausted(format!("{} queue is full, retry later", self.name)),
+            TrySendError::Full(_) => Error::ResourceExhausted {
+                message: format!("{} queue is full ({} waiting), retry later", self.name, self.capacity),
+                retry_after: self.retry_hint(),
+            },
             TrySendError::Disconnected(_) => Error::Unavailable(format!("{} model thread stopped", self.name)),
         })?;
         rx.await.map_err(|_| Error::Unavailable(format!("{} model thread stopped", self.name)))?
@@ -186,7 +228,7 @@ impl<I: Batchable, O> Batcher<I, O> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::{Arc, Mutex};
+    use std::sync::Mutex;
 
     #[derive(Debug)]
     struct Req {
@@ -252,6 +294,33 @@ mod tests {
         let err = worker.call(Req { key: 0, rows: 1, value: -1 }).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
         assert_eq!(worker.call(Req { key: 0, rows: 1, value: 7 }).await.unwrap(), 70);
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_is_resource_exhausted_with_a_retry_hint() {
+        let (gate_tx, gate_rx) = std::sync::mpsc::channel::<()>();
+        let gate = Mutex::new(gate_rx);
+        let opts = BatchOptions { queue_capacity: 1, max_rows: 1, max_wait: Duration::ZERO };
+        let worker = BatchWorker::spawn("full", opts, move |inputs: Vec<Req>| {
+            gate.lock().unwrap().recv().ok();
+            Ok(inputs.iter().map(|r| r.value).collect())
+        });
+        let spawn = |value| {
+            let w = worker.clone();
+            tokio::spawn(async move { w.call(Req { key: 0, rows: 1, value }).await })
+        };
+        let running = spawn(1);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let queued = spawn(2);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let err = worker.call(Req { key: 0, rows: 1, value: 3 }).await.unwrap_err();
+        let status = tonic::Status::from(err);
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        let hint = crate::retry_after(&status).expect("a RetryInfo detail");
+        assert!(hint >= Duration::from_millis(10), "{hint:?}");
+        gate_tx.send(()).unwrap();
+        gate_tx.send(()).unwrap();
+        assert_eq!((running.await.unwrap().unwrap(), queued.await.unwrap().unwrap()), (1, 2));
     }
 
     #[tokio::test]

@@ -9,9 +9,10 @@ pub enum Error {
     /// The caller's mistake: the message says what was wrong and what is allowed.
     #[error("{0}")]
     InvalidArgument(String),
-    /// Backpressure: the queue is full, retry later.
-    #[error("{0}")]
-    ResourceExhausted(String),
+    /// Backpressure: the queue is full; retry after about `retry_after` (sent to the client as
+    /// a google.rpc.RetryInfo detail).
+    #[error("{message}")]
+    ResourceExhausted { message: String, retry_after: std::time::Duration },
     /// The component is going away or not ready: retry elsewhere.
     #[error("{0}")]
     Unavailable(String),
@@ -35,7 +36,7 @@ impl Error {
     pub fn code(&self) -> tonic::Code {
         match self {
             Error::InvalidArgument(_) => tonic::Code::InvalidArgument,
-            Error::ResourceExhausted(_) => tonic::Code::ResourceExhausted,
+            Error::ResourceExhausted { .. } => tonic::Code::ResourceExhausted,
             Error::Unavailable(_) => tonic::Code::Unavailable,
             Error::Remote(s) => s.code(),
             Error::Internal(_) => tonic::Code::Internal,
@@ -47,6 +48,14 @@ impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
         match e {
             Error::Remote(s) => s,
+            Error::ResourceExhausted { message, retry_after } => {
+                use tonic_types::{ErrorDetails, StatusExt};
+                tonic::Status::with_error_details(
+                    tonic::Code::ResourceExhausted,
+                    message,
+                    ErrorDetails::with_retry_info(Some(retry_after)),
+                )
+            }
             other => tonic::Status::new(other.code(), other.to_string()),
         }
     }
@@ -68,4 +77,10 @@ impl From<candle_core::Error> for Error {
     fn from(e: candle_core::Error) -> Self {
         Error::Internal(e.to_string())
     }
+}
+
+/// The retry delay a RESOURCE_EXHAUSTED status suggests, if it carries one.
+pub fn retry_after(status: &tonic::Status) -> Option<std::time::Duration> {
+    use tonic_types::StatusExt;
+    status.get_details_retry_info()?.retry_delay
 }

@@ -11,7 +11,7 @@ pub mod telemetry;
 mod traits;
 mod worker;
 
-pub use error::{Error, Result};
+pub use error::{retry_after, Error, Result};
 pub use traits::{DenoiseInput, Denoiser, TextEmbeddings, TextEncoder, Vae};
 pub use worker::ModelWorker;
 

@@ -55,9 +55,10 @@ impl<I: Send + 'static, O: Send + 'static> ModelWorker<I, O> {
         let depth = metrics::gauge!("sdmesh_queue_depth", "worker" => self.name);
         depth.increment(1.0);
         self.queue.try_send(job).inspect_err(|_| depth.decrement(1.0)).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => {
-                Error::ResourceExhausted(format!("{} queue is full, retry later", self.name))
-            }
+            mpsc::error::TrySendError::Full(_) => Error::ResourceExhausted {
+                message: format!("{} queue is full, retry later", self.name),
+                retry_after: std::time::Duration::from_millis(100),
+            },
             mpsc::error::TrySendError::Closed(_) => Error::Unavailable(format!("{} model thread stopped", self.name)),
         })?;
         rx.await.map_err(|_| Error::Unavailable(format!("{} model thread stopped", self.name)))?

@@ -128,6 +128,7 @@ async fn same_request_same_bytes_and_bad_input_is_invalid_argument() {
         uncond: None,
         guidance_scale: 1.0,
         guidance_rescale: 0.0,
+        ..Default::default()
     };
     let short = v1::Tensor { dtype: v1::Dtype::F32 as i32, shape: vec![1, 4, 8, 8], data: vec![0; 100] };
     let err = unet.denoise(request(short)).await.unwrap_err();

@@ -9,7 +9,7 @@
 use candle_core::{Device, Tensor};
 use sdmesh_core::{Result, TextEmbeddings, TextEncoder};
 use sdmesh_proto::v1;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 /// Where cached values live.
 #[async_trait::async_trait]
@@ -20,47 +20,29 @@ pub trait EmbeddingStore: Send + Sync {
 
 /// In-process LRU bounded by the total bytes of its values.
 pub struct LruStore {
-    inner: Mutex<LruInner>,
-}
-
-struct LruInner {
-    entries: lru::LruCache<String, Vec<u8>>,
-    bytes: usize,
-    max_bytes: usize,
+    entries: sdmesh_core::byte_lru::ByteLru<String, Vec<u8>>,
 }
 
 impl LruStore {
     pub fn new(max_bytes: usize) -> Self {
-        Self { inner: Mutex::new(LruInner { entries: lru::LruCache::unbounded(), bytes: 0, max_bytes }) }
+        Self { entries: sdmesh_core::byte_lru::ByteLru::new(max_bytes) }
     }
 
     /// Bytes held now.
     pub fn bytes(&self) -> usize {
-        self.inner.lock().map(|i| i.bytes).unwrap_or(0)
+        self.entries.bytes()
     }
 }
 
 #[async_trait::async_trait]
 impl EmbeddingStore for LruStore {
     async fn get(&self, key: &str) -> Option<Vec<u8>> {
-        self.inner.lock().ok()?.entries.get(key).cloned()
+        self.entries.get(&key.to_string())
     }
 
     async fn put(&self, key: &str, value: Vec<u8>) {
-        let Ok(mut inner) = self.inner.lock() else { return };
-        if value.len() > inner.max_bytes {
-            return;
-        }
-        inner.bytes += value.len();
-        if let Some(old) = inner.entries.put(key.to_string(), value) {
-            inner.bytes -= old.len();
-        }
-        while inner.bytes > inner.max_bytes {
-            match inner.entries.pop_lru() {
-                Some((_, v)) => inner.bytes -= v.len(),
-                None => break,
-            }
-        }
+        let size = value.len();
+        self.entries.put(key.to_string(), value, size);
     }
 }
 

@@ -43,12 +43,22 @@ pub struct UnetOptions {
     /// How long a step may wait for others to share its forward pass (0: never waits; steps
     /// that queued while the model was busy still run together).
     pub batch_max_wait: Duration,
+    /// Bytes of conditioning tensors kept by digest (a job's prompt embeddings, sent once).
+    pub conditioning_cache_bytes: usize,
 }
 
 impl UnetOptions {
-    /// Defaults: a queue of 64 requests, batches of up to 16 rows, no waiting.
+    /// Defaults: a queue of 64 requests, batches of up to 16 rows, no waiting, 256 MiB of
+    /// conditioning.
     pub fn new(model: PathBuf, device: Device) -> Self {
-        Self { model, device, queue_capacity: 64, max_batch_rows: 16, batch_max_wait: Duration::ZERO }
+        Self {
+            model,
+            device,
+            queue_capacity: 64,
+            max_batch_rows: 16,
+            batch_max_wait: Duration::ZERO,
+            conditioning_cache_bytes: 256 << 20,
+        }
     }
 }
 
@@ -287,17 +297,86 @@ impl sdmesh_core::Denoiser for LocalUnet {
     }
 }
 
-/// Wire request -> domain input (tensors decoded and checked against their byte length).
-pub fn decode_request(r: &v1::DenoiseRequest) -> Result<DenoiseInput> {
-    let cpu = &Device::Cpu;
+/// The reason of the google.rpc.ErrorInfo on FAILED_PRECONDITION when a request names a
+/// conditioning digest the service does not hold: send the tensor again.
+pub const CONDITIONING_NOT_CACHED: &str = "CONDITIONING_NOT_CACHED";
+
+fn not_cached(field: &str, digest: &str) -> Error {
+    use tonic_types::{ErrorDetails, StatusExt};
+    let mut metadata = std::collections::HashMap::new();
+    metadata.insert("field".to_string(), field.to_string());
+    metadata.insert("digest".to_string(), digest.to_string());
+    Error::Remote(tonic::Status::with_error_details(
+        tonic::Code::FailedPrecondition,
+        format!("{field}: no tensor with digest {digest} here; send the tensor"),
+        ErrorDetails::with_error_info(CONDITIONING_NOT_CACHED, "sdmesh", metadata),
+    ))
+}
+
+/// Whether `status` asks for the conditioning tensors to be sent again.
+pub fn is_conditioning_miss(status: &tonic::Status) -> bool {
+    use tonic_types::StatusExt;
+    status.code() == tonic::Code::FailedPrecondition
+        && status.get_details_error_info().is_some_and(|info| info.reason == CONDITIONING_NOT_CACHED)
+}
+
+/// Conditioning tensors by content digest, bounded in bytes: a job sends its prompt embeddings
+/// once and names them by digest in every later step.
+pub struct ConditioningCache {
+    tensors: sdmesh_core::byte_lru::ByteLru<String, Tensor>,
+}
+
+impl ConditioningCache {
+    pub fn new(max_bytes: usize) -> Self {
+        Self { tensors: sdmesh_core::byte_lru::ByteLru::new(max_bytes) }
+    }
+
+    /// The tensor a request field stands for: sent (checked against its digest, then kept),
+    /// named by digest (from the cache), or absent.
+    fn resolve(&self, field: &str, tensor: &Option<v1::Tensor>, digest: &str) -> Result<Option<Tensor>> {
+        let decode = |t: &v1::Tensor| -> Result<Tensor> { Ok(t.to_candle(field, &Device::Cpu)?.to_dtype(DType::F32)?) };
+        match (tensor, digest) {
+            (None, "") => Ok(None),
+            (Some(t), "") => Ok(Some(decode(t)?)),
+            (Some(t), digest) => {
+                if t.digest() != digest {
+                    return Err(Error::invalid(format!("{field}_digest {digest} does not match the {field} tensor")));
+                }
+                let decoded = decode(t)?;
+                self.tensors.put(digest.to_string(), decoded.clone(), decoded.elem_count() * 4);
+                metrics::counter!("sdmesh_conditioning_cache_requests_total", "result" => "stored").increment(1);
+                Ok(Some(decoded))
+            }
+            (None, digest) => {
+                let found = self.tensors.get(&digest.to_string());
+                let result = if found.is_some() { "hit" } else { "miss" };
+                metrics::counter!("sdmesh_conditioning_cache_requests_total", "result" => result).increment(1);
+                found.map(Some).ok_or_else(|| not_cached(field, digest))
+            }
+        }
+    }
+
+    /// Tensors held now.
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+}
+
+/// Wire request -> domain input (tensors decoded and checked against their byte length;
+/// conditioning named by digest taken from `cache`).
+pub fn decode_request(r: &v1::DenoiseRequest, cache: &ConditioningCache) -> Result<DenoiseInput> {
+    let cond = cache.resolve("cond", &r.cond, &r.cond_digest)?.ok_or_else(|| Error::invalid("cond: required"))?;
     Ok(DenoiseInput {
-        latents: sdmesh_proto::required(&r.latents, "latents")?.to_candle("latents", cpu)?.to_dtype(DType::F32)?,
+        latents: sdmesh_proto::required(&r.latents, "latents")?
+            .to_candle("latents", &Device::Cpu)?
+            .to_dtype(DType::F32)?,
         timestep: r.timestep,
-        cond: sdmesh_proto::required(&r.cond, "cond")?.to_candle("cond", cpu)?.to_dtype(DType::F32)?,
-        uncond: match &r.uncond {
-            Some(t) => Some(t.to_candle("uncond", cpu)?.to_dtype(DType::F32)?),
-            None => None,
-        },
+        cond,
+        uncond: cache.resolve("uncond", &r.uncond, &r.uncond_digest)?,
         guidance_scale: r.guidance_scale,
         guidance_rescale: r.guidance_rescale,
     })
@@ -306,6 +385,25 @@ pub fn decode_request(r: &v1::DenoiseRequest) -> Result<DenoiseInput> {
 #[derive(Clone)]
 pub struct UnetService {
     local: Arc<OnceCell<LocalUnet>>,
+    conditioning: Arc<ConditioningCache>,
+}
+
+impl UnetService {
+    /// A service whose model is set later (NOT_SERVING meanwhile).
+    pub fn new(conditioning_cache_bytes: usize) -> Self {
+        Self {
+            local: Arc::new(OnceCell::new()),
+            conditioning: Arc::new(ConditioningCache::new(conditioning_cache_bytes)),
+        }
+    }
+
+    pub fn set_model(&self, local: LocalUnet) {
+        let _ = self.local.set(local);
+    }
+
+    pub fn conditioning(&self) -> &ConditioningCache {
+        &self.conditioning
+    }
 }
 
 #[tonic::async_trait]
@@ -315,7 +413,7 @@ impl v1::unet_server::Unet for UnetService {
         request: tonic::Request<v1::DenoiseRequest>,
     ) -> std::result::Result<tonic::Response<v1::DenoiseResponse>, tonic::Status> {
         let local = self.local.get().ok_or_else(sdmesh_core::loading)?;
-        let input = decode_request(request.get_ref())?;
+        let input = decode_request(request.get_ref(), &self.conditioning)?;
         let out = sdmesh_core::Denoiser::denoise(local, input).await?;
         Ok(tonic::Response::new(v1::DenoiseResponse { model_output: Some(v1::Tensor::from_candle(&out)?) }))
     }
@@ -335,7 +433,7 @@ pub async fn run(
     shutdown: sdmesh_core::serve::Shutdown,
 ) -> anyhow::Result<()> {
     let health = Health::new(&[v1::unet_server::SERVICE_NAME]).await;
-    let service = UnetService { local: Arc::new(OnceCell::new()) };
+    let service = UnetService::new(opts.conditioning_cache_bytes);
     let routes = health.routes().add_service(
         v1::unet_server::UnetServer::new(service.clone())
             .max_decoding_message_size(sdmesh_core::MAX_MESSAGE_BYTES)
@@ -343,48 +441,112 @@ pub async fn run(
     );
     let server = tokio::spawn(serve(listener, routes, health.clone(), shutdown));
     let local = tokio::task::spawn_blocking(move || LocalUnet::load(&opts)).await??;
-    let _ = service.local.set(local);
+    service.set_model(local);
     health.set(ServingStatus::Serving).await;
     tracing::info!("unet ready");
     server.await??;
     Ok(())
 }
 
-/// A remote unet service.
+/// A job's conditioning tensor as it goes on the wire, encoded and digested once.
+struct WireConditioning {
+    tensor: v1::Tensor,
+    digest: String,
+}
+
+/// A remote unet service. Each conditioning tensor (a job's prompt embeddings) is encoded and
+/// digested once; after the service has it, steps name it by digest only.
 #[derive(Clone)]
 pub struct UnetClient {
     inner: v1::unet_client::UnetClient<tonic::transport::Channel>,
+    /// Recent conditioning tensors by candle tensor id (a job reuses the same tensor every step).
+    wire: Arc<std::sync::Mutex<lru::LruCache<candle_core::TensorId, Arc<WireConditioning>>>>,
+    /// Digests this client has sent (the service probably holds them).
+    sent: Arc<std::sync::Mutex<lru::LruCache<String, ()>>>,
 }
 
 impl UnetClient {
     pub fn new(url: &str) -> Result<Self> {
-        let inner = v1::unet_client::UnetClient::new(sdmesh_core::client::lazy_channel(url)?)
+        Ok(Self::from_channel(sdmesh_core::client::lazy_channel(url)?))
+    }
+
+    /// Over any channel (e.g. one balanced across replicas).
+    pub fn from_channel(channel: tonic::transport::Channel) -> Self {
+        let inner = v1::unet_client::UnetClient::new(channel)
             .max_decoding_message_size(sdmesh_core::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(sdmesh_core::MAX_MESSAGE_BYTES);
-        Ok(Self { inner })
+        let entries = std::num::NonZeroUsize::new(256).expect("non-zero");
+        Self {
+            inner,
+            wire: Arc::new(std::sync::Mutex::new(lru::LruCache::new(entries))),
+            sent: Arc::new(std::sync::Mutex::new(lru::LruCache::new(entries))),
+        }
+    }
+
+    fn wire(&self, t: &Tensor) -> Result<Arc<WireConditioning>> {
+        let mut cache = self.wire.lock().map_err(|_| Error::internal("unet client cache poisoned"))?;
+        if let Some(w) = cache.get(&t.id()) {
+            return Ok(w.clone());
+        }
+        let tensor = v1::Tensor::from_candle(t)?;
+        let w = Arc::new(WireConditioning { digest: tensor.digest(), tensor });
+        cache.put(t.id(), w.clone());
+        Ok(w)
+    }
+
+    fn was_sent(&self, digest: &str) -> bool {
+        self.sent.lock().map(|mut s| s.get(digest).is_some()).unwrap_or(false)
+    }
+
+    fn mark_sent(&self, digests: &[&str]) {
+        if let Ok(mut sent) = self.sent.lock() {
+            for d in digests {
+                sent.put(d.to_string(), ());
+            }
+        }
+    }
+
+    async fn call(&self, request: v1::DenoiseRequest) -> Result<v1::DenoiseResponse> {
+        retry_when_overloaded(BACKPRESSURE_PATIENCE, || {
+            let mut client = self.inner.clone();
+            let request = traced(request.clone());
+            async move { Ok(client.denoise(request).await?.into_inner()) }
+        })
+        .await
     }
 }
 
 #[async_trait::async_trait]
 impl sdmesh_core::Denoiser for UnetClient {
     async fn denoise(&self, x: DenoiseInput) -> Result<Tensor> {
-        let request = v1::DenoiseRequest {
-            latents: Some(v1::Tensor::from_candle(&x.latents)?),
+        let cond = self.wire(&x.cond)?;
+        let uncond = match (&x.uncond, x.uses_guidance()) {
+            (Some(u), true) => Some(self.wire(u)?),
+            _ => None,
+        };
+        let uncond_digest = uncond.as_ref().map(|u| u.digest.clone()).unwrap_or_default();
+        let digests = [cond.digest.as_str(), uncond_digest.as_str()];
+        let with_tensors = |send: bool| v1::DenoiseRequest {
+            latents: None,
             timestep: x.timestep,
-            cond: Some(v1::Tensor::from_candle(&x.cond)?),
-            uncond: match (&x.uncond, x.uses_guidance()) {
-                (Some(u), true) => Some(v1::Tensor::from_candle(u)?),
-                _ => None,
-            },
+            cond: send.then(|| cond.tensor.clone()),
+            uncond: if send { uncond.as_ref().map(|u| u.tensor.clone()) } else { None },
             guidance_scale: x.guidance_scale,
             guidance_rescale: x.guidance_rescale,
+            cond_digest: cond.digest.clone(),
+            uncond_digest: uncond_digest.clone(),
         };
-        let out = retry_when_overloaded(BACKPRESSURE_PATIENCE, || {
-            let mut client = self.inner.clone();
-            let request = traced(request.clone());
-            async move { Ok(client.denoise(request).await?.into_inner()) }
-        })
-        .await?;
+        let latents = Some(v1::Tensor::from_candle(&x.latents)?);
+        let already_sent = digests.iter().all(|d| d.is_empty() || self.was_sent(d));
+        let first = self.call(v1::DenoiseRequest { latents: latents.clone(), ..with_tensors(!already_sent) }).await;
+        let out = match first {
+            // Evicted, or a replica that never saw this job: send the tensors once more.
+            Err(Error::Remote(status)) if already_sent && is_conditioning_miss(&status) => {
+                self.call(v1::DenoiseRequest { latents, ..with_tensors(true) }).await?
+            }
+            other => other?,
+        };
+        self.mark_sent(&digests);
         Ok(sdmesh_proto::required(&out.model_output, "model_output")?.to_candle("model_output", &Device::Cpu)?)
     }
 

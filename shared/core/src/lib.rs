@@ -3,6 +3,7 @@
 //! (health, reflection, shutdown).
 
 pub mod batch;
+pub mod byte_lru;
 pub mod client;
 mod error;
 pub mod model_dir;

@@ -142,7 +142,13 @@ fn describe_metrics() {
     metrics::describe_counter!("sdmesh_rpc_requests_total", "gRPC requests served, by method and status code");
     metrics::describe_histogram!("sdmesh_rpc_duration_seconds", "gRPC request latency to the last byte, by method");
     metrics::describe_gauge!("sdmesh_queue_depth", "requests waiting for a model thread");
-    metrics::describe_histogram!("sdmesh_model_seconds", "time a model thread spent on one request");
+    metrics::describe_histogram!("sdmesh_model_seconds", "time a model thread spent on one request or batch");
+    metrics::describe_histogram!("sdmesh_batch_rows", "rows (images, doubled under guidance) per UNet forward pass");
+    metrics::describe_histogram!("sdmesh_batch_requests", "requests (jobs' steps) per UNet forward pass");
+    metrics::describe_counter!(
+        "sdmesh_conditioning_cache_requests_total",
+        "conditioning named by digest on the unet service: stored, hit or miss"
+    );
     metrics::describe_counter!("sdmesh_embedding_cache_requests_total", "prompt-embedding cache look-ups, by result");
     metrics::describe_counter!("sdmesh_embedding_cache_errors_total", "failed prompt-embedding store operations");
     metrics::describe_counter!("sdmesh_jobs_total", "generation jobs, by outcome (status code)");

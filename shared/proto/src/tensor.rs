@@ -82,6 +82,17 @@ impl v1::Tensor {
         Ok(Self { dtype: dtype as i32, shape, data })
     }
 
+    /// Content digest: BLAKE3 of dtype, shape and bytes, hex. Equal digests, equal tensors.
+    pub fn digest(&self) -> String {
+        let mut h = blake3::Hasher::new();
+        h.update(&self.dtype.to_le_bytes()).update(&(self.shape.len() as u64).to_le_bytes());
+        for d in &self.shape {
+            h.update(&d.to_le_bytes());
+        }
+        h.update(&self.data);
+        h.finalize().to_hex().to_string()
+    }
+
     /// Decodes onto `device`, checking the byte length against shape x dtype.
     /// `name` says which field was wrong in error messages.
     pub fn to_candle(&self, name: &str, device: &Device) -> Result<Tensor, TensorError> {

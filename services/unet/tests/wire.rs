@@ -1,0 +1,158 @@
+//! The wire between orchestrator and unet service: a job's conditioning crosses it once and
+//! is named by digest afterwards; a service that lacks it (evicted, another replica) asks
+//! for it and the step still runs; digests are checked.
+
+use candle_core::{DType, Device, Tensor};
+use sdmesh_core::{DenoiseInput, Denoiser};
+use sdmesh_proto::v1;
+use sdmesh_testkit::model;
+use sdmesh_unet::{is_conditioning_miss, LocalUnet, UnetClient, UnetOptions, UnetService};
+use std::sync::{Arc, Mutex};
+
+/// Forwards to a real UnetService and records, per Denoise call, whether cond came as a tensor.
+#[derive(Clone)]
+struct Recording {
+    inner: UnetService,
+    cond_sent: Arc<Mutex<Vec<bool>>>,
+}
+
+#[tonic::async_trait]
+impl v1::unet_server::Unet for Recording {
+    async fn denoise(
+        &self,
+        request: tonic::Request<v1::DenoiseRequest>,
+    ) -> Result<tonic::Response<v1::DenoiseResponse>, tonic::Status> {
+        self.cond_sent.lock().unwrap().push(request.get_ref().cond.is_some());
+        self.inner.denoise(request).await
+    }
+    async fn info(&self, r: tonic::Request<v1::InfoRequest>) -> Result<tonic::Response<v1::UnetInfo>, tonic::Status> {
+        self.inner.info(r).await
+    }
+}
+
+/// A unet replica on a loopback port; its conditioning cache holds `cache_bytes`.
+async fn replica(cache_bytes: usize) -> (String, Recording) {
+    let service = UnetService::new(cache_bytes);
+    service.set_model(LocalUnet::load(&UnetOptions::new(model("sd21-base-tiny"), Device::Cpu)).unwrap());
+    let recording = Recording { inner: service, cond_sent: Arc::default() };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let server = v1::unet_server::UnetServer::new(recording.clone());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(server)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    (url, recording)
+}
+
+fn job(seed: f32) -> (Tensor, Tensor, Tensor) {
+    let d = &Device::Cpu;
+    let latents =
+        (Tensor::arange(0f32, 192., d).unwrap().reshape((1, 4, 8, 6)).unwrap() * (0.01 * seed as f64)).unwrap();
+    let cond = Tensor::full(0.1 * seed, (1, 77, 32), d).unwrap();
+    let uncond = Tensor::full(-0.2 * seed, (1, 77, 32), d).unwrap();
+    (latents, cond, uncond)
+}
+
+fn step(latents: &Tensor, cond: &Tensor, uncond: &Tensor, timestep: f64) -> DenoiseInput {
+    DenoiseInput {
+        latents: latents.clone(),
+        timestep,
+        cond: cond.clone(),
+        uncond: Some(uncond.clone()),
+        guidance_scale: 5.0,
+        guidance_rescale: 0.0,
+    }
+}
+
+fn same(a: &Tensor, b: &Tensor) -> bool {
+    a.flatten_all().unwrap().to_vec1::<f32>().unwrap() == b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+#[tokio::test]
+async fn conditioning_crosses_the_wire_once_per_job() {
+    let local = LocalUnet::load(&UnetOptions::new(model("sd21-base-tiny"), Device::Cpu)).unwrap();
+    let (url, recording) = replica(1 << 20).await;
+    let client = UnetClient::new(&url).unwrap();
+    let (latents, cond, uncond) = job(1.0);
+    for t in [900.0, 500.0, 100.0] {
+        let remote = client.denoise(step(&latents, &cond, &uncond, t)).await.unwrap();
+        let direct = local.denoise(step(&latents, &cond, &uncond, t)).await.unwrap();
+        assert!(same(&remote, &direct), "t={t}: the remote step differs");
+    }
+    assert_eq!(*recording.cond_sent.lock().unwrap(), vec![true, false, false], "sent with the first step only");
+    assert_eq!(recording.inner.conditioning().len(), 2, "cond and uncond kept");
+
+    // A second job with other embeddings sends its own once.
+    let (latents2, cond2, uncond2) = job(2.0);
+    for t in [900.0, 500.0] {
+        client.denoise(step(&latents2, &cond2, &uncond2, t)).await.unwrap();
+    }
+    assert_eq!(recording.cond_sent.lock().unwrap()[3..], [true, false]);
+}
+
+#[tokio::test]
+async fn a_service_without_the_conditioning_asks_for_it_and_the_step_runs() {
+    let local = LocalUnet::load(&UnetOptions::new(model("sd21-base-tiny"), Device::Cpu)).unwrap();
+    let (latents, cond, uncond) = job(3.0);
+    // A replica whose cache keeps nothing (as if it evicted everything at once).
+    let (url, recording) = replica(0).await;
+    let client = UnetClient::new(&url).unwrap();
+    for t in [800.0, 400.0, 1.0] {
+        let remote = client.denoise(step(&latents, &cond, &uncond, t)).await.unwrap();
+        assert!(same(&remote, &local.denoise(step(&latents, &cond, &uncond, t)).await.unwrap()));
+    }
+    // Step 1 sends; steps 2 and 3 try the digest, are asked for the tensors, send them.
+    assert_eq!(*recording.cond_sent.lock().unwrap(), vec![true, false, true, false, true]);
+
+    // Two replicas behind one balanced channel: whichever never saw the job asks for it.
+    let ((url_a, a), (url_b, b)) = (replica(1 << 20).await, replica(1 << 20).await);
+    let channel = tonic::transport::Channel::balance_list(
+        [url_a, url_b].into_iter().map(|u| tonic::transport::Endpoint::from_shared(u).unwrap()),
+    );
+    let client = UnetClient::from_channel(channel);
+    for i in 0..12 {
+        let t = 999.0 - 80.0 * i as f64;
+        let remote = client.denoise(step(&latents, &cond, &uncond, t)).await.unwrap();
+        assert!(same(&remote, &local.denoise(step(&latents, &cond, &uncond, t)).await.unwrap()), "step {i}");
+    }
+    let (a, b) = (a.cond_sent.lock().unwrap().clone(), b.cond_sent.lock().unwrap().clone());
+    assert!(!a.is_empty() && !b.is_empty(), "both replicas served steps: {a:?} {b:?}");
+    let sends = |log: &[bool]| log.iter().filter(|sent| **sent).count();
+    assert!(sends(&a) <= 2 && sends(&b) <= 2, "each replica got the tensors at most twice: {a:?} {b:?}");
+    assert!(a.len() + b.len() >= 12, "every step was served: {a:?} {b:?}");
+}
+
+#[tokio::test]
+async fn digests_are_checked() {
+    let (url, _) = replica(1 << 20).await;
+    let mut raw = v1::unet_client::UnetClient::connect(url).await.unwrap();
+    let (latents, cond, _) = job(1.0);
+    let cond_wire = v1::Tensor::from_candle(&cond).unwrap();
+    let base = v1::DenoiseRequest {
+        latents: Some(v1::Tensor::from_candle(&latents).unwrap()),
+        timestep: 10.0,
+        guidance_scale: 1.0,
+        ..Default::default()
+    };
+    // Named by a digest the service never saw.
+    let unknown = v1::DenoiseRequest { cond_digest: cond_wire.digest(), ..base.clone() };
+    let status = raw.denoise(unknown.clone()).await.unwrap_err();
+    assert!(is_conditioning_miss(&status), "{status:?}");
+    assert!(status.message().contains("cond"), "{}", status.message());
+    // A tensor that does not match its digest.
+    let other = v1::Tensor::from_candle(&Tensor::zeros((1, 77, 32), DType::F32, &Device::Cpu).unwrap()).unwrap();
+    let lying = v1::DenoiseRequest { cond: Some(other), cond_digest: cond_wire.digest(), ..base.clone() };
+    let status = raw.denoise(lying).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("cond_digest"), "{}", status.message());
+    // Sent with its digest: kept, and then the digest alone works.
+    raw.denoise(v1::DenoiseRequest { cond: Some(cond_wire.clone()), cond_digest: cond_wire.digest(), ..base.clone() })
+        .await
+        .unwrap();
+    raw.denoise(unknown).await.unwrap();
+    // Neither tensor nor digest.
+    let status = raw.denoise(base).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+}

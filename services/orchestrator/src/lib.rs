@@ -165,8 +165,8 @@ pub async fn run(
     let service = server::OrchestratorService::served(health.clone());
     let routes = health.routes().add_service(
         v1::orchestrator_server::OrchestratorServer::new(service.clone())
-            .max_decoding_message_size(sdmesh_core::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(sdmesh_core::MAX_MESSAGE_BYTES),
+            .max_decoding_message_size(opts.limits.max_request_bytes())
+            .max_encoding_message_size(opts.limits.max_response_bytes()),
     );
     let server = tokio::spawn(serve(listener, routes, health.clone(), shutdown));
     let pipeline = pipeline_over(

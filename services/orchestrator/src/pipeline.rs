@@ -27,6 +27,24 @@ impl Default for Limits {
     }
 }
 
+impl Limits {
+    fn pixels(&self) -> usize {
+        self.max_images as usize * self.max_side as usize * self.max_side as usize
+    }
+
+    /// Largest legitimate Generate request: init latents for the most pixels (up to 16 latent
+    /// channels at scale factor 8) and prompts.
+    pub fn max_request_bytes(&self) -> usize {
+        sdmesh_core::message_limit(sdmesh_core::f32_bytes(16 * self.pixels() / 64))
+    }
+
+    /// Largest legitimate Generate response: PNGs of the most pixels (RGB, stored at worst
+    /// uncompressed) and, when asked, the same images as f32.
+    pub fn max_response_bytes(&self) -> usize {
+        sdmesh_core::message_limit(3 * self.pixels() + sdmesh_core::f32_bytes(3 * self.pixels()))
+    }
+}
+
 /// What the model services report about themselves, fetched once.
 #[derive(Debug, Clone)]
 pub struct ModelInfo {

@@ -23,6 +23,14 @@ use tokio::sync::OnceCell;
 pub const MAX_TEXTS: usize = 64;
 /// Bytes per text: far past what fits in 77 tokens, small enough to tokenize quickly.
 pub const MAX_TEXT_BYTES: usize = 16 * 1024;
+/// Context length and hidden size the limits allow for (CLIP: 77; OpenCLIP ViT-H: 1024,
+/// bigG: 1280).
+pub const MAX_CONTEXT_LENGTH: usize = 77;
+pub const MAX_HIDDEN_SIZE: usize = 1280;
+/// Largest legitimate Encode request and response.
+pub const MAX_REQUEST_BYTES: usize = sdmesh_core::message_limit(MAX_TEXTS * (MAX_TEXT_BYTES + 16));
+pub const MAX_RESPONSE_BYTES: usize =
+    sdmesh_core::message_limit(sdmesh_core::f32_bytes(MAX_TEXTS * MAX_CONTEXT_LENGTH * MAX_HIDDEN_SIZE));
 
 #[derive(Debug, Clone)]
 pub struct TextEncoderOptions {
@@ -52,6 +60,17 @@ impl LocalTextEncoder {
             if let Ok(path) = tokenizer_dir.file(name) {
                 inputs.push(path);
             }
+        }
+        if tokenizer.context_length() > MAX_CONTEXT_LENGTH || model.hidden_size() > MAX_HIDDEN_SIZE {
+            return Err(ModelDirError::Malformed {
+                path: dir.path.clone(),
+                message: format!(
+                    "context length {} / hidden size {}: this build serves up to {MAX_CONTEXT_LENGTH} / \
+                     {MAX_HIDDEN_SIZE} (its gRPC message limits are sized for them)",
+                    tokenizer.context_length(),
+                    model.hidden_size()
+                ),
+            });
         }
         let info = v1::TextEncoderInfo {
             context_length: tokenizer.context_length() as u32,
@@ -180,8 +199,8 @@ pub async fn run(
     let service = TextEncoderService { local: Arc::new(OnceCell::new()) };
     let routes = health.routes().add_service(
         v1::text_encoder_server::TextEncoderServer::new(service.clone())
-            .max_decoding_message_size(sdmesh_core::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(sdmesh_core::MAX_MESSAGE_BYTES),
+            .max_decoding_message_size(MAX_REQUEST_BYTES)
+            .max_encoding_message_size(MAX_RESPONSE_BYTES),
     );
     let server = tokio::spawn(serve(listener, routes, health.clone(), shutdown));
     let local = tokio::task::spawn_blocking(move || LocalTextEncoder::load(&opts)).await??;
@@ -201,8 +220,8 @@ pub struct TextEncoderClient {
 impl TextEncoderClient {
     pub fn new(url: &str) -> Result<Self> {
         let inner = v1::text_encoder_client::TextEncoderClient::new(sdmesh_core::client::lazy_channel(url)?)
-            .max_decoding_message_size(sdmesh_core::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(sdmesh_core::MAX_MESSAGE_BYTES);
+            .max_decoding_message_size(MAX_RESPONSE_BYTES)
+            .max_encoding_message_size(MAX_REQUEST_BYTES);
         Ok(Self { inner })
     }
 }

@@ -28,8 +28,21 @@ use unet_2d::UNet2DConditionModel;
 pub const MAX_BATCH: usize = 16;
 /// Latent side: 256 latents = 2048 pixels.
 pub const MAX_LATENT_SIDE: usize = 256;
-/// Conditioning tokens per sample.
-pub const MAX_CONTEXT: usize = 1024;
+/// Conditioning tokens per sample: four 77-token CLIP windows (long-prompt schemes concatenate
+/// them).
+pub const MAX_CONTEXT: usize = 4 * 77;
+/// Widest conditioning the limits allow for (SD 2.x: 1024).
+pub const MAX_CROSS_ATTENTION_DIM: usize = 1024;
+/// Most latent channels in (9: the inpainting UNet) and out.
+pub const MAX_IN_CHANNELS: usize = 9;
+
+const LATENTS_ELEMENTS: usize = MAX_BATCH * MAX_IN_CHANNELS * MAX_LATENT_SIDE * MAX_LATENT_SIDE;
+/// Largest legitimate Denoise request: latents plus cond and uncond, all at their limits.
+pub const MAX_REQUEST_BYTES: usize = sdmesh_core::message_limit(sdmesh_core::f32_bytes(
+    LATENTS_ELEMENTS + 2 * MAX_BATCH * MAX_CONTEXT * MAX_CROSS_ATTENTION_DIM,
+));
+/// Largest legitimate Denoise response: a model output the size of the largest latents.
+pub const MAX_RESPONSE_BYTES: usize = sdmesh_core::message_limit(sdmesh_core::f32_bytes(LATENTS_ELEMENTS));
 
 #[derive(Debug, Clone)]
 pub struct UnetOptions {
@@ -104,6 +117,13 @@ impl LocalUnet {
         let vb = dir.var_builder(&["diffusion_pytorch_model"], dtype, &opts.device)?;
         let unet = UNet2DConditionModel::new(vb, json.in_channels, json.out_channels, false, cfg)
             .map_err(|e| ModelDirError::Malformed { path: dir.path.clone(), message: e.to_string() })?;
+        if json.cross_attention_dim > MAX_CROSS_ATTENTION_DIM || json.in_channels > MAX_IN_CHANNELS {
+            return Err(malformed(format!(
+                "cross_attention_dim {} / in_channels {}: this build serves up to {MAX_CROSS_ATTENTION_DIM} / \
+                 {MAX_IN_CHANNELS} (its gRPC message limits are sized for them)",
+                json.cross_attention_dim, json.in_channels
+            )));
+        }
         let info = v1::UnetInfo {
             in_channels: json.in_channels as u32,
             out_channels: json.out_channels as u32,
@@ -436,8 +456,8 @@ pub async fn run(
     let service = UnetService::new(opts.conditioning_cache_bytes);
     let routes = health.routes().add_service(
         v1::unet_server::UnetServer::new(service.clone())
-            .max_decoding_message_size(sdmesh_core::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(sdmesh_core::MAX_MESSAGE_BYTES),
+            .max_decoding_message_size(MAX_REQUEST_BYTES)
+            .max_encoding_message_size(MAX_RESPONSE_BYTES),
     );
     let server = tokio::spawn(serve(listener, routes, health.clone(), shutdown));
     let local = tokio::task::spawn_blocking(move || LocalUnet::load(&opts)).await??;
@@ -473,8 +493,8 @@ impl UnetClient {
     /// Over any channel (e.g. one balanced across replicas).
     pub fn from_channel(channel: tonic::transport::Channel) -> Self {
         let inner = v1::unet_client::UnetClient::new(channel)
-            .max_decoding_message_size(sdmesh_core::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(sdmesh_core::MAX_MESSAGE_BYTES);
+            .max_decoding_message_size(MAX_RESPONSE_BYTES)
+            .max_encoding_message_size(MAX_REQUEST_BYTES);
         let entries = std::num::NonZeroUsize::new(256).expect("non-zero");
         Self {
             inner,

@@ -21,6 +21,16 @@ use tokio::sync::OnceCell;
 pub const MAX_BATCH: usize = 16;
 /// Latent side: 256 latents = 2048 pixels at the usual scale factor of 8.
 pub const MAX_LATENT_SIDE: usize = 256;
+/// Latent channels the limits allow for (SD: 4).
+pub const MAX_LATENT_CHANNELS: usize = 16;
+/// Pixels one Decode may return (8 images of 1024x1024, or 2 of 2048x2048): bounds the
+/// response; [`VaeClient`] splits larger batches.
+pub const MAX_DECODED_PIXELS: usize = 8 << 20;
+/// Largest legitimate Decode request: latents for the most pixels, at scale factor 8.
+pub const MAX_REQUEST_BYTES: usize =
+    sdmesh_core::message_limit(sdmesh_core::f32_bytes(MAX_LATENT_CHANNELS * MAX_DECODED_PIXELS / 64));
+/// Largest legitimate Decode response: the most pixels, RGB f32.
+pub const MAX_RESPONSE_BYTES: usize = sdmesh_core::message_limit(sdmesh_core::f32_bytes(3 * MAX_DECODED_PIXELS));
 
 #[derive(Debug, Clone, Deserialize)]
 struct VaeConfigJson {
@@ -156,6 +166,15 @@ impl sdmesh_core::Vae for LocalVae {
                 )))
             }
         }
+        let f = self.info.scale_factor as usize;
+        let pixels = latents.dims().iter().skip(2).product::<usize>() * latents.dim(0)? * f * f;
+        if pixels > MAX_DECODED_PIXELS {
+            return Err(Error::invalid(format!(
+                "latents: shape {:?} decodes to {pixels} pixels; one call returns at most {MAX_DECODED_PIXELS} \
+                 (send fewer images per call)",
+                latents.dims()
+            )));
+        }
         self.worker.call(latents.to_dtype(DType::F32)?).await
     }
 
@@ -200,8 +219,8 @@ pub async fn run(
     let service = VaeService { local: Arc::new(OnceCell::new()) };
     let routes = health.routes().add_service(
         v1::vae_server::VaeServer::new(service.clone())
-            .max_decoding_message_size(sdmesh_core::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(sdmesh_core::MAX_MESSAGE_BYTES),
+            .max_decoding_message_size(MAX_REQUEST_BYTES)
+            .max_encoding_message_size(MAX_RESPONSE_BYTES),
     );
     let server = tokio::spawn(serve(listener, routes, health.clone(), shutdown));
     let local = tokio::task::spawn_blocking(move || LocalVae::load(&opts)).await??;
@@ -210,6 +229,11 @@ pub async fn run(
     tracing::info!("vae ready");
     server.await??;
     Ok(())
+}
+
+/// Images of `h` x `w` latents one Decode call may carry (scale factor 8).
+pub fn images_per_call(h: usize, w: usize) -> usize {
+    (MAX_DECODED_PIXELS / (h * 8 * w * 8).max(1)).clamp(1, MAX_BATCH)
 }
 
 /// A remote vae service.
@@ -221,23 +245,31 @@ pub struct VaeClient {
 impl VaeClient {
     pub fn new(url: &str) -> Result<Self> {
         let inner = v1::vae_client::VaeClient::new(sdmesh_core::client::lazy_channel(url)?)
-            .max_decoding_message_size(sdmesh_core::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(sdmesh_core::MAX_MESSAGE_BYTES);
+            .max_decoding_message_size(MAX_RESPONSE_BYTES)
+            .max_encoding_message_size(MAX_REQUEST_BYTES);
         Ok(Self { inner })
     }
 }
 
 #[async_trait::async_trait]
 impl sdmesh_core::Vae for VaeClient {
+    /// Decodes in as few calls as the response limit allows (one image per call at worst).
     async fn decode(&self, latents: Tensor) -> Result<Tensor> {
-        let request = v1::DecodeRequest { latents: Some(v1::Tensor::from_candle(&latents)?) };
-        let out = retry_when_overloaded(BACKPRESSURE_PATIENCE, || {
-            let mut client = self.inner.clone();
-            let request = traced(request.clone());
-            async move { Ok(client.decode(request).await?.into_inner()) }
-        })
-        .await?;
-        Ok(sdmesh_proto::required(&out.images, "images")?.to_candle("images", &Device::Cpu)?)
+        let (n, _, h, w) = latents.dims4()?;
+        let per_call = images_per_call(h, w);
+        let mut images = Vec::new();
+        for start in (0..n).step_by(per_call) {
+            let chunk = latents.narrow(0, start, per_call.min(n - start))?;
+            let request = v1::DecodeRequest { latents: Some(v1::Tensor::from_candle(&chunk)?) };
+            let out = retry_when_overloaded(BACKPRESSURE_PATIENCE, || {
+                let mut client = self.inner.clone();
+                let request = traced(request.clone());
+                async move { Ok(client.decode(request).await?.into_inner()) }
+            })
+            .await?;
+            images.push(sdmesh_proto::required(&out.images, "images")?.to_candle("images", &Device::Cpu)?);
+        }
+        Ok(Tensor::cat(&images, 0)?)
     }
 
     async fn info(&self) -> Result<v1::VaeInfo> {

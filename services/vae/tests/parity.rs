@@ -39,3 +39,20 @@ async fn bad_latents_are_invalid_argument() {
         assert!(err.to_string().contains("latents"), "{err}");
     }
 }
+
+/// A response is bounded by its pixels: a call that would return more is refused (naming
+/// why), and the client splits a large batch into calls that fit.
+#[tokio::test]
+async fn decode_calls_are_bounded_in_pixels() {
+    let vae = load("sd21-base-tiny");
+    let too_many = Tensor::zeros((3, 4, 256, 256), DType::F32, &Device::Cpu).unwrap();
+    let err = vae.decode(too_many).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.to_string().contains("pixels"), "{err}");
+    assert_eq!(sdmesh_vae::images_per_call(256, 256), 2, "two 2048x2048 images per call");
+    assert_eq!(sdmesh_vae::images_per_call(128, 128), 8);
+    assert_eq!(sdmesh_vae::images_per_call(8, 8), sdmesh_vae::MAX_BATCH);
+    // The limits follow from the bound: 2 images of 2048^2 RGB f32 fit in one response.
+    assert!(sdmesh_vae::MAX_RESPONSE_BYTES >= 2 * 2048 * 2048 * 3 * 4);
+    assert!(sdmesh_vae::MAX_RESPONSE_BYTES < 2 * 2048 * 2048 * 3 * 4 + (2 << 20));
+}

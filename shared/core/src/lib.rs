@@ -24,9 +24,17 @@ pub fn parse_device(spec: &str) -> std::result::Result<candle_core::Device, Stri
     }
 }
 
-/// Largest gRPC message a service accepts or sends: the largest legitimate tensor is a batch
-/// of decoded images, 8 images of 1024x1024 as f32 NHWC = 96 MiB; 4 MiB more for framing.
-pub const MAX_MESSAGE_BYTES: usize = 100 << 20;
+/// The gRPC message limit for a message whose largest legitimate payload (its tensors) is
+/// `payload_bytes`: that plus 1 MiB for framing and the small fields. Each service derives its
+/// limits from the largest request and response it accepts, so nothing is unlimited.
+pub const fn message_limit(payload_bytes: usize) -> usize {
+    payload_bytes + (1 << 20)
+}
+
+/// Bytes of an f32 tensor of `elements`.
+pub const fn f32_bytes(elements: usize) -> usize {
+    elements * 4
+}
 
 /// Waits for the model to be ready; returned by services while they load.
 pub fn loading() -> tonic::Status {

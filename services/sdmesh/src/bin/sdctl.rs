@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand};
 use sdmesh::{status_error, write_results, JobArgs};
+use sdmesh_orchestrator::pipeline::Limits;
 use sdmesh_proto::v1;
 use std::time::{Duration, Instant};
 
@@ -42,8 +43,9 @@ async fn main() {
 async fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     let channel = sdmesh_core::client::lazy_channel(&a.endpoint).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut client = v1::orchestrator_client::OrchestratorClient::new(channel)
-        .max_decoding_message_size(sdmesh_core::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(sdmesh_core::MAX_MESSAGE_BYTES);
+        // An orchestrator with the default limits sends at most this much.
+        .max_decoding_message_size(Limits::default().max_response_bytes())
+        .max_encoding_message_size(Limits::default().max_request_bytes());
     let deadline = Instant::now() + Duration::from_secs(a.wait);
     let events = loop {
         match client.generate_stream(a.job.request()?).await {

@@ -503,6 +503,12 @@ impl UnetClient {
         }
     }
 
+    /// The same client (what it has encoded and sent) over another channel, e.g. after its
+    /// replica went away and another took over.
+    pub fn with_channel(&self, channel: tonic::transport::Channel) -> Self {
+        Self { inner: Self::from_channel(channel).inner, ..self.clone() }
+    }
+
     fn wire(&self, t: &Tensor) -> Result<Arc<WireConditioning>> {
         let mut cache = self.wire.lock().map_err(|_| Error::internal("unet client cache poisoned"))?;
         if let Some(w) = cache.get(&t.id()) {

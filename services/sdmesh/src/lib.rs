@@ -1,5 +1,8 @@
-//! What `sdctl generate` (through the mesh) and `sdmesh generate` (in one process) share: the
-//! job's flags, the request they make, and writing the results.
+//! The `sdmesh` and `sdctl` binaries' library: the in-process mesh ([`mesh`]), and what
+//! `sdctl generate` (through the mesh) and `sdmesh generate` (in one process) share: the job's
+//! flags, the request they make, and writing the results.
+
+pub mod mesh;
 
 use anyhow::Context;
 use sdmesh_proto::v1;

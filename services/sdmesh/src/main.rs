@@ -1,8 +1,9 @@
-//! `sdmesh serve`: the whole mesh in one process. Each model service listens on its own
-//! loopback port and the orchestrator reaches them over gRPC, exactly as when they run as
-//! separate processes; the orchestrator listens on --listen.
+//! `sdmesh serve`: the whole mesh in one process (see [`sdmesh::mesh`]); the orchestrator
+//! listens on --listen. `sdmesh generate`: one job with the orchestrator and models in this
+//! process, no gRPC.
 
 use clap::{Parser, Subcommand};
+use sdmesh::mesh::{serve_mesh, MeshOptions};
 use sdmesh_core::serve::{bind, Shutdown, ShutdownArgs};
 use sdmesh_core::telemetry::TelemetryArgs;
 use sdmesh_orchestrator::pipeline::Limits;
@@ -50,6 +51,13 @@ enum Command {
         /// Requests waiting for each model beyond which new ones get RESOURCE_EXHAUSTED.
         #[arg(long, env = "SDMESH_QUEUE_CAPACITY", default_value_t = 64)]
         queue_capacity: usize,
+        /// Most UNet rows (images; two per image under guidance) in one forward pass over the
+        /// steps of concurrent jobs (1 turns batching off).
+        #[arg(long, env = "SDMESH_MAX_BATCH_ROWS", default_value_t = 16)]
+        max_batch_rows: usize,
+        /// Milliseconds a step may wait for others to share its forward pass.
+        #[arg(long, env = "SDMESH_BATCH_MAX_WAIT_MS", default_value_t = 0)]
+        batch_max_wait_ms: u64,
         #[command(flatten)]
         cache: sdmesh_orchestrator::CacheArgs,
         #[command(flatten)]
@@ -61,16 +69,36 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let (model, listen, device, max_side, max_images, queue_capacity, cache, shutdown, telemetry) = match Cli::parse()
-        .command
-    {
-        Command::Generate { model, device, job } => return generate(model, device, job).await,
-        Command::Serve { model, listen, device, max_side, max_images, queue_capacity, cache, shutdown, telemetry } => {
-            (model, listen, device, max_side, max_images, queue_capacity, cache, shutdown, telemetry)
-        }
+    let command = Cli::parse().command;
+    let Command::Serve {
+        model,
+        listen,
+        device,
+        max_side,
+        max_images,
+        queue_capacity,
+        max_batch_rows,
+        batch_max_wait_ms,
+        cache,
+        shutdown,
+        telemetry,
+    } = command
+    else {
+        let Command::Generate { model, device, job } = command else { unreachable!() };
+        return generate(model, device, job).await;
     };
     let telemetry = sdmesh_core::telemetry::init("sdmesh", &telemetry).await?;
-    let result = serve(model, listen, device, Limits { max_side, max_images }, queue_capacity, cache, shutdown).await;
+    let device = sdmesh_core::parse_device(&device).map_err(anyhow::Error::msg)?;
+    let opts = MeshOptions {
+        limits: Limits { max_side, max_images },
+        queue_capacity,
+        embedding_cache_bytes: cache.embedding_cache_bytes,
+        redis: cache.redis_options(),
+        max_batch_rows,
+        batch_max_wait: Duration::from_millis(batch_max_wait_ms),
+        ..MeshOptions::new(model, device)
+    };
+    let result = async { serve_mesh(opts, bind(&listen).await?, Shutdown::on_signal(shutdown.grace())).await }.await;
     telemetry.shutdown().await;
     result
 }
@@ -88,78 +116,5 @@ async fn generate(model: PathBuf, device: String, job: sdmesh::JobArgs) -> anyho
     let events = service.generate_stream(job.request()?).await.map_err(sdmesh::status_error)?.into_inner();
     let result = sdmesh::write_results(&job, events).await;
     telemetry.shutdown().await;
-    result
-}
-
-/// Runs the mesh until SIGTERM/SIGINT. The orchestrator drains first (its jobs still need
-/// the model services), then the model services stop.
-async fn serve(
-    model: PathBuf,
-    listen: String,
-    device: String,
-    limits: Limits,
-    queue_capacity: usize,
-    cache: sdmesh_orchestrator::CacheArgs,
-    shutdown: ShutdownArgs,
-) -> anyhow::Result<()> {
-    let device = sdmesh_core::parse_device(&device).map_err(anyhow::Error::msg)?;
-    let grace = shutdown.grace();
-    let (orchestrator_done_tx, orchestrator_done) = tokio::sync::watch::channel(false);
-    let after_orchestrator = move || {
-        let mut done = orchestrator_done.clone();
-        Shutdown::new(
-            async move {
-                let _ = done.wait_for(|d| *d).await;
-            },
-            grace,
-        )
-    };
-    let loopback = || tokio::net::TcpListener::bind("127.0.0.1:0");
-    let (te, unet, vae) = (loopback().await?, loopback().await?, loopback().await?);
-    let url = |l: &tokio::net::TcpListener| l.local_addr().map(|a| format!("http://{a}"));
-    let opts = sdmesh_orchestrator::OrchestratorOptions {
-        model: model.clone(),
-        text_encoder_url: url(&te)?,
-        unet_url: url(&unet)?,
-        vae_url: url(&vae)?,
-        limits,
-        startup_timeout: Duration::from_secs(600),
-        embedding_cache_bytes: cache.embedding_cache_bytes,
-        redis: cache.redis_options(),
-    };
-    tracing::info!(text_encoder = %opts.text_encoder_url, unet = %opts.unet_url, vae = %opts.vae_url, "model services");
-    let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(sdmesh_text_encoder::run(
-        sdmesh_text_encoder::TextEncoderOptions { model: model.clone(), device: device.clone(), queue_capacity },
-        te,
-        after_orchestrator(),
-    ));
-    tasks.spawn(sdmesh_unet::run(
-        sdmesh_unet::UnetOptions { queue_capacity, ..sdmesh_unet::UnetOptions::new(model.clone(), device.clone()) },
-        unet,
-        after_orchestrator(),
-    ));
-    tasks.spawn(sdmesh_vae::run(
-        sdmesh_vae::VaeOptions { model: model.clone(), device, queue_capacity },
-        vae,
-        after_orchestrator(),
-    ));
-    let orchestrator = sdmesh_orchestrator::run(opts, bind(&listen).await?, Shutdown::on_signal(grace));
-    tasks.spawn(async move {
-        let result = orchestrator.await;
-        let _ = orchestrator_done_tx.send(true);
-        result
-    });
-    // The first service to fail (e.g. a model that does not load) ends the mesh.
-    let mut result = Ok(());
-    while let Some(done) = tasks.join_next().await {
-        if let Err(e) = done.map_err(anyhow::Error::from).and_then(|r| r) {
-            tracing::error!("{e:#}");
-            if result.is_ok() {
-                result = Err(e);
-            }
-            tasks.abort_all();
-        }
-    }
     result
 }

@@ -1,0 +1,299 @@
+//! sdmesh-bench: the benchmarks behind `make bench`. Each prints JSON lines on stdout (one
+//! per measurement) and a readable line per measurement on stderr.
+//!
+//! - `overhead`: the same jobs through the mesh (gRPC over loopback) and in process.
+//! - `throughput`: images/s through the mesh at several numbers of concurrent jobs, with the
+//!   unet service's batching on and off.
+//! - `components`: candle's text encoder, UNet step and VAE decode alone (diffusers' side is
+//!   benchmarks/diffusers_components.py).
+
+use clap::{Parser, Subcommand};
+use sdmesh::mesh::{serve_mesh, MeshOptions};
+use sdmesh_core::serve::Shutdown;
+use sdmesh_core::{DenoiseInput, Denoiser, TextEncoder, Vae};
+use sdmesh_orchestrator::pipeline::Limits;
+use sdmesh_orchestrator::server::OrchestratorService;
+use sdmesh_proto::v1;
+use sdmesh_proto::v1::orchestrator_server::Orchestrator;
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+#[derive(Parser, Debug)]
+#[command(about = "sdmesh benchmarks (make bench runs them)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct JobShape {
+    /// Diffusers-layout model folder.
+    #[arg(long)]
+    model: PathBuf,
+    /// Image height and width in pixels.
+    #[arg(long, default_value_t = 256)]
+    size: u32,
+    /// Denoising steps per job.
+    #[arg(long, default_value_t = 10)]
+    steps: u32,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Mesh (loopback gRPC) vs in-process on the same jobs: ms of overhead per step.
+    Overhead {
+        #[command(flatten)]
+        job: JobShape,
+        /// Jobs measured on each side (after one warm-up job each).
+        #[arg(long, default_value_t = 5)]
+        jobs: usize,
+    },
+    /// Images/s through the mesh with 1, 2, 4, ... concurrent jobs, batching on and off.
+    Throughput {
+        #[command(flatten)]
+        job: JobShape,
+        /// Concurrent jobs to measure at.
+        #[arg(long, value_delimiter = ',', default_values_t = [1, 2, 4, 8, 16])]
+        concurrency: Vec<usize>,
+        /// Most UNet rows per forward pass with batching on.
+        #[arg(long, default_value_t = 32)]
+        max_batch_rows: usize,
+    },
+    /// candle's components alone: text encoder (77 tokens), UNet step, VAE decode.
+    Components {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, default_value_t = 256)]
+        size: usize,
+        /// UNet batch (rows).
+        #[arg(long, default_value_t = 2)]
+        batch: usize,
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+    },
+}
+
+fn model_name(p: &Path) -> String {
+    p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+fn emit(line: serde_json::Value, human: String) {
+    println!("{line}");
+    eprintln!("{human}");
+}
+
+fn request(job: &JobShape, seed: u64) -> v1::GenerateRequest {
+    v1::GenerateRequest {
+        prompt: format!("a benchmark photograph, variation {}", seed % 4),
+        negative_prompt: "blurry".into(),
+        steps: Some(job.steps),
+        seed: Some(seed),
+        height: Some(job.size),
+        width: Some(job.size),
+        ..Default::default()
+    }
+}
+
+/// A mesh in this process on a loopback port; stops when the returned sender is dropped.
+async fn start_mesh(
+    opts: MeshOptions,
+) -> anyhow::Result<(
+    v1::orchestrator_client::OrchestratorClient<tonic::transport::Channel>,
+    tokio::sync::oneshot::Sender<()>,
+)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = Shutdown::new(
+        async move {
+            let _ = stopped.await;
+        },
+        Duration::from_secs(5),
+    );
+    tokio::spawn(async move {
+        if let Err(e) = serve_mesh(opts, listener, shutdown).await {
+            eprintln!("mesh: {e:#}");
+        }
+    });
+    let client = v1::orchestrator_client::OrchestratorClient::new(sdmesh_core::client::lazy_channel(&url)?)
+        .max_decoding_message_size(Limits::default().max_response_bytes());
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let mut probe = client.clone();
+    loop {
+        match probe.generate(v1::GenerateRequest { prompt: "warm".into(), steps: Some(1), ..Default::default() }).await
+        {
+            Ok(_) => break,
+            Err(s) if s.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Err(s) => anyhow::bail!("mesh did not come up: {s}"),
+        }
+    }
+    Ok((client, stop))
+}
+
+async fn overhead(job: JobShape, jobs: usize) -> anyhow::Result<()> {
+    let device = candle_core::Device::Cpu;
+    let (mut mesh, _stop) = start_mesh(MeshOptions::new(job.model.clone(), device.clone())).await?;
+    let pipeline = sdmesh_orchestrator::local_pipeline(&job.model, &device, 64, Limits::default()).await?;
+    let pipeline = sdmesh_orchestrator::with_embedding_cache(
+        pipeline,
+        std::sync::Arc::new(sdmesh_orchestrator::embedding_cache::LruStore::new(256 << 20)),
+    );
+    let local = OrchestratorService::new(pipeline);
+    let (mut mesh_s, mut local_s) = (Vec::new(), Vec::new());
+    // Warm-up, then interleaved so that drift in the machine's speed hits both sides alike.
+    for i in 0..=jobs {
+        let started = Instant::now();
+        let a = mesh.generate(request(&job, i as u64)).await?.into_inner();
+        let mesh_time = started.elapsed().as_secs_f64();
+        let started = Instant::now();
+        let b = local.generate(tonic::Request::new(request(&job, i as u64))).await?.into_inner();
+        let local_time = started.elapsed().as_secs_f64();
+        anyhow::ensure!(a.images == b.images, "mesh and in-process images differ");
+        if i > 0 {
+            mesh_s.push(mesh_time);
+            local_s.push(local_time);
+        }
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let (m, l) = (mean(&mesh_s), mean(&local_s));
+    let per_step_ms = (m - l) / job.steps as f64 * 1e3;
+    emit(
+        json!({"bench": "overhead", "model": model_name(&job.model), "size": job.size, "steps": job.steps,
+               "jobs": jobs, "mesh_s_per_job": m, "in_process_s_per_job": l,
+               "overhead_ms_per_step": per_step_ms, "ratio": m / l}),
+        format!(
+            "overhead  {:<16} {}px {} steps: mesh {:.3} s/job, in-process {:.3} s/job, {:+.2} ms/step, ratio {:.3}",
+            model_name(&job.model),
+            job.size,
+            job.steps,
+            m,
+            l,
+            per_step_ms,
+            m / l
+        ),
+    );
+    Ok(())
+}
+
+async fn throughput(job: JobShape, levels: Vec<usize>, max_batch_rows: usize) -> anyhow::Result<()> {
+    for (batching, rows) in [("on", max_batch_rows), ("off", 1)] {
+        let opts =
+            MeshOptions { max_batch_rows: rows, ..MeshOptions::new(job.model.clone(), candle_core::Device::Cpu) };
+        let (client, stop) = start_mesh(opts).await?;
+        for &c in &levels {
+            let total = c.max(4);
+            let started = Instant::now();
+            let mut tasks = tokio::task::JoinSet::new();
+            for w in 0..c {
+                let mut client = client.clone();
+                let job = job.clone();
+                tasks.spawn(async move {
+                    // Workers share the jobs: worker w runs jobs w, w + c, ...
+                    for j in (w..total).step_by(c) {
+                        client.generate(request(&job, j as u64)).await?;
+                    }
+                    anyhow::Ok(())
+                });
+            }
+            while let Some(done) = tasks.join_next().await {
+                done??;
+            }
+            let wall = started.elapsed().as_secs_f64();
+            let ips = total as f64 / wall;
+            emit(
+                json!({"bench": "throughput", "model": model_name(&job.model), "size": job.size,
+                       "steps": job.steps, "batching": batching, "concurrency": c, "jobs": total,
+                       "seconds": wall, "images_per_s": ips}),
+                format!(
+                    "throughput {:<16} batching {batching:<3} {c:>2} concurrent: {total} jobs in {wall:.2} s = {ips:.3} images/s",
+                    model_name(&job.model)
+                ),
+            );
+        }
+        drop(stop);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Ok(())
+}
+
+fn timed<T>(reps: usize, mut f: impl FnMut() -> anyhow::Result<T>) -> anyhow::Result<(f64, f64)> {
+    f()?;
+    let mut times = Vec::new();
+    for _ in 0..reps {
+        let started = Instant::now();
+        f()?;
+        times.push(started.elapsed().as_secs_f64());
+    }
+    let best = times.iter().cloned().fold(f64::INFINITY, f64::min);
+    Ok((best, times.iter().sum::<f64>() / times.len() as f64))
+}
+
+async fn components(model: PathBuf, size: usize, batch: usize, reps: usize) -> anyhow::Result<()> {
+    let cpu = candle_core::Device::Cpu;
+    let threads = candle_core::utils::get_num_threads();
+    let rt = tokio::runtime::Handle::current();
+    let name = model_name(&model);
+    let report = |component: &str, (best, mean): (f64, f64), extra: serde_json::Value| {
+        let mut line = json!({"bench": "components", "impl": "candle", "component": component, "model": name,
+                              "threads": threads, "best_ms": best * 1e3, "mean_ms": mean * 1e3});
+        if let (Some(l), Some(e)) = (line.as_object_mut(), extra.as_object()) {
+            l.extend(e.clone());
+        }
+        emit(
+            line,
+            format!(
+                "components {name:<16} candle {component:<12} best {:.1} ms, mean {:.1} ms",
+                best * 1e3,
+                mean * 1e3
+            ),
+        );
+    };
+
+    let te = sdmesh_text_encoder::LocalTextEncoder::load(&sdmesh_text_encoder::TextEncoderOptions {
+        model: model.clone(),
+        device: cpu.clone(),
+        queue_capacity: 4,
+    })?;
+    let texts: Vec<String> = (0..batch).map(|i| format!("a benchmark prompt number {i}")).collect();
+    let t = tokio::task::block_in_place(|| timed(reps, || Ok(rt.block_on(te.encode(texts.clone()))?)))?;
+    report("text_encoder", t, json!({"batch": batch, "tokens": 77}));
+    let hidden = te.info().await?.hidden_size as usize;
+    drop(te);
+
+    let unet = sdmesh_unet::LocalUnet::load(&sdmesh_unet::UnetOptions::new(model.clone(), cpu.clone()))?;
+    let latents = candle_core::Tensor::randn(0f32, 1., (batch, 4, size / 8, size / 8), &cpu)?;
+    let cond = candle_core::Tensor::randn(0f32, 1., (batch, 77, hidden), &cpu)?;
+    let step = || DenoiseInput {
+        latents: latents.clone(),
+        timestep: 500.0,
+        cond: cond.clone(),
+        uncond: None,
+        guidance_scale: 1.0,
+        guidance_rescale: 0.0,
+    };
+    let t = tokio::task::block_in_place(|| timed(reps, || Ok(rt.block_on(unet.denoise(step()))?)))?;
+    report("unet_step", t, json!({"batch": batch, "height": size, "width": size}));
+    drop(unet);
+
+    let vae = sdmesh_vae::LocalVae::load(&sdmesh_vae::VaeOptions { model, device: cpu.clone(), queue_capacity: 4 })?;
+    let z = candle_core::Tensor::randn(0f32, 1., (1, 4, size / 8, size / 8), &cpu)?;
+    let t = tokio::task::block_in_place(|| timed(reps, || Ok(rt.block_on(vae.decode(z.clone()))?)))?;
+    report("vae_decode", t, json!({"batch": 1, "height": size, "width": size}));
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    if std::env::var_os("RUST_LOG").is_none() {
+        std::env::set_var("RUST_LOG", "warn");
+    }
+    let _telemetry = sdmesh_core::telemetry::init("sdmesh-bench", &Default::default()).await?;
+    match Cli::parse().command {
+        Command::Overhead { job, jobs } => overhead(job, jobs).await,
+        Command::Throughput { job, concurrency, max_batch_rows } => throughput(job, concurrency, max_batch_rows).await,
+        Command::Components { model, size, batch, reps } => components(model, size, batch, reps).await,
+    }
+}

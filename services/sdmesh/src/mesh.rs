@@ -1,0 +1,109 @@
+//! The whole mesh in one process: each model service on its own loopback port, the
+//! orchestrator reaching them over gRPC exactly as across machines.
+
+use sdmesh_core::serve::Shutdown;
+use sdmesh_orchestrator::pipeline::Limits;
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+#[derive(Debug, Clone)]
+pub struct MeshOptions {
+    pub model: PathBuf,
+    pub device: candle_core::Device,
+    pub limits: Limits,
+    /// Requests waiting for each model beyond which new ones get RESOURCE_EXHAUSTED.
+    pub queue_capacity: usize,
+    pub embedding_cache_bytes: usize,
+    pub redis: Option<sdmesh_orchestrator::redis_store::RedisOptions>,
+    /// UNet rows per forward pass over concurrent jobs' steps (1 turns batching off).
+    pub max_batch_rows: usize,
+    pub batch_max_wait: Duration,
+}
+
+impl MeshOptions {
+    pub fn new(model: PathBuf, device: candle_core::Device) -> Self {
+        let unet = sdmesh_unet::UnetOptions::new(model.clone(), device.clone());
+        Self {
+            model,
+            device,
+            limits: Limits::default(),
+            queue_capacity: unet.queue_capacity,
+            embedding_cache_bytes: 256 << 20,
+            redis: None,
+            max_batch_rows: unet.max_batch_rows,
+            batch_max_wait: unet.batch_max_wait,
+        }
+    }
+}
+
+/// Serves the mesh, the orchestrator on `listener`, until `shutdown`. The orchestrator drains
+/// first (its jobs still need the model services), then the model services stop. The first
+/// service to fail (e.g. a model that does not load) ends the mesh.
+pub async fn serve_mesh(opts: MeshOptions, listener: TcpListener, shutdown: Shutdown) -> anyhow::Result<()> {
+    let grace = shutdown.grace;
+    let (orchestrator_done_tx, orchestrator_done) = tokio::sync::watch::channel(false);
+    let after_orchestrator = move || {
+        let mut done = orchestrator_done.clone();
+        Shutdown::new(
+            async move {
+                let _ = done.wait_for(|d| *d).await;
+            },
+            grace,
+        )
+    };
+    let loopback = || TcpListener::bind("127.0.0.1:0");
+    let (te, unet, vae) = (loopback().await?, loopback().await?, loopback().await?);
+    let url = |l: &TcpListener| l.local_addr().map(|a| format!("http://{a}"));
+    let orchestrator_opts = sdmesh_orchestrator::OrchestratorOptions {
+        model: opts.model.clone(),
+        text_encoder_url: url(&te)?,
+        unet_url: url(&unet)?,
+        vae_url: url(&vae)?,
+        limits: opts.limits,
+        startup_timeout: Duration::from_secs(600),
+        embedding_cache_bytes: opts.embedding_cache_bytes,
+        redis: opts.redis.clone(),
+    };
+    tracing::info!(
+        text_encoder = %orchestrator_opts.text_encoder_url,
+        unet = %orchestrator_opts.unet_url,
+        vae = %orchestrator_opts.vae_url,
+        "model services"
+    );
+    let (model, device, queue_capacity) = (opts.model.clone(), opts.device.clone(), opts.queue_capacity);
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(sdmesh_text_encoder::run(
+        sdmesh_text_encoder::TextEncoderOptions { model: model.clone(), device: device.clone(), queue_capacity },
+        te,
+        after_orchestrator(),
+    ));
+    tasks.spawn(sdmesh_unet::run(
+        sdmesh_unet::UnetOptions {
+            queue_capacity,
+            max_batch_rows: opts.max_batch_rows,
+            batch_max_wait: opts.batch_max_wait,
+            ..sdmesh_unet::UnetOptions::new(model.clone(), device.clone())
+        },
+        unet,
+        after_orchestrator(),
+    ));
+    tasks.spawn(sdmesh_vae::run(sdmesh_vae::VaeOptions { model, device, queue_capacity }, vae, after_orchestrator()));
+    let orchestrator = sdmesh_orchestrator::run(orchestrator_opts, listener, shutdown);
+    tasks.spawn(async move {
+        let result = orchestrator.await;
+        let _ = orchestrator_done_tx.send(true);
+        result
+    });
+    let mut result = Ok(());
+    while let Some(done) = tasks.join_next().await {
+        if let Err(e) = done.map_err(anyhow::Error::from).and_then(|r| r) {
+            tracing::error!("{e:#}");
+            if result.is_ok() {
+                result = Err(e);
+            }
+            tasks.abort_all();
+        }
+    }
+    result
+}

@@ -1,6 +1,7 @@
 # sdmesh: Stable Diffusion 2.x as a mesh of gRPC services.
 #   make run    build, start the mesh on MODEL, generate one image, stop
 #   make test   every test (parity with diffusers, services, end to end across processes)
+#   make bench  the benchmarks (release build; results in benchmarks/results/)
 
 MODEL   ?= tests/fixtures/models/sd21-tiny
 PROMPT  ?= a photograph of an astronaut riding a horse
@@ -11,7 +12,7 @@ STEPS   ?=
 ARGS    ?=
 CARGO   ?= cargo
 
-.PHONY: build run test test-deps fixtures clean
+.PHONY: build run test test-deps bench fixtures clean
 
 build:
 	$(CARGO) build --bins
@@ -37,6 +38,11 @@ test-deps:
 	  echo "installing redis-server (the cache tests start one)"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server >/dev/null; }
+
+# Benchmarks (not part of make test): release build, random-weight models made with diffusers
+# in .venv, results kept under benchmarks/results/. BENCH_QUICK=1 for fewer steps.
+bench:
+	benchmarks/run.sh
 
 # Regenerates tests/fixtures (tiny models + reference outputs) with diffusers in .venv.
 fixtures:

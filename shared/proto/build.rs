@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(files, [&root])?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out.join("sd_descriptor.bin"), prost::Message::encode_to_vec(&fds))?;
-    tonic_prost_build::configure().compile_fds(fds)?;
+    // Tensor bytes as `Bytes`: decoding slices the received buffer instead of copying it.
+    tonic_prost_build::configure().bytes(".sd.v1.Tensor.data").compile_fds(fds)?;
     Ok(())
 }

@@ -91,7 +91,7 @@ async fn same_request_same_bytes_and_bad_input_is_invalid_argument() {
                 init_latents: Some(v1::Tensor {
                     dtype: v1::Dtype::F32 as i32,
                     shape: vec![2, 4, 8, 6],
-                    data: vec![0; 7],
+                    data: vec![0; 7].into(),
                 }),
                 ..base.clone()
             },
@@ -130,7 +130,7 @@ async fn same_request_same_bytes_and_bad_input_is_invalid_argument() {
         guidance_rescale: 0.0,
         ..Default::default()
     };
-    let short = v1::Tensor { dtype: v1::Dtype::F32 as i32, shape: vec![1, 4, 8, 8], data: vec![0; 100] };
+    let short = v1::Tensor { dtype: v1::Dtype::F32 as i32, shape: vec![1, 4, 8, 8], data: vec![0; 100].into() };
     let err = unet.denoise(request(short)).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
     assert!(err.message().contains("latents") && err.message().contains("bytes"), "{}", err.message());

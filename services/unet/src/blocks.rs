@@ -1,15 +1,15 @@
 //! The SD UNet's down, mid and up blocks: a fork of candle-transformers 0.11.1
 //! `stable_diffusion::unet_2d_blocks` (MIT/Apache-2.0, by the candle authors), limited to the
-//! blocks the conditional UNet uses. Changes: the ResNet blocks are this crate's (row-by-row
-//! time projection), and `DownBlock2D`/`UpBlock2D` pass `resnet_groups` to their ResNets
+//! blocks the conditional UNet uses. Changes: the ResNet and transformer blocks are this
+//! crate's (row-by-row time projection; exact-GELU GEGLU), and `DownBlock2D`/`UpBlock2D` pass `resnet_groups` to their ResNets
 //! (candle's used 32 whatever the config said).
 // Configs are kept on the blocks as candle keeps them, though nothing reads them back.
 #![allow(dead_code)]
 
+use crate::attention::{SpatialTransformer, SpatialTransformerConfig};
 use crate::resnet::{ResnetBlock2D, ResnetBlock2DConfig};
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn as nn;
-use candle_transformers::models::stable_diffusion::attention::{SpatialTransformer, SpatialTransformerConfig};
 use candle_transformers::models::with_tracing::{conv2d, Conv2d};
 
 #[derive(Debug)]

@@ -4,6 +4,7 @@
 //! embeddings and the guidance scale; the service runs the doubled forward pass when guidance
 //! is on and returns the guided model output (epsilon or v, whatever the checkpoint predicts).
 
+mod attention;
 mod blocks;
 pub mod config;
 mod resnet;

@@ -29,7 +29,12 @@ async fn unet_matches_diffusers_for_eps_and_v_models() {
         let timesteps = r["timesteps"].to_vec1::<f32>().unwrap();
         for (k, t) in timesteps.iter().enumerate() {
             let out = unet.denoise(input(&r["sample"], *t as f64, &r["encoder_hidden_states"])).await.unwrap();
-            assert_close(&format!("{name} unet t={t}"), &out, &r[&format!("out_{k}")], 1e-4);
+            eprintln!(
+                "{name} unet t={t}: max abs error {:e}",
+                sdmesh_testkit::max_abs_diff(&out, &r[&format!("out_{k}")]).0
+            );
+            // 1e-5: float32 rounding only (with candle's tanh-approximate GEGLU it was 5.4e-5).
+            assert_close(&format!("{name} unet t={t}"), &out, &r[&format!("out_{k}")], 1e-5);
         }
     }
 }

@@ -1,7 +1,10 @@
 //! `sd.v1.Tensor` <-> `candle_core::Tensor`.
 //!
-//! Bytes are little-endian and row-major. Decoding copies once (bytes -> typed Vec, which
-//! candle then owns); a byte length that does not match shape x dtype is rejected.
+//! Bytes are little-endian and row-major. Each direction copies once, where candle's storage
+//! must be owned and aligned: encoding takes the values out of the tensor and hands that
+//! buffer to the message as is (f32 on little-endian machines); decoding copies the message's
+//! bytes (a slice of the received buffer) into the typed Vec that candle then owns. A byte
+//! length that does not match shape x dtype is rejected.
 
 use crate::v1;
 use candle_core::{DType, Device, Tensor};
@@ -63,6 +66,36 @@ fn le_chunks<const N: usize>(data: &[u8]) -> impl Iterator<Item = [u8; N]> + '_ 
     })
 }
 
+/// f32 values as little-endian bytes, without copying on little-endian machines.
+fn f32_bytes(values: Vec<f32>) -> bytes::Bytes {
+    #[cfg(target_endian = "little")]
+    {
+        struct AsBytes(Vec<f32>);
+        impl AsRef<[u8]> for AsBytes {
+            fn as_ref(&self) -> &[u8] {
+                bytemuck::cast_slice(&self.0)
+            }
+        }
+        bytes::Bytes::from_owner(AsBytes(values))
+    }
+    #[cfg(not(target_endian = "little"))]
+    {
+        values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>().into()
+    }
+}
+
+/// Little-endian bytes (any alignment) as f32 values: one copy.
+fn f32_values(data: &[u8]) -> Vec<f32> {
+    #[cfg(target_endian = "little")]
+    {
+        bytemuck::pod_collect_to_vec(data)
+    }
+    #[cfg(not(target_endian = "little"))]
+    {
+        le_chunks(data).map(f32::from_le_bytes).collect()
+    }
+}
+
 impl v1::Tensor {
     /// Encodes a candle tensor (any device) for the wire.
     pub fn from_candle(t: &Tensor) -> Result<Self, TensorError> {
@@ -72,14 +105,16 @@ impl v1::Tensor {
         let shape = t.dims().iter().map(|&d| d as u64).collect();
         let flat = t.flatten_all().map_err(err)?;
         let data: Vec<u8> = match t.dtype() {
-            DType::F32 => flat.to_vec1::<f32>().map_err(err)?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            DType::F32 => {
+                return Ok(Self { dtype: dtype as i32, shape, data: f32_bytes(flat.to_vec1::<f32>().map_err(err)?) })
+            }
             DType::F16 => flat.to_vec1::<half::f16>().map_err(err)?.iter().flat_map(|v| v.to_le_bytes()).collect(),
             DType::BF16 => flat.to_vec1::<half::bf16>().map_err(err)?.iter().flat_map(|v| v.to_le_bytes()).collect(),
             DType::I64 => flat.to_vec1::<i64>().map_err(err)?.iter().flat_map(|v| v.to_le_bytes()).collect(),
             DType::U8 => flat.to_vec1::<u8>().map_err(err)?,
             _ => unreachable!("checked by to_wire_dtype"),
         };
-        Ok(Self { dtype: dtype as i32, shape, data })
+        Ok(Self { dtype: dtype as i32, shape, data: data.into() })
     }
 
     /// Content digest: BLAKE3 of dtype, shape and bytes, hex. Equal digests, equal tensors.
@@ -117,7 +152,7 @@ impl v1::Tensor {
         let shape: Vec<usize> = self.shape.iter().map(|&d| d as usize).collect();
         let d = &self.data;
         let t = match dtype {
-            DType::F32 => Tensor::from_vec(le_chunks(d).map(f32::from_le_bytes).collect::<Vec<_>>(), shape, device),
+            DType::F32 => Tensor::from_vec(f32_values(d), shape, device),
             DType::F16 => {
                 Tensor::from_vec(le_chunks(d).map(half::f16::from_le_bytes).collect::<Vec<_>>(), shape, device)
             }
@@ -166,7 +201,7 @@ mod tests {
 
     #[test]
     fn rejects_mismatched_byte_length() {
-        let wire = v1::Tensor { dtype: v1::Dtype::F32 as i32, shape: vec![2, 2], data: vec![0; 15] };
+        let wire = v1::Tensor { dtype: v1::Dtype::F32 as i32, shape: vec![2, 2], data: vec![0; 15].into() };
         let err = wire.to_candle("latents", &Device::Cpu).unwrap_err();
         assert!(matches!(err, TensorError::ByteLength { expected: 16, len: 15, .. }), "{err}");
         let status = tonic::Status::from(err);
@@ -176,11 +211,11 @@ mod tests {
 
     #[test]
     fn rejects_unspecified_dtype_and_overflowing_shapes() {
-        let wire = v1::Tensor { dtype: 0, shape: vec![1], data: vec![0; 4] };
+        let wire = v1::Tensor { dtype: 0, shape: vec![1], data: vec![0; 4].into() };
         assert!(matches!(wire.to_candle("t", &Device::Cpu), Err(TensorError::UnsupportedDType { .. })));
-        let wire = v1::Tensor { dtype: 1, shape: vec![u64::MAX, 4], data: vec![] };
+        let wire = v1::Tensor { dtype: 1, shape: vec![u64::MAX, 4], data: Default::default() };
         assert!(matches!(wire.to_candle("t", &Device::Cpu), Err(TensorError::TooLarge { .. })));
-        let wire = v1::Tensor { dtype: 1, shape: vec![1 << 20, 1 << 20], data: vec![] };
+        let wire = v1::Tensor { dtype: 1, shape: vec![1 << 20, 1 << 20], data: Default::default() };
         assert!(matches!(wire.to_candle("t", &Device::Cpu), Err(TensorError::TooLarge { .. })));
     }
 }

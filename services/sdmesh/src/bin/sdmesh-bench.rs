@@ -71,7 +71,75 @@ enum Command {
         batch: usize,
         #[arg(long, default_value_t = 3)]
         reps: usize,
+        /// Also print where the UNet step's time goes: self time per candle span (conv2d,
+        /// linear, attention, ...), measured with tracing.
+        #[arg(long)]
+        profile: bool,
     },
+}
+
+/// Self time per span name (time inside a span minus time inside its child spans), for the
+/// `components --profile` breakdown. Spans must be enabled when the model is built: candle
+/// creates its TRACE spans at construction.
+mod profile {
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+    use tracing::span::Id;
+    use tracing_subscriber::layer::Context;
+    use tracing_subscriber::registry::LookupSpan;
+
+    pub static TOTALS: Mutex<Option<HashMap<&'static str, (Duration, u64)>>> = Mutex::new(None);
+
+    thread_local! {
+        /// Per open span on this thread: when it was entered and its children's time.
+        static STACK: RefCell<Vec<(Instant, Duration)>> = const { RefCell::new(Vec::new()) };
+    }
+
+    pub struct SelfTime;
+
+    impl<S: tracing::Subscriber + for<'a> LookupSpan<'a>> tracing_subscriber::Layer<S> for SelfTime {
+        fn on_enter(&self, _id: &Id, _ctx: Context<'_, S>) {
+            STACK.with(|s| s.borrow_mut().push((Instant::now(), Duration::ZERO)));
+        }
+
+        fn on_exit(&self, id: &Id, ctx: Context<'_, S>) {
+            let Some((start, children)) = STACK.with(|s| s.borrow_mut().pop()) else { return };
+            let total = start.elapsed();
+            STACK.with(|s| {
+                if let Some(parent) = s.borrow_mut().last_mut() {
+                    parent.1 += total;
+                }
+            });
+            let name = ctx.span(id).map(|s| s.name()).unwrap_or("?");
+            if let Ok(mut totals) = TOTALS.lock() {
+                let entry = totals.get_or_insert_with(HashMap::new).entry(name).or_default();
+                entry.0 += total.saturating_sub(children);
+                entry.1 += 1;
+            }
+        }
+    }
+
+    pub fn reset() {
+        if let Ok(mut t) = TOTALS.lock() {
+            *t = Some(HashMap::new());
+        }
+    }
+
+    /// (name, self time, calls), largest first.
+    pub fn take() -> Vec<(&'static str, Duration, u64)> {
+        let mut rows: Vec<_> = TOTALS
+            .lock()
+            .ok()
+            .and_then(|mut t| t.take())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, (d, n))| (k, d, n))
+            .collect();
+        rows.sort_by(|a, b| b.1.cmp(&a.1));
+        rows
+    }
 }
 
 fn model_name(p: &Path) -> String {
@@ -231,7 +299,7 @@ fn timed<T>(reps: usize, mut f: impl FnMut() -> anyhow::Result<T>) -> anyhow::Re
     Ok((best, times.iter().sum::<f64>() / times.len() as f64))
 }
 
-async fn components(model: PathBuf, size: usize, batch: usize, reps: usize) -> anyhow::Result<()> {
+async fn components(model: PathBuf, size: usize, batch: usize, reps: usize, profile: bool) -> anyhow::Result<()> {
     let cpu = candle_core::Device::Cpu;
     let threads = candle_core::utils::get_num_threads();
     let rt = tokio::runtime::Handle::current();
@@ -276,6 +344,24 @@ async fn components(model: PathBuf, size: usize, batch: usize, reps: usize) -> a
     };
     let t = tokio::task::block_in_place(|| timed(reps, || Ok(rt.block_on(unet.denoise(step()))?)))?;
     report("unet_step", t, json!({"batch": batch, "height": size, "width": size}));
+    if profile {
+        profile::reset();
+        tokio::task::block_in_place(|| rt.block_on(unet.denoise(step())))?;
+        let rows = profile::take();
+        let total: f64 = rows.iter().map(|r| r.1.as_secs_f64()).sum();
+        for (span, time, calls) in rows.iter().take(12) {
+            let share = time.as_secs_f64() / total;
+            emit(
+                json!({"bench": "profile", "component": "unet_step", "model": name, "span": span,
+                       "self_ms": time.as_secs_f64() * 1e3, "calls": calls, "share": share}),
+                format!(
+                    "profile    unet_step {span:<22} {:>9.1} ms self {:>5.1}% ({calls} calls)",
+                    time.as_secs_f64() * 1e3,
+                    share * 100.0
+                ),
+            );
+        }
+    }
     drop(unet);
 
     let vae = sdmesh_vae::LocalVae::load(&sdmesh_vae::VaeOptions { model, device: cpu.clone(), queue_capacity: 4 })?;
@@ -290,10 +376,24 @@ async fn main() -> anyhow::Result<()> {
     if std::env::var_os("RUST_LOG").is_none() {
         std::env::set_var("RUST_LOG", "warn");
     }
-    let _telemetry = sdmesh_core::telemetry::init("sdmesh-bench", &Default::default()).await?;
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    if matches!(cli.command, Command::Components { profile: true, .. }) {
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::Layer;
+        let spans = tracing_subscriber::filter::Targets::new()
+            .with_target("candle_transformers", tracing::Level::TRACE)
+            .with_target("sdmesh_unet", tracing::Level::TRACE);
+        tracing::subscriber::set_global_default(
+            tracing_subscriber::registry().with(profile::SelfTime.with_filter(spans)),
+        )?;
+    } else {
+        sdmesh_core::telemetry::init("sdmesh-bench", &Default::default()).await?;
+    }
+    match cli.command {
         Command::Overhead { job, jobs } => overhead(job, jobs).await,
         Command::Throughput { job, concurrency, max_batch_rows } => throughput(job, concurrency, max_batch_rows).await,
-        Command::Components { model, size, batch, reps } => components(model, size, batch, reps).await,
+        Command::Components { model, size, batch, reps, profile } => {
+            components(model, size, batch, reps, profile).await
+        }
     }
 }

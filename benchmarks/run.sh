@@ -33,11 +33,14 @@ steps=10; [ -n "$QUICK" ] && steps=4
 
 # 1. mesh vs in-process
 $bench overhead --model $tiny --size 64 --steps 20 --jobs 10 >> "$out"
-$bench overhead --model $medium --size 256 --steps $steps --jobs 5 >> "$out"
-# 2. throughput, batching on and off
-$bench throughput --model $medium --size 256 --steps $steps --concurrency 1,2,4,8,16 >> "$out"
+$bench overhead --model $medium --size 256 --steps $steps --jobs 3 >> "$out"
+# 2. throughput, batching on and off (128 px keeps 16 concurrent jobs within minutes on a CPU)
+$bench throughput --model $medium --size 128 --steps 5 --concurrency 1,2,4,8,16 >> "$out"
 # 3. candle vs diffusers, same machine, same threads, same configs
-$bench components --model $full --size 256 --batch 2 --reps 3 >> "$out"
+$bench components --model $medium --size 256 --batch 2 --reps 3 --profile >> "$out"
+.venv/bin/python benchmarks/diffusers_components.py $medium --height 256 --width 256 --batch 2 --reps 3 \
+  --threads "$THREADS" | sed 's/^{/{"bench": "components", /' >> "$out"
+$bench components --model $full --size 256 --batch 2 --reps 3 --profile >> "$out"
 .venv/bin/python benchmarks/diffusers_components.py $full --height 256 --width 256 --batch 2 --reps 3 \
   --threads "$THREADS" | sed 's/^{/{"bench": "components", /' >> "$out"
 

@@ -32,13 +32,24 @@ if thr:
     print()
 
 comp = [l for l in lines if l.get("bench") == "components"]
+models = list(dict.fromkeys(l["model"] for l in comp))
 if comp:
-    print(f"## 3. candle vs diffusers, components ({comp[0]['model']})\n")
-    print("| component | candle ms | diffusers ms | candle / diffusers |")
+    print("## 3. candle vs diffusers, components (256x256, same machine and threads)\n")
+    print("| model | component | candle ms | diffusers ms | candle / diffusers |")
+    print("| --- | --- | --- | --- | --- |")
+    for m in models:
+        for c in ["text_encoder", "unet_step", "vae_decode"]:
+            a = next((l for l in comp if l["model"] == m and l["component"] == c and l.get("impl") == "candle"), None)
+            b = next((l for l in comp if l["model"] == m and l["component"] == c and l.get("impl") == "diffusers"), None)
+            if a and b:
+                print(f"| {m} | {c} | {a['best_ms']:.1f} | {b['best_ms']:.1f} | {a['best_ms'] / b['best_ms']:.2f} |")
+    print("\n(best of the repetitions; UNet step: batch 2, no guidance doubling; VAE: one image)\n")
+
+prof = [l for l in lines if l.get("bench") == "profile"]
+for m in dict.fromkeys(l["model"] for l in prof):
+    print(f"### Where candle's UNet step goes ({m}): self time per span\n")
+    print("| span | self ms | share | calls |")
     print("| --- | --- | --- | --- |")
-    for c in ["text_encoder", "unet_step", "vae_decode"]:
-        a = next((l for l in comp if l["component"] == c and l.get("impl") == "candle"), None)
-        b = next((l for l in comp if l["component"] == c and l.get("impl") == "diffusers"), None)
-        if a and b:
-            print(f"| {c} | {a['best_ms']:.1f} | {b['best_ms']:.1f} | {a['best_ms'] / b['best_ms']:.2f} |")
-    print("\n(best of the repetitions; UNet step: batch 2, no guidance doubling; VAE: one image)")
+    for l in [l for l in prof if l["model"] == m]:
+        print(f"| {l['span']} | {l['self_ms']:.1f} | {l['share'] * 100:.1f}% | {l['calls']} |")
+    print()

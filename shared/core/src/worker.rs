@@ -1,23 +1,29 @@
 //! Keeps model compute off the async runtime: one OS thread owns the model and serves
-//! requests from a bounded queue; callers await a oneshot reply.
+//! requests from a bounded queue, one at a time; callers await the reply. (A
+//! [`crate::batch::BatchWorker`] that never batches.)
 
+use crate::batch::{BatchOptions, BatchWorker, Batchable};
 use crate::{Error, Result};
-use tokio::sync::{mpsc, oneshot};
+use std::time::Duration;
 
-struct Job<I, O> {
-    input: I,
-    span: tracing::Span,
-    reply: oneshot::Sender<Result<O>>,
+/// One request, never batched with another.
+struct Alone<I>(I);
+
+impl<I> Batchable for Alone<I> {
+    type Key = ();
+    fn batch_key(&self) {}
+    fn rows(&self) -> usize {
+        1
+    }
 }
 
 pub struct ModelWorker<I, O> {
-    name: &'static str,
-    queue: mpsc::Sender<Job<I, O>>,
+    inner: BatchWorker<Alone<I>, O>,
 }
 
 impl<I, O> Clone for ModelWorker<I, O> {
     fn clone(&self) -> Self {
-        Self { name: self.name, queue: self.queue.clone() }
+        Self { inner: self.inner.clone() }
     }
 }
 
@@ -28,40 +34,16 @@ impl<I: Send + 'static, O: Send + 'static> ModelWorker<I, O> {
     where
         F: FnMut(I) -> Result<O> + Send + 'static,
     {
-        let (queue, mut rx) = mpsc::channel::<Job<I, O>>(queue_capacity.max(1));
-        std::thread::Builder::new()
-            .name(format!("{name}-model"))
-            .spawn(move || {
-                while let Some(job) = rx.blocking_recv() {
-                    metrics::gauge!("sdmesh_queue_depth", "worker" => name).decrement(1.0);
-                    let _entered = tracing::info_span!(parent: &job.span, "model", worker = name).entered();
-                    let started = std::time::Instant::now();
-                    let out = catch_panic(name, || run(job.input));
-                    metrics::histogram!("sdmesh_model_seconds", "worker" => name)
-                        .record(started.elapsed().as_secs_f64());
-                    // The caller may have gone away (cancelled); nothing to do then.
-                    let _ = job.reply.send(out);
-                }
-            })
-            .expect("spawning a thread only fails when the OS is out of resources");
-        Self { name, queue }
+        let opts = BatchOptions { queue_capacity, max_rows: 1, max_wait: Duration::ZERO };
+        let inner = BatchWorker::spawn(name, opts, move |batch: Vec<Alone<I>>| {
+            batch.into_iter().map(|Alone(input)| run(input)).collect::<Result<Vec<O>>>()
+        });
+        Self { inner }
     }
 
-    /// Queues one request; RESOURCE_EXHAUSTED when the queue is full.
+    /// Queues one request; RESOURCE_EXHAUSTED (with a retry hint) when the queue is full.
     pub async fn call(&self, input: I) -> Result<O> {
-        let (reply, rx) = oneshot::channel();
-        let job = Job { input, span: tracing::Span::current(), reply };
-        // Counted before it is queued: the model thread may take it at once.
-        let depth = metrics::gauge!("sdmesh_queue_depth", "worker" => self.name);
-        depth.increment(1.0);
-        self.queue.try_send(job).inspect_err(|_| depth.decrement(1.0)).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => Error::ResourceExhausted {
-                message: format!("{} queue is full, retry later", self.name),
-                retry_after: std::time::Duration::from_millis(100),
-            },
-            mpsc::error::TrySendError::Closed(_) => Error::Unavailable(format!("{} model thread stopped", self.name)),
-        })?;
-        rx.await.map_err(|_| Error::Unavailable(format!("{} model thread stopped", self.name)))?
+        self.inner.call(Alone(input)).await
     }
 }
 

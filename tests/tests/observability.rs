@@ -293,6 +293,47 @@ async fn one_generation_is_one_trace_across_processes() {
     assert!(!all.iter().any(|s| s.name.contains("grpc.health")), "health check spans:\n{}", describe(&all));
 }
 
+/// A client that traces (sdctl with --otlp-endpoint) roots the generation's trace: the
+/// orchestrator's GenerateStream span is the child of sdctl's span, in the same trace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdctl_roots_the_trace_when_it_exports_one() {
+    let receiver = Receiver::default();
+    let endpoint = receiver.start().await;
+    let opts = MeshOptions {
+        common_args: vec!["--otlp-endpoint", &endpoint],
+        envs: vec![("OTEL_BSP_SCHEDULE_DELAY", "100")],
+        ..Default::default()
+    };
+    let mut mesh = Mesh::start_with(MODEL, &opts).await;
+    let out = std::env::temp_dir().join(format!("sdmesh-trace-{}.png", std::process::id()));
+    let status = Command::new(bin("sdctl"))
+        .args(["generate", "--endpoint", &mesh.orchestrator.addr, "--otlp-endpoint", &endpoint, "--quiet"])
+        .args(["--prompt", "a traced lighthouse", "--steps", "2", "--height", "64", "--width", "48"])
+        .arg("--out")
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let _ = std::fs::remove_file(&out);
+    for s in [&mesh.orchestrator, &mesh.text_encoder, &mesh.unet, &mesh.vae] {
+        s.terminate();
+    }
+    for s in [&mut mesh.orchestrator, &mut mesh.text_encoder, &mut mesh.unet, &mut mesh.vae] {
+        assert!(wait_exit(s, Duration::from_secs(60)).await.success());
+    }
+    let all = receiver.spans();
+    let root = all.iter().find(|s| s.service == "sdctl" && s.name == "sdctl generate");
+    let root = root.unwrap_or_else(|| panic!("no sdctl span:\n{}", describe(&all)));
+    assert!(root.parent_span_id.is_empty(), "sdctl's span is the root");
+    let trace: Vec<&ReceivedSpan> = all.iter().filter(|s| s.trace_id == root.trace_id).collect();
+    let rpc = trace
+        .iter()
+        .find(|s| s.name == "sd.v1.Orchestrator/GenerateStream")
+        .unwrap_or_else(|| panic!("no GenerateStream span in sdctl's trace:\n{}", describe(&all)));
+    assert_eq!(rpc.parent_span_id, root.span_id, "the orchestrator's span is sdctl's child");
+    assert!(trace.iter().any(|s| s.service == "sdmesh-unet"), "the unet's spans joined the trace");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Metrics
 

@@ -38,7 +38,7 @@ pub struct Telemetry {
 
 /// Crates whose spans are exported (the RPC, job and step spans are all ours).
 const TRACED_CRATES: &[&str] =
-    &["sdmesh_core", "sdmesh_orchestrator", "sdmesh_text_encoder", "sdmesh_unet", "sdmesh_vae", "sdmesh"];
+    &["sdmesh_core", "sdmesh_orchestrator", "sdmesh_text_encoder", "sdmesh_unet", "sdmesh_vae", "sdmesh", "sdctl"];
 
 /// Sets up logging, tracing (when `--otlp-endpoint` is set) and the metrics endpoint (when
 /// `--metrics-listen` is set). Call once, inside the Tokio runtime, before serving.
@@ -183,11 +183,14 @@ impl Injector for MetadataInjector<'_> {
 /// span becomes its child.
 pub fn traced<T>(message: T) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
-    let context = tracing::Span::current().context();
-    opentelemetry::global::get_text_map_propagator(|p| {
-        p.inject_context(&context, &mut MetadataInjector(request.metadata_mut()))
-    });
+    inject_current(request.metadata_mut());
     request
+}
+
+/// Puts the current span's trace context (W3C `traceparent`) into `metadata`.
+pub fn inject_current(metadata: &mut tonic::metadata::MetadataMap) {
+    let context = tracing::Span::current().context();
+    opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&context, &mut MetadataInjector(metadata)));
 }
 
 /// Health checks and reflection: neither traced nor counted.

@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand};
 use sdmesh::{status_error, write_results, JobArgs};
+use sdmesh_core::telemetry::TelemetryArgs;
 use sdmesh_orchestrator::pipeline::Limits;
 use sdmesh_proto::v1;
 use std::time::{Duration, Instant};
@@ -29,12 +30,29 @@ struct GenerateArgs {
     wait: u64,
     #[command(flatten)]
     job: JobArgs,
+    /// OTLP/gRPC endpoint: the generation's trace then starts here, with sdctl's span as its root.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
 }
 
 #[tokio::main]
 async fn main() {
     let Command::Generate(args) = Cli::parse().command;
-    if let Err(e) = generate(args).await {
+    if std::env::var_os("RUST_LOG").is_none() {
+        std::env::set_var("RUST_LOG", "warn");
+    }
+    let telemetry = TelemetryArgs { otlp_endpoint: args.otlp_endpoint.clone(), metrics_listen: None };
+    let telemetry = match sdmesh_core::telemetry::init("sdctl", &telemetry).await {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+    };
+    let span = tracing::info_span!("sdctl generate", tenant = args.job.tenant.as_deref().unwrap_or(""));
+    let result = tracing::Instrument::instrument(generate(args), span).await;
+    telemetry.shutdown().await;
+    if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
@@ -48,7 +66,9 @@ async fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         .max_encoding_message_size(Limits::default().max_request_bytes());
     let deadline = Instant::now() + Duration::from_secs(a.wait);
     let events = loop {
-        match client.generate_stream(a.job.request()?).await {
+        let mut request = a.job.request()?;
+        sdmesh_core::telemetry::inject_current(request.metadata_mut());
+        match client.generate_stream(request).await {
             Ok(r) => break r.into_inner(),
             Err(s) if s.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(200)).await;

@@ -94,9 +94,10 @@ impl Model {
     /// Scaled latents -> f32 NHWC in [0, 1], as diffusers' pipeline postprocesses them.
     fn decode(&self, latents: Tensor) -> Result<Tensor> {
         let z = (latents.to_device(&self.device)?.to_dtype(self.dtype)? / self.scaling_factor)?;
-        // One image at a time: candle 0.11's single-head VAE attention gives wrong results for
-        // every sample but the first of a batch (found by the parity test), and per-image
-        // decoding also bounds peak memory.
+        // One image at a time: candle 0.11's VAE attention gives wrong results for every
+        // sample but the first of a batch (found by the parity test): it feeds its q/k/v
+        // `Linear`s a transposed 3D input, and candle's `Linear` is wrong on such an input when
+        // batch > 1. Per-image decoding also bounds peak memory.
         let images =
             (0..z.dim(0)?).map(|i| self.vae.decode(&z.narrow(0, i, 1)?)).collect::<candle_core::Result<Vec<_>>>()?;
         let image = Tensor::cat(&images, 0)?.to_dtype(DType::F32)?;

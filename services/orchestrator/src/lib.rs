@@ -89,6 +89,23 @@ impl CacheArgs {
     }
 }
 
+/// How big a request may be.
+#[derive(clap::Args, Debug, Clone)]
+pub struct LimitsArgs {
+    /// Largest height or width a request may ask for, in pixels.
+    #[arg(long, env = "SDMESH_MAX_SIDE", default_value_t = 2048)]
+    pub max_side: u32,
+    /// Most images one request may ask for.
+    #[arg(long, env = "SDMESH_MAX_IMAGES", default_value_t = 8)]
+    pub max_images: u32,
+}
+
+impl LimitsArgs {
+    pub fn limits(&self) -> Limits {
+        Limits { max_side: self.max_side, max_images: self.max_images }
+    }
+}
+
 /// Puts a prompt-embedding cache in front of the pipeline's text encoder.
 pub fn with_embedding_cache(mut pipeline: Pipeline, store: Arc<dyn embedding_cache::EmbeddingStore>) -> Pipeline {
     pipeline.text_encoder = Arc::new(embedding_cache::CachedTextEncoder::new(

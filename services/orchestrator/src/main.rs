@@ -1,7 +1,6 @@
 use clap::Parser;
 use sdmesh_core::serve::{bind, Shutdown, ShutdownArgs};
 use sdmesh_core::telemetry::TelemetryArgs;
-use sdmesh_orchestrator::pipeline::Limits;
 use sdmesh_orchestrator::{run, OrchestratorOptions};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -25,12 +24,8 @@ struct Args {
     /// vae service URL.
     #[arg(long, env = "SDMESH_VAE_URL", default_value = "http://127.0.0.1:50053")]
     vae_url: String,
-    /// Largest height or width a request may ask for, in pixels.
-    #[arg(long, env = "SDMESH_MAX_SIDE", default_value_t = 2048)]
-    max_side: u32,
-    /// Most images one request may ask for.
-    #[arg(long, env = "SDMESH_MAX_IMAGES", default_value_t = 8)]
-    max_images: u32,
+    #[command(flatten)]
+    limits: sdmesh_orchestrator::LimitsArgs,
     /// Seconds to wait at start-up for the model services.
     #[arg(long, env = "SDMESH_STARTUP_TIMEOUT", default_value_t = 300)]
     startup_timeout: u64,
@@ -52,7 +47,7 @@ async fn main() -> anyhow::Result<()> {
         text_encoder_url: a.text_encoder_url,
         unet_url: a.unet_url,
         vae_url: a.vae_url,
-        limits: Limits { max_side: a.max_side, max_images: a.max_images },
+        limits: a.limits.limits(),
         startup_timeout: Duration::from_secs(a.startup_timeout),
         embedding_cache_bytes: a.cache.embedding_cache_bytes,
         redis: a.cache.redis_options(),

@@ -8,7 +8,6 @@ use sdmesh_core::serve::{bind, Shutdown, ShutdownArgs};
 use sdmesh_core::telemetry::TelemetryArgs;
 use sdmesh_orchestrator::pipeline::Limits;
 use std::path::PathBuf;
-use std::time::Duration;
 
 #[derive(Parser, Debug)]
 #[command(version, about = "Stable Diffusion 2.x as a mesh of gRPC services")]
@@ -42,22 +41,13 @@ enum Command {
         /// Device for the model services: cpu.
         #[arg(long, env = "SDMESH_DEVICE", default_value = "cpu")]
         device: String,
-        /// Largest height or width a request may ask for, in pixels.
-        #[arg(long, env = "SDMESH_MAX_SIDE", default_value_t = 2048)]
-        max_side: u32,
-        /// Most images one request may ask for.
-        #[arg(long, env = "SDMESH_MAX_IMAGES", default_value_t = 8)]
-        max_images: u32,
+        #[command(flatten)]
+        limits: sdmesh_orchestrator::LimitsArgs,
         /// Requests waiting for each model beyond which new ones get RESOURCE_EXHAUSTED.
         #[arg(long, env = "SDMESH_QUEUE_CAPACITY", default_value_t = 64)]
         queue_capacity: usize,
-        /// Most UNet rows (images; two per image under guidance) in one forward pass over the
-        /// steps of concurrent jobs (1 turns batching off).
-        #[arg(long, env = "SDMESH_MAX_BATCH_ROWS", default_value_t = 16)]
-        max_batch_rows: usize,
-        /// Milliseconds a step may wait for others to share its forward pass.
-        #[arg(long, env = "SDMESH_BATCH_MAX_WAIT_MS", default_value_t = 0)]
-        batch_max_wait_ms: u64,
+        #[command(flatten)]
+        batching: sdmesh_unet::BatchingArgs,
         #[command(flatten)]
         cache: sdmesh_orchestrator::CacheArgs,
         #[command(flatten)]
@@ -70,19 +60,8 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let command = Cli::parse().command;
-    let Command::Serve {
-        model,
-        listen,
-        device,
-        max_side,
-        max_images,
-        queue_capacity,
-        max_batch_rows,
-        batch_max_wait_ms,
-        cache,
-        shutdown,
-        telemetry,
-    } = command
+    let Command::Serve { model, listen, device, limits, queue_capacity, batching, cache, shutdown, telemetry } =
+        command
     else {
         let Command::Generate { model, device, job } = command else { unreachable!() };
         return generate(model, device, job).await;
@@ -90,12 +69,11 @@ async fn main() -> anyhow::Result<()> {
     let telemetry = sdmesh_core::telemetry::init("sdmesh", &telemetry).await?;
     let device = sdmesh_core::parse_device(&device).map_err(anyhow::Error::msg)?;
     let opts = MeshOptions {
-        limits: Limits { max_side, max_images },
+        limits: limits.limits(),
         queue_capacity,
         embedding_cache_bytes: cache.embedding_cache_bytes,
         redis: cache.redis_options(),
-        max_batch_rows,
-        batch_max_wait: Duration::from_millis(batch_max_wait_ms),
+        batching,
         ..MeshOptions::new(model, device)
     };
     let result = async { serve_mesh(opts, bind(&listen).await?, Shutdown::on_signal(shutdown.grace())).await }.await;

@@ -16,23 +16,21 @@ pub struct MeshOptions {
     pub queue_capacity: usize,
     pub embedding_cache_bytes: usize,
     pub redis: Option<sdmesh_orchestrator::redis_store::RedisOptions>,
-    /// UNet rows per forward pass over concurrent jobs' steps (1 turns batching off).
-    pub max_batch_rows: usize,
-    pub batch_max_wait: Duration,
+    /// The unet service's batching and conditioning cache.
+    pub batching: sdmesh_unet::BatchingArgs,
 }
 
 impl MeshOptions {
     pub fn new(model: PathBuf, device: candle_core::Device) -> Self {
-        let unet = sdmesh_unet::UnetOptions::new(model.clone(), device.clone());
+        let queue_capacity = sdmesh_unet::UnetOptions::new(model.clone(), device.clone()).queue_capacity;
         Self {
             model,
             device,
             limits: Limits::default(),
-            queue_capacity: unet.queue_capacity,
+            queue_capacity,
             embedding_cache_bytes: 256 << 20,
             redis: None,
-            max_batch_rows: unet.max_batch_rows,
-            batch_max_wait: unet.batch_max_wait,
+            batching: Default::default(),
         }
     }
 }
@@ -79,12 +77,10 @@ pub async fn serve_mesh(opts: MeshOptions, listener: TcpListener, shutdown: Shut
         after_orchestrator(),
     ));
     tasks.spawn(sdmesh_unet::run(
-        sdmesh_unet::UnetOptions {
+        opts.batching.apply(sdmesh_unet::UnetOptions {
             queue_capacity,
-            max_batch_rows: opts.max_batch_rows,
-            batch_max_wait: opts.batch_max_wait,
             ..sdmesh_unet::UnetOptions::new(model.clone(), device.clone())
-        },
+        }),
         unet,
         after_orchestrator(),
     ));

@@ -65,13 +65,55 @@ impl UnetOptions {
     /// Defaults: a queue of 64 requests, batches of up to 16 rows, no waiting, 256 MiB of
     /// conditioning.
     pub fn new(model: PathBuf, device: Device) -> Self {
+        let BatchingArgs { max_batch_rows, batch_max_wait_ms, conditioning_cache_bytes } = BatchingArgs::default();
         Self {
             model,
             device,
             queue_capacity: 64,
-            max_batch_rows: 16,
-            batch_max_wait: Duration::ZERO,
-            conditioning_cache_bytes: 256 << 20,
+            max_batch_rows,
+            batch_max_wait: Duration::from_millis(batch_max_wait_ms),
+            conditioning_cache_bytes,
+        }
+    }
+}
+
+/// The unet service's flags for batching and the conditioning cache (`sdmesh-unet` and
+/// `sdmesh serve` take them).
+#[derive(clap::Args, Debug, Clone)]
+pub struct BatchingArgs {
+    /// Most rows (images; two per image under guidance) in one forward pass over the steps of
+    /// concurrent jobs (1 turns batching off).
+    #[arg(long, env = "SDMESH_MAX_BATCH_ROWS", default_value_t = BatchingArgs::default().max_batch_rows)]
+    pub max_batch_rows: usize,
+    /// Milliseconds a step may wait for others to share its forward pass (0: never waits;
+    /// steps that queued while the model was busy still run together).
+    #[arg(long, env = "SDMESH_BATCH_MAX_WAIT_MS", default_value_t = BatchingArgs::default().batch_max_wait_ms)]
+    pub batch_max_wait_ms: u64,
+    /// Bytes of conditioning tensors (jobs' prompt embeddings) kept by digest, so each job
+    /// sends them once. SD 2.x: 308 KiB per prompt.
+    #[arg(
+        long,
+        env = "SDMESH_CONDITIONING_CACHE_BYTES",
+        default_value_t = BatchingArgs::default().conditioning_cache_bytes
+    )]
+    pub conditioning_cache_bytes: usize,
+}
+
+impl Default for BatchingArgs {
+    /// Batches of up to 16 rows, no waiting, 256 MiB of conditioning.
+    fn default() -> Self {
+        Self { max_batch_rows: 16, batch_max_wait_ms: 0, conditioning_cache_bytes: 256 << 20 }
+    }
+}
+
+impl BatchingArgs {
+    /// `opts` with these settings.
+    pub fn apply(&self, opts: UnetOptions) -> UnetOptions {
+        UnetOptions {
+            max_batch_rows: self.max_batch_rows,
+            batch_max_wait: Duration::from_millis(self.batch_max_wait_ms),
+            conditioning_cache_bytes: self.conditioning_cache_bytes,
+            ..opts
         }
     }
 }

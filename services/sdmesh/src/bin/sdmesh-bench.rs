@@ -248,8 +248,9 @@ async fn overhead(job: JobShape, jobs: usize) -> anyhow::Result<()> {
 
 async fn throughput(job: JobShape, levels: Vec<usize>, max_batch_rows: usize) -> anyhow::Result<()> {
     for (batching, rows) in [("on", max_batch_rows), ("off", 1)] {
+        let unet_batching = sdmesh_unet::BatchingArgs { max_batch_rows: rows, ..Default::default() };
         let opts =
-            MeshOptions { max_batch_rows: rows, ..MeshOptions::new(job.model.clone(), candle_core::Device::Cpu) };
+            MeshOptions { batching: unet_batching, ..MeshOptions::new(job.model.clone(), candle_core::Device::Cpu) };
         let (client, stop) = start_mesh(opts).await?;
         for &c in &levels {
             let total = c.max(4);

@@ -3,17 +3,22 @@
 //! The service owns the whole AutoencoderKL (encoder included), so image-to-latent encoding
 //! (img2img, inpainting) is one more RPC on the same loaded model.
 
+mod autoencoder;
+mod blocks;
+
+use autoencoder::{AutoEncoderKL, AutoEncoderKLConfig};
 use candle_core::{DType, Device, Tensor};
-use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
+use sdmesh_core::batch::{BatchOptions, BatchWorker, Batchable};
 use sdmesh_core::client::{retry_when_overloaded, BACKPRESSURE_PATIENCE};
 use sdmesh_core::model_dir::{ComponentDir, ModelDirError};
 use sdmesh_core::serve::{serve, Health, ServingStatus};
 use sdmesh_core::telemetry::traced;
-use sdmesh_core::{Error, ModelWorker, Result};
+use sdmesh_core::{Error, Result};
 use sdmesh_proto::v1;
 use serde::Deserialize;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::OnceCell;
 
@@ -83,6 +88,23 @@ pub struct VaeOptions {
     pub queue_capacity: usize,
 }
 
+/// Images decoded in one pass at most (several jobs' decodes of one latent size share it).
+pub const MAX_IMAGES_PER_PASS: usize = 8;
+
+/// One Decode request's latents, as the batcher sees them.
+struct Latents(Tensor);
+
+impl Batchable for Latents {
+    /// Latent channels, height, width.
+    type Key = Vec<usize>;
+    fn batch_key(&self) -> Vec<usize> {
+        self.0.dims()[1..].to_vec()
+    }
+    fn rows(&self) -> usize {
+        self.0.dims().first().copied().unwrap_or(1)
+    }
+}
+
 struct Model {
     vae: AutoEncoderKL,
     scaling_factor: f64,
@@ -94,20 +116,16 @@ impl Model {
     /// Scaled latents -> f32 NHWC in [0, 1], as diffusers' pipeline postprocesses them.
     fn decode(&self, latents: Tensor) -> Result<Tensor> {
         let z = (latents.to_device(&self.device)?.to_dtype(self.dtype)? / self.scaling_factor)?;
-        // One image at a time: candle 0.11's VAE attention gives wrong results for every
-        // sample but the first of a batch (found by the parity test): it feeds its q/k/v
-        // `Linear`s a transposed 3D input, and candle's `Linear` is wrong on such an input when
-        // batch > 1. Per-image decoding also bounds peak memory.
-        let images =
-            (0..z.dim(0)?).map(|i| self.vae.decode(&z.narrow(0, i, 1)?)).collect::<candle_core::Result<Vec<_>>>()?;
-        let image = Tensor::cat(&images, 0)?.to_dtype(DType::F32)?;
+        // The whole batch in one pass (this crate's VAE fork fixes candle's, which was wrong
+        // for every image but the first of a batch).
+        let image = self.vae.decode(&z)?.to_dtype(DType::F32)?;
         let image = ((image / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
         Ok(image.permute((0, 2, 3, 1))?.contiguous()?.to_device(&Device::Cpu)?)
     }
 }
 
 pub struct LocalVae {
-    worker: ModelWorker<Tensor, Tensor>,
+    worker: BatchWorker<Latents, Tensor>,
     info: v1::VaeInfo,
 }
 
@@ -150,8 +168,31 @@ impl LocalVae {
             path: dir.path.clone(),
             message: format!("warm-up failed: {e}"),
         })?;
-        let worker = ModelWorker::spawn("vae", opts.queue_capacity, move |latents| model.decode(latents));
+        let batching = BatchOptions {
+            queue_capacity: opts.queue_capacity,
+            max_rows: MAX_IMAGES_PER_PASS,
+            max_wait: Duration::ZERO,
+        };
+        let worker = BatchWorker::spawn("vae", batching, move |requests: Vec<Latents>| {
+            // Concurrent jobs' decodes of one latent size in one pass, split back per job.
+            let sizes: Vec<usize> = requests.iter().map(|r| r.0.dim(0)).collect::<candle_core::Result<_>>()?;
+            let latents: Vec<Tensor> = requests.into_iter().map(|r| r.0).collect();
+            let images = model.decode(Tensor::cat(&latents, 0)?)?;
+            let mut start = 0;
+            sizes
+                .into_iter()
+                .map(|n| {
+                    start += n;
+                    Ok(images.narrow(0, start - n, n)?)
+                })
+                .collect()
+        });
         Ok(Self { worker, info })
+    }
+
+    /// Decode passes run so far (each may serve several requests).
+    pub fn batches_run(&self) -> u64 {
+        self.worker.batches_run()
     }
 }
 
@@ -176,7 +217,7 @@ impl sdmesh_core::Vae for LocalVae {
                 latents.dims()
             )));
         }
-        self.worker.call(latents.to_dtype(DType::F32)?).await
+        self.worker.call(Latents(latents.to_dtype(DType::F32)?)).await
     }
 
     async fn info(&self) -> Result<v1::VaeInfo> {

@@ -1,19 +1,19 @@
 #![allow(dead_code)]
 //! The SD VAE: a fork of candle-transformers 0.11.1 `stable_diffusion::vae` (MIT/Apache-2.0,
-//! by the candle authors), unchanged but for using this crate's blocks (see [`crate::blocks`]).
+//! by the candle authors), unchanged but for using this crate's mid block (see [`crate::blocks`]).
 //!
 //! # Variational Auto-Encoder (VAE) Models.
 //!
 //! Auto-encoder models compress their input to a usually smaller latent space
 //! before expanding it back to its original shape. This results in the latent values
 //! compressing the original information.
-use crate::blocks::{
-    DownEncoderBlock2D, DownEncoderBlock2DConfig, UNetMidBlock2D, UNetMidBlock2DConfig, UpDecoderBlock2D,
-    UpDecoderBlock2DConfig,
-};
+use crate::blocks::{UNetMidBlock2D, UNetMidBlock2DConfig};
 use candle_core::{Result, Tensor};
 use candle_nn as nn;
 use candle_nn::Module;
+use candle_transformers::models::stable_diffusion::unet_2d_blocks::{
+    DownEncoderBlock2D, DownEncoderBlock2DConfig, UpDecoderBlock2D, UpDecoderBlock2DConfig,
+};
 
 #[derive(Debug, Clone)]
 struct EncoderConfig {

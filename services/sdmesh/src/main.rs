@@ -59,23 +59,31 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let command = Cli::parse().command;
-    let Command::Serve { model, listen, device, limits, queue_capacity, batching, cache, shutdown, telemetry } =
-        command
-    else {
-        let Command::Generate { model, device, job } = command else { unreachable!() };
-        return generate(model, device, job).await;
-    };
+    match Cli::parse().command {
+        Command::Generate { model, device, job } => generate(model, device, job).await,
+        Command::Serve { model, listen, device, limits, queue_capacity, batching, cache, shutdown, telemetry } => {
+            let device = sdmesh_core::parse_device(&device).map_err(anyhow::Error::msg)?;
+            let opts = MeshOptions {
+                limits: limits.limits(),
+                queue_capacity,
+                embedding_cache_bytes: cache.embedding_cache_bytes,
+                redis: cache.redis_options(),
+                batching,
+                ..MeshOptions::new(model, device)
+            };
+            serve(opts, listen, shutdown, telemetry).await
+        }
+    }
+}
+
+/// `sdmesh serve`: the mesh until SIGTERM/SIGINT, then flush telemetry.
+async fn serve(
+    opts: MeshOptions,
+    listen: String,
+    shutdown: ShutdownArgs,
+    telemetry: TelemetryArgs,
+) -> anyhow::Result<()> {
     let telemetry = sdmesh_core::telemetry::init("sdmesh", &telemetry).await?;
-    let device = sdmesh_core::parse_device(&device).map_err(anyhow::Error::msg)?;
-    let opts = MeshOptions {
-        limits: limits.limits(),
-        queue_capacity,
-        embedding_cache_bytes: cache.embedding_cache_bytes,
-        redis: cache.redis_options(),
-        batching,
-        ..MeshOptions::new(model, device)
-    };
     let result = async { serve_mesh(opts, bind(&listen).await?, Shutdown::on_signal(shutdown.grace())).await }.await;
     telemetry.shutdown().await;
     result

@@ -91,7 +91,7 @@ impl<I: Batchable + Send + 'static, O: Send + 'static> BatchWorker<I, O> {
                     let _entered = span.enter();
                     let (inputs, replies): (Vec<I>, Vec<_>) = batch.into_iter().map(|j| (j.input, j.reply)).unzip();
                     let started = Instant::now();
-                    let outputs = crate::worker::catch_panic(name, || run(inputs));
+                    let outputs = catch_panic(name, || run(inputs));
                     metrics::histogram!("sdmesh_model_seconds", "worker" => name).record(started.elapsed().as_secs_f64());
                     last_batch.store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
                     match outputs {
@@ -223,6 +223,19 @@ impl<I: Batchable, O> Batcher<I, O> {
         }
         Some(batch)
     }
+}
+
+/// Runs `f`; a panic becomes an INTERNAL error naming the worker (the thread goes on).
+fn catch_panic<T>(name: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        let msg = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        tracing::error!(worker = name, "model panicked: {msg}");
+        Err(Error::internal(format!("{name} model panicked: {msg}")))
+    })
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 //! [`crate::batch::BatchWorker`] that never batches.)
 
 use crate::batch::{BatchOptions, BatchWorker, Batchable};
-use crate::{Error, Result};
+use crate::Result;
 use std::time::Duration;
 
 /// One request, never batched with another.
@@ -45,19 +45,6 @@ impl<I: Send + 'static, O: Send + 'static> ModelWorker<I, O> {
     pub async fn call(&self, input: I) -> Result<O> {
         self.inner.call(Alone(input)).await
     }
-}
-
-/// Runs `f`; a panic becomes an INTERNAL error naming the worker (the thread goes on).
-pub(crate) fn catch_panic<T>(name: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
-        let msg = panic
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_default();
-        tracing::error!(worker = name, "model panicked: {msg}");
-        Err(Error::internal(format!("{name} model panicked: {msg}")))
-    })
 }
 
 #[cfg(test)]

@@ -317,10 +317,7 @@ pub struct DpmSolverConfig {
 impl DpmSolverConfig {
     fn read(config: &SchedulerConfig) -> Result<Self, String> {
         let keys = Keys { raw: &config.raw, class: DPM };
-        let solver_order = keys.usize("solver_order", 2)?;
-        if !(1..=2).contains(&solver_order) {
-            return Err(format!("{DPM}: solver_order {solver_order} is not supported; supported: 1, 2"));
-        }
+        let solver_order = keys.solver_order()?;
         // diffusers silently rewrites algorithm_type "deis" to "dpmsolver++".
         let algorithm_type = keys.string("algorithm_type", "dpmsolver++")?;
         if !matches!(algorithm_type.as_str(), "dpmsolver++" | "sde-dpmsolver++" | "deis") {
@@ -341,13 +338,12 @@ impl DpmSolverConfig {
                 ("bh2", SolverType::Midpoint),
             ],
         )?;
-        for key in ["use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas"] {
-            if keys.bool(key, false)? {
-                return Err(format!(
-                    "{DPM}: {key} is not supported; supported sigma schedules: the default (from the timesteps) and use_karras_sigmas"
-                ));
-            }
-        }
+        keys.reject_sigma_schedules(&[
+            "use_exponential_sigmas",
+            "use_beta_sigmas",
+            "use_lu_lambdas",
+            "use_flow_sigmas",
+        ])?;
         // Only "learned"/"learned_range" change anything in diffusers (they slice the model
         // output to 3 channels, meant for pixel-space models); any other value is inert.
         if let Some(v) = keys.opt_string("variance_type")? {
@@ -433,10 +429,7 @@ impl UniPcConfig {
     fn read(config: &SchedulerConfig) -> Result<Self, String> {
         const NAME: &str = "UniPCMultistepScheduler";
         let keys = Keys { raw: &config.raw, class: NAME };
-        let solver_order = keys.usize("solver_order", 2)?;
-        if !(1..=2).contains(&solver_order) {
-            return Err(format!("{NAME}: solver_order {solver_order} is not supported; supported: 1, 2"));
-        }
+        let solver_order = keys.solver_order()?;
         if !keys.bool("predict_x0", true)? {
             return Err(format!(
                 "{NAME}: predict_x0 false (the noise-prediction variant) is not supported; supported: true"
@@ -459,13 +452,7 @@ impl UniPcConfig {
                 "{NAME}: solver_p (an external predictor scheduler) is not supported; supported: null"
             ));
         }
-        for key in ["use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas"] {
-            if keys.bool(key, false)? {
-                return Err(format!(
-                    "{NAME}: {key} is not supported; supported sigma schedules: the default (from the timesteps) and use_karras_sigmas"
-                ));
-            }
-        }
+        keys.reject_sigma_schedules(&["use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas"])?;
         let use_karras_sigmas = keys.bool("use_karras_sigmas", false)?;
         for key in ["sigma_min", "sigma_max"] {
             if keys.opt_f64(key)?.is_some() {
@@ -529,10 +516,7 @@ impl DpmSinglestepConfig {
     fn read(config: &SchedulerConfig) -> Result<Self, String> {
         const NAME: &str = "DPMSolverSinglestepScheduler";
         let keys = Keys { raw: &config.raw, class: NAME };
-        let solver_order = keys.usize("solver_order", 2)?;
-        if !(1..=2).contains(&solver_order) {
-            return Err(format!("{NAME}: solver_order {solver_order} is not supported; supported: 1, 2"));
-        }
+        let solver_order = keys.solver_order()?;
         let algorithm_type = keys.string("algorithm_type", "dpmsolver++")?;
         if algorithm_type != "dpmsolver++" && algorithm_type != "deis" {
             return Err(format!(
@@ -550,13 +534,7 @@ impl DpmSinglestepConfig {
                 ("bh2", SolverType::Midpoint),
             ],
         )?;
-        for key in ["use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas"] {
-            if keys.bool(key, false)? {
-                return Err(format!(
-                    "{NAME}: {key} is not supported; supported sigma schedules: the default (from the timesteps) and use_karras_sigmas"
-                ));
-            }
-        }
+        keys.reject_sigma_schedules(&["use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas"])?;
         if let Some(v) = keys.opt_string("variance_type")? {
             if v == "learned" || v == "learned_range" {
                 return Err(format!("{NAME}: variance_type {v:?} is not supported; supported: null"));
@@ -609,23 +587,14 @@ impl DeisConfig {
     fn read(config: &SchedulerConfig) -> Result<Self, String> {
         const NAME: &str = "DEISMultistepScheduler";
         let keys = Keys { raw: &config.raw, class: NAME };
-        let solver_order = keys.usize("solver_order", 2)?;
-        if !(1..=2).contains(&solver_order) {
-            return Err(format!("{NAME}: solver_order {solver_order} is not supported; supported: 1, 2"));
-        }
+        let solver_order = keys.solver_order()?;
         keys.choice("algorithm_type", "deis", &[("deis", ()), ("dpmsolver", ()), ("dpmsolver++", ())])?;
         keys.choice(
             "solver_type",
             "logrho",
             &[("logrho", ()), ("midpoint", ()), ("heun", ()), ("bh1", ()), ("bh2", ())],
         )?;
-        for key in ["use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas"] {
-            if keys.bool(key, false)? {
-                return Err(format!(
-                    "{NAME}: {key} is not supported; supported sigma schedules: the default (from the timesteps) and use_karras_sigmas"
-                ));
-            }
-        }
+        keys.reject_sigma_schedules(&["use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas"])?;
         let mut betas = BetaConfig::read(&keys)?;
         // DEIS has no rescale_betas_zero_snr.
         betas.rescale_betas_zero_snr = false;
@@ -710,13 +679,7 @@ impl KDiffusionConfig {
         }
         let has_karras = class != KClass::EulerAncestral;
         if has_karras {
-            for key in ["use_exponential_sigmas", "use_beta_sigmas"] {
-                if keys.bool(key, false)? {
-                    return Err(format!(
-                        "{name}: {key} is not supported; supported sigma schedules: the default (from the timesteps) and use_karras_sigmas"
-                    ));
-                }
-            }
+            keys.reject_sigma_schedules(&["use_exponential_sigmas", "use_beta_sigmas"])?;
         }
         let mut out = Self {
             class,
@@ -847,6 +810,27 @@ struct Keys<'a> {
 }
 
 impl Keys<'_> {
+    /// `solver_order`: 1 or 2 (3 is not implemented); diffusers' default 2.
+    fn solver_order(&self) -> Result<usize, String> {
+        match self.usize("solver_order", 2)? {
+            order @ 1..=2 => Ok(order),
+            order => Err(format!("{}: solver_order {order} is not supported; supported: 1, 2", self.class)),
+        }
+    }
+
+    /// Every one of `flags` (alternative sigma schedules) must be off.
+    fn reject_sigma_schedules(&self, flags: &[&str]) -> Result<(), String> {
+        for key in flags {
+            if self.bool(key, false)? {
+                return Err(format!(
+                    "{}: {key} is not supported; supported sigma schedules: the default (from the timesteps) and use_karras_sigmas",
+                    self.class
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn bad(&self, key: &str, expected: &str, got: &Value) -> String {
         format!("{}: {key} must be {expected}, got {got}", self.class)
     }

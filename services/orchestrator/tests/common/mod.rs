@@ -7,8 +7,6 @@ use sdmesh_orchestrator::pipeline::{Limits, Pipeline, StepProgress};
 use sdmesh_proto::v1;
 use sdmesh_testkit::{assert_close, max_abs_diff, model};
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::time::Duration;
 
 /// The committed tiny model `name` with local text encoder, UNet and VAE.
 pub async fn local_pipeline(name: &str) -> Pipeline {

@@ -8,8 +8,7 @@
 //! (it calls `np.log` on 0-d float32 tensors).
 
 use super::config::{DeisConfig, FinalSigmasType, PredictionType, Thresholding};
-use super::dpm_solver::{alpha_sigma, lambda, vp_schedule, VpSchedule};
-use super::numerics::threshold_sample;
+use super::dpm_solver::{alpha_sigma, data_prediction, lambda, vp_schedule, VpSchedule};
 use super::{begin_ordered_step, check_steps, checked_timesteps, push_history, to_f32_vec, Scheduler};
 use candle_core::{Result, Tensor};
 
@@ -70,14 +69,7 @@ impl Deis {
     /// `convert_model_output`: x0, thresholded if configured, then back to a noise prediction.
     fn noise_prediction(&self, m: Vec<f32>, s: &[f32], sigma: f32, batch: usize) -> Vec<f32> {
         let (alpha_t, sigma_t) = alpha_sigma(sigma);
-        let mut x0: Vec<f32> = match self.prediction_type {
-            PredictionType::Epsilon => s.iter().zip(&m).map(|(s, m)| (s - sigma_t * m) / alpha_t).collect(),
-            PredictionType::VPrediction => s.iter().zip(&m).map(|(s, m)| alpha_t * s - sigma_t * m).collect(),
-            PredictionType::Sample => m,
-        };
-        if let Some(th) = self.thresholding {
-            threshold_sample(&mut x0, batch, th.dynamic_thresholding_ratio, th.sample_max_value);
-        }
+        let x0 = data_prediction(m, s, sigma, batch, self.prediction_type, self.thresholding);
         s.iter().zip(&x0).map(|(s, x0)| (s - alpha_t * x0) / sigma_t).collect()
     }
 }

@@ -183,6 +183,28 @@ pub(super) fn alpha_sigma(sigma: f32) -> (f32, f32) {
     (alpha, sigma * alpha)
 }
 
+/// `convert_model_output`'s data prediction x0 from the model output `m` at `s` (noise level
+/// `sigma`), thresholded when configured: the first step of every multistep solver here.
+pub(super) fn data_prediction(
+    m: Vec<f32>,
+    s: &[f32],
+    sigma: f32,
+    batch: usize,
+    prediction_type: PredictionType,
+    thresholding: Option<Thresholding>,
+) -> Vec<f32> {
+    let (alpha_t, sigma_t) = alpha_sigma(sigma);
+    let mut x0: Vec<f32> = match prediction_type {
+        PredictionType::Epsilon => s.iter().zip(&m).map(|(s, m)| (s - sigma_t * m) / alpha_t).collect(),
+        PredictionType::VPrediction => s.iter().zip(&m).map(|(s, m)| alpha_t * s - sigma_t * m).collect(),
+        PredictionType::Sample => m,
+    };
+    if let Some(th) = thresholding {
+        threshold_sample(&mut x0, batch, th.dynamic_thresholding_ratio, th.sample_max_value);
+    }
+    x0
+}
+
 /// log-SNR lambda = log(alpha) - log(sigma), float32.
 pub(super) fn lambda(alpha: f32, sigma: f32) -> f32 {
     alpha.ln() - sigma.ln()
@@ -216,16 +238,7 @@ impl DpmSolverMultistep {
 
     /// `convert_model_output` for dpmsolver++: the data prediction x0.
     fn data_prediction(&self, m: Vec<f32>, s: &[f32], sigma: f32, batch: usize) -> Vec<f32> {
-        let (alpha_t, sigma_t) = alpha_sigma(sigma);
-        let mut x0: Vec<f32> = match self.prediction_type {
-            PredictionType::Epsilon => s.iter().zip(&m).map(|(s, m)| (s - sigma_t * m) / alpha_t).collect(),
-            PredictionType::VPrediction => s.iter().zip(&m).map(|(s, m)| alpha_t * s - sigma_t * m).collect(),
-            PredictionType::Sample => m,
-        };
-        if let Some(th) = self.thresholding {
-            threshold_sample(&mut x0, batch, th.dynamic_thresholding_ratio, th.sample_max_value);
-        }
-        x0
+        data_prediction(m, s, sigma, batch, self.prediction_type, self.thresholding)
     }
 }
 

@@ -9,8 +9,7 @@
 //! row scaled by the pivot's reciprocal, then the triangular solves.
 
 use super::config::{PredictionType, Thresholding, UniPcConfig, UniPcSolverType};
-use super::dpm_solver::{alpha_sigma, lambda, vp_schedule, VpSchedule};
-use super::numerics::threshold_sample;
+use super::dpm_solver::{alpha_sigma, data_prediction, lambda, vp_schedule, VpSchedule};
 use super::{begin_ordered_step, check_steps, checked_timesteps, push_history, to_f32_vec, Scheduler};
 use candle_core::{Result, Tensor};
 
@@ -106,16 +105,7 @@ impl UniPc {
 
     /// `convert_model_output` with predict_x0: the data prediction.
     fn data_prediction(&self, m: Vec<f32>, s: &[f32], sigma: f32, batch: usize) -> Vec<f32> {
-        let (alpha_t, sigma_t) = alpha_sigma(sigma);
-        let mut x0: Vec<f32> = match self.prediction_type {
-            PredictionType::Epsilon => s.iter().zip(&m).map(|(s, m)| (s - sigma_t * m) / alpha_t).collect(),
-            PredictionType::VPrediction => s.iter().zip(&m).map(|(s, m)| alpha_t * s - sigma_t * m).collect(),
-            PredictionType::Sample => m,
-        };
-        if let Some(th) = self.thresholding {
-            threshold_sample(&mut x0, batch, th.dynamic_thresholding_ratio, th.sample_max_value);
-        }
-        x0
+        data_prediction(m, s, sigma, batch, self.prediction_type, self.thresholding)
     }
 
     fn lambda_at(&self, i: usize) -> (f32, f32, f32) {

@@ -243,17 +243,13 @@ impl RedisServer {
 
     /// Sends one command (RESP) and returns the first line of the reply.
     pub fn command(&self, args: &[&str]) -> Option<String> {
-        self.command_bytes(&args.iter().map(|a| a.as_bytes()).collect::<Vec<_>>())
-    }
-
-    pub fn command_bytes(&self, args: &[&[u8]]) -> Option<String> {
         use std::io::Write;
         let mut stream = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
         stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
         let mut request = format!("*{}\r\n", args.len()).into_bytes();
         for a in args {
             request.extend(format!("${}\r\n", a.len()).as_bytes());
-            request.extend(*a);
+            request.extend(a.as_bytes());
             request.extend(b"\r\n");
         }
         stream.write_all(&request).ok()?;

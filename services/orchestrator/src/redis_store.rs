@@ -9,7 +9,7 @@
 
 use crate::embedding_cache::EmbeddingStore;
 use redis::aio::MultiplexedConnection;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -36,7 +36,7 @@ pub struct RedisStore {
     connecting: tokio::sync::Mutex<Option<Instant>>,
     /// True from the first failure of an outage to the next success.
     down: AtomicBool,
-    errors: Mutex<u64>,
+    errors: AtomicU64,
 }
 
 impl RedisStore {
@@ -51,13 +51,13 @@ impl RedisStore {
             live: Mutex::new(None),
             connecting: tokio::sync::Mutex::new(None),
             down: AtomicBool::new(false),
-            errors: Mutex::new(0),
+            errors: AtomicU64::new(0),
         })
     }
 
     /// Failed operations since start.
     pub fn errors(&self) -> u64 {
-        self.errors.lock().map(|e| *e).unwrap_or(0)
+        self.errors.load(Ordering::Relaxed)
     }
 
     fn live(&self) -> Option<MultiplexedConnection> {
@@ -125,9 +125,7 @@ impl RedisStore {
     fn failed(&self, operation: &'static str, error: &str) {
         metrics::counter!("sdmesh_embedding_cache_errors_total", "store" => "redis", "operation" => operation)
             .increment(1);
-        if let Ok(mut errors) = self.errors.lock() {
-            *errors += 1;
-        }
+        self.errors.fetch_add(1, Ordering::Relaxed);
         if !self.down.swap(true, Ordering::SeqCst) {
             tracing::warn!(
                 url = %self.redacted_url,

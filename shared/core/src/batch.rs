@@ -172,18 +172,14 @@ impl<I: Batchable, O> Batcher<I, O> {
 
     /// The next batch; None when every sender is gone.
     fn next_batch(&mut self) -> Option<Vec<Job<I, O>>> {
+        // The oldest request whose caller is still waiting (pending ones may have gone away
+        // while they waited).
         let first = loop {
             let job = match self.pending.pop_front() {
-                Some(job) => job,
-                None => {
-                    let job = self.rx.recv().ok()?;
-                    match self.taken(job) {
-                        Some(job) => job,
-                        None => continue,
-                    }
-                }
+                Some(job) => Some(job).filter(|j| !j.reply.is_closed()),
+                None => self.taken(self.rx.recv().ok()?),
             };
-            if !job.reply.is_closed() {
+            if let Some(job) = job {
                 break job;
             }
         };

@@ -10,7 +10,7 @@ pub mod tokenizer;
 use candle_core::{DType, Device, Tensor};
 use sdmesh_core::client::{retry_when_overloaded, BACKPRESSURE_PATIENCE};
 use sdmesh_core::model_dir::{ComponentDir, ModelDirError};
-use sdmesh_core::serve::{serve, Health};
+use sdmesh_core::serve::{serve_while_loading, Health};
 use sdmesh_core::telemetry::traced;
 use sdmesh_core::{Error, ModelWorker, Result, TextEmbeddings};
 use sdmesh_proto::v1;
@@ -202,13 +202,11 @@ pub async fn run(
             .max_decoding_message_size(MAX_REQUEST_BYTES)
             .max_encoding_message_size(MAX_RESPONSE_BYTES),
     );
-    let server = tokio::spawn(serve(listener, routes, health.clone(), shutdown));
-    let local = tokio::task::spawn_blocking(move || LocalTextEncoder::load(&opts)).await??;
-    let _ = service.local.set(local);
-    health.set(sdmesh_core::serve::ServingStatus::Serving).await;
-    tracing::info!("text encoder ready");
-    server.await??;
-    Ok(())
+    let load = move || LocalTextEncoder::load(&opts);
+    serve_while_loading("text encoder", listener, health, routes, shutdown, load, |local| {
+        let _ = service.local.set(local);
+    })
+    .await
 }
 
 /// A remote text-encoder service.

@@ -14,7 +14,7 @@ use candle_core::{DType, Device, Tensor, D};
 use sdmesh_core::batch::{BatchOptions, BatchWorker, Batchable};
 use sdmesh_core::client::{retry_when_overloaded, BACKPRESSURE_PATIENCE};
 use sdmesh_core::model_dir::{ComponentDir, ModelDirError};
-use sdmesh_core::serve::{serve, Health, ServingStatus};
+use sdmesh_core::serve::{serve_while_loading, Health};
 use sdmesh_core::telemetry::traced;
 use sdmesh_core::{DenoiseInput, Error, Result};
 use sdmesh_proto::v1;
@@ -502,13 +502,11 @@ pub async fn run(
             .max_decoding_message_size(MAX_REQUEST_BYTES)
             .max_encoding_message_size(MAX_RESPONSE_BYTES),
     );
-    let server = tokio::spawn(serve(listener, routes, health.clone(), shutdown));
-    let local = tokio::task::spawn_blocking(move || LocalUnet::load(&opts)).await??;
-    service.set_model(local);
-    health.set(ServingStatus::Serving).await;
-    tracing::info!("unet ready");
-    server.await??;
-    Ok(())
+    let load = move || LocalUnet::load(&opts);
+    serve_while_loading("unet", listener, health, routes, shutdown, load, |local| {
+        service.set_model(local);
+    })
+    .await
 }
 
 /// A job's conditioning tensor as it goes on the wire, encoded and digested once.

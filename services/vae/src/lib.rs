@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use sdmesh_core::batch::{BatchOptions, BatchWorker, Batchable};
 use sdmesh_core::client::{retry_when_overloaded, BACKPRESSURE_PATIENCE};
 use sdmesh_core::model_dir::{ComponentDir, ModelDirError};
-use sdmesh_core::serve::{serve, Health, ServingStatus};
+use sdmesh_core::serve::{serve_while_loading, Health};
 use sdmesh_core::telemetry::traced;
 use sdmesh_core::{Error, Result};
 use sdmesh_proto::v1;
@@ -264,13 +264,11 @@ pub async fn run(
             .max_decoding_message_size(MAX_REQUEST_BYTES)
             .max_encoding_message_size(MAX_RESPONSE_BYTES),
     );
-    let server = tokio::spawn(serve(listener, routes, health.clone(), shutdown));
-    let local = tokio::task::spawn_blocking(move || LocalVae::load(&opts)).await??;
-    let _ = service.local.set(local);
-    health.set(ServingStatus::Serving).await;
-    tracing::info!("vae ready");
-    server.await??;
-    Ok(())
+    let load = move || LocalVae::load(&opts);
+    serve_while_loading("vae", listener, health, routes, shutdown, load, |local| {
+        let _ = service.local.set(local);
+    })
+    .await
 }
 
 /// Images of `h` x `w` latents one Decode call may carry (scale factor 8).

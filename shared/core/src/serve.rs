@@ -122,6 +122,30 @@ pub async fn serve(
     }
 }
 
+/// Serves a model service's `routes` on `listener` at once, NOT_SERVING while `load` runs on a
+/// blocking thread; then hands the model to `ready` and reports SERVING, until `shutdown`.
+/// A model that fails to load ends the service with that error.
+pub async fn serve_while_loading<M, E>(
+    name: &str,
+    listener: TcpListener,
+    health: Health,
+    routes: Routes,
+    shutdown: Shutdown,
+    load: impl FnOnce() -> Result<M, E> + Send + 'static,
+    ready: impl FnOnce(M),
+) -> anyhow::Result<()>
+where
+    M: Send + 'static,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let server = tokio::spawn(serve(listener, routes, health.clone(), shutdown));
+    ready(tokio::task::spawn_blocking(load).await??);
+    health.set(ServingStatus::Serving).await;
+    tracing::info!("{name} ready");
+    server.await??;
+    Ok(())
+}
+
 /// When a server stops: `signal` starts the drain, `grace` bounds it.
 pub struct Shutdown {
     pub signal: std::pin::Pin<Box<dyn Future<Output = ()> + Send>>,

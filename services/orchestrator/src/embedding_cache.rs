@@ -37,7 +37,7 @@ impl LruStore {
 #[async_trait::async_trait]
 impl EmbeddingStore for LruStore {
     async fn get(&self, key: &str) -> Option<Vec<u8>> {
-        self.entries.get(&key.to_string())
+        self.entries.get(key)
     }
 
     async fn put(&self, key: &str, value: Vec<u8>) {

@@ -411,7 +411,7 @@ impl ConditioningCache {
                 Ok(Some(decoded))
             }
             (None, digest) => {
-                let found = self.tensors.get(&digest.to_string());
+                let found = self.tensors.get(digest);
                 let result = if found.is_some() { "hit" } else { "miss" };
                 metrics::counter!("sdmesh_conditioning_cache_requests_total", "result" => result).increment(1);
                 found.map(Some).ok_or_else(|| not_cached(field, digest))

@@ -1,5 +1,6 @@
 //! A least-recently-used map bounded by the total size of its values, safe to share.
 
+use std::borrow::Borrow;
 use std::hash::Hash;
 use std::sync::Mutex;
 
@@ -19,7 +20,11 @@ impl<K: Hash + Eq, V: Clone> ByteLru<K, V> {
     }
 
     /// The value under `key`, now the most recently used.
-    pub fn get(&self, key: &K) -> Option<V> {
+    pub fn get<Q>(&self, key: &Q) -> Option<V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         self.inner.lock().ok()?.entries.get(key).map(|(v, _)| v.clone())
     }
 

@@ -93,6 +93,11 @@ impl Ddpm {
 }
 
 impl Scheduler for Ddpm {
+    fn noise_scales(&self, index: usize) -> (f32, f32) {
+        let c = &self.coefficients[index];
+        (c.sqrt_alpha_t, c.sqrt_beta_t)
+    }
+
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }

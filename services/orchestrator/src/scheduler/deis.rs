@@ -25,6 +25,8 @@ pub struct Deis {
     model_outputs: Vec<Option<Vec<f32>>>,
     lower_order_nums: usize,
     next_step: usize,
+    /// Where the loop starts (set_begin_index).
+    begin: usize,
 }
 
 /// `ind_fn(t, b, c) = t * (-log(c) + log(t) - 1) / (log(b) - log(c))` in float32.
@@ -63,6 +65,7 @@ impl Deis {
             model_outputs: vec![None; cfg.solver_order],
             lower_order_nums: 0,
             next_step: 0,
+            begin: 0,
         })
     }
 
@@ -79,6 +82,15 @@ impl Scheduler for Deis {
         &self.timesteps
     }
 
+    fn set_begin_index(&mut self, begin: usize) {
+        self.begin = begin;
+        self.next_step = begin;
+    }
+
+    fn noise_scales(&self, index: usize) -> (f32, f32) {
+        super::dpm_solver::alpha_sigma(self.sigmas[index])
+    }
+
     fn sigmas(&self) -> Option<&[f32]> {
         Some(&self.sigmas)
     }
@@ -91,7 +103,7 @@ impl Scheduler for Deis {
         _noise: &mut dyn crate::noise::NoiseSource,
     ) -> Result<Tensor> {
         let len = self.timesteps.len();
-        if begin_ordered_step("DEIS is multistep", model_output, sample, step_index, len, self.next_step)? {
+        if begin_ordered_step("DEIS is multistep", model_output, sample, step_index, len, (self.begin, self.next_step))? {
             self.model_outputs.iter_mut().for_each(|m| *m = None);
             self.lower_order_nums = 0;
         }

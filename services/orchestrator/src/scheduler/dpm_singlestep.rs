@@ -27,6 +27,8 @@ pub struct DpmSinglestep {
     /// The sample the current single-step pair started from.
     sample: Option<Vec<f32>>,
     next_step: usize,
+    /// Where the loop starts (set_begin_index).
+    begin: usize,
 }
 
 /// diffusers' `get_order_list(steps)` for order 1 or 2, after `set_timesteps` forced
@@ -91,6 +93,7 @@ impl DpmSinglestep {
             model_outputs: vec![None; cfg.solver_order],
             sample: None,
             next_step: 0,
+            begin: 0,
         })
     }
 
@@ -102,6 +105,15 @@ impl DpmSinglestep {
 impl Scheduler for DpmSinglestep {
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
+    }
+
+    fn set_begin_index(&mut self, begin: usize) {
+        self.begin = begin;
+        self.next_step = begin;
+    }
+
+    fn noise_scales(&self, index: usize) -> (f32, f32) {
+        super::dpm_solver::alpha_sigma(self.sigmas[index])
     }
 
     fn sigmas(&self) -> Option<&[f32]> {
@@ -116,7 +128,7 @@ impl Scheduler for DpmSinglestep {
         _noise: &mut dyn crate::noise::NoiseSource,
     ) -> Result<Tensor> {
         let len = self.timesteps.len();
-        if begin_ordered_step("DPM-Solver singlestep", model_output, sample, step_index, len, self.next_step)? {
+        if begin_ordered_step("DPM-Solver singlestep", model_output, sample, step_index, len, (self.begin, self.next_step))? {
             self.model_outputs.iter_mut().for_each(|m| *m = None);
             self.sample = None;
         }

@@ -164,6 +164,8 @@ pub struct KDiffusion {
     clip_sample_range: Option<f32>,
     state: State,
     next_step: usize,
+    /// Where the loop starts (set_begin_index).
+    begin: usize,
 }
 
 impl KDiffusion {
@@ -194,6 +196,7 @@ impl KDiffusion {
             clip_sample_range: cfg.clip_sample_range.map(|r| r as f32),
             state: State::Euler,
             next_step: 0,
+            begin: 0,
         };
         match cfg.class {
             KClass::Euler | KClass::EulerAncestral | KClass::Lms => {
@@ -294,6 +297,22 @@ impl Scheduler for KDiffusion {
         &self.timesteps
     }
 
+    fn order(&self) -> usize {
+        match self.class {
+            KClass::Heun | KClass::KDpm2 | KClass::KDpm2Ancestral => 2,
+            KClass::Euler | KClass::EulerAncestral | KClass::Lms => 1,
+        }
+    }
+
+    fn set_begin_index(&mut self, begin: usize) {
+        self.begin = begin;
+        self.next_step = begin;
+    }
+
+    fn noise_scales(&self, index: usize) -> (f32, f32) {
+        (1.0, self.sigmas[index])
+    }
+
     fn init_noise_sigma(&self) -> f64 {
         self.init_noise_sigma
     }
@@ -329,7 +348,7 @@ impl Scheduler for KDiffusion {
         if i >= len {
             return Err(step_out_of_range(i, len));
         }
-        if i == 0 {
+        if i == 0 || i == self.begin {
             match &mut self.state {
                 State::Lms { derivatives } => derivatives.clear(),
                 State::Heun { pending } => *pending = None,

@@ -391,6 +391,22 @@ pub trait Scheduler: Send {
         noise: &mut dyn crate::noise::NoiseSource,
     ) -> candle_core::Result<Tensor>;
 
+    /// Entries of `timesteps()` per inference step (diffusers' `order`: 2 for Heun and KDPM2,
+    /// whose steps evaluate the model twice; 1 otherwise).
+    fn order(&self) -> usize {
+        1
+    }
+
+    /// Starts the loop at `timesteps()[begin]` instead of 0 (img2img and inpainting skip the
+    /// first steps by strength; diffusers' `set_begin_index`): that step then starts afresh, as
+    /// step 0 does.
+    fn set_begin_index(&mut self, _begin: usize) {}
+
+    /// The weights (a, b) of diffusers' `add_noise` at `timesteps()[index]`: noisy = a * x + b * noise
+    /// (sqrt(alpha_bar_t) and sqrt(1 - alpha_bar_t) for DDIM, PNDM and DDPM; 1 and sigma for the
+    /// k-diffusion ones; alpha_t and sigma_t of the sigma for DPM-Solver, UniPC and DEIS).
+    fn noise_scales(&self, index: usize) -> (f32, f32);
+
     /// The noise levels sigma_i = sqrt((1 - alpha_bar) / alpha_bar), for schedulers that have
     /// them, as diffusers' float32 `sigmas`: `timesteps().len() + 1` of them (DPM-Solver,
     /// Euler, Euler ancestral, LMS), or Heun's `timesteps().len() + 1` / KDPM2's
@@ -517,19 +533,39 @@ fn check_same_shape(model_output: &Tensor, sample: &Tensor) -> candle_core::Resu
     Ok(())
 }
 
+/// diffusers' `add_noise`: `original` noised to the level of `timesteps()[index]`.
+pub fn add_noise(
+    scheduler: &dyn Scheduler,
+    original: &Tensor,
+    noise: &Tensor,
+    index: usize,
+) -> candle_core::Result<Tensor> {
+    if index >= scheduler.timesteps().len() {
+        return Err(step_out_of_range(index, scheduler.timesteps().len()));
+    }
+    let (a, b) = scheduler.noise_scales(index);
+    let (x, n) = (original.to_dtype(DType::F32)?, noise.to_dtype(DType::F32)?);
+    // Elementwise in f32, rounded as torch rounds `a * x + b * noise`.
+    (x * f64::from(a))? + (n * f64::from(b))?
+}
+
 /// The start of a multistep scheduler's step: shapes match, the index is in range and follows
-/// the previous step. Returns true for step 0, where the caller clears its history.
+/// the previous step. Returns true for the first step (`begin`, 0 unless img2img set it), where
+/// the caller clears its history.
 fn begin_ordered_step(
     name: &str,
     model_output: &Tensor,
     sample: &Tensor,
     step_index: usize,
     len: usize,
-    next_step: usize,
+    (begin, next_step): (usize, usize),
 ) -> candle_core::Result<bool> {
     check_same_shape(model_output, sample)?;
     if step_index >= len {
         return Err(step_out_of_range(step_index, len));
+    }
+    if step_index == begin {
+        return Ok(true);
     }
     if step_index != 0 && step_index != next_step {
         return Err(candle_core::Error::Msg(format!(

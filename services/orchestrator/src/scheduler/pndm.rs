@@ -21,6 +21,8 @@ pub struct Pndm {
     ets: Vec<Vec<f32>>,
     cur_sample: Option<Vec<f32>>,
     counter: usize,
+    /// Where the loop starts (set_begin_index); the counter runs from there.
+    begin: usize,
 }
 
 /// `set_timesteps(steps)` with skip_prk_steps: the PLMS timesteps, descending.
@@ -82,6 +84,7 @@ impl Pndm {
             ets: Vec::new(),
             cur_sample: None,
             counter: 0,
+            begin: 0,
         })
     }
 
@@ -113,6 +116,15 @@ impl Scheduler for Pndm {
         &self.timesteps
     }
 
+    fn set_begin_index(&mut self, begin: usize) {
+        self.begin = begin;
+    }
+
+    fn noise_scales(&self, index: usize) -> (f32, f32) {
+        let alpha = self.alphas_cumprod[self.timesteps[index] as usize];
+        (alpha.sqrt(), (1.0 - alpha).sqrt())
+    }
+
     fn step(
         &mut self,
         model_output: &Tensor,
@@ -125,14 +137,14 @@ impl Scheduler for Pndm {
         if step_index >= len {
             return Err(step_out_of_range(step_index, len));
         }
-        if step_index == 0 {
+        if step_index == self.begin || step_index == 0 {
             self.ets.clear();
             self.cur_sample = None;
             self.counter = 0;
-        } else if step_index != self.counter {
+        } else if step_index != self.begin + self.counter {
             return Err(candle_core::Error::Msg(format!(
                 "PNDM is multistep: steps must be taken in order; step {step_index} asked, {} expected",
-                self.counter
+                self.begin + self.counter
             )));
         }
         let m = to_f32_vec(model_output)?;

@@ -32,6 +32,8 @@ pub struct UniPc {
     this_order: usize,
     lower_order_nums: usize,
     next_step: usize,
+    /// Where the loop starts (set_begin_index).
+    begin: usize,
 }
 
 /// `(hh, h_phi_1, B_h, [b_1, b_2])` for step size h (predict_x0: hh = -h), as diffusers'
@@ -100,6 +102,7 @@ impl UniPc {
             this_order: 1,
             lower_order_nums: 0,
             next_step: 0,
+            begin: 0,
         })
     }
 
@@ -190,6 +193,15 @@ impl Scheduler for UniPc {
         &self.timesteps
     }
 
+    fn set_begin_index(&mut self, begin: usize) {
+        self.begin = begin;
+        self.next_step = begin;
+    }
+
+    fn noise_scales(&self, index: usize) -> (f32, f32) {
+        super::dpm_solver::alpha_sigma(self.sigmas[index])
+    }
+
     fn sigmas(&self) -> Option<&[f32]> {
         Some(&self.sigmas)
     }
@@ -202,7 +214,7 @@ impl Scheduler for UniPc {
         _noise: &mut dyn crate::noise::NoiseSource,
     ) -> Result<Tensor> {
         let len = self.timesteps.len();
-        if begin_ordered_step("UniPC is multistep", model_output, sample, step_index, len, self.next_step)? {
+        if begin_ordered_step("UniPC is multistep", model_output, sample, step_index, len, (self.begin, self.next_step))? {
             self.model_outputs.iter_mut().for_each(|m| *m = None);
             self.last_sample = None;
             self.lower_order_nums = 0;

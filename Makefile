@@ -52,6 +52,9 @@ fixtures:
 	.venv/bin/python tests/fixtures/generate_schedulers.py
 	.venv/bin/python tests/fixtures/generate_schedulers2.py
 	.venv/bin/python tests/fixtures/generate_seeds.py
+	.venv/bin/python tests/fixtures/generate_images.py
+	.venv/bin/python tests/fixtures/generate_depth.py
+	.venv/bin/python tests/fixtures/generate_jobs.py
 
 clean:
 	$(CARGO) clean

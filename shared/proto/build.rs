@@ -11,7 +11,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(files, [&root])?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out.join("sd_descriptor.bin"), prost::Message::encode_to_vec(&fds))?;
-    // Tensor bytes as `Bytes`: decoding slices the received buffer instead of copying it.
-    tonic_prost_build::configure().bytes(".sd.v1.Tensor.data").compile_fds(fds)?;
+    // Tensor and image bytes as `Bytes`: decoding slices the received buffer instead of copying it.
+    tonic_prost_build::configure()
+        .bytes(".sd.v1.Tensor.data")
+        .bytes(".sd.v1.GenerateRequest.image")
+        .bytes(".sd.v1.GenerateRequest.mask")
+        .bytes(".sd.v1.EstimateDepthRequest.images")
+        .compile_fds(fds)?;
     Ok(())
 }

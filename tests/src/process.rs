@@ -102,12 +102,14 @@ pub async fn wait_serving(url: &str) {
     }
 }
 
-/// text-encoder, unet, vae and orchestrator, each its own process.
+/// text-encoder, unet, vae and orchestrator (and depth, for a depth checkpoint), each its own
+/// process.
 pub struct Mesh {
     pub orchestrator: Service,
     pub text_encoder: Service,
     pub unet: Service,
     pub vae: Service,
+    pub depth: Option<Service>,
 }
 
 /// Options for [`Mesh::start`].
@@ -137,11 +139,16 @@ impl Mesh {
         let text_encoder = model_service("sdmesh-text-encoder");
         let unet = model_service("sdmesh-unet");
         let vae = model_service("sdmesh-vae");
-        for s in [&text_encoder, &unet, &vae] {
+        let depth = std::path::Path::new(dir).join("depth_estimator").is_dir().then(|| model_service("sdmesh-depth"));
+        for s in [&text_encoder, &unet, &vae].into_iter().chain(depth.as_ref()) {
             wait_serving(&s.addr).await;
         }
-        let orchestrator = Self::start_orchestrator(dir, &text_encoder, &unet, &vae, opts).await;
-        Mesh { orchestrator, text_encoder, unet, vae }
+        let mut opts = opts.clone();
+        if let Some(d) = &depth {
+            opts.orchestrator_args.extend(["--depth-url", d.addr.as_str()]);
+        }
+        let orchestrator = Self::start_orchestrator(dir, &text_encoder, &unet, &vae, &opts).await;
+        Mesh { orchestrator, text_encoder, unet, vae, depth }
     }
 
     /// Another orchestrator over this mesh's model services.

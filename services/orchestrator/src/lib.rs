@@ -3,13 +3,14 @@
 //! models: the components are traits) for the heavy work. It needs no GPU.
 
 pub mod embedding_cache;
+pub mod image_job;
 pub mod noise;
 pub mod pipeline;
 pub mod png;
 pub mod redis_store;
 pub mod scheduler;
 pub mod server;
-pub mod torch_rng;
+pub use sdmesh_core::torch_rng;
 
 use pipeline::{Limits, Pipeline};
 use sdmesh_core::model_dir::{ComponentDir, ModelDirError};
@@ -45,6 +46,8 @@ pub struct OrchestratorOptions {
     pub text_encoder_url: String,
     pub unet_url: String,
     pub vae_url: String,
+    /// The depth service, for depth2img without a caller-supplied depth map.
+    pub depth_url: Option<String>,
     pub limits: Limits,
     /// How long to wait at start-up for the model services to report their info.
     pub startup_timeout: Duration,
@@ -142,8 +145,28 @@ pub async fn local_pipeline(
     let vae = tokio::task::spawn_blocking(move || {
         sdmesh_vae::LocalVae::load(&sdmesh_vae::VaeOptions { model: dir, device: dev, queue_capacity })
     });
+    // A depth checkpoint's folder has the depth estimator too.
+    let depth = if has_depth_estimator(model) {
+        let (dir, dev) = (model.to_path_buf(), device.clone());
+        let depth = tokio::task::spawn_blocking(move || {
+            sdmesh_depth::LocalDepth::load(&sdmesh_depth::DepthOptions { model: dir, device: dev, queue_capacity })
+        });
+        Some(depth.await??)
+    } else {
+        None
+    };
     let (text_encoder, unet, vae) = (text_encoder.await??, unet.await??, vae.await??);
-    pipeline_over(model, Arc::new(text_encoder), Arc::new(unet), Arc::new(vae), limits, Duration::from_secs(1)).await
+    let mut pipeline =
+        pipeline_over(model, Arc::new(text_encoder), Arc::new(unet), Arc::new(vae), limits, Duration::from_secs(1))
+            .await?;
+    pipeline.depth = depth.map(|d| Arc::new(d) as Arc<dyn sdmesh_core::DepthEstimator>);
+    Ok(pipeline)
+}
+
+/// Whether a diffusers model folder has a depth estimator (stable-diffusion-2-depth's
+/// depth_estimator/).
+pub fn has_depth_estimator(model: &Path) -> bool {
+    model.join("depth_estimator").join("config.json").is_file()
 }
 
 /// Builds a pipeline over given components, asking each for its info; retries UNAVAILABLE
@@ -168,7 +191,7 @@ pub async fn pipeline_over(
             Err(e) => anyhow::bail!("model services did not come up: {e}"),
         }
     };
-    Ok(Pipeline { text_encoder, denoiser, vae, scheduler_config, info, limits, model_name: model_name(model) })
+    Ok(Pipeline { text_encoder, denoiser, vae, depth: None, scheduler_config, info, limits, model_name: model_name(model) })
 }
 
 /// Serves the public API on `listener` until `shutdown`; NOT_SERVING (and UNAVAILABLE to
@@ -195,6 +218,10 @@ pub async fn run(
         opts.startup_timeout,
     )
     .await?;
+    let mut pipeline = pipeline;
+    if let Some(url) = &opts.depth_url {
+        pipeline.depth = Some(Arc::new(sdmesh_depth::DepthClient::new(url)?));
+    }
     let pipeline = match (opts.redis, opts.embedding_cache_bytes) {
         (Some(redis), _) => {
             tracing::info!(url = %sdmesh_core::redact_url(&redis.url), ttl = ?redis.ttl, "prompt embeddings cached in redis");

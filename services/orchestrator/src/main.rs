@@ -24,6 +24,10 @@ struct Args {
     /// vae service URL.
     #[arg(long, env = "SDMESH_VAE_URL", default_value = "http://127.0.0.1:50053")]
     vae_url: String,
+    /// depth service URL, for depth2img without a caller-supplied depth map (unset: depth2img
+    /// needs the request's depth_map).
+    #[arg(long, env = "SDMESH_DEPTH_URL")]
+    depth_url: Option<String>,
     #[command(flatten)]
     limits: sdmesh_orchestrator::LimitsArgs,
     /// Seconds to wait at start-up for the model services.
@@ -47,6 +51,7 @@ async fn main() -> anyhow::Result<()> {
         text_encoder_url: a.text_encoder_url,
         unet_url: a.unet_url,
         vae_url: a.vae_url,
+        depth_url: a.depth_url,
         limits: a.limits.limits(),
         startup_timeout: Duration::from_secs(a.startup_timeout),
         embedding_cache_bytes: a.cache.embedding_cache_bytes,

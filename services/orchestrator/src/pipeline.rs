@@ -2,10 +2,11 @@
 //! prompt, draw the initial latents, run the scheduler loop calling the denoiser each step,
 //! decode. The components are traits, so the same code runs in one process or over gRPC.
 
+use crate::image_job::{self, ImageInput, Task};
 use crate::noise::NoiseSource;
 use crate::scheduler::{self, ResolvedScheduler, SchedulerConfig, SchedulerRequest};
 use candle_core::{DType, Tensor};
-use sdmesh_core::{DenoiseInput, Denoiser, Error, Result, TextEncoder, Vae};
+use sdmesh_core::{DenoiseInput, Denoiser, DepthEstimator, Error, Result, TextEncoder, Vae};
 use sdmesh_proto::v1;
 use std::sync::Arc;
 use tracing::Instrument;
@@ -33,9 +34,13 @@ impl Limits {
     }
 
     /// Largest legitimate Generate request: init latents for the most pixels (up to 16 latent
-    /// channels at scale factor 8) and prompts.
+    /// channels at scale factor 8), or an image and a mask of the largest side, stored at worst
+    /// uncompressed (RGBA), with a depth map.
     pub fn max_request_bytes(&self) -> usize {
-        sdmesh_core::message_limit(sdmesh_core::f32_bytes(16 * self.pixels() / 64))
+        let side = self.max_side as usize * self.max_side as usize;
+        let init_latents = sdmesh_core::f32_bytes(16 * self.pixels() / 64);
+        let image_job = 2 * 4 * side + sdmesh_core::f32_bytes(side);
+        sdmesh_core::message_limit(init_latents.max(image_job))
     }
 
     /// Largest legitimate Generate response: PNGs of the most pixels (RGB, stored at worst
@@ -68,6 +73,9 @@ pub struct Job {
     pub scheduler: ResolvedScheduler,
     /// f32 [num_images, latent_channels, height/f, width/f]; drawn from the seed when None.
     pub init_latents: Option<Tensor>,
+    pub task: Task,
+    /// The input image (mask, depth map) of img2img, inpainting and depth2img.
+    pub input: Option<ImageInput>,
 }
 
 impl Job {
@@ -97,6 +105,8 @@ pub struct Pipeline {
     pub text_encoder: Arc<dyn TextEncoder>,
     pub denoiser: Arc<dyn Denoiser>,
     pub vae: Arc<dyn Vae>,
+    /// depth2img's depth estimator, when there is one.
+    pub depth: Option<Arc<dyn DepthEstimator>>,
     pub scheduler_config: SchedulerConfig,
     pub info: ModelInfo,
     pub limits: Limits,
@@ -112,7 +122,7 @@ impl Pipeline {
 
     fn latent_shape(&self, job: &Job) -> [usize; 4] {
         let f = self.info.vae.scale_factor as usize;
-        [job.num_images, self.info.unet.in_channels as usize, job.height / f, job.width / f]
+        [job.num_images, self.info.vae.latent_channels as usize, job.height / f, job.width / f]
     }
 
     /// Checks a request and resolves its defaults. Every error is INVALID_ARGUMENT and says
@@ -131,8 +141,20 @@ impl Pipeline {
             }
             Ok(v as usize)
         };
-        let height = side("height", r.height)?;
-        let width = side("width", r.width)?;
+        let in_channels = self.info.unet.in_channels;
+        let task = Task::of(r, in_channels)?;
+        image_job::check_model_can(task, in_channels, self.depth.is_some(), r.depth_map.is_some())?;
+        let (input, height, width) = if task == Task::Txt2Img {
+            if !r.image.is_empty() || !r.mask.is_empty() || r.depth_map.is_some() || r.strength.is_some() {
+                return Err(Error::invalid(
+                    "image, mask, depth_map and strength are for img2img, inpainting and depth2img, not txt2img",
+                ));
+            }
+            (None, side("height", r.height)?, side("width", r.width)?)
+        } else {
+            let (input, h, w) = image_job::prepare_input(task, r, (r.height, r.width), f, limits.max_side)?;
+            (Some(input), h, w)
+        };
         let max_steps = self.scheduler_config.num_train_timesteps() as u32;
         let steps = r.steps.unwrap_or(DEFAULT_STEPS);
         if steps == 0 || steps > max_steps {
@@ -164,8 +186,16 @@ impl Pipeline {
         })
         .map_err(|e| Error::invalid(format!("scheduler: {e}")))?;
         // Building it checks the step count against the config (e.g. spacing limits).
-        scheduler::build(&self.scheduler_config, &scheduler, steps as usize)
+        let built = scheduler::build(&self.scheduler_config, &scheduler, steps as usize)
             .map_err(|e| Error::invalid(format!("scheduler: {e}")))?;
+        if let Some(input) = &input {
+            if image_job::begin_index(steps as usize, input.strength_f64(), built.order()).is_none() {
+                return Err(Error::invalid(format!(
+                    "strength: {} of {steps} steps runs no step (int(steps * strength) = 0); raise strength or steps",
+                    input.strength
+                )));
+            }
+        }
         let mut job = Job {
             prompt: r.prompt.clone(),
             negative_prompt: r.negative_prompt.clone(),
@@ -178,8 +208,13 @@ impl Pipeline {
             num_images: num_images as usize,
             scheduler,
             init_latents: None,
+            task,
+            input,
         };
         if let Some(t) = &r.init_latents {
+            if task != Task::Txt2Img {
+                return Err(Error::invalid("init_latents: only txt2img takes initial latents"));
+            }
             let latents = t.to_candle("init_latents", &candle_core::Device::Cpu)?.to_dtype(DType::F32)?;
             let expected = self.latent_shape(&job);
             if latents.dims() != expected {
@@ -232,15 +267,48 @@ impl Pipeline {
 
         let mut scheduler =
             scheduler::build(&self.scheduler_config, &job.scheduler, job.steps).map_err(Error::invalid)?;
-        let mut latents = match &job.init_latents {
-            Some(t) => t.clone(),
-            None => noise.randn(&self.latent_shape(job))?,
+        let (mut latents, begin, extra_channels, blend) = match &job.input {
+            None => {
+                let latents = match &job.init_latents {
+                    Some(t) => t.clone(),
+                    None => noise.randn(&self.latent_shape(job))?,
+                };
+                ((latents * scheduler.init_noise_sigma())?, 0, None, None)
+            }
+            Some(input) => {
+                let begin = image_job::begin_index(job.steps, input.strength_f64(), scheduler.order())
+                    .ok_or_else(|| Error::invalid("strength: runs no step"))?;
+                let [num_images, latent_channels, h, w] = self.latent_shape(job);
+                let shape = image_job::Shape {
+                    num_images,
+                    latent_channels,
+                    h,
+                    w,
+                    unet_in_channels: self.info.unet.in_channels,
+                };
+                let prepared = image_job::prepare(
+                    job.task,
+                    input,
+                    &shape,
+                    scheduler.as_mut(),
+                    begin,
+                    self.vae.as_ref(),
+                    self.depth.as_deref(),
+                    noise,
+                )
+                .instrument(tracing::info_span!("prepare_image", task = job.task.name()))
+                .await?;
+                (prepared.latents, begin, prepared.extra_channels, prepared.blend)
+            }
         };
-        latents = (latents * scheduler.init_noise_sigma())?;
         let timesteps = scheduler.timesteps().to_vec();
-        for (i, &t) in timesteps.iter().enumerate() {
+        let total = timesteps.len() - begin;
+        for (i, &t) in timesteps.iter().enumerate().skip(begin) {
             let span = tracing::info_span!("step", step = i, timestep = t, batch = job.num_images);
-            let model_input = span.in_scope(|| scheduler.scale_model_input(&latents, i))?;
+            let mut model_input = span.in_scope(|| scheduler.scale_model_input(&latents, i))?;
+            if let Some(extra) = &extra_channels {
+                model_input = Tensor::cat(&[&model_input, extra], 1)?;
+            }
             let model_output = self
                 .denoiser
                 .denoise(DenoiseInput {
@@ -254,8 +322,11 @@ impl Pipeline {
                 .instrument(span.clone())
                 .await?;
             latents = span.in_scope(|| scheduler.step(&model_output, i, &latents, noise))?;
+            if let Some(blend) = &blend {
+                latents = blend.apply(scheduler.as_ref(), &latents, i, timesteps.len())?;
+            }
             metrics::counter!("sdmesh_steps_total").increment(1);
-            if !progress(StepProgress { step: i + 1, total: timesteps.len(), timestep: t, latents: latents.clone() }) {
+            if !progress(StepProgress { step: i + 1 - begin, total, timestep: t, latents: latents.clone() }) {
                 return Err(Error::Remote(tonic::Status::cancelled("the client went away")));
             }
         }
@@ -285,6 +356,12 @@ impl Pipeline {
         }
         if job.init_latents.is_some() {
             s.push_str(", Initial latents: given");
+        }
+        if let Some(input) = &job.input {
+            s.push_str(&format!(", Task: {}, Denoising strength: {}", job.task.name(), input.strength));
+            if input.depth_map.is_some() {
+                s.push_str(", Depth map: given");
+            }
         }
         s
     }

@@ -53,6 +53,23 @@ pub struct JobArgs {
     /// Initial noise as float32 NCHW .npy (diffusers' `latents=`), instead of the seed's.
     #[arg(long)]
     pub init_latents: Option<PathBuf>,
+    /// img2img / inpaint / depth2img: the starting image (PNG or JPEG). Its size, rounded down
+    /// to a multiple of 8, is the output's unless --height/--width resize it.
+    #[arg(long)]
+    pub image: Option<PathBuf>,
+    /// inpaint: the mask (PNG or JPEG, the image's size; white = repaint, black = keep).
+    #[arg(long)]
+    pub mask: Option<PathBuf>,
+    /// How far from the image to go, 0 < S <= 1 (default 0.8; inpaint 1.0).
+    #[arg(long)]
+    pub strength: Option<f32>,
+    /// depth2img: a depth map as float32 [H, W] or [N, H, W] .npy (larger = nearer) instead of
+    /// the depth service's estimate.
+    #[arg(long)]
+    pub depth_map: Option<PathBuf>,
+    /// What the job is (set by the command: generate, img2img, inpaint, depth).
+    #[arg(skip)]
+    pub task: v1::Task,
     /// Where to write the PNG (with several images: NAME-0.png, NAME-1.png, ...).
     #[arg(long)]
     pub out: PathBuf,
@@ -74,6 +91,20 @@ impl JobArgs {
             }
             None => None,
         };
+        let read = |what: &str, path: &Option<PathBuf>| -> anyhow::Result<bytes::Bytes> {
+            match path {
+                Some(p) => Ok(std::fs::read(p).with_context(|| format!("reading --{what} {}", p.display()))?.into()),
+                None => Ok(bytes::Bytes::new()),
+            }
+        };
+        let depth_map = match &self.depth_map {
+            Some(path) => {
+                let t = candle_core::Tensor::read_npy(path).with_context(|| format!("reading {}", path.display()))?;
+                let t = if t.rank() == 2 { t.unsqueeze(0)? } else { t };
+                Some(v1::Tensor::from_candle(&t.to_dtype(candle_core::DType::F32)?)?)
+            }
+            None => None,
+        };
         let mut request = tonic::Request::new(v1::GenerateRequest {
             prompt: self.prompt.clone(),
             negative_prompt: self.negative_prompt.clone(),
@@ -91,6 +122,11 @@ impl JobArgs {
             }),
             init_latents,
             return_array: self.out_array.is_some(),
+            task: self.task.into(),
+            image: read("image", &self.image)?,
+            mask: read("mask", &self.mask)?,
+            strength: self.strength,
+            depth_map,
         });
         if let Some(tenant) = &self.tenant {
             let value = tenant.parse().map_err(|_| anyhow::anyhow!("--tenant must be printable ASCII"))?;

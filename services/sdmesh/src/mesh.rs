@@ -1,5 +1,6 @@
-//! The whole mesh in one process: each model service on its own loopback port, the
-//! orchestrator reaching them over gRPC exactly as across machines.
+//! The whole mesh in one process: each model service (and the depth service, for a depth
+//! checkpoint) on its own loopback port, the orchestrator reaching them over gRPC exactly as
+//! across machines.
 
 use sdmesh_core::serve::Shutdown;
 use sdmesh_orchestrator::pipeline::Limits;
@@ -52,12 +53,15 @@ pub async fn serve_mesh(opts: MeshOptions, listener: TcpListener, shutdown: Shut
     };
     let loopback = || TcpListener::bind("127.0.0.1:0");
     let (te, unet, vae) = (loopback().await?, loopback().await?, loopback().await?);
+    // A depth checkpoint (depth_estimator/ in the folder) gets the depth service too.
+    let depth = if sdmesh_orchestrator::has_depth_estimator(&opts.model) { Some(loopback().await?) } else { None };
     let url = |l: &TcpListener| l.local_addr().map(|a| format!("http://{a}"));
     let orchestrator_opts = sdmesh_orchestrator::OrchestratorOptions {
         model: opts.model.clone(),
         text_encoder_url: url(&te)?,
         unet_url: url(&unet)?,
         vae_url: url(&vae)?,
+        depth_url: depth.as_ref().map(url).transpose()?,
         limits: opts.limits,
         startup_timeout: Duration::from_secs(600),
         embedding_cache_bytes: opts.embedding_cache_bytes,
@@ -84,6 +88,10 @@ pub async fn serve_mesh(opts: MeshOptions, listener: TcpListener, shutdown: Shut
         unet,
         after_orchestrator(),
     ));
+    if let Some(listener) = depth {
+        let depth_opts = sdmesh_depth::DepthOptions { model: model.clone(), device: device.clone(), queue_capacity };
+        tasks.spawn(sdmesh_depth::run(depth_opts, listener, after_orchestrator()));
+    }
     tasks.spawn(sdmesh_vae::run(sdmesh_vae::VaeOptions { model, device, queue_capacity }, vae, after_orchestrator()));
     let orchestrator = sdmesh_orchestrator::run(orchestrator_opts, listener, shutdown);
     tasks.spawn(async move {

@@ -193,23 +193,21 @@ impl Default for AutoEncoderKLConfig {
     }
 }
 
+/// The encoder's latent distribution (diffusers' `DiagonalGaussianDistribution`). Sampling is
+/// the caller's: it draws the noise (from the job's seed, in diffusers' order).
 pub struct DiagonalGaussianDistribution {
-    mean: Tensor,
-    std: Tensor,
+    pub mean: Tensor,
+    pub std: Tensor,
 }
 
 impl DiagonalGaussianDistribution {
     pub fn new(parameters: &Tensor) -> Result<Self> {
         let mut parameters = parameters.chunk(2, 1)?.into_iter();
         let mean = parameters.next().unwrap();
-        let logvar = parameters.next().unwrap();
+        // diffusers clamps the log-variance (candle does not).
+        let logvar = parameters.next().unwrap().clamp(-30f32, 20f32)?;
         let std = (logvar * 0.5)?.exp()?;
         Ok(DiagonalGaussianDistribution { mean, std })
-    }
-
-    pub fn sample(&self) -> Result<Tensor> {
-        let sample = self.mean.randn_like(0., 1.);
-        &self.mean + &self.std * sample
     }
 }
 

@@ -13,7 +13,7 @@ use sdmesh_core::client::{retry_when_overloaded, BACKPRESSURE_PATIENCE};
 use sdmesh_core::model_dir::{ComponentDir, ModelDirError};
 use sdmesh_core::serve::{serve_while_loading, Health};
 use sdmesh_core::telemetry::traced;
-use sdmesh_core::{Error, Result};
+use sdmesh_core::{EncodedImages, Error, Result};
 use sdmesh_proto::v1;
 use serde::Deserialize;
 use std::path::PathBuf;
@@ -31,9 +31,11 @@ pub const MAX_LATENT_CHANNELS: usize = 16;
 /// Pixels one Decode may return (8 images of 1024x1024, or 2 of 2048x2048): bounds the
 /// response; [`VaeClient`] splits larger batches.
 pub const MAX_DECODED_PIXELS: usize = 8 << 20;
-/// Largest legitimate Decode request: latents for the most pixels, at scale factor 8.
-pub const MAX_REQUEST_BYTES: usize =
-    sdmesh_core::message_limit(sdmesh_core::f32_bytes(MAX_LATENT_CHANNELS * MAX_DECODED_PIXELS / 64));
+/// Largest legitimate request: an Encode of the most pixels (RGB f32) with its noise (latents
+/// at scale factor 8), larger than any Decode's latents.
+pub const MAX_REQUEST_BYTES: usize = sdmesh_core::message_limit(sdmesh_core::f32_bytes(
+    3 * MAX_DECODED_PIXELS + MAX_LATENT_CHANNELS * MAX_DECODED_PIXELS / 64,
+));
 /// Largest legitimate Decode response: the most pixels, RGB f32.
 pub const MAX_RESPONSE_BYTES: usize = sdmesh_core::message_limit(sdmesh_core::f32_bytes(3 * MAX_DECODED_PIXELS));
 
@@ -91,17 +93,31 @@ pub struct VaeOptions {
 /// Images decoded in one pass at most (several jobs' decodes of one latent size share it).
 pub const MAX_IMAGES_PER_PASS: usize = 8;
 
-/// One Decode request's latents, as the batcher sees them.
-struct Latents(Tensor);
+/// One request, as the batcher sees it: several jobs' requests of one kind and size share a pass.
+enum VaeJob {
+    Decode(Tensor),
+    Encode { images: Tensor, noise: Option<Tensor> },
+}
 
-impl Batchable for Latents {
-    /// Latent channels, height, width.
-    type Key = Vec<usize>;
-    fn batch_key(&self) -> Vec<usize> {
-        self.0.dims()[1..].to_vec()
+enum VaeOutput {
+    Images(Tensor),
+    Encoded(EncodedImages),
+}
+
+impl Batchable for VaeJob {
+    /// Encode or decode, then channels, height, width.
+    type Key = (bool, Vec<usize>);
+    fn batch_key(&self) -> Self::Key {
+        match self {
+            Self::Decode(latents) => (false, latents.dims()[1..].to_vec()),
+            Self::Encode { images, .. } => (true, images.dims()[1..].to_vec()),
+        }
     }
     fn rows(&self) -> usize {
-        self.0.dims().first().copied().unwrap_or(1)
+        let t = match self {
+            Self::Decode(t) | Self::Encode { images: t, .. } => t,
+        };
+        t.dims().first().copied().unwrap_or(1)
     }
 }
 
@@ -122,10 +138,57 @@ impl Model {
         let image = ((image / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
         Ok(image.permute((0, 2, 3, 1))?.contiguous()?.to_device(&Device::Cpu)?)
     }
+
+    /// NCHW images in [-1, 1] -> the latent distribution's (mean, std), scaled, f32 on the CPU.
+    fn encode(&self, images: Tensor) -> Result<(Tensor, Tensor)> {
+        let x = images.to_device(&self.device)?.to_dtype(self.dtype)?;
+        let dist = self.vae.encode(&x)?;
+        let cpu = |t: Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?) };
+        Ok((cpu(dist.mean)?, cpu(dist.std)?))
+    }
+
+    /// One pass for a batch of same-kind, same-size requests, split back per request.
+    fn run(&self, requests: Vec<VaeJob>) -> Result<Vec<VaeOutput>> {
+        let sizes: Vec<usize> = requests.iter().map(|r| r.rows()).collect();
+        let split = |t: &Tensor| -> Result<Vec<Tensor>> {
+            let mut start = 0;
+            sizes
+                .iter()
+                .map(|&n| {
+                    start += n;
+                    Ok(t.narrow(0, start - n, n)?)
+                })
+                .collect()
+        };
+        if let Some(VaeJob::Decode(_)) = requests.first() {
+            let latents: Vec<Tensor> =
+                requests.into_iter().map(|r| if let VaeJob::Decode(t) = r { t } else { unreachable!("keyed apart") }).collect();
+            let images = self.decode(Tensor::cat(&latents, 0)?)?;
+            return Ok(split(&images)?.into_iter().map(VaeOutput::Images).collect());
+        }
+        let (images, noises): (Vec<Tensor>, Vec<Option<Tensor>>) = requests
+            .into_iter()
+            .map(|r| if let VaeJob::Encode { images, noise } = r { (images, noise) } else { unreachable!("keyed apart") })
+            .unzip();
+        let (mean, std) = self.encode(Tensor::cat(&images, 0)?)?;
+        split(&mean)?
+            .into_iter()
+            .zip(split(&std)?)
+            .zip(noises)
+            .map(|((mean, std), noise)| {
+                // diffusers: sample = mean + std * noise, then * scaling_factor; mode = mean * it.
+                let sample = match noise {
+                    Some(noise) => Some(((&mean + (&std * noise)?)? * self.scaling_factor)?),
+                    None => None,
+                };
+                Ok(VaeOutput::Encoded(EncodedImages { mode: (mean * self.scaling_factor)?, sample }))
+            })
+            .collect()
+    }
 }
 
 pub struct LocalVae {
-    worker: BatchWorker<Latents, Tensor>,
+    worker: BatchWorker<VaeJob, VaeOutput>,
     info: v1::VaeInfo,
 }
 
@@ -173,20 +236,8 @@ impl LocalVae {
             max_rows: MAX_IMAGES_PER_PASS,
             max_wait: Duration::ZERO,
         };
-        let worker = BatchWorker::spawn("vae", batching, move |requests: Vec<Latents>| {
-            // Concurrent jobs' decodes of one latent size in one pass, split back per job.
-            let sizes: Vec<usize> = requests.iter().map(|r| r.0.dim(0)).collect::<candle_core::Result<_>>()?;
-            let latents: Vec<Tensor> = requests.into_iter().map(|r| r.0).collect();
-            let images = model.decode(Tensor::cat(&latents, 0)?)?;
-            let mut start = 0;
-            sizes
-                .into_iter()
-                .map(|n| {
-                    start += n;
-                    Ok(images.narrow(0, start - n, n)?)
-                })
-                .collect()
-        });
+        // Concurrent jobs' requests of one kind and size run in one pass.
+        let worker = BatchWorker::spawn("vae", batching, move |requests: Vec<VaeJob>| model.run(requests));
         Ok(Self { worker, info })
     }
 
@@ -217,7 +268,55 @@ impl sdmesh_core::Vae for LocalVae {
                 latents.dims()
             )));
         }
-        self.worker.call(Latents(latents.to_dtype(DType::F32)?)).await
+        match self.worker.call(VaeJob::Decode(latents.to_dtype(DType::F32)?)).await? {
+            VaeOutput::Images(images) => Ok(images),
+            VaeOutput::Encoded(_) => Err(Error::internal("vae worker answered a decode with latents")),
+        }
+    }
+
+    async fn encode(&self, images: Tensor, noise: Option<Tensor>) -> Result<EncodedImages> {
+        let f = self.info.scale_factor as usize;
+        let (n, h, w) = match images.dims() {
+            &[n, 3, h, w]
+                if (1..=MAX_BATCH).contains(&n)
+                    && h > 0
+                    && w > 0
+                    && h % f == 0
+                    && w % f == 0
+                    && h / f <= MAX_LATENT_SIDE
+                    && w / f <= MAX_LATENT_SIDE =>
+            {
+                (n, h, w)
+            }
+            dims => {
+                return Err(Error::invalid(format!(
+                    "images: shape {dims:?}; expected [1..={MAX_BATCH}, 3, height, width] with height and width \
+                     multiples of {f} up to {}",
+                    MAX_LATENT_SIDE * f
+                )))
+            }
+        };
+        if n * h * w > MAX_DECODED_PIXELS {
+            return Err(Error::invalid(format!(
+                "images: {n} images of {w}x{h} are {} pixels; one call takes at most {MAX_DECODED_PIXELS} \
+                 (send fewer images per call)",
+                n * h * w
+            )));
+        }
+        let latent_shape = [n, self.info.latent_channels as usize, h / f, w / f];
+        if let Some(noise) = &noise {
+            if noise.dims() != latent_shape {
+                return Err(Error::invalid(format!(
+                    "noise: shape {:?}, expected {latent_shape:?} (the latents' shape)",
+                    noise.dims()
+                )));
+            }
+        }
+        let noise = noise.map(|t| t.to_dtype(DType::F32)).transpose()?;
+        match self.worker.call(VaeJob::Encode { images: images.to_dtype(DType::F32)?, noise }).await? {
+            VaeOutput::Encoded(encoded) => Ok(encoded),
+            VaeOutput::Images(_) => Err(Error::internal("vae worker answered an encode with images")),
+        }
     }
 
     async fn info(&self) -> Result<v1::VaeInfo> {
@@ -228,6 +327,13 @@ impl sdmesh_core::Vae for LocalVae {
 #[derive(Clone)]
 pub struct VaeService {
     local: Arc<OnceCell<LocalVae>>,
+}
+
+impl VaeService {
+    /// A service over an already loaded VAE (in-process use and tests).
+    pub fn ready(local: LocalVae) -> Self {
+        Self { local: Arc::new(OnceCell::new_with(Some(local))) }
+    }
 }
 
 #[tonic::async_trait]
@@ -241,6 +347,33 @@ impl v1::vae_server::Vae for VaeService {
             sdmesh_proto::required(&request.get_ref().latents, "latents")?.to_candle("latents", &Device::Cpu)?;
         let images = sdmesh_core::Vae::decode(local, latents).await?;
         Ok(tonic::Response::new(v1::DecodeResponse { images: Some(v1::Tensor::from_candle(&images)?) }))
+    }
+
+    async fn encode(
+        &self,
+        request: tonic::Request<v1::EncodeImagesRequest>,
+    ) -> std::result::Result<tonic::Response<v1::EncodeImagesResponse>, tonic::Status> {
+        let local = self.local.get().ok_or_else(sdmesh_core::loading)?;
+        let r = request.get_ref();
+        let images = sdmesh_proto::required(&r.images, "images")?.to_candle("images", &Device::Cpu)?;
+        let noise = match (&r.noise, r.seed) {
+            (Some(t), None) => Some(t.to_candle("noise", &Device::Cpu)?),
+            (Some(_), Some(_)) => return Err(Error::invalid("give noise or seed, not both").into()),
+            (None, Some(seed)) => {
+                // Drawn as diffusers' latent_dist.sample(generator) draws it.
+                let (n, _, h, w) = images.dims4().map_err(|_| Error::invalid("images: expected [n, 3, h, w]"))?;
+                let f = local.info.scale_factor as usize;
+                let shape = [n, local.info.latent_channels as usize, h / f, w / f];
+                let draws = sdmesh_core::torch_rng::TorchGenerator::new(seed).randn(shape.iter().product());
+                Some(Tensor::from_vec(draws, &shape, &Device::Cpu).map_err(Error::from)?)
+            }
+            (None, None) => None,
+        };
+        let encoded = sdmesh_core::Vae::encode(local, images, noise).await?;
+        Ok(tonic::Response::new(v1::EncodeImagesResponse {
+            mode: Some(v1::Tensor::from_candle(&encoded.mode)?),
+            sample: encoded.sample.as_ref().map(v1::Tensor::from_candle).transpose()?,
+        }))
     }
 
     async fn info(
@@ -310,6 +443,36 @@ impl sdmesh_core::Vae for VaeClient {
             images.push(sdmesh_proto::required(&out.images, "images")?.to_candle("images", &Device::Cpu)?);
         }
         Ok(Tensor::cat(&images, 0)?)
+    }
+
+    /// Encodes in as few calls as the request limit allows.
+    async fn encode(&self, images: Tensor, noise: Option<Tensor>) -> Result<EncodedImages> {
+        let (n, _, h, w) = images.dims4()?;
+        let per_call = (MAX_DECODED_PIXELS / (h * w).max(1)).clamp(1, MAX_BATCH);
+        let (mut modes, mut samples) = (Vec::new(), Vec::new());
+        for start in (0..n).step_by(per_call) {
+            let len = per_call.min(n - start);
+            let request = v1::EncodeImagesRequest {
+                images: Some(v1::Tensor::from_candle(&images.narrow(0, start, len)?)?),
+                noise: match &noise {
+                    Some(t) => Some(v1::Tensor::from_candle(&t.narrow(0, start, len)?)?),
+                    None => None,
+                },
+                seed: None,
+            };
+            let out = retry_when_overloaded(BACKPRESSURE_PATIENCE, || {
+                let mut client = self.inner.clone();
+                let request = traced(request.clone());
+                async move { Ok(client.encode(request).await?.into_inner()) }
+            })
+            .await?;
+            modes.push(sdmesh_proto::required(&out.mode, "mode")?.to_candle("mode", &Device::Cpu)?);
+            if noise.is_some() {
+                samples.push(sdmesh_proto::required(&out.sample, "sample")?.to_candle("sample", &Device::Cpu)?);
+            }
+        }
+        let sample = if noise.is_some() { Some(Tensor::cat(&samples, 0)?) } else { None };
+        Ok(EncodedImages { mode: Tensor::cat(&modes, 0)?, sample })
     }
 
     async fn info(&self) -> Result<v1::VaeInfo> {

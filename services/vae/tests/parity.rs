@@ -3,7 +3,8 @@
 
 use candle_core::{DType, Device, Tensor};
 use sdmesh_core::Vae;
-use sdmesh_testkit::{assert_close, load_tensors, model};
+use sdmesh_proto::v1;
+use sdmesh_testkit::{assert_close, load_fixture_tensors, load_tensors, model};
 use sdmesh_vae::{LocalVae, VaeOptions};
 
 fn load(name: &str) -> LocalVae {
@@ -74,4 +75,54 @@ async fn concurrent_decodes_share_a_pass() {
     assert_eq!(vae.batches_run() - before, 2, "the two queued decodes shared one pass");
     assert!(sdmesh_testkit::max_abs_diff(&ta.unwrap(), &alone_a).0 < 1e-5);
     assert!(sdmesh_testkit::max_abs_diff(&tb.unwrap(), &alone_b).0 < 1e-5);
+}
+
+/// VAE encode against diffusers' `latent_dist` (reference-jobs/vae_encode.safetensors): the mode
+/// and the sample mean + std * noise, both times the scaling factor, square and non-square; and
+/// a seed draws the noise as torch.Generator("cpu").manual_seed(seed) does.
+#[tokio::test]
+async fn encode_matches_diffusers() {
+    let vae = load("sd21-tiny");
+    let r = load_fixture_tensors("reference-jobs/vae_encode.safetensors");
+    for suffix in ["", "_ns"] {
+        let out = vae.encode(r[&format!("images{suffix}")].clone(), Some(r[&format!("noise{suffix}")].clone())).await.unwrap();
+        assert_close(&format!("mode{suffix}"), &out.mode, &r[&format!("mode{suffix}")], 1e-4);
+        assert_close(&format!("sample{suffix}"), &out.sample.unwrap(), &r[&format!("sample{suffix}")], 1e-4);
+    }
+    let without_noise = vae.encode(r["images"].clone(), None).await.unwrap();
+    assert!(without_noise.sample.is_none());
+
+    // Through the gRPC service: `seed` instead of noise.
+    let service = sdmesh_vae::VaeService::ready(vae);
+    use sdmesh_proto::v1::vae_server::Vae as _;
+    let response = service
+        .encode(tonic::Request::new(v1::EncodeImagesRequest {
+            images: Some(v1::Tensor::from_candle(&r["images"]).unwrap()),
+            noise: None,
+            seed: Some(1234),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let sample = response.sample.unwrap().to_candle("sample", &Device::Cpu).unwrap();
+    assert_close("seed_sample", &sample, &r["seed_sample"], 1e-4);
+}
+
+#[tokio::test]
+async fn bad_encode_inputs_are_invalid_argument() {
+    let vae = load("sd21-tiny");
+    let zeros = |dims: &[usize]| Tensor::zeros(dims, DType::F32, &Device::Cpu).unwrap();
+    for (dims, what) in [
+        (vec![1, 3, 60, 64], "images"), // not a multiple of 8
+        (vec![1, 4, 64, 64], "images"),
+        (vec![3, 64, 64], "images"),
+        (vec![17, 3, 8, 8], "images"),
+    ] {
+        let err = vae.encode(zeros(&dims), None).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{dims:?}: {err}");
+        assert!(err.to_string().contains(what), "{err}");
+    }
+    let err = vae.encode(zeros(&[1, 3, 64, 64]), Some(zeros(&[1, 4, 4, 8]))).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.to_string().contains("noise"), "{err}");
 }

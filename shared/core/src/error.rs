@@ -9,6 +9,10 @@ pub enum Error {
     /// The caller's mistake: the message says what was wrong and what is allowed.
     #[error("{0}")]
     InvalidArgument(String),
+    /// The request is fine but this deployment cannot run it (e.g. inpainting on a txt2img
+    /// checkpoint, depth2img with no depth service): the message says what is missing.
+    #[error("{0}")]
+    FailedPrecondition(String),
     /// Backpressure: the queue is full; retry after about `retry_after` (sent to the client as
     /// a google.rpc.RetryInfo detail).
     #[error("{message}")]
@@ -29,6 +33,10 @@ impl Error {
         Self::InvalidArgument(msg.into())
     }
 
+    pub fn failed_precondition(msg: impl Into<String>) -> Self {
+        Self::FailedPrecondition(msg.into())
+    }
+
     pub fn internal(msg: impl std::fmt::Display) -> Self {
         Self::Internal(msg.to_string())
     }
@@ -36,6 +44,7 @@ impl Error {
     pub fn code(&self) -> tonic::Code {
         match self {
             Error::InvalidArgument(_) => tonic::Code::InvalidArgument,
+            Error::FailedPrecondition(_) => tonic::Code::FailedPrecondition,
             Error::ResourceExhausted { .. } => tonic::Code::ResourceExhausted,
             Error::Unavailable(_) => tonic::Code::Unavailable,
             Error::Remote(s) => s.code(),

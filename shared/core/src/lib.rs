@@ -5,15 +5,17 @@
 pub mod batch;
 pub mod byte_lru;
 pub mod client;
+pub mod images;
 mod error;
 pub mod model_dir;
 pub mod serve;
 pub mod telemetry;
+pub mod torch_rng;
 mod traits;
 mod worker;
 
 pub use error::{retry_after, Error, Result};
-pub use traits::{DenoiseInput, Denoiser, TextEmbeddings, TextEncoder, Vae};
+pub use traits::{DenoiseInput, Denoiser, DepthEstimator, EncodedImages, TextEmbeddings, TextEncoder, Vae};
 pub use worker::ModelWorker;
 
 /// Devices a model service can run on. Only the CPU in this build.

@@ -4,7 +4,7 @@
 
 use crate::Result;
 use candle_core::Tensor;
-use sdmesh_proto::v1::{TextEncoderInfo, UnetInfo, VaeInfo};
+use sdmesh_proto::v1::{DepthInfo, TextEncoderInfo, UnetInfo, VaeInfo};
 
 /// Output of the text encoder for a batch of texts.
 #[derive(Debug, Clone)]
@@ -53,5 +53,26 @@ pub trait Denoiser: Send + Sync {
 pub trait Vae: Send + Sync {
     /// Diffusion latents (scaled) -> f32 NHWC images in [0, 1], on the CPU.
     async fn decode(&self, latents: Tensor) -> Result<Tensor>;
+    /// f32 NCHW images in [-1, 1] -> scaled latents; `noise` (standard normal, latent shape)
+    /// also gives the sample mean + std * noise.
+    async fn encode(&self, images: Tensor, noise: Option<Tensor>) -> Result<EncodedImages>;
     async fn info(&self) -> Result<VaeInfo>;
+}
+
+/// The VAE encoder's output, both multiplied by the scaling factor, f32 on the CPU.
+#[derive(Debug, Clone)]
+pub struct EncodedImages {
+    /// The latent distribution's mean.
+    pub mode: Tensor,
+    /// mean + std * noise, when noise was given.
+    pub sample: Option<Tensor>,
+}
+
+/// Monocular depth estimation (MiDaS DPT-hybrid).
+#[async_trait::async_trait]
+pub trait DepthEstimator: Send + Sync {
+    /// Each encoded image (PNG/JPEG) -> predicted relative inverse depth, f32 [height, width] at
+    /// the model's input resolution (what transformers' `predicted_depth` is), on the CPU.
+    async fn estimate(&self, images: Vec<bytes::Bytes>) -> Result<Vec<Tensor>>;
+    async fn info(&self) -> Result<DepthInfo>;
 }

@@ -94,5 +94,6 @@ pub fn request(case: &serde_json::Value, init: Option<&Tensor>) -> v1::GenerateR
         }),
         init_latents: init.map(|t| v1::Tensor::from_candle(t).unwrap()),
         return_array: true,
+        ..Default::default()
     }
 }

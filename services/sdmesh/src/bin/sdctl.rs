@@ -18,6 +18,13 @@ struct Cli {
 enum Command {
     /// txt2img: generate images from a prompt.
     Generate(GenerateArgs),
+    /// img2img: redraw --image after a prompt (--strength: how far from it).
+    Img2img(GenerateArgs),
+    /// Inpainting: repaint the white part of --mask in --image after a prompt.
+    Inpaint(GenerateArgs),
+    /// depth2img: a new image with --image's depth (estimated by the depth service, or
+    /// --depth-map) after a prompt; needs a depth checkpoint.
+    Depth(GenerateArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -37,7 +44,14 @@ struct GenerateArgs {
 
 #[tokio::main]
 async fn main() {
-    let Command::Generate(args) = Cli::parse().command;
+    let (task, mut args) = match Cli::parse().command {
+        // generate infers the task from what is given (an image: img2img, a mask too: inpaint).
+        Command::Generate(a) => (v1::Task::Unspecified, a),
+        Command::Img2img(a) => (v1::Task::Img2img, a),
+        Command::Inpaint(a) => (v1::Task::Inpaint, a),
+        Command::Depth(a) => (v1::Task::Depth2img, a),
+    };
+    args.job.task = task;
     if std::env::var_os("RUST_LOG").is_none() {
         std::env::set_var("RUST_LOG", "warn");
     }

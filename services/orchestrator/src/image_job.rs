@@ -34,6 +34,7 @@ pub enum Task {
     Img2Img,
     Inpaint,
     Depth2Img,
+    Upscale,
 }
 
 impl Task {
@@ -43,20 +44,24 @@ impl Task {
             Task::Img2Img => "img2img",
             Task::Inpaint => "inpaint",
             Task::Depth2Img => "depth2img",
+            Task::Upscale => "upscale",
         }
     }
 
     /// The request's task, inferred when unspecified: a mask means inpainting, an image alone
-    /// img2img, or depth2img on a depth checkpoint (5 UNet input channels).
+    /// img2img, or depth2img on a depth checkpoint (5 UNet input channels), or upscaling on an
+    /// upscaler.
     pub fn of(r: &v1::GenerateRequest, unet_in_channels: u32) -> Result<Task> {
         Ok(match v1::Task::try_from(r.task).map_err(|_| Error::invalid(format!("task: unknown value {}", r.task)))? {
             v1::Task::Txt2img => Task::Txt2Img,
             v1::Task::Img2img => Task::Img2Img,
             v1::Task::Inpaint => Task::Inpaint,
             v1::Task::Depth2img => Task::Depth2Img,
+            v1::Task::Upscale => Task::Upscale,
             v1::Task::Unspecified if !r.mask.is_empty() => Task::Inpaint,
             v1::Task::Unspecified if r.image.is_empty() => Task::Txt2Img,
             v1::Task::Unspecified if unet_in_channels == DEPTH_UNET_CHANNELS => Task::Depth2Img,
+            v1::Task::Unspecified if unet_in_channels == UPSCALER_UNET_CHANNELS => Task::Upscale,
             v1::Task::Unspecified => Task::Img2Img,
         })
     }
@@ -64,6 +69,7 @@ impl Task {
 
 const DEPTH_UNET_CHANNELS: u32 = 5;
 const INPAINT_UNET_CHANNELS: u32 = 9;
+const UPSCALER_UNET_CHANNELS: u32 = 7;
 
 /// A job's input image, preprocessed.
 #[derive(Debug, Clone)]
@@ -78,6 +84,8 @@ pub struct ImageInput {
     pub depth_map: Option<Tensor>,
     /// In (0, 1], as the request gave it (f32), and as the decimal diffusers would be given.
     pub strength: f32,
+    /// Upscaling: the noise added to the low-resolution image (also the UNet's class label).
+    pub noise_level: u32,
 }
 
 impl ImageInput {
@@ -94,6 +102,7 @@ pub fn check_model_can(task: Task, unet_in_channels: u32, has_depth_estimator: b
     let what = match unet_in_channels {
         INPAINT_UNET_CHANNELS => "an inpainting checkpoint (9-channel UNet): it can only inpaint (send image and mask)",
         DEPTH_UNET_CHANNELS => "a depth checkpoint (5-channel UNet): it can only do depth2img (send an image)",
+        UPSCALER_UNET_CHANNELS => "an x4 upscaler checkpoint (7-channel UNet): it can only upscale (send an image)",
         4 => "a txt2img checkpoint (4-channel UNet): it does txt2img, img2img and inpainting by blending, not depth2img",
         _ => "a checkpoint whose UNet input channels this orchestrator does not know",
     };
@@ -101,6 +110,7 @@ pub fn check_model_can(task: Task, unet_in_channels: u32, has_depth_estimator: b
         Task::Txt2Img | Task::Img2Img => unet_in_channels == 4,
         Task::Inpaint => unet_in_channels == 4 || unet_in_channels == INPAINT_UNET_CHANNELS,
         Task::Depth2Img => unet_in_channels == DEPTH_UNET_CHANNELS,
+        Task::Upscale => unet_in_channels == UPSCALER_UNET_CHANNELS,
     };
     if !ok {
         return Err(Error::FailedPrecondition(format!(
@@ -135,6 +145,12 @@ pub fn prepare_input(
     let decoded =
         images::decode_rgb_limited(&r.image, max_input_pixels).map_err(|e| Error::invalid(format!("image: {e}")))?;
     let (iw, ih) = decoded.dimensions();
+    if task == Task::Upscale {
+        return prepare_upscale_input(r, decoded, size, f, max_side);
+    }
+    if r.noise_level.is_some() {
+        return Err(Error::invalid(format!("noise_level: only upscaling takes a noise level, not {}", task.name())));
+    }
     let side = |name: &str, given: Option<u32>, image_side: u32| -> Result<u32> {
         let v = given.unwrap_or(image_side - image_side % f);
         if v == 0 || !v.is_multiple_of(f) || v > max_side {
@@ -198,8 +214,56 @@ pub fn prepare_input(
     if !(strength > 0.0 && strength <= 1.0) {
         return Err(Error::invalid(format!("strength: {strength} is not allowed; use 0 < strength <= 1")));
     }
-    let input = ImageInput { image, encoded: r.image.clone(), mask, depth_map, strength };
+    let input = ImageInput { image, encoded: r.image.clone(), mask, depth_map, strength, noise_level: 0 };
     Ok((input, height as usize, width as usize))
+}
+
+/// Smallest input side an upscale takes: the UNet halves its latents three times.
+pub const MIN_UPSCALE_SIDE: u32 = 8;
+
+/// An upscale's input: the image at its size rounded down to a multiple of `f` (resized
+/// bicubic, as the upscale pipeline's image processor does), in [-1, 1]; the output is `f`
+/// times larger and must fit `max_side`.
+fn prepare_upscale_input(
+    r: &v1::GenerateRequest,
+    decoded: image::RgbImage,
+    size: (Option<u32>, Option<u32>),
+    f: u32,
+    max_side: u32,
+) -> Result<(ImageInput, usize, usize)> {
+    if size != (None, None) || r.strength.is_some() || !r.mask.is_empty() || r.depth_map.is_some() {
+        return Err(Error::invalid(
+            "height, width, strength, mask and depth_map do not apply to upscaling (the output is 4x the image)",
+        ));
+    }
+    let (iw, ih) = decoded.dimensions();
+    let (w, h) = (iw - iw % f, ih - ih % f);
+    if w < MIN_UPSCALE_SIDE || h < MIN_UPSCALE_SIDE {
+        return Err(Error::invalid(format!(
+            "image: {iw}x{ih} px is too small to upscale; each side must be at least {MIN_UPSCALE_SIDE} px"
+        )));
+    }
+    if w * f > max_side || h * f > max_side {
+        return Err(Error::invalid(format!(
+            "image: {iw}x{ih} px upscales to {}x{}, above this orchestrator's largest side {max_side} (--max-side); \
+             send an image of at most {} px a side",
+            w * f,
+            h * f,
+            max_side / f
+        )));
+    }
+    let resized = if (w, h) == (iw, ih) { decoded } else { images::resize_rgb(&decoded, w, h, Filter::Bicubic) };
+    let image = images::to_tensor_nchw(&resized).affine(2.0, -1.0)?;
+    let noise_level = r.noise_level.unwrap_or(crate::upscale::DEFAULT_NOISE_LEVEL);
+    let input = ImageInput {
+        image,
+        encoded: r.image.clone(),
+        mask: None,
+        depth_map: None,
+        strength: 1.0,
+        noise_level,
+    };
+    Ok((input, (h * f) as usize, (w * f) as usize))
 }
 
 /// diffusers' `get_timesteps`: the index of the first timestep to run (t_start * order), for
@@ -361,8 +425,25 @@ pub async fn prepare(
                 Ok(Prepared { latents, extra_channels: Some(Tensor::cat(&[latent_mask, masked_latents], 1)?), blend: None })
             }
         }
+        Task::Upscale => Err(Error::internal("upscaling is prepared by prepare_upscale")),
         Task::Txt2Img => Err(Error::internal("txt2img has no input image")),
     }
+}
+
+/// Sets up an upscale: the low-resolution image noised (first draw) as the extra channels,
+/// then the starting latents of its size (second draw) times the scheduler's sigma.
+pub fn prepare_upscale(
+    input: &ImageInput,
+    upscaler: &crate::upscale::Upscaler,
+    num_images: usize,
+    latent_channels: usize,
+    scheduler: &dyn Scheduler,
+    noise: &mut dyn NoiseSource,
+) -> Result<Prepared> {
+    let noised = upscaler.noised_image(&input.image, input.noise_level, noise)?;
+    let (_, _, h, w) = noised.dims4()?;
+    let latents = (noise.randn(&[num_images, latent_channels, h, w])? * scheduler.init_noise_sigma())?;
+    Ok(Prepared { latents, extra_channels: Some(repeat_rows(&noised, num_images)?), blend: None })
 }
 
 #[cfg(test)]
@@ -386,6 +467,7 @@ mod tests {
             mask: None,
             depth_map: None,
             strength: s,
+            noise_level: 0,
         };
         assert_eq!(input(0.7).strength_f64(), 0.7);
         // 10 * 0.7f32 as f64 would be 6.99999988: 6 steps instead of diffusers' 7.

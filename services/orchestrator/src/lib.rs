@@ -11,6 +11,7 @@ pub mod redis_store;
 pub mod scheduler;
 pub mod server;
 pub use sdmesh_core::torch_rng;
+pub mod upscale;
 
 use pipeline::{Limits, Pipeline};
 use sdmesh_core::model_dir::{ComponentDir, ModelDirError};
@@ -48,6 +49,8 @@ pub struct OrchestratorOptions {
     pub vae_url: String,
     /// The depth service, for depth2img without a caller-supplied depth map.
     pub depth_url: Option<String>,
+    /// An x4 upscaler that jobs can chain after themselves (GenerateRequest.upscale).
+    pub upscaler: Option<UpscalerServices>,
     pub limits: Limits,
     /// How long to wait at start-up for the model services to report their info.
     pub startup_timeout: Duration,
@@ -55,6 +58,46 @@ pub struct OrchestratorOptions {
     pub embedding_cache_bytes: usize,
     /// Keep prompt embeddings in Redis instead of in this process.
     pub redis: Option<redis_store::RedisOptions>,
+}
+
+/// The chained upscaler: its model folder (the orchestrator reads scheduler/,
+/// low_res_scheduler/ and model_index.json) and its services.
+#[derive(Debug, Clone)]
+pub struct UpscalerServices {
+    pub model: PathBuf,
+    pub text_encoder_url: String,
+    pub unet_url: String,
+    pub vae_url: String,
+}
+
+/// Flags of the chained upscaler.
+#[derive(clap::Args, Debug, Clone)]
+pub struct UpscalerArgs {
+    /// An x4 upscaler (stable-diffusion-x4-upscaler) folder: jobs may then ask to be upscaled
+    /// x4 after they run (GenerateRequest.upscale). Needs --upscaler-unet-url and --upscaler-vae-url.
+    #[arg(long, env = "SDMESH_UPSCALER_MODEL", requires_all = ["upscaler_unet_url", "upscaler_vae_url"])]
+    pub upscaler_model: Option<PathBuf>,
+    /// The upscaler's unet service.
+    #[arg(long, env = "SDMESH_UPSCALER_UNET_URL")]
+    pub upscaler_unet_url: Option<String>,
+    /// The upscaler's vae service.
+    #[arg(long, env = "SDMESH_UPSCALER_VAE_URL")]
+    pub upscaler_vae_url: Option<String>,
+    /// The upscaler's text-encoder service (unset = --text-encoder-url: SD 2.x and the x4
+    /// upscaler use the same OpenCLIP ViT-H text encoder).
+    #[arg(long, env = "SDMESH_UPSCALER_TEXT_ENCODER_URL")]
+    pub upscaler_text_encoder_url: Option<String>,
+}
+
+impl UpscalerArgs {
+    pub fn services(&self, text_encoder_url: &str) -> Option<UpscalerServices> {
+        Some(UpscalerServices {
+            model: self.upscaler_model.clone()?,
+            text_encoder_url: self.upscaler_text_encoder_url.clone().unwrap_or_else(|| text_encoder_url.to_string()),
+            unet_url: self.upscaler_unet_url.clone()?,
+            vae_url: self.upscaler_vae_url.clone()?,
+        })
+    }
 }
 
 /// Where prompt embeddings are cached.
@@ -101,11 +144,15 @@ pub struct LimitsArgs {
     /// Most images one request may ask for.
     #[arg(long, env = "SDMESH_MAX_IMAGES", default_value_t = 8)]
     pub max_images: u32,
+    /// Upscaling: the largest latent side (= low-resolution pixels) one UNet call gets; larger
+    /// inputs are denoised in overlapping tiles of this size, blended. Bounds the UNet's memory.
+    #[arg(long, env = "SDMESH_UPSCALE_TILE_LATENTS", default_value_t = upscale::DEFAULT_TILE_LATENTS)]
+    pub upscale_tile_latents: usize,
 }
 
 impl LimitsArgs {
     pub fn limits(&self) -> Limits {
-        Limits { max_side: self.max_side, max_images: self.max_images }
+        Limits { max_side: self.max_side, max_images: self.max_images, upscale_tile_latents: self.upscale_tile_latents }
     }
 }
 
@@ -143,7 +190,7 @@ pub async fn local_pipeline(
     });
     let (dir, dev) = (model.to_path_buf(), device.clone());
     let vae = tokio::task::spawn_blocking(move || {
-        sdmesh_vae::LocalVae::load(&sdmesh_vae::VaeOptions { model: dir, device: dev, queue_capacity })
+        sdmesh_vae::LocalVae::load(&sdmesh_vae::VaeOptions { queue_capacity, ..sdmesh_vae::VaeOptions::new(dir, dev) })
     });
     // A depth checkpoint's folder has the depth estimator too.
     let depth = if has_depth_estimator(model) {
@@ -191,7 +238,19 @@ pub async fn pipeline_over(
             Err(e) => anyhow::bail!("model services did not come up: {e}"),
         }
     };
-    Ok(Pipeline { text_encoder, denoiser, vae, depth: None, scheduler_config, info, limits, model_name: model_name(model) })
+    let upscaler = upscale::Upscaler::load(model)?;
+    Ok(Pipeline {
+        text_encoder,
+        denoiser,
+        vae,
+        depth: None,
+        upscaler,
+        chained_upscaler: None,
+        scheduler_config,
+        info,
+        limits,
+        model_name: model_name(model),
+    })
 }
 
 /// Serves the public API on `listener` until `shutdown`; NOT_SERVING (and UNAVAILABLE to
@@ -222,13 +281,36 @@ pub async fn run(
     if let Some(url) = &opts.depth_url {
         pipeline.depth = Some(Arc::new(sdmesh_depth::DepthClient::new(url)?));
     }
-    let pipeline = match (opts.redis, opts.embedding_cache_bytes) {
+    if let Some(up) = &opts.upscaler {
+        let upscaler = pipeline_over(
+            &up.model,
+            Arc::new(sdmesh_text_encoder::TextEncoderClient::new(&up.text_encoder_url)?),
+            Arc::new(sdmesh_unet::UnetClient::new(&up.unet_url)?),
+            Arc::new(sdmesh_vae::VaeClient::new(&up.vae_url)?),
+            opts.limits,
+            opts.startup_timeout,
+        )
+        .await?;
+        anyhow::ensure!(upscaler.upscaler.is_some(), "{}: not an x4 upscaler (no low_res_scheduler/)", up.model.display());
+        pipeline.chained_upscaler = Some(Arc::new(upscaler));
+    }
+    let store: Option<Arc<dyn embedding_cache::EmbeddingStore>> = match (opts.redis, opts.embedding_cache_bytes) {
         (Some(redis), _) => {
             tracing::info!(url = %sdmesh_core::redact_url(&redis.url), ttl = ?redis.ttl, "prompt embeddings cached in redis");
-            with_embedding_cache(pipeline, Arc::new(redis_store::RedisStore::new(redis)?))
+            Some(Arc::new(redis_store::RedisStore::new(redis)?))
         }
-        (None, 0) => pipeline,
-        (None, bytes) => with_embedding_cache(pipeline, Arc::new(embedding_cache::LruStore::new(bytes))),
+        (None, 0) => None,
+        (None, bytes) => Some(Arc::new(embedding_cache::LruStore::new(bytes))),
+    };
+    let pipeline = match store {
+        Some(store) => {
+            if let Some(up) = pipeline.chained_upscaler.take() {
+                let up = Arc::unwrap_or_clone(up);
+                pipeline.chained_upscaler = Some(Arc::new(with_embedding_cache(up, store.clone())));
+            }
+            with_embedding_cache(pipeline, store)
+        }
+        None => pipeline,
     };
     service.set_pipeline(pipeline);
     health.set(ServingStatus::Serving).await;

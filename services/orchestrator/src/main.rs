@@ -29,6 +29,8 @@ struct Args {
     #[arg(long, env = "SDMESH_DEPTH_URL")]
     depth_url: Option<String>,
     #[command(flatten)]
+    upscaler: sdmesh_orchestrator::UpscalerArgs,
+    #[command(flatten)]
     limits: sdmesh_orchestrator::LimitsArgs,
     /// Seconds to wait at start-up for the model services.
     #[arg(long, env = "SDMESH_STARTUP_TIMEOUT", default_value_t = 300)]
@@ -46,12 +48,14 @@ async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     let telemetry = sdmesh_core::telemetry::init("sdmesh-orchestrator", &a.telemetry).await?;
     let listener = bind(&a.listen).await?;
+    let upscaler = a.upscaler.services(&a.text_encoder_url);
     let opts = OrchestratorOptions {
         model: a.model,
         text_encoder_url: a.text_encoder_url,
         unet_url: a.unet_url,
         vae_url: a.vae_url,
         depth_url: a.depth_url,
+        upscaler,
         limits: a.limits.limits(),
         startup_timeout: Duration::from_secs(a.startup_timeout),
         embedding_cache_bytes: a.cache.embedding_cache_bytes,

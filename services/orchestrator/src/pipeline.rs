@@ -20,11 +20,14 @@ pub struct Limits {
     /// Largest height or width in pixels.
     pub max_side: u32,
     pub max_images: u32,
+    /// Largest latent side one UNet call of an upscale gets; larger latents are denoised in
+    /// overlapping tiles of this size.
+    pub upscale_tile_latents: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_side: 2048, max_images: 8 }
+        Self { max_side: 2048, max_images: 8, upscale_tile_latents: crate::upscale::DEFAULT_TILE_LATENTS }
     }
 }
 
@@ -74,8 +77,18 @@ pub struct Job {
     /// f32 [num_images, latent_channels, height/f, width/f]; drawn from the seed when None.
     pub init_latents: Option<Tensor>,
     pub task: Task,
-    /// The input image (mask, depth map) of img2img, inpainting and depth2img.
+    /// The input image (mask, depth map) of img2img, inpainting, depth2img and upscaling.
     pub input: Option<ImageInput>,
+    /// Upscale the results x4 afterwards with the chained upscaler.
+    pub then_upscale: Option<ChainedUpscale>,
+}
+
+/// The second stage of a job that ends with an x4 upscale.
+#[derive(Debug, Clone)]
+pub struct ChainedUpscale {
+    pub steps: u32,
+    pub guidance_scale: f32,
+    pub noise_level: u32,
 }
 
 impl Job {
@@ -107,6 +120,10 @@ pub struct Pipeline {
     pub vae: Arc<dyn Vae>,
     /// depth2img's depth estimator, when there is one.
     pub depth: Option<Arc<dyn DepthEstimator>>,
+    /// Set when this pipeline's checkpoint is an x4 upscaler.
+    pub upscaler: Option<crate::upscale::Upscaler>,
+    /// The upscaler jobs can chain after themselves (GenerateRequest.upscale).
+    pub chained_upscaler: Option<Arc<Pipeline>>,
     pub scheduler_config: SchedulerConfig,
     pub info: ModelInfo,
     pub limits: Limits,
@@ -153,16 +170,38 @@ impl Pipeline {
             (None, side("height", r.height)?, side("width", r.width)?)
         } else {
             let (input, h, w) = image_job::prepare_input(task, r, (r.height, r.width), f, limits.max_side)?;
+            if let (Task::Upscale, Some(upscaler)) = (task, &self.upscaler) {
+                upscaler.check_noise_level(input.noise_level)?;
+            }
             (Some(input), h, w)
         };
+        if task == Task::Txt2Img && r.noise_level.is_some() {
+            return Err(Error::invalid("noise_level: only upscaling takes a noise level, not txt2img"));
+        }
+        let then_upscale = match (&r.upscale, &self.chained_upscaler) {
+            (None, _) => None,
+            (Some(_), None) => {
+                return Err(Error::failed_precondition(
+                    "upscale: this orchestrator has no upscaler to chain (start it with --upscaler-model and its services)",
+                ))
+            }
+            (Some(_), Some(_)) if task == Task::Upscale => {
+                return Err(Error::invalid("upscale: an upscale job cannot chain another upscale"))
+            }
+            (Some(u), Some(chained)) => Some(chained.validate_chained(u, height, width)?),
+        };
         let max_steps = self.scheduler_config.num_train_timesteps() as u32;
-        let steps = r.steps.unwrap_or(DEFAULT_STEPS);
+        let (default_steps, default_guidance) = match self.upscaler {
+            Some(_) => (crate::upscale::DEFAULT_STEPS, crate::upscale::DEFAULT_GUIDANCE),
+            None => (DEFAULT_STEPS, DEFAULT_GUIDANCE),
+        };
+        let steps = r.steps.unwrap_or(default_steps);
         if steps == 0 || steps > max_steps {
             return Err(Error::invalid(format!(
-                "steps: {steps} is not allowed; use 1 to {max_steps} (unset = {DEFAULT_STEPS})"
+                "steps: {steps} is not allowed; use 1 to {max_steps} (unset = {default_steps})"
             )));
         }
-        let guidance_scale = r.guidance_scale.unwrap_or(DEFAULT_GUIDANCE);
+        let guidance_scale = r.guidance_scale.unwrap_or(default_guidance);
         if !guidance_scale.is_finite() || guidance_scale < 0.0 {
             return Err(Error::invalid(format!(
                 "guidance_scale: {guidance_scale} is not allowed; use a finite value >= 0"
@@ -188,7 +227,7 @@ impl Pipeline {
         // Building it checks the step count against the config (e.g. spacing limits).
         let built = scheduler::build(&self.scheduler_config, &scheduler, steps as usize)
             .map_err(|e| Error::invalid(format!("scheduler: {e}")))?;
-        if let Some(input) = &input {
+        if let Some(input) = input.as_ref().filter(|_| task != Task::Upscale) {
             if image_job::begin_index(steps as usize, input.strength_f64(), built.order()).is_none() {
                 return Err(Error::invalid(format!(
                     "strength: {} of {steps} steps runs no step (int(steps * strength) = 0); raise strength or steps",
@@ -210,6 +249,7 @@ impl Pipeline {
             init_latents: None,
             task,
             input,
+            then_upscale,
         };
         if let Some(t) = &r.init_latents {
             if task != Task::Txt2Img {
@@ -228,8 +268,88 @@ impl Pipeline {
         Ok(job)
     }
 
+    /// This (upscaler) pipeline's checks of a chained upscale of `height` x `width` images.
+    fn validate_chained(&self, u: &v1::ChainedUpscale, height: usize, width: usize) -> Result<ChainedUpscale> {
+        let upscaler = self.upscaler.as_ref().ok_or_else(|| Error::internal("the chained pipeline is no upscaler"))?;
+        let f = self.info.vae.scale_factor as usize;
+        if height * f > self.limits.max_side as usize || width * f > self.limits.max_side as usize {
+            return Err(Error::invalid(format!(
+                "upscale: {width}x{height} images upscale to {}x{}, above the largest side {} (--max-side)",
+                width * f,
+                height * f,
+                self.limits.max_side
+            )));
+        }
+        let noise_level = u.noise_level.unwrap_or(crate::upscale::DEFAULT_NOISE_LEVEL);
+        upscaler.check_noise_level(noise_level)?;
+        let steps = u.steps.unwrap_or(crate::upscale::DEFAULT_STEPS);
+        let max_steps = self.scheduler_config.num_train_timesteps() as u32;
+        if steps == 0 || steps > max_steps {
+            return Err(Error::invalid(format!("upscale.steps: {steps} is not allowed; use 1 to {max_steps}")));
+        }
+        let guidance_scale = u.guidance_scale.unwrap_or(crate::upscale::DEFAULT_GUIDANCE);
+        if !guidance_scale.is_finite() || guidance_scale < 0.0 {
+            return Err(Error::invalid(format!("upscale.guidance_scale: {guidance_scale} is not allowed")));
+        }
+        Ok(ChainedUpscale { steps, guidance_scale, noise_level })
+    }
+
     /// Runs a validated job. `progress` is called after every step; returning false cancels.
+    /// A job that chains an upscale runs it on each image in turn, drawing on from the same
+    /// noise (as diffusers' pipelines called one after the other with one generator).
     pub async fn run(
+        &self,
+        job: &Job,
+        noise: &mut dyn NoiseSource,
+        progress: &mut (dyn FnMut(StepProgress) -> bool + Send),
+    ) -> Result<JobOutput> {
+        let (Some(chain), Some(upscaler)) = (&job.then_upscale, &self.chained_upscaler) else {
+            return self.run_stage(job, noise, progress).await;
+        };
+        let first = self.run_stage(job, noise, progress).await?;
+        let mut warnings = first.warnings;
+        let mut upscaled = Vec::with_capacity(job.num_images);
+        for k in 0..job.num_images {
+            let image = first.images.narrow(0, k, 1)?;
+            let second = upscaler.chained_job(job, chain, &image)?;
+            let out = upscaler.run_stage(&second, noise, progress).await?;
+            warnings.extend(out.warnings);
+            upscaled.push(out.images);
+        }
+        Ok(JobOutput { images: Tensor::cat(&upscaled, 0)?, warnings })
+    }
+
+    /// The upscale of one first-stage image: as a user would hand it on, 8-bit (diffusers'
+    /// PIL output), to [-1, 1].
+    fn chained_job(&self, first: &Job, chain: &ChainedUpscale, image_nhwc: &Tensor) -> Result<Job> {
+        let f = self.info.vae.scale_factor as usize;
+        let rgb8 = sdmesh_core::images::nhwc_to_rgb8(&image_nhwc.clamp(0f32, 1f32)?)?;
+        let image = sdmesh_core::images::to_tensor_nchw(&rgb8[0]).affine(2.0, -1.0)?;
+        let (_, _, h, w) = image.dims4()?;
+        Ok(Job {
+            steps: chain.steps as usize,
+            guidance_scale: chain.guidance_scale,
+            guidance_rescale: 0.0,
+            height: h * f,
+            width: w * f,
+            num_images: 1,
+            scheduler: crate::scheduler::resolve(&Default::default()).map_err(Error::internal)?,
+            init_latents: None,
+            task: Task::Upscale,
+            input: Some(ImageInput {
+                image,
+                encoded: Default::default(),
+                mask: None,
+                depth_map: None,
+                strength: 1.0,
+                noise_level: chain.noise_level,
+            }),
+            then_upscale: None,
+            ..first.clone()
+        })
+    }
+
+    async fn run_stage(
         &self,
         job: &Job,
         noise: &mut dyn NoiseSource,
@@ -275,6 +395,19 @@ impl Pipeline {
                 };
                 ((latents * scheduler.init_noise_sigma())?, 0, None, None)
             }
+            Some(input) if job.task == Task::Upscale => {
+                let upscaler = self.upscaler.as_ref().ok_or_else(|| Error::internal("no upscaler for an upscale job"))?;
+                let [num_images, latent_channels, _, _] = self.latent_shape(job);
+                let prepared = image_job::prepare_upscale(
+                    input,
+                    upscaler,
+                    num_images,
+                    latent_channels,
+                    scheduler.as_ref(),
+                    noise,
+                )?;
+                (prepared.latents, 0, prepared.extra_channels, prepared.blend)
+            }
             Some(input) => {
                 let begin = image_job::begin_index(job.steps, input.strength_f64(), scheduler.order())
                     .ok_or_else(|| Error::invalid("strength: runs no step"))?;
@@ -309,18 +442,22 @@ impl Pipeline {
             if let Some(extra) = &extra_channels {
                 model_input = Tensor::cat(&[&model_input, extra], 1)?;
             }
-            let model_output = self
-                .denoiser
-                .denoise(DenoiseInput {
-                    latents: model_input,
-                    timestep: t,
-                    cond: cond.clone(),
-                    uncond: uncond.clone(),
-                    guidance_scale: job.guidance_scale,
-                    guidance_rescale: job.guidance_rescale,
-                })
-                .instrument(span.clone())
-                .await?;
+            let step_input = DenoiseInput {
+                latents: model_input,
+                timestep: t,
+                cond: cond.clone(),
+                uncond: uncond.clone(),
+                guidance_scale: job.guidance_scale,
+                guidance_rescale: job.guidance_rescale,
+                class_label: job.input.as_ref().filter(|_| job.task == Task::Upscale).map(|i| i.noise_level),
+            };
+            let model_output = if job.task == Task::Upscale {
+                crate::upscale::denoise_tiled(self.denoiser.as_ref(), step_input, self.limits.upscale_tile_latents)
+                    .instrument(span.clone())
+                    .await?
+            } else {
+                self.denoiser.denoise(step_input).instrument(span.clone()).await?
+            };
             latents = span.in_scope(|| scheduler.step(&model_output, i, &latents, noise))?;
             if let Some(blend) = &blend {
                 latents = blend.apply(scheduler.as_ref(), &latents, i, timesteps.len())?;
@@ -357,7 +494,15 @@ impl Pipeline {
         if job.init_latents.is_some() {
             s.push_str(", Initial latents: given");
         }
-        if let Some(input) = &job.input {
+        if let Some(u) = &job.then_upscale {
+            s.push_str(&format!(
+                ", Upscaled x4: {} steps, CFG scale {}, noise level {}",
+                u.steps, u.guidance_scale, u.noise_level
+            ));
+        }
+        if let (Some(input), Task::Upscale) = (&job.input, job.task) {
+            s.push_str(&format!(", Task: upscale, Noise level: {}", input.noise_level));
+        } else if let Some(input) = &job.input {
             s.push_str(&format!(", Task: {}, Denoising strength: {}", job.task.name(), input.strength));
             if input.depth_map.is_some() {
                 s.push_str(", Depth map: given");

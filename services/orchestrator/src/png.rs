@@ -3,21 +3,15 @@
 use candle_core::Tensor;
 use sdmesh_core::{Error, Result};
 
-/// One PNG per image, rounding like diffusers' `numpy_to_pil` ((x * 255).round()). The
-/// parameters go in a text chunk named "parameters" (what A1111 and most tools read).
+/// One PNG per image, rounding like diffusers' `numpy_to_pil` ((x * 255).round(), half to
+/// even). The parameters go in a text chunk named "parameters" (what A1111 and most tools read).
 pub fn encode_pngs(images: &Tensor, parameters: &str) -> Result<Vec<Vec<u8>>> {
     let (n, h, w, c) = images.dims4()?;
     if c != 3 {
         return Err(Error::internal(format!("decoded images have {c} channels, expected 3")));
     }
-    let bytes: Vec<u8> = (images * 255.0)?
-        .round()?
-        .clamp(0f32, 255f32)?
-        .flatten_all()?
-        .to_vec1::<f32>()?
-        .into_iter()
-        .map(|v| v as u8)
-        .collect();
+    let bytes: Vec<u8> =
+        sdmesh_core::images::nhwc_to_rgb8(&images.clamp(0f32, 1f32)?)?.into_iter().flat_map(|i| i.into_raw()).collect();
     bytes
         .chunks_exact(h * w * 3)
         .take(n)

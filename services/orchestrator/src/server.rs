@@ -55,7 +55,12 @@ impl OrchestratorService {
         Ok(v1::GenerateResponse {
             images: pngs
                 .into_iter()
-                .map(|png| v1::GeneratedImage { png, width: job.width as u32, height: job.height as u32 })
+                .map(|png| v1::GeneratedImage {
+                    png,
+                    width: job.width as u32,
+                    height: job.height as u32,
+                    ..Default::default()
+                })
                 .collect(),
             seed: job.seed,
             scheduler: job.scheduler.canonical_name(),

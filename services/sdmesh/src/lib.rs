@@ -67,7 +67,25 @@ pub struct JobArgs {
     /// the depth service's estimate.
     #[arg(long)]
     pub depth_map: Option<PathBuf>,
-    /// What the job is (set by the command: generate, img2img, inpaint, depth).
+    /// upscale: the noise added to the low-resolution image, 0 to 350 (default 20). With
+    /// --then-upscale: the chained upscale's.
+    #[arg(long)]
+    pub noise_level: Option<u32>,
+    /// Upscale the results x4 afterwards, in the same job (needs an orchestrator started with
+    /// --upscaler-model).
+    #[arg(long)]
+    pub then_upscale: bool,
+    /// Steps of the chained upscale (default 75).
+    #[arg(long, requires = "then_upscale")]
+    pub upscale_steps: Option<u32>,
+    /// Guidance of the chained upscale (default 9).
+    #[arg(long, requires = "then_upscale")]
+    pub upscale_guidance: Option<f32>,
+    /// What to do with images the safety checker flags: off, flag (report, keep), replace
+    /// (black image). Default: the orchestrator's setting.
+    #[arg(long, value_parser = ["off", "flag", "replace"])]
+    pub safety: Option<String>,
+    /// What the job is (set by the command: generate, img2img, inpaint, depth, upscale).
     #[arg(skip)]
     pub task: v1::Task,
     /// Where to write the PNG (with several images: NAME-0.png, NAME-1.png, ...).
@@ -127,6 +145,19 @@ impl JobArgs {
             mask: read("mask", &self.mask)?,
             strength: self.strength,
             depth_map,
+            noise_level: if self.then_upscale { None } else { self.noise_level },
+            upscale: self.then_upscale.then(|| v1::ChainedUpscale {
+                steps: self.upscale_steps,
+                guidance_scale: self.upscale_guidance,
+                noise_level: self.noise_level,
+            }),
+            safety: match self.safety.as_deref() {
+                Some("off") => v1::SafetyPolicy::Off,
+                Some("flag") => v1::SafetyPolicy::Flag,
+                Some("replace") => v1::SafetyPolicy::Replace,
+                _ => v1::SafetyPolicy::Unspecified,
+            }
+            .into(),
         });
         if let Some(tenant) = &self.tenant {
             let value = tenant.parse().map_err(|_| anyhow::anyhow!("--tenant must be printable ASCII"))?;

@@ -62,6 +62,7 @@ pub async fn serve_mesh(opts: MeshOptions, listener: TcpListener, shutdown: Shut
         unet_url: url(&unet)?,
         vae_url: url(&vae)?,
         depth_url: depth.as_ref().map(url).transpose()?,
+        upscaler: None,
         limits: opts.limits,
         startup_timeout: Duration::from_secs(600),
         embedding_cache_bytes: opts.embedding_cache_bytes,
@@ -92,7 +93,8 @@ pub async fn serve_mesh(opts: MeshOptions, listener: TcpListener, shutdown: Shut
         let depth_opts = sdmesh_depth::DepthOptions { model: model.clone(), device: device.clone(), queue_capacity };
         tasks.spawn(sdmesh_depth::run(depth_opts, listener, after_orchestrator()));
     }
-    tasks.spawn(sdmesh_vae::run(sdmesh_vae::VaeOptions { model, device, queue_capacity }, vae, after_orchestrator()));
+    let vae_opts = sdmesh_vae::VaeOptions { queue_capacity, ..sdmesh_vae::VaeOptions::new(model, device) };
+    tasks.spawn(sdmesh_vae::run(vae_opts, vae, after_orchestrator()));
     let orchestrator = sdmesh_orchestrator::run(orchestrator_opts, listener, shutdown);
     tasks.spawn(async move {
         let result = orchestrator.await;

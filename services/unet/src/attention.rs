@@ -191,6 +191,8 @@ impl CrossAttention {
 #[derive(Debug)]
 struct BasicTransformerBlock {
     attn1: CrossAttention,
+    /// diffusers' `only_cross_attention` (the x4 upscaler): attn1 attends to the context too.
+    only_cross_attention: bool,
     ff: FeedForward,
     attn2: CrossAttention,
     norm1: nn::LayerNorm,
@@ -206,11 +208,20 @@ impl BasicTransformerBlock {
         n_heads: usize,
         d_head: usize,
         context_dim: Option<usize>,
+        only_cross_attention: bool,
         sliced_attention_size: Option<usize>,
         use_flash_attn: bool,
     ) -> Result<Self> {
-        let attn1 =
-            CrossAttention::new(vs.pp("attn1"), dim, None, n_heads, d_head, sliced_attention_size, use_flash_attn)?;
+        let attn1_context = if only_cross_attention { context_dim } else { None };
+        let attn1 = CrossAttention::new(
+            vs.pp("attn1"),
+            dim,
+            attn1_context,
+            n_heads,
+            d_head,
+            sliced_attention_size,
+            use_flash_attn,
+        )?;
         let ff = FeedForward::new(vs.pp("ff"), dim, None, 4)?;
         let attn2 = CrossAttention::new(
             vs.pp("attn2"),
@@ -225,12 +236,13 @@ impl BasicTransformerBlock {
         let norm2 = nn::layer_norm(dim, 1e-5, vs.pp("norm2"))?;
         let norm3 = nn::layer_norm(dim, 1e-5, vs.pp("norm3"))?;
         let span = tracing::span!(tracing::Level::TRACE, "basic-transformer");
-        Ok(Self { attn1, ff, attn2, norm1, norm2, norm3, span })
+        Ok(Self { attn1, only_cross_attention, ff, attn2, norm1, norm2, norm3, span })
     }
 
     fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         let _enter = self.span.enter();
-        let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None)? + xs)?;
+        let attn1_context = if self.only_cross_attention { context } else { None };
+        let xs = (self.attn1.forward(&self.norm1.forward(xs)?, attn1_context)? + xs)?;
         let xs = (self.attn2.forward(&self.norm2.forward(&xs)?, context)? + xs)?;
         self.ff.forward(&self.norm3.forward(&xs)?)? + xs
     }
@@ -243,11 +255,19 @@ pub struct SpatialTransformerConfig {
     pub context_dim: Option<usize>,
     pub sliced_attention_size: Option<usize>,
     pub use_linear_projection: bool,
+    pub only_cross_attention: bool,
 }
 
 impl Default for SpatialTransformerConfig {
     fn default() -> Self {
-        Self { depth: 1, num_groups: 32, context_dim: None, sliced_attention_size: None, use_linear_projection: false }
+        Self {
+            depth: 1,
+            num_groups: 32,
+            context_dim: None,
+            sliced_attention_size: None,
+            use_linear_projection: false,
+            only_cross_attention: false,
+        }
     }
 }
 
@@ -294,6 +314,7 @@ impl SpatialTransformer {
                 n_heads,
                 d_head,
                 config.context_dim,
+                config.only_cross_attention,
                 config.sliced_attention_size,
                 use_flash_attn,
             )?;

@@ -150,6 +150,8 @@ impl UNetMidBlock2DCrossAttn {
             context_dim: Some(config.cross_attn_dim),
             sliced_attention_size: config.sliced_attention_size,
             use_linear_projection: config.use_linear_projection,
+            // diffusers' mid block never uses only_cross_attention.
+            only_cross_attention: false,
         };
         let mut attn_resnets = vec![];
         for index in 0..config.num_layers {
@@ -277,6 +279,8 @@ impl DownBlock2D {
 
 #[derive(Debug, Clone, Copy)]
 pub struct CrossAttnDownBlock2DConfig {
+    /// attn1 attends to the text too (diffusers' per-block `only_cross_attention`).
+    pub only_cross_attention: bool,
     pub downblock: DownBlock2DConfig,
     pub attn_num_head_channels: usize,
     pub cross_attention_dim: usize,
@@ -295,6 +299,7 @@ impl Default for CrossAttnDownBlock2DConfig {
             sliced_attention_size: None,
             use_linear_projection: false,
             transformer_layers_per_block: 1,
+            only_cross_attention: false,
         }
     }
 }
@@ -324,6 +329,7 @@ impl CrossAttnDownBlock2D {
             num_groups: config.downblock.resnet_groups,
             sliced_attention_size: config.sliced_attention_size,
             use_linear_projection: config.use_linear_projection,
+            only_cross_attention: config.only_cross_attention,
         };
         let vs_attn = vs.pp("attentions");
         let attentions = (0..config.downblock.num_layers)
@@ -452,6 +458,8 @@ impl UpBlock2D {
 
 #[derive(Debug, Clone, Copy)]
 pub struct CrossAttnUpBlock2DConfig {
+    /// attn1 attends to the text too (diffusers' per-block `only_cross_attention`).
+    pub only_cross_attention: bool,
     pub upblock: UpBlock2DConfig,
     pub attn_num_head_channels: usize,
     pub cross_attention_dim: usize,
@@ -470,6 +478,7 @@ impl Default for CrossAttnUpBlock2DConfig {
             sliced_attention_size: None,
             use_linear_projection: false,
             transformer_layers_per_block: 1,
+            only_cross_attention: false,
         }
     }
 }
@@ -501,6 +510,7 @@ impl CrossAttnUpBlock2D {
             num_groups: config.upblock.resnet_groups,
             sliced_attention_size: config.sliced_attention_size,
             use_linear_projection: config.use_linear_projection,
+            only_cross_attention: config.only_cross_attention,
         };
         let vs_attn = vs.pp("attentions");
         let attentions = (0..config.upblock.num_layers)

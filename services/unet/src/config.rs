@@ -1,6 +1,7 @@
 //! unet/config.json (diffusers' UNet2DConditionModel) -> candle's UNet configuration.
 //! Everything comes from the file; what this UNet cannot run is rejected by name.
 
+use crate::unet_2d::UnetExtras;
 use candle_transformers::models::stable_diffusion::unet_2d::{BlockConfig, UNet2DConditionModelConfig};
 use serde::Deserialize;
 
@@ -122,18 +123,26 @@ fn default_shift() -> String {
 }
 
 impl UnetConfigJson {
-    /// The candle configuration, or what in this config is not supported.
-    pub fn to_candle(&self) -> Result<UNet2DConditionModelConfig, String> {
+    /// The candle configuration and what this crate's fork adds to it, or what in this config
+    /// is not supported.
+    pub fn to_candle(&self) -> Result<(UNet2DConditionModelConfig, UnetExtras), String> {
         let unsupported = |what: &str| Err(format!("{what} is not supported by this UNet"));
-        if self.class_embed_type.is_some() || self.num_class_embeds.is_some() {
-            return unsupported("class embeddings (class_embed_type / num_class_embeds)");
+        if let Some(t) = &self.class_embed_type {
+            return unsupported(&format!("class_embed_type {t:?} (only a plain num_class_embeds embedding)"));
         }
         if self.addition_embed_type.is_some() || self.time_cond_proj_dim.is_some() || self.encoder_hid_dim.is_some() {
             return unsupported("addition_embed_type / time_cond_proj_dim / encoder_hid_dim");
         }
-        if !matches!(self.only_cross_attention, serde_json::Value::Null | serde_json::Value::Bool(false)) {
-            return unsupported("only_cross_attention");
-        }
+        let n = self.block_out_channels.len();
+        let only_cross_attention: Vec<bool> = match &self.only_cross_attention {
+            serde_json::Value::Null => vec![false; n],
+            serde_json::Value::Bool(b) => vec![*b; n],
+            serde_json::Value::Array(v) if v.len() == n && v.iter().all(|b| b.is_boolean()) => {
+                v.iter().map(|b| b.as_bool().unwrap_or(false)).collect()
+            }
+            other => return Err(format!("only_cross_attention {other}: expected a bool or one per block ({n})")),
+        };
+        let extras = UnetExtras { only_cross_attention, num_class_embeds: self.num_class_embeds };
         if self.dual_cross_attention {
             return unsupported("dual_cross_attention");
         }
@@ -149,17 +158,11 @@ impl UnetConfigJson {
         if self.conv_in_kernel != 3 || self.conv_out_kernel != 3 {
             return unsupported("conv_in_kernel / conv_out_kernel other than 3");
         }
-        if self.norm_num_groups != 32 {
-            // candle 0.11's DownBlock2D / UpBlock2D build their ResnetBlock2D with 32 groups
-            // whatever the config says; every released SD UNet uses 32.
-            return unsupported(&format!("norm_num_groups {} (only 32)", self.norm_num_groups));
-        }
         if let Some(mid) = &self.mid_block_type {
             if mid != "UNetMidBlock2DCrossAttn" {
                 return unsupported(&format!("mid_block_type {mid:?}"));
             }
         }
-        let n = self.block_out_channels.len();
         if n == 0 || self.down_block_types.len() != n || self.up_block_types.len() != n {
             return Err(format!(
                 "block_out_channels ({n}), down_block_types ({}) and up_block_types ({}) must have the same, non-zero length",
@@ -201,7 +204,7 @@ impl UnetConfigJson {
                 .ok_or("transformer_layers_per_block has fewer entries than blocks")?;
             blocks.push(BlockConfig { out_channels, use_cross_attn: cross.then_some(layers), attention_head_dim });
         }
-        Ok(UNet2DConditionModelConfig {
+        let candle = UNet2DConditionModelConfig {
             center_input_sample: self.center_input_sample,
             flip_sin_to_cos: self.flip_sin_to_cos,
             freq_shift: self.freq_shift,
@@ -214,6 +217,7 @@ impl UnetConfigJson {
             cross_attention_dim: self.cross_attention_dim,
             sliced_attention_size: None,
             use_linear_projection: self.use_linear_projection,
-        })
+        };
+        Ok((candle, extras))
     }
 }

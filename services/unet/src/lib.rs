@@ -155,10 +155,10 @@ impl LocalUnet {
         let dir = ComponentDir::open(&opts.model, "unet")?;
         let json: config::UnetConfigJson = dir.json("config.json")?;
         let malformed = |message: String| ModelDirError::Malformed { path: dir.path.join("config.json"), message };
-        let cfg = json.to_candle().map_err(malformed)?;
+        let (cfg, extras) = json.to_candle().map_err(malformed)?;
         let dtype = DType::F32;
         let vb = dir.var_builder(&["diffusion_pytorch_model"], dtype, &opts.device)?;
-        let unet = UNet2DConditionModel::new(vb, json.in_channels, json.out_channels, false, cfg)
+        let unet = UNet2DConditionModel::new(vb, json.in_channels, json.out_channels, false, cfg, &extras)
             .map_err(|e| ModelDirError::Malformed { path: dir.path.clone(), message: e.to_string() })?;
         if json.cross_attention_dim > MAX_CROSS_ATTENTION_DIM || json.in_channels > MAX_IN_CHANNELS {
             return Err(malformed(format!(
@@ -172,6 +172,7 @@ impl LocalUnet {
             out_channels: json.out_channels as u32,
             cross_attention_dim: json.cross_attention_dim as u32,
             sample_size: json.sample_size.unwrap_or(64) as u32,
+            num_class_embeds: json.num_class_embeds.unwrap_or(0) as u32,
         };
         let model = Model { unet, device: opts.device.clone(), dtype };
         // Warm-up with a small guided step before reporting SERVING.
@@ -184,6 +185,7 @@ impl LocalUnet {
                 uncond: Some(context),
                 guidance_scale: 2.0,
                 guidance_rescale: 0.5,
+                class_label: json.num_class_embeds.map(|_| 0),
             })])
         };
         warm_up().map_err(|e| ModelDirError::Malformed {
@@ -222,6 +224,17 @@ impl LocalUnet {
                 x.latents.dims(),
                 info.in_channels
             )));
+        }
+        match (info.num_class_embeds, x.class_label) {
+            (0, None) => {}
+            (0, Some(_)) => return Err(Error::invalid("class_label: this UNet has no class embedding")),
+            (n, Some(c)) if c < n => {}
+            (n, c) => {
+                return Err(Error::invalid(format!(
+                    "class_label: {c:?}; this UNet's class embedding needs one from 0 to {} (the upscaler's noise level)",
+                    n - 1
+                )))
+            }
         }
         if !x.timestep.is_finite() || x.timestep < 0.0 {
             return Err(Error::invalid(format!("timestep: {} is not a finite value >= 0", x.timestep)));
@@ -270,6 +283,7 @@ impl Model {
     fn denoise(&self, steps: Vec<Step>) -> Result<Vec<Tensor>> {
         let to_model = |t: &Tensor| -> Result<Tensor> { Ok(t.to_device(&self.device)?.to_dtype(self.dtype)?) };
         let (mut latents, mut contexts, mut timesteps) = (Vec::new(), Vec::new(), Vec::<f32>::new());
+        let mut class_labels = Vec::<u32>::new();
         for Step(x) in &steps {
             let n = x.latents.dim(0)?;
             let per_sample = |t: &Tensor| -> Result<Tensor> {
@@ -282,17 +296,30 @@ impl Model {
                     latents.extend([l.clone(), l]);
                     contexts.extend([per_sample(uncond)?, per_sample(&x.cond)?]);
                     timesteps.extend(std::iter::repeat_n(x.timestep as f32, 2 * n));
+                    class_labels.extend(x.class_label.map(|c| std::iter::repeat_n(c, 2 * n)).into_iter().flatten());
                 }
                 _ => {
                     latents.push(l);
                     contexts.push(per_sample(&x.cond)?);
                     timesteps.extend(std::iter::repeat_n(x.timestep as f32, n));
+                    class_labels.extend(x.class_label.map(|c| std::iter::repeat_n(c, n)).into_iter().flatten());
                 }
             }
         }
         let rows = timesteps.len();
         let timesteps = Tensor::from_vec(timesteps, rows, &self.device)?;
-        let out = self.unet.forward(&Tensor::cat(&latents, 0)?, &timesteps, &Tensor::cat(&contexts, 0)?)?;
+        // Validation makes every request of a class-embedding UNet carry a label, and no other.
+        let class_labels = match class_labels.len() {
+            0 => None,
+            n if n == rows => Some(Tensor::from_vec(class_labels, rows, &self.device)?),
+            n => return Err(Error::invalid(format!("class_label: {n} of {rows} rows have one; all or none must"))),
+        };
+        let out = self.unet.forward(
+            &Tensor::cat(&latents, 0)?,
+            &timesteps,
+            &Tensor::cat(&contexts, 0)?,
+            class_labels.as_ref(),
+        )?;
         let out = out.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
         let mut row = 0;
         let mut outputs = Vec::with_capacity(steps.len());
@@ -323,10 +350,10 @@ impl Model {
 pub fn write_random_weights(unet_dir: &std::path::Path) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(unet_dir.join("config.json"))?;
     let json: config::UnetConfigJson = serde_json::from_str(&text)?;
-    let cfg = json.to_candle().map_err(anyhow::Error::msg)?;
+    let (cfg, extras) = json.to_candle().map_err(anyhow::Error::msg)?;
     let varmap = candle_nn::VarMap::new();
     let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-    UNet2DConditionModel::new(vb, json.in_channels, json.out_channels, false, cfg)?;
+    UNet2DConditionModel::new(vb, json.in_channels, json.out_channels, false, cfg, &extras)?;
     varmap.save(unet_dir.join("diffusion_pytorch_model.safetensors"))?;
     Ok(())
 }
@@ -442,6 +469,7 @@ pub fn decode_request(r: &v1::DenoiseRequest, cache: &ConditioningCache) -> Resu
         uncond: cache.resolve("uncond", &r.uncond, &r.uncond_digest)?,
         guidance_scale: r.guidance_scale,
         guidance_rescale: r.guidance_rescale,
+        class_label: r.class_label,
     })
 }
 
@@ -602,6 +630,7 @@ impl sdmesh_core::Denoiser for UnetClient {
             guidance_rescale: x.guidance_rescale,
             cond_digest: cond.digest.clone(),
             uncond_digest: uncond_digest.clone(),
+            class_label: x.class_label,
         };
         let latents = Some(v1::Tensor::from_candle(&x.latents)?);
         let already_sent = digests.iter().all(|d| d.is_empty() || self.was_sent(d));

@@ -15,6 +15,17 @@ use candle_transformers::models::stable_diffusion::embeddings::Timesteps;
 use candle_transformers::models::stable_diffusion::unet_2d::{BlockConfig, UNet2DConditionModelConfig};
 use candle_transformers::models::with_tracing::{conv2d, Conv2d};
 
+/// What the SD 2 x4 upscaler's UNet adds to candle's configuration.
+#[derive(Debug, Clone, Default)]
+pub struct UnetExtras {
+    /// diffusers' `only_cross_attention`, per down block (the up blocks take it reversed): in
+    /// those blocks' transformers attn1 attends to the text as well as attn2.
+    pub only_cross_attention: Vec<bool>,
+    /// diffusers' `num_class_embeds`: a learned embedding of a per-sample class label (the
+    /// upscaler's noise level) added to the time embedding.
+    pub num_class_embeds: Option<usize>,
+}
+
 /// linear_1, SiLU, linear_2 (candle's keeps its layers private).
 #[derive(Debug)]
 struct TimestepEmbedding {
@@ -39,6 +50,7 @@ pub struct UNet2DConditionModel {
     conv_in: Conv2d,
     time_proj: Timesteps,
     time_embedding: TimestepEmbedding,
+    class_embedding: Option<nn::Embedding>,
     down_blocks: Vec<UNetDownBlock>,
     mid_block: UNetMidBlock2DCrossAttn,
     up_blocks: Vec<UNetUpBlock>,
@@ -54,8 +66,10 @@ impl UNet2DConditionModel {
         out_channels: usize,
         use_flash_attn: bool,
         config: UNet2DConditionModelConfig,
+        extras: &UnetExtras,
     ) -> Result<Self> {
         let n_blocks = config.blocks.len();
+        let only_cross = |block: usize| extras.only_cross_attention.get(block).copied().unwrap_or(false);
         let Some(last) = config.blocks.last() else { candle_core::bail!("the UNet config has no blocks") };
         let b_channels = config.blocks[0].out_channels;
         let (bl_channels, bl_attention_head_dim) = (last.out_channels, last.attention_head_dim);
@@ -67,6 +81,10 @@ impl UNet2DConditionModel {
         let time_embedding = TimestepEmbedding {
             linear_1: nn::linear(b_channels, time_embed_dim, vs.pp("time_embedding").pp("linear_1"))?,
             linear_2: nn::linear(time_embed_dim, time_embed_dim, vs.pp("time_embedding").pp("linear_2"))?,
+        };
+        let class_embedding = match extras.num_class_embeds {
+            Some(n) => Some(nn::embedding(n, time_embed_dim, vs.pp("class_embedding"))?),
+            None => None,
         };
 
         let vs_db = vs.pp("down_blocks");
@@ -91,6 +109,7 @@ impl UNet2DConditionModel {
                 };
                 if let Some(transformer_layers_per_block) = use_cross_attn {
                     let config = CrossAttnDownBlock2DConfig {
+                        only_cross_attention: only_cross(i),
                         downblock: db_cfg,
                         attn_num_head_channels: attention_head_dim,
                         cross_attention_dim: config.cross_attention_dim,
@@ -169,6 +188,7 @@ impl UNet2DConditionModel {
                 };
                 if let Some(transformer_layers_per_block) = use_cross_attn {
                     let config = CrossAttnUpBlock2DConfig {
+                        only_cross_attention: only_cross(n_blocks - 1 - i),
                         upblock: ub_cfg,
                         attn_num_head_channels: attention_head_dim,
                         cross_attention_dim: config.cross_attention_dim,
@@ -207,6 +227,7 @@ impl UNet2DConditionModel {
             conv_in,
             time_proj,
             time_embedding,
+            class_embedding,
             down_blocks,
             mid_block,
             up_blocks,
@@ -217,8 +238,15 @@ impl UNet2DConditionModel {
     }
 
     /// Model output for `xs` [batch, channels, h, w] at `timesteps` [batch] (any float
-    /// dtype) under `encoder_hidden_states` [batch, tokens, dim].
-    pub fn forward(&self, xs: &Tensor, timesteps: &Tensor, encoder_hidden_states: &Tensor) -> Result<Tensor> {
+    /// dtype) under `encoder_hidden_states` [batch, tokens, dim]; `class_labels` [batch] (u32)
+    /// when the model has a class embedding.
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        timesteps: &Tensor,
+        encoder_hidden_states: &Tensor,
+        class_labels: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let (bsize, _channels, height, width) = xs.dims4()?;
         if timesteps.dims() != [bsize] {
             candle_core::bail!("timesteps: shape {:?}, expected [{bsize}]", timesteps.dims());
@@ -234,6 +262,14 @@ impl UNet2DConditionModel {
         let emb = self.time_proj.forward(&emb)?;
         let emb = per_row(&self.time_embedding.linear_1, &emb)?;
         let emb = per_row(&self.time_embedding.linear_2, &nn::ops::silu(&emb)?)?;
+        let emb = match (&self.class_embedding, class_labels) {
+            (Some(embedding), Some(labels)) if labels.dims() == [bsize] => (emb + embedding.forward(labels)?.to_dtype(xs.dtype())?)?,
+            (Some(_), labels) => {
+                candle_core::bail!("class_labels: {:?}, expected [{bsize}] (this UNet has a class embedding)", labels.map(|l| l.dims().to_vec()))
+            }
+            (None, None) => emb,
+            (None, Some(_)) => candle_core::bail!("class_labels given, but this UNet has no class embedding"),
+        };
         // 2. pre-process
         let xs = self.conv_in.forward(&xs)?;
         // 3. down

@@ -40,6 +40,7 @@ fn steps_of_size(h: usize, w: usize) -> Vec<DenoiseInput> {
             uncond: Some(uncond(1)),
             guidance_scale: 7.5,
             guidance_rescale: 0.0,
+            class_label: None,
         },
         DenoiseInput {
             latents: randn(2, &[2, 4, h, w]),
@@ -48,6 +49,7 @@ fn steps_of_size(h: usize, w: usize) -> Vec<DenoiseInput> {
             uncond: Some(uncond(2)),
             guidance_scale: 4.0,
             guidance_rescale: 0.7,
+            class_label: None,
         },
         // Guidance off: one row per image, no unconditional pass.
         DenoiseInput {
@@ -57,6 +59,7 @@ fn steps_of_size(h: usize, w: usize) -> Vec<DenoiseInput> {
             uncond: None,
             guidance_scale: 1.0,
             guidance_rescale: 0.0,
+            class_label: None,
         },
         DenoiseInput {
             latents: randn(4, &[1, 4, h, w]),
@@ -65,6 +68,7 @@ fn steps_of_size(h: usize, w: usize) -> Vec<DenoiseInput> {
             uncond: Some(uncond(4)),
             guidance_scale: 9.0,
             guidance_rescale: 0.0,
+            class_label: None,
         },
     ]
 }

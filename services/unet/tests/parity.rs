@@ -18,6 +18,7 @@ fn input(latents: &Tensor, timestep: f64, cond: &Tensor) -> DenoiseInput {
         uncond: None,
         guidance_scale: 1.0,
         guidance_rescale: 0.0,
+        class_label: None,
     }
 }
 
@@ -94,4 +95,49 @@ async fn bad_inputs_are_invalid_argument() {
     }
     // Still serving after all of that.
     unet.denoise(input(&latents, 1.0, &cond)).await.unwrap();
+}
+
+/// The x4 upscaler's UNet: 7 input channels, a class embedding fed the noise level, and
+/// only-cross-attention blocks. Its rows carry different labels ([20, 350]) and go in as two
+/// requests, so they also share a forward pass with per-row labels.
+#[tokio::test]
+async fn upscaler_unet_matches_diffusers() {
+    let unet = load("sd2-upscaler-tiny");
+    let info = unet.info().await.unwrap();
+    assert_eq!((info.in_channels, info.num_class_embeds), (7, 1000));
+    let r = sdmesh_testkit::load_fixture_tensors("reference-upscaler/unet.safetensors");
+    let labels: Vec<u32> = r["class_labels"].to_vec1::<i64>().unwrap().into_iter().map(|l| l as u32).collect();
+    let row = |k: usize, t: f64| DenoiseInput {
+        class_label: Some(labels[k]),
+        ..input(&r["sample"].narrow(0, k, 1).unwrap(), t, &r["encoder_hidden_states"].narrow(0, k, 1).unwrap())
+    };
+    let per_row = r["timesteps_per_row"].to_vec1::<f32>().unwrap();
+    let mut cases: Vec<(String, [f64; 2])> = r["timesteps"]
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .map(|(k, t)| (format!("out_{k}"), [*t as f64; 2]))
+        .collect();
+    cases.push(("out_per_row".into(), [per_row[0] as f64, per_row[1] as f64]));
+    for (key, [t0, t1]) in cases {
+        let (a, b) = tokio::join!(unet.denoise(row(0, t0)), unet.denoise(row(1, t1)));
+        let out = Tensor::cat(&[a.unwrap(), b.unwrap()], 0).unwrap();
+        eprintln!("upscaler {key}: max abs error {:e}", sdmesh_testkit::max_abs_diff(&out, &r[&key]).0);
+        assert_close(&format!("upscaler unet {key}"), &out, &r[&key], 1e-5);
+    }
+    // The label is required by this UNet, and bounded by its embedding.
+    for (label, what) in [(None, "missing"), (Some(1000), "too large")] {
+        let err = unet.denoise(DenoiseInput { class_label: label, ..row(0, 10.0) }).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{what}: {err}");
+        assert!(err.to_string().contains("class_label"), "{err}");
+    }
+    // And refused by a UNet without a class embedding.
+    let plain = load("sd21-tiny");
+    let r = load_tensors("sd21-tiny/unet.safetensors");
+    let err = plain
+        .denoise(DenoiseInput { class_label: Some(20), ..input(&r["sample"], 10.0, &r["encoder_hidden_states"]) })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
 }

@@ -63,6 +63,7 @@ fn step(latents: &Tensor, cond: &Tensor, uncond: &Tensor, timestep: f64) -> Deno
         uncond: Some(uncond.clone()),
         guidance_scale: 5.0,
         guidance_rescale: 0.0,
+        class_label: None,
     }
 }
 

@@ -273,6 +273,48 @@ impl AutoEncoderKL {
         DiagonalGaussianDistribution::new(&parameters)
     }
 
+    /// diffusers' `AutoencoderKL.tiled_decode` (what `vae.enable_tiling()` runs): overlapping
+    /// tiles of `tile` latents (stride 3/4 of a tile) decoded one by one, each blended with the
+    /// tile above and to its left over a quarter of a decoded tile, then cropped and joined.
+    /// Memory is bounded by one tile's decode whatever the image size.
+    pub fn decode_tiled(&self, z: &Tensor, tile: usize, scale_factor: usize) -> Result<Tensor> {
+        const OVERLAP_FACTOR: f64 = 0.25;
+        let (_, _, h, w) = z.dims4()?;
+        let stride = ((tile as f64 * (1.0 - OVERLAP_FACTOR)) as usize).max(1);
+        let tile_sample = tile * scale_factor;
+        let blend_extent = (tile_sample as f64 * OVERLAP_FACTOR) as usize;
+        let row_limit = tile_sample - blend_extent;
+        let mut rows: Vec<Vec<Tensor>> = Vec::new();
+        for i in (0..h).step_by(stride) {
+            let mut row = Vec::new();
+            for j in (0..w).step_by(stride) {
+                let t = z.narrow(2, i, tile.min(h - i))?.narrow(3, j, tile.min(w - j))?;
+                row.push(self.decode(&t)?);
+            }
+            rows.push(row);
+        }
+        // diffusers blends in place, in this order: a tile's neighbours above and to the left
+        // are already blended (uncropped) when it is.
+        let mut result_rows = Vec::with_capacity(rows.len());
+        for i in 0..rows.len() {
+            let mut result_row = Vec::with_capacity(rows[i].len());
+            for j in 0..rows[i].len() {
+                let mut t = rows[i][j].clone();
+                if i > 0 {
+                    t = blend(&rows[i - 1][j], &t, blend_extent, 2)?;
+                }
+                if j > 0 {
+                    t = blend(&rows[i][j - 1], &t, blend_extent, 3)?;
+                }
+                rows[i][j] = t.clone();
+                let (_, _, th, tw) = t.dims4()?;
+                result_row.push(t.narrow(2, 0, row_limit.min(th))?.narrow(3, 0, row_limit.min(tw))?);
+            }
+            result_rows.push(Tensor::cat(&result_row, 3)?);
+        }
+        Tensor::cat(&result_rows, 2)
+    }
+
     /// Takes as input some sampled values.
     pub fn decode(&self, xs: &Tensor) -> Result<Tensor> {
         let xs = match &self.post_quant_conv {
@@ -281,4 +323,26 @@ impl AutoEncoderKL {
         };
         self.decoder.forward(xs)
     }
+}
+
+/// diffusers' `blend_v` (dim 2) / `blend_h` (dim 3): the first `extent` rows (columns) of `b`
+/// fade in from the last ones of `a`: a * (1 - k / extent) + b * (k / extent).
+fn blend(a: &Tensor, b: &Tensor, extent: usize, dim: usize) -> Result<Tensor> {
+    let extent = extent.min(a.dim(dim)?).min(b.dim(dim)?);
+    if extent == 0 {
+        return Ok(b.clone());
+    }
+    let mut shape = vec![1usize; 4];
+    shape[dim] = extent;
+    let weights_b: Vec<f32> = (0..extent).map(|k| (k as f64 / extent as f64) as f32).collect();
+    let weights_a: Vec<f32> = (0..extent).map(|k| (1.0 - k as f64 / extent as f64) as f32).collect();
+    let wa = Tensor::from_vec(weights_a, shape.as_slice(), a.device())?.to_dtype(a.dtype())?;
+    let wb = Tensor::from_vec(weights_b, shape.as_slice(), b.device())?.to_dtype(b.dtype())?;
+    let a_end = a.narrow(dim, a.dim(dim)? - extent, extent)?;
+    let blended = (a_end.broadcast_mul(&wa)? + b.narrow(dim, 0, extent)?.broadcast_mul(&wb)?)?;
+    let rest = b.dim(dim)? - extent;
+    if rest == 0 {
+        return Ok(blended);
+    }
+    Tensor::cat(&[&blended, &b.narrow(dim, extent, rest)?], dim)
 }

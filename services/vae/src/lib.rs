@@ -88,6 +88,28 @@ pub struct VaeOptions {
     pub model: PathBuf,
     pub device: Device,
     pub queue_capacity: usize,
+    /// Decodes with a latent side above this run tile by tile (diffusers' tiled_decode with
+    /// tiles of this many latents); 0 = never.
+    pub decode_tile_latents: usize,
+}
+
+impl VaeOptions {
+    pub fn new(model: PathBuf, device: Device) -> Self {
+        Self { model, device, queue_capacity: 64, decode_tile_latents: DEFAULT_DECODE_TILE_LATENTS }
+    }
+}
+
+/// Default decode tile: 128 latents (1024 px for SD's VAE, 512 px for the x4 upscaler's), so
+/// SD decodes up to 1024x1024 are never tiled and larger ones stay within one tile's memory.
+pub const DEFAULT_DECODE_TILE_LATENTS: usize = 128;
+
+/// The vae service's own flags.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DecodeArgs {
+    /// Decodes whose latent height or width exceeds this run in overlapping tiles of this many
+    /// latents, blended (diffusers' `enable_tiling()`): memory stays that of one tile. 0 = never.
+    #[arg(long, env = "SDMESH_DECODE_TILE_LATENTS", default_value_t = DEFAULT_DECODE_TILE_LATENTS)]
+    pub decode_tile_latents: usize,
 }
 
 /// Images decoded in one pass at most (several jobs' decodes of one latent size share it).
@@ -124,6 +146,8 @@ impl Batchable for VaeJob {
 struct Model {
     vae: AutoEncoderKL,
     scaling_factor: f64,
+    scale_factor: usize,
+    decode_tile_latents: usize,
     device: Device,
     dtype: DType,
 }
@@ -134,7 +158,14 @@ impl Model {
         let z = (latents.to_device(&self.device)?.to_dtype(self.dtype)? / self.scaling_factor)?;
         // The whole batch in one pass (this crate's VAE fork fixes candle's, which was wrong
         // for every image but the first of a batch).
-        let image = self.vae.decode(&z)?.to_dtype(DType::F32)?;
+        let (_, _, h, w) = z.dims4()?;
+        let tile = self.decode_tile_latents;
+        let image = if tile > 0 && (h > tile || w > tile) {
+            self.vae.decode_tiled(&z, tile, self.scale_factor)?
+        } else {
+            self.vae.decode(&z)?
+        };
+        let image = image.to_dtype(DType::F32)?;
         let image = ((image / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
         Ok(image.permute((0, 2, 3, 1))?.contiguous()?.to_device(&Device::Cpu)?)
     }
@@ -223,7 +254,14 @@ impl LocalVae {
             scale_factor: 1 << (json.block_out_channels.len() - 1),
             scaling_factor: json.scaling_factor,
         };
-        let model = Model { vae, scaling_factor: json.scaling_factor, device: opts.device.clone(), dtype };
+        let model = Model {
+            vae,
+            scaling_factor: json.scaling_factor,
+            scale_factor: info.scale_factor as usize,
+            decode_tile_latents: opts.decode_tile_latents,
+            device: opts.device.clone(),
+            dtype,
+        };
         let warm_up = || -> Result<Tensor> {
             model.decode(Tensor::zeros((1, json.latent_channels, 8, 8), DType::F32, &Device::Cpu)?)
         };

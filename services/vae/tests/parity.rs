@@ -8,7 +8,7 @@ use sdmesh_testkit::{assert_close, load_fixture_tensors, load_tensors, model};
 use sdmesh_vae::{LocalVae, VaeOptions};
 
 fn load(name: &str) -> LocalVae {
-    LocalVae::load(&VaeOptions { model: model(name), device: Device::Cpu, queue_capacity: 8 }).unwrap()
+    LocalVae::load(&VaeOptions { queue_capacity: 8, ..VaeOptions::new(model(name), Device::Cpu) }).unwrap()
 }
 
 /// diffusers' output_type="np": (x / 2 + 0.5).clamp(0, 1), NCHW -> NHWC.
@@ -125,4 +125,25 @@ async fn bad_encode_inputs_are_invalid_argument() {
     let err = vae.encode(zeros(&[1, 3, 64, 64]), Some(zeros(&[1, 4, 4, 8]))).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert!(err.to_string().contains("noise"), "{err}");
+}
+
+/// Large decodes run in tiles exactly as diffusers' `vae.enable_tiling()` (tiled_decode: tiles
+/// of 8 latents here, stride 6, blended in place over 8 pixels), on the upscaler's 3-block VAE;
+/// small ones and tiling off are untiled.
+#[tokio::test]
+async fn tiled_decode_matches_diffusers_enable_tiling() {
+    let r = load_fixture_tensors("reference-upscaler/vae_tiled.safetensors");
+    let vae = |tile: usize| {
+        LocalVae::load(&VaeOptions { decode_tile_latents: tile, ..VaeOptions::new(model("sd2-upscaler-tiny"), Device::Cpu) })
+            .unwrap()
+    };
+    let (tiled, untiled) = (vae(8), vae(0));
+    assert_eq!(tiled.info().await.unwrap().scale_factor, 4);
+    for suffix in ["", "_ns", "_edge"] {
+        let latents = &r[&format!("latents{suffix}")];
+        let t = tiled.decode(latents.clone()).await.unwrap();
+        assert_close(&format!("tiled{suffix}"), &t, &postprocess(&r[&format!("image_tiled{suffix}")]), 1e-4);
+        let u = untiled.decode(latents.clone()).await.unwrap();
+        assert_close(&format!("untiled{suffix}"), &u, &postprocess(&r[&format!("image{suffix}")]), 1e-4);
+    }
 }

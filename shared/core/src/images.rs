@@ -460,6 +460,24 @@ pub fn resize_luma(img: &GrayImage, width: u32, height: u32, filter: Filter) -> 
 // Tensors
 
 /// An RGB image as an f32 tensor [1, 3, h, w] in [0, 1] (`x / 255`), on the CPU.
+/// diffusers' `numpy_to_pil` for float NHWC images in [0, 1]: `(x * 255).round().astype("uint8")`
+/// in float32, numpy's round being half to even. `data` is one image, h * w * 3 values in [0, 1]
+/// (outside, the cast saturates).
+pub fn quantize_like_numpy_to_pil(data: &[f32], height: usize, width: usize) -> RgbImage {
+    let raw: Vec<u8> = data.iter().map(|&x| (x * 255.0).round_ties_even() as u8).collect();
+    RgbImage::from_raw(width as u32, height as u32, raw).expect("h * w * 3 values")
+}
+
+/// Every image of a float NHWC [0, 1] batch, 8-bit as [`quantize_like_numpy_to_pil`].
+pub fn nhwc_to_rgb8(images: &Tensor) -> candle_core::Result<Vec<RgbImage>> {
+    let (n, h, w, c) = images.dims4()?;
+    if c != 3 {
+        candle_core::bail!("images have {c} channels, expected 3");
+    }
+    let data = images.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    Ok((0..n).map(|i| quantize_like_numpy_to_pil(&data[i * h * w * 3..(i + 1) * h * w * 3], h, w)).collect())
+}
+
 pub fn to_tensor_nchw(img: &RgbImage) -> Tensor {
     let (w, h) = (img.width() as usize, img.height() as usize);
     let raw = img.as_raw();

@@ -15,7 +15,10 @@ mod traits;
 mod worker;
 
 pub use error::{retry_after, Error, Result};
-pub use traits::{DenoiseInput, Denoiser, DepthEstimator, EncodedImages, TextEmbeddings, TextEncoder, Vae};
+pub use traits::{
+    DenoiseInput, Denoiser, DepthEstimator, EncodedImages, SafetyChecker, SafetyVerdict, TextEmbeddings, TextEncoder,
+    Vae,
+};
 pub use worker::ModelWorker;
 
 /// Devices a model service can run on. Only the CPU in this build.

@@ -33,6 +33,9 @@ pub struct DenoiseInput {
     pub uncond: Option<Tensor>,
     pub guidance_scale: f32,
     pub guidance_rescale: f32,
+    /// Every sample's class label, for a UNet with a class embedding (the x4 upscaler's noise
+    /// level).
+    pub class_label: Option<u32>,
 }
 
 impl DenoiseInput {
@@ -75,4 +78,31 @@ pub trait DepthEstimator: Send + Sync {
     /// the model's input resolution (what transformers' `predicted_depth` is), on the CPU.
     async fn estimate(&self, images: Vec<bytes::Bytes>) -> Result<Vec<Tensor>>;
     async fn info(&self) -> Result<DepthInfo>;
+}
+
+/// One image's verdict from the safety checker, as diffusers' `StableDiffusionSafetyChecker`
+/// computes it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SafetyVerdict {
+    /// Some concept score is > 0 (the pipeline returns a black image).
+    pub flagged: bool,
+    /// Per concept: `round(cosine - threshold + adjustment, 3)` (adjustment 0.01 once a
+    /// special-care score is > 0).
+    pub concept_scores: Vec<f32>,
+    /// Per special-care concept, same rounding (the adjustment applies after the first > 0).
+    pub special_scores: Vec<f32>,
+}
+
+impl SafetyVerdict {
+    /// Some special-care score is > 0.
+    pub fn special_care(&self) -> bool {
+        self.special_scores.iter().any(|&s| s > 0.0)
+    }
+}
+
+/// The Stable Diffusion safety checker.
+#[async_trait::async_trait]
+pub trait SafetyChecker: Send + Sync {
+    /// `images`: f32 NHWC [n, h, w, 3] in [0, 1] on the CPU (what the VAE decodes); one verdict per image.
+    async fn check(&self, images: Tensor) -> Result<Vec<SafetyVerdict>>;
 }

@@ -25,6 +25,8 @@ enum Command {
     /// depth2img: a new image with --image's depth (estimated by the depth service, or
     /// --depth-map) after a prompt; needs a depth checkpoint.
     Depth(GenerateArgs),
+    /// x4 upscaling of --image after a prompt (--noise-level); needs an upscaler checkpoint.
+    Upscale(GenerateArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -50,6 +52,7 @@ async fn main() {
         Command::Img2img(a) => (v1::Task::Img2img, a),
         Command::Inpaint(a) => (v1::Task::Inpaint, a),
         Command::Depth(a) => (v1::Task::Depth2img, a),
+        Command::Upscale(a) => (v1::Task::Upscale, a),
     };
     args.job.task = task;
     if std::env::var_os("RUST_LOG").is_none() {

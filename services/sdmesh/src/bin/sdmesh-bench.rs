@@ -342,6 +342,7 @@ async fn components(model: PathBuf, size: usize, batch: usize, reps: usize, prof
         uncond: None,
         guidance_scale: 1.0,
         guidance_rescale: 0.0,
+        class_label: None,
     };
     let t = tokio::task::block_in_place(|| timed(reps, || Ok(rt.block_on(unet.denoise(step()))?)))?;
     report("unet_step", t, json!({"batch": batch, "height": size, "width": size}));
@@ -365,7 +366,7 @@ async fn components(model: PathBuf, size: usize, batch: usize, reps: usize, prof
     }
     drop(unet);
 
-    let vae = sdmesh_vae::LocalVae::load(&sdmesh_vae::VaeOptions { model, device: cpu.clone(), queue_capacity: 4 })?;
+    let vae = sdmesh_vae::LocalVae::load(&sdmesh_vae::VaeOptions { queue_capacity: 4, ..sdmesh_vae::VaeOptions::new(model, cpu.clone()) })?;
     let z = candle_core::Tensor::randn(0f32, 1., (1, 4, size / 8, size / 8), &cpu)?;
     let t = tokio::task::block_in_place(|| timed(reps, || Ok(rt.block_on(vae.decode(z.clone()))?)))?;
     report("vae_decode", t, json!({"batch": 1, "height": size, "width": size}));

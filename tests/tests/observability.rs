@@ -656,12 +656,15 @@ fn every_binary_has_readable_help() {
         ("sdmesh-unet", &[], true),
         ("sdmesh-vae", &[], true),
         ("sdmesh-depth", &[], true),
+        ("sdmesh-safety", &[], true),
         ("sdmesh-orchestrator", &[], true),
         ("sdmesh", &["serve"], true),
         ("sdctl", &["generate"], false),
         ("sdctl", &["img2img"], false),
         ("sdctl", &["inpaint"], false),
         ("sdctl", &["depth"], false),
+        ("sdctl", &["upscale"], false),
+        ("sdctl", &["check"], false),
     ];
     // The parser itself: a flag with no text, or with only notes, is caught.
     let sample = "Options:\n      --a <A>\n          \n      --b <B>\n          [env: B=] [default: 1]\n      --c <C>\n          Cee [env: C=]\n  -h, --help\n          Print help\n";

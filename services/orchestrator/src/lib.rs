@@ -8,6 +8,7 @@ pub mod noise;
 pub mod pipeline;
 pub mod png;
 pub mod redis_store;
+pub mod safety;
 pub mod scheduler;
 pub mod server;
 pub use sdmesh_core::torch_rng;
@@ -51,6 +52,9 @@ pub struct OrchestratorOptions {
     pub depth_url: Option<String>,
     /// An x4 upscaler that jobs can chain after themselves (GenerateRequest.upscale).
     pub upscaler: Option<UpscalerServices>,
+    /// The safety-checker service, and what to do with flagged images.
+    pub safety_url: Option<String>,
+    pub safety: safety::SafetySettings,
     pub limits: Limits,
     /// How long to wait at start-up for the model services to report their info.
     pub startup_timeout: Duration,
@@ -207,6 +211,16 @@ pub async fn local_pipeline(
         pipeline_over(model, Arc::new(text_encoder), Arc::new(unet), Arc::new(vae), limits, Duration::from_secs(1))
             .await?;
     pipeline.depth = depth.map(|d| Arc::new(d) as Arc<dyn sdmesh_core::DepthEstimator>);
+    // A folder with the safety checker gets it, flagged images replaced (diffusers' default).
+    if model.join("safety_checker").is_dir() {
+        let (dir, dev) = (model.to_path_buf(), device.clone());
+        let safety = tokio::task::spawn_blocking(move || {
+            sdmesh_safety::LocalSafety::load(&sdmesh_safety::SafetyOptions { model: dir, device: dev, queue_capacity })
+        })
+        .await??;
+        pipeline.safety = Some(Arc::new(safety));
+        pipeline.safety_settings.default_policy = safety::Policy::Replace;
+    }
     Ok(pipeline)
 }
 
@@ -246,6 +260,8 @@ pub async fn pipeline_over(
         depth: None,
         upscaler,
         chained_upscaler: None,
+        safety: None,
+        safety_settings: Default::default(),
         scheduler_config,
         info,
         limits,
@@ -281,6 +297,10 @@ pub async fn run(
     if let Some(url) = &opts.depth_url {
         pipeline.depth = Some(Arc::new(sdmesh_depth::DepthClient::new(url)?));
     }
+    if let Some(url) = &opts.safety_url {
+        pipeline.safety = Some(Arc::new(sdmesh_safety::SafetyClient::new(url)?));
+    }
+    pipeline.safety_settings = opts.safety;
     if let Some(up) = &opts.upscaler {
         let upscaler = pipeline_over(
             &up.model,

@@ -31,6 +31,8 @@ struct Args {
     #[command(flatten)]
     upscaler: sdmesh_orchestrator::UpscalerArgs,
     #[command(flatten)]
+    safety: sdmesh_orchestrator::safety::SafetyArgs,
+    #[command(flatten)]
     limits: sdmesh_orchestrator::LimitsArgs,
     /// Seconds to wait at start-up for the model services.
     #[arg(long, env = "SDMESH_STARTUP_TIMEOUT", default_value_t = 300)]
@@ -56,6 +58,8 @@ async fn main() -> anyhow::Result<()> {
         vae_url: a.vae_url,
         depth_url: a.depth_url,
         upscaler,
+        safety_url: a.safety.safety_url.clone(),
+        safety: a.safety.settings()?,
         limits: a.limits.limits(),
         startup_timeout: Duration::from_secs(a.startup_timeout),
         embedding_cache_bytes: a.cache.embedding_cache_bytes,

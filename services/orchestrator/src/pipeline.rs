@@ -81,6 +81,7 @@ pub struct Job {
     pub input: Option<ImageInput>,
     /// Upscale the results x4 afterwards with the chained upscaler.
     pub then_upscale: Option<ChainedUpscale>,
+    pub safety: crate::safety::Policy,
 }
 
 /// The second stage of a job that ends with an x4 upscale.
@@ -111,6 +112,8 @@ pub struct JobOutput {
     /// f32 [num_images, height, width, 3] in [0, 1].
     pub images: Tensor,
     pub warnings: Vec<String>,
+    /// What the safety checker found.
+    pub safety: crate::safety::Outcome,
 }
 
 #[derive(Clone)]
@@ -124,6 +127,9 @@ pub struct Pipeline {
     pub upscaler: Option<crate::upscale::Upscaler>,
     /// The upscaler jobs can chain after themselves (GenerateRequest.upscale).
     pub chained_upscaler: Option<Arc<Pipeline>>,
+    /// Checks finished images, when configured.
+    pub safety: Option<Arc<dyn sdmesh_core::SafetyChecker>>,
+    pub safety_settings: crate::safety::SafetySettings,
     pub scheduler_config: SchedulerConfig,
     pub info: ModelInfo,
     pub limits: Limits,
@@ -250,6 +256,7 @@ impl Pipeline {
             task,
             input,
             then_upscale,
+            safety: crate::safety::resolve(r.safety, &self.safety_settings, self.safety.is_some())?,
         };
         if let Some(t) = &r.init_latents {
             if task != Task::Txt2Img {
@@ -303,20 +310,32 @@ impl Pipeline {
         noise: &mut dyn NoiseSource,
         progress: &mut (dyn FnMut(StepProgress) -> bool + Send),
     ) -> Result<JobOutput> {
-        let (Some(chain), Some(upscaler)) = (&job.then_upscale, &self.chained_upscaler) else {
-            return self.run_stage(job, noise, progress).await;
-        };
         let first = self.run_stage(job, noise, progress).await?;
-        let mut warnings = first.warnings;
-        let mut upscaled = Vec::with_capacity(job.num_images);
-        for k in 0..job.num_images {
-            let image = first.images.narrow(0, k, 1)?;
-            let second = upscaler.chained_job(job, chain, &image)?;
-            let out = upscaler.run_stage(&second, noise, progress).await?;
-            warnings.extend(out.warnings);
-            upscaled.push(out.images);
-        }
-        Ok(JobOutput { images: Tensor::cat(&upscaled, 0)?, warnings })
+        let (images, mut warnings) = match (&job.then_upscale, &self.chained_upscaler) {
+            (Some(chain), Some(upscaler)) => {
+                let mut warnings = first.warnings;
+                let mut upscaled = Vec::with_capacity(job.num_images);
+                for k in 0..job.num_images {
+                    let image = first.images.narrow(0, k, 1)?;
+                    let second = upscaler.chained_job(job, chain, &image)?;
+                    let out = upscaler.run_stage(&second, noise, progress).await?;
+                    warnings.extend(out.warnings);
+                    upscaled.push(out.images);
+                }
+                (Tensor::cat(&upscaled, 0)?, warnings)
+            }
+            _ => (first.images, first.warnings),
+        };
+        let (images, safety) = crate::safety::apply(
+            self.safety.as_deref(),
+            job.safety,
+            self.safety_settings.on_unavailable,
+            images,
+            &mut warnings,
+        )
+        .instrument(tracing::info_span!("safety_check", policy = ?job.safety))
+        .await?;
+        Ok(JobOutput { images, warnings, safety })
     }
 
     /// The upscale of one first-stage image: as a user would hand it on, 8-bit (diffusers'
@@ -345,6 +364,7 @@ impl Pipeline {
                 noise_level: chain.noise_level,
             }),
             then_upscale: None,
+            safety: crate::safety::Policy::Off,
             ..first.clone()
         })
     }
@@ -468,7 +488,7 @@ impl Pipeline {
             }
         }
         let images = self.vae.decode(latents).instrument(tracing::info_span!("decode", batch = job.num_images)).await?;
-        Ok(JobOutput { images, warnings })
+        Ok(JobOutput { images, warnings, safety: Default::default() })
     }
 
     /// The generation parameters, A1111-style, as written into each PNG.

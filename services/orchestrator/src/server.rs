@@ -55,11 +55,13 @@ impl OrchestratorService {
         Ok(v1::GenerateResponse {
             images: pngs
                 .into_iter()
-                .map(|png| v1::GeneratedImage {
+                .enumerate()
+                .map(|(i, png)| v1::GeneratedImage {
                     png,
                     width: job.width as u32,
                     height: job.height as u32,
-                    ..Default::default()
+                    flagged: out.safety.flagged.get(i).copied().unwrap_or(false),
+                    checked: out.safety.checked,
                 })
                 .collect(),
             seed: job.seed,

@@ -201,7 +201,12 @@ pub async fn write_results(args: &JobArgs, mut events: Events) -> anyhow::Result
     for (i, image) in r.images.iter().enumerate() {
         let path = out_path(&args.out, i, r.images.len());
         std::fs::write(&path, &image.png).with_context(|| format!("writing {}", path.display()))?;
-        println!("wrote {} ({}x{}, seed {}, {})", path.display(), image.width, image.height, r.seed, r.scheduler);
+        let safety = match (image.checked, image.flagged) {
+            (true, true) => ", flagged by the safety checker",
+            (true, false) => ", passed the safety checker",
+            (false, _) => "",
+        };
+        println!("wrote {} ({}x{}, seed {}, {}{safety})", path.display(), image.width, image.height, r.seed, r.scheduler);
     }
     if let (Some(path), Some(array)) = (&args.out_array, &r.array) {
         let t = array.to_candle("array", &candle_core::Device::Cpu)?;

@@ -55,6 +55,8 @@ pub async fn serve_mesh(opts: MeshOptions, listener: TcpListener, shutdown: Shut
     let (te, unet, vae) = (loopback().await?, loopback().await?, loopback().await?);
     // A depth checkpoint (depth_estimator/ in the folder) gets the depth service too.
     let depth = if sdmesh_orchestrator::has_depth_estimator(&opts.model) { Some(loopback().await?) } else { None };
+    // A folder with safety_checker/ gets the safety service, flagged images replaced by default.
+    let safety = if opts.model.join("safety_checker").is_dir() { Some(loopback().await?) } else { None };
     let url = |l: &TcpListener| l.local_addr().map(|a| format!("http://{a}"));
     let orchestrator_opts = sdmesh_orchestrator::OrchestratorOptions {
         model: opts.model.clone(),
@@ -63,6 +65,15 @@ pub async fn serve_mesh(opts: MeshOptions, listener: TcpListener, shutdown: Shut
         vae_url: url(&vae)?,
         depth_url: depth.as_ref().map(url).transpose()?,
         upscaler: None,
+        safety_url: safety.as_ref().map(url).transpose()?,
+        safety: sdmesh_orchestrator::safety::SafetySettings {
+            default_policy: if safety.is_some() {
+                sdmesh_orchestrator::safety::Policy::Replace
+            } else {
+                sdmesh_orchestrator::safety::Policy::Off
+            },
+            on_unavailable: sdmesh_orchestrator::safety::OnUnavailable::Fail,
+        },
         limits: opts.limits,
         startup_timeout: Duration::from_secs(600),
         embedding_cache_bytes: opts.embedding_cache_bytes,
@@ -89,6 +100,10 @@ pub async fn serve_mesh(opts: MeshOptions, listener: TcpListener, shutdown: Shut
         unet,
         after_orchestrator(),
     ));
+    if let Some(listener) = safety {
+        let safety_opts = sdmesh_safety::SafetyOptions { model: model.clone(), device: device.clone(), queue_capacity };
+        tasks.spawn(sdmesh_safety::run(safety_opts, listener, after_orchestrator()));
+    }
     if let Some(listener) = depth {
         let depth_opts = sdmesh_depth::DepthOptions { model: model.clone(), device: device.clone(), queue_capacity };
         tasks.spawn(sdmesh_depth::run(depth_opts, listener, after_orchestrator()));

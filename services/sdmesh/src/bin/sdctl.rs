@@ -27,6 +27,44 @@ enum Command {
     Depth(GenerateArgs),
     /// x4 upscaling of --image after a prompt (--noise-level); needs an upscaler checkpoint.
     Upscale(GenerateArgs),
+    /// Ask the safety-checker service about images: one JSON object per image (flagged, the
+    /// concept and special-care scores) on stdout.
+    Check(CheckArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct CheckArgs {
+    /// Safety-checker service URL.
+    #[arg(long, env = "SDMESH_SAFETY_URL", default_value = "http://127.0.0.1:50055")]
+    endpoint: String,
+    /// An image to check (PNG or JPEG); repeat for several.
+    #[arg(long, required = true)]
+    image: Vec<std::path::PathBuf>,
+}
+
+/// `sdctl check`: one JSON line per image.
+async fn check(a: CheckArgs) -> anyhow::Result<()> {
+    let client = sdmesh_safety::SafetyClient::new(&a.endpoint).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut images = Vec::with_capacity(a.image.len());
+    for path in &a.image {
+        let bytes = std::fs::read(path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+        images.push(bytes::Bytes::from(bytes));
+    }
+    let mut verdicts = Vec::with_capacity(images.len());
+    for chunk in images.chunks(sdmesh_safety::MAX_IMAGES) {
+        verdicts.extend(client.check_images(chunk.to_vec()).await.map_err(|e| anyhow::anyhow!("{e}"))?);
+    }
+    for (path, v) in a.image.iter().zip(verdicts) {
+        let line = serde_json::json!({
+            "image": path.display().to_string(),
+            "flagged": v.flagged,
+            "special_care": v.special_care(),
+            "concept_scores": v.concept_scores,
+            "special_scores": v.special_scores,
+        });
+        println!("{line}");
+    }
+    Ok(())
 }
 
 #[derive(clap::Args, Debug)]
@@ -46,7 +84,16 @@ struct GenerateArgs {
 
 #[tokio::main]
 async fn main() {
-    let (task, mut args) = match Cli::parse().command {
+    let command = Cli::parse().command;
+    if let Command::Check(a) = command {
+        if let Err(e) = check(a).await {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    let (task, mut args) = match command {
+        Command::Check(_) => unreachable!("handled above"),
         // generate infers the task from what is given (an image: img2img, a mask too: inpaint).
         Command::Generate(a) => (v1::Task::Unspecified, a),
         Command::Img2img(a) => (v1::Task::Img2img, a),

@@ -1,0 +1,171 @@
+//! The x4 upscaler and the safety checker end to end across real processes, driven by sdctl:
+//! `sdctl upscale` by seed equals diffusers; a txt2img job chained with an upscale (the
+//! upscaler's unet and vae as their own processes) equals the same chain run in process;
+//! `sdctl check` prints the reference verdicts; an orchestrator with --safety-url reports
+//! flags, fails closed with UNAVAILABLE when the safety service is gone, or (flag-only)
+//! delivers with a warning.
+
+use sdmesh_testkit::process::{bin, start, wait_serving, Mesh, MeshOptions};
+use sdmesh_testkit::{assert_close, fixtures, load_fixture_json, load_fixture_tensors, model};
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn tmp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("sdmesh-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn sdctl(args: &[&str]) -> Output {
+    Command::new(bin("sdctl")).args(args).output().unwrap()
+}
+
+fn ok(out: &Output, what: &str) {
+    assert!(out.status.success(), "{what}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[tokio::test]
+async fn sdctl_upscale_through_separate_processes_equals_diffusers_by_seed() {
+    let mesh = Mesh::start("sd2-upscaler-tiny").await;
+    let cases = load_fixture_json("reference-upscaler/cases.json");
+    let case = cases.as_array().unwrap().iter().find(|c| c["name"] == "seed_up_nl20_negative").unwrap().clone();
+    let tmp = tmp_dir("upscale");
+    let (png, npy) = (tmp.join("up.png"), tmp.join("up.npy"));
+    let image = fixtures().join("reference-upscaler/inputs").join(case["image"].as_str().unwrap());
+    let out = sdctl(&[
+        "upscale",
+        "--endpoint",
+        &mesh.orchestrator.addr,
+        "--quiet",
+        "--prompt",
+        case["prompt"].as_str().unwrap(),
+        "--negative-prompt",
+        case["negative_prompt"].as_str().unwrap_or(""),
+        "--steps",
+        &case["steps"].to_string(),
+        "--guidance",
+        &case["guidance_scale"].to_string(),
+        "--noise-level",
+        &case["noise_level"].to_string(),
+        "--seed",
+        &case["seed"].to_string(),
+        "--image",
+        image.to_str().unwrap(),
+        "--out",
+        png.to_str().unwrap(),
+        "--out-array",
+        npy.to_str().unwrap(),
+    ]);
+    ok(&out, "sdctl upscale");
+    let r = load_fixture_tensors("reference-upscaler/cases/seed_up_nl20_negative.safetensors");
+    let array = candle_core::Tensor::read_npy(&npy).unwrap();
+    assert_close("upscaled through the mesh", &array, &r["image"], 1e-3);
+    assert!(String::from_utf8_lossy(&std::fs::read(&png).unwrap()).contains("Noise level: 20"));
+    // Out of range: INVALID_ARGUMENT, and the mesh goes on.
+    let bad = sdctl(&["upscale", "--endpoint", &mesh.orchestrator.addr, "--quiet", "--prompt", "x", "--noise-level", "351",
+        "--image", image.to_str().unwrap(), "--out", png.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && stderr.contains("InvalidArgument") && stderr.contains("noise_level"), "{stderr}");
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+#[tokio::test]
+async fn a_txt2img_job_chained_with_an_upscale_through_separate_processes() {
+    let upscaler = Mesh::start("sd2-upscaler-tiny").await;
+    let up_model = model("sd2-upscaler-tiny");
+    let args = [
+        "--upscaler-model",
+        up_model.to_str().unwrap(),
+        "--upscaler-unet-url",
+        &upscaler.unet.addr,
+        "--upscaler-vae-url",
+        &upscaler.vae.addr,
+    ];
+    let mesh = Mesh::start_with("sd21-tiny", &MeshOptions { orchestrator_args: args.to_vec(), ..Default::default() }).await;
+    let tmp = tmp_dir("chain");
+    let npy = tmp.join("chain.npy");
+    let out = sdctl(&[
+        "generate", "--endpoint", &mesh.orchestrator.addr, "--quiet", "--prompt", "a red fox", "--steps", "3",
+        "--height", "32", "--width", "32", "--seed", "5", "--then-upscale", "--upscale-steps", "3",
+        "--noise-level", "40", "--out", tmp.join("chain.png").to_str().unwrap(), "--out-array", npy.to_str().unwrap(),
+    ]);
+    ok(&out, "sdctl generate --then-upscale");
+    let array = candle_core::Tensor::read_npy(&npy).unwrap();
+    assert_eq!(array.dims(), &[1, 128, 128, 3]);
+
+    // The same chain in this process.
+    let limits = sdmesh_orchestrator::pipeline::Limits::default();
+    let up = sdmesh_orchestrator::local_pipeline(&up_model, &candle_core::Device::Cpu, 8, limits).await.unwrap();
+    let mut sd = sdmesh_orchestrator::local_pipeline(&model("sd21-tiny"), &candle_core::Device::Cpu, 8, limits).await.unwrap();
+    sd.chained_upscaler = Some(std::sync::Arc::new(up));
+    let request = sdmesh_proto::v1::GenerateRequest {
+        prompt: "a red fox".into(),
+        steps: Some(3),
+        height: Some(32),
+        width: Some(32),
+        seed: Some(5),
+        num_images: Some(1),
+        upscale: Some(sdmesh_proto::v1::ChainedUpscale { steps: Some(3), guidance_scale: None, noise_level: Some(40) }),
+        ..Default::default()
+    };
+    let job = sd.validate(&request).unwrap();
+    let local = sd.run(&job, &mut sdmesh_orchestrator::noise::SeededNoise::new(5), &mut |_| true).await.unwrap();
+    assert_close("chain through the mesh vs in process", &array, &local.images, 1e-5);
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+#[tokio::test]
+async fn sdctl_check_prints_the_reference_verdicts() {
+    let checker_model = model("safety-checker-tiny");
+    let safety = start("sdmesh-safety", &["--model", checker_model.to_str().unwrap()], &[]);
+    wait_serving(&safety.addr).await;
+    let reference = load_fixture_json("reference-safety/reference.json");
+    let cases = reference["png_cases"].as_array().unwrap();
+    let paths: Vec<String> =
+        cases.iter().map(|c| fixtures().join("reference-safety").join(c["png"].as_str().unwrap()).display().to_string()).collect();
+    let mut args = vec!["check", "--endpoint", safety.addr.as_str()];
+    for p in &paths {
+        args.extend(["--image", p.as_str()]);
+    }
+    let out = sdctl(&args);
+    ok(&out, "sdctl check");
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), cases.len());
+    let mut outcomes = std::collections::HashSet::new();
+    for (line, case) in lines.iter().zip(cases) {
+        assert_eq!(line["flagged"], case["flagged"], "{}", case["name"]);
+        assert_eq!(line["special_care"], case["special_care"], "{}", case["name"]);
+        assert_eq!(line["concept_scores"], case["concept_scores"], "{}", case["name"]);
+        outcomes.insert(case["flagged"].as_bool().unwrap());
+    }
+    assert_eq!(outcomes.len(), 2, "images on both sides of the thresholds");
+}
+
+#[tokio::test]
+async fn the_orchestrator_applies_the_safety_policy_and_fails_closed() {
+    let checker_model = model("safety-checker-tiny");
+    let mut safety = start("sdmesh-safety", &["--model", checker_model.to_str().unwrap()], &[]);
+    wait_serving(&safety.addr).await;
+    let url = safety.addr.clone();
+    let fail_closed = ["--safety-url", url.as_str()];
+    let mesh = Mesh::start_with("sd21-tiny", &MeshOptions { orchestrator_args: fail_closed.to_vec(), ..Default::default() }).await;
+    let flag_only = ["--safety-url", url.as_str(), "--safety-on-unavailable", "flag-only"];
+    let lenient = mesh.another_orchestrator("sd21-tiny", &MeshOptions { orchestrator_args: flag_only.to_vec(), ..Default::default() }).await;
+    let tmp = tmp_dir("safety");
+    let out_png = tmp.join("s.png");
+    let job = |endpoint: &str| {
+        sdctl(&["generate", "--endpoint", endpoint, "--quiet", "--prompt", "a cat", "--steps", "2", "--height", "32",
+            "--width", "32", "--seed", "9", "--safety", "flag", "--out", out_png.to_str().unwrap()])
+    };
+    ok(&job(&mesh.orchestrator.addr), "checked job");
+    safety.child.kill().unwrap();
+    safety.child.wait().unwrap();
+    let closed = job(&mesh.orchestrator.addr);
+    let stderr = String::from_utf8_lossy(&closed.stderr);
+    assert!(!closed.status.success() && stderr.contains("Unavailable") && stderr.contains("safety"), "{stderr}");
+    let open = job(&lenient.addr);
+    ok(&open, "flag-only job");
+    assert!(String::from_utf8_lossy(&open.stderr).contains("not checked"), "{}", String::from_utf8_lossy(&open.stderr));
+    std::fs::remove_dir_all(&tmp).unwrap();
+}

@@ -28,6 +28,9 @@ const DEFAULT_MAX_NOISE_LEVEL: u32 = 350;
 pub const DEFAULT_TILE_LATENTS: usize = 128;
 /// Latents shared by neighbouring tiles.
 pub const TILE_OVERLAP: usize = 32;
+/// Tiles of one step in flight at once: enough to fill a unet batch (16 rows = 8 guided
+/// tiles), few enough not to flood its queue (a 512 input has 36 tiles a step).
+const TILES_IN_FLIGHT: usize = 8;
 
 /// What makes a checkpoint an upscaler: its low-resolution noise schedule and bound.
 #[derive(Debug, Clone)]
@@ -121,9 +124,9 @@ fn axis_weights(len: usize, tile: usize, overlap: usize) -> Vec<(usize, Vec<f32>
         .collect()
 }
 
-/// One denoising step over overlapping tiles of at most `tile` latents a side: every tile's
-/// request goes out at once (same size, so the unet batches them), and the outputs are
-/// blended. The model input is [n, c, H, W] (latents and extra channels).
+/// One denoising step over overlapping tiles of at most `tile` latents a side: the tiles'
+/// requests go out [`TILES_IN_FLIGHT`] at a time (same size, so the unet batches them), and
+/// the outputs are blended. The model input is [n, c, H, W] (latents and extra channels).
 pub async fn denoise_tiled(denoiser: &dyn Denoiser, input: DenoiseInput, tile: usize) -> Result<Tensor> {
     let (_, _, h, w) = input.latents.dims4()?;
     if h <= tile && w <= tile {
@@ -138,7 +141,8 @@ pub async fn denoise_tiled(denoiser: &dyn Denoiser, input: DenoiseInput, tile: u
             calls.push(denoiser.denoise(DenoiseInput { latents, ..input.clone() }));
         }
     }
-    let outputs = futures::future::try_join_all(calls).await?;
+    use futures::{StreamExt, TryStreamExt};
+    let outputs: Vec<Tensor> = futures::stream::iter(calls).buffered(TILES_IN_FLIGHT).try_collect().await?;
     let (n, c) = (outputs[0].dim(0)?, outputs[0].dim(1)?);
     let mut sum = Tensor::zeros((n, c, h, w), DType::F32, &Device::Cpu)?;
     let mut weight = Tensor::zeros((1, 1, h, w), DType::F32, &Device::Cpu)?;

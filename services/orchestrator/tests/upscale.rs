@@ -141,3 +141,58 @@ async fn a_chained_upscale_equals_the_two_stages_run_in_turn() {
     let high = upscaler.run(&up, &mut noise, &mut |_| true).await.unwrap().images;
     assert_eq!(sdmesh_testkit::max_abs_diff(&out.images, &high).0, 0.0);
 }
+
+/// Records the largest latents any UNet call gets.
+struct Largest {
+    inner: Arc<dyn sdmesh_core::Denoiser>,
+    seen: std::sync::Mutex<(usize, usize, usize)>,
+}
+
+#[async_trait::async_trait]
+impl sdmesh_core::Denoiser for Largest {
+    async fn denoise(&self, x: sdmesh_core::DenoiseInput) -> sdmesh_core::Result<candle_core::Tensor> {
+        let (_, _, h, w) = x.latents.dims4()?;
+        {
+            let mut seen = self.seen.lock().unwrap();
+            *seen = (seen.0.max(h), seen.1.max(w), seen.2 + 1);
+        }
+        self.inner.denoise(x).await
+    }
+    async fn info(&self) -> sdmesh_core::Result<v1::UnetInfo> {
+        self.inner.info().await
+    }
+}
+
+/// A 512x512 input upscales to 2048x2048 with no UNet call above the 128-latent tile (36
+/// overlapping windows a step) and the decode tiled; the seams leave no black or NaN pixels.
+#[tokio::test]
+async fn a_512_input_upscales_to_2048_within_the_tile_bound() {
+    let mut pipelines = Pipelines::default();
+    let mut p = pipelines.get("sd2-upscaler-tiny").await.clone();
+    let largest = Arc::new(Largest { inner: p.denoiser.clone(), seen: Default::default() });
+    p.denoiser = largest.clone();
+    // Decode tiles of 64 latents (the VAE's mid-block attention over a tile's 64 x 64 tokens is
+    // a 64 MiB score matrix; at the default 128 it is 1 GiB, and on this CPU 4x slower).
+    let options = sdmesh_vae::VaeOptions {
+        decode_tile_latents: 64,
+        ..sdmesh_vae::VaeOptions::new(model("sd2-upscaler-tiny"), candle_core::Device::Cpu)
+    };
+    p.vae = Arc::new(sdmesh_vae::LocalVae::load(&options).unwrap());
+    let mut big = image::RgbImage::new(512, 512);
+    for (x, y, px) in big.enumerate_pixels_mut() {
+        *px = image::Rgb([(x / 2) as u8, (y / 2) as u8, ((x + y) / 4) as u8]);
+    }
+    let png = sdmesh_core::images::encode_png_rgb8(&big).unwrap();
+    let r = v1::GenerateRequest { prompt: "a cat".into(), image: png.into(), steps: Some(1), guidance_scale: Some(1.0), ..Default::default() };
+    let job = p.validate(&r).unwrap();
+    let t = std::time::Instant::now();
+    let mut step_done = None;
+    let out = p.run(&job, &mut SeededNoise::new(1), &mut |_| { step_done = Some(t.elapsed()); true }).await.unwrap();
+    eprintln!("512 upscale: UNet step {:?}, total {:?}", step_done, t.elapsed());
+    assert_eq!(out.images.dims(), &[1, 2048, 2048, 3]);
+    let (h, w, calls) = *largest.seen.lock().unwrap();
+    assert_eq!((h, w), (128, 128), "every UNet call within the tile");
+    assert_eq!(calls, 25, "5 x 5 windows of 128 (starts 0, 96, 192, 288, 384) cover 512");
+    let mean = out.images.mean_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(mean.is_finite() && mean > 0.01, "mean {mean}");
+}

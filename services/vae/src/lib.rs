@@ -24,8 +24,9 @@ use tokio::sync::OnceCell;
 
 /// Images per decode.
 pub const MAX_BATCH: usize = 16;
-/// Latent side: 256 latents = 2048 pixels at the usual scale factor of 8.
-pub const MAX_LATENT_SIDE: usize = 256;
+/// Largest image side in pixels (2048 = 256 latents at SD's scale factor 8, 512 at the x4
+/// upscaler's 4).
+pub const MAX_IMAGE_SIDE: usize = 2048;
 /// Latent channels the limits allow for (SD: 4).
 pub const MAX_LATENT_CHANNELS: usize = 16;
 /// Pixels one Decode may return (8 images of 1024x1024, or 2 of 2048x2048): bounds the
@@ -289,15 +290,20 @@ impl LocalVae {
 impl sdmesh_core::Vae for LocalVae {
     async fn decode(&self, latents: Tensor) -> Result<Tensor> {
         let c = self.info.latent_channels as usize;
+        let f = self.info.scale_factor as usize;
+        let max_latent_side = MAX_IMAGE_SIDE / f;
         match latents.dims() {
-            &[n, ch, h, w] if ch == c && (1..=MAX_BATCH).contains(&n) && (1..=MAX_LATENT_SIDE).contains(&h) && (1..=MAX_LATENT_SIDE).contains(&w) => {}
+            &[n, ch, h, w]
+                if ch == c
+                    && (1..=MAX_BATCH).contains(&n)
+                    && (1..=max_latent_side).contains(&h)
+                    && (1..=max_latent_side).contains(&w) => {}
             dims => {
                 return Err(Error::invalid(format!(
-                    "latents: shape {dims:?}; expected [1..={MAX_BATCH}, {c}, 1..={MAX_LATENT_SIDE}, 1..={MAX_LATENT_SIDE}]"
+                    "latents: shape {dims:?}; expected [1..={MAX_BATCH}, {c}, 1..={max_latent_side}, 1..={max_latent_side}]"
                 )))
             }
         }
-        let f = self.info.scale_factor as usize;
         let pixels = latents.dims().iter().skip(2).product::<usize>() * latents.dim(0)? * f * f;
         if pixels > MAX_DECODED_PIXELS {
             return Err(Error::invalid(format!(
@@ -321,8 +327,8 @@ impl sdmesh_core::Vae for LocalVae {
                     && w > 0
                     && h % f == 0
                     && w % f == 0
-                    && h / f <= MAX_LATENT_SIDE
-                    && w / f <= MAX_LATENT_SIDE =>
+                    && h <= MAX_IMAGE_SIDE
+                    && w <= MAX_IMAGE_SIDE =>
             {
                 (n, h, w)
             }
@@ -330,7 +336,7 @@ impl sdmesh_core::Vae for LocalVae {
                 return Err(Error::invalid(format!(
                     "images: shape {dims:?}; expected [1..={MAX_BATCH}, 3, height, width] with height and width \
                      multiples of {f} up to {}",
-                    MAX_LATENT_SIDE * f
+                    MAX_IMAGE_SIDE
                 )))
             }
         };

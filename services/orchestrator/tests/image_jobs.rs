@@ -8,8 +8,8 @@
 mod common;
 
 use candle_core::Tensor;
-use common::{check_case, recorder, request, Pipelines, LATENT_REL_TOL};
-use sdmesh_orchestrator::noise::{NoiseSource, RecordedNoise, SeededNoise};
+use common::{request, run_and_check_case, Pipelines};
+use sdmesh_orchestrator::noise::SeededNoise;
 use sdmesh_proto::v1;
 use sdmesh_testkit::{fixtures, load_fixture_json, load_fixture_tensors};
 
@@ -53,22 +53,7 @@ async fn run_cases(filter: impl Fn(&serde_json::Value) -> bool) -> Vec<String> {
         }
         let job = pipeline.validate(&req).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!((job.height, job.width), (case["height"].as_u64().unwrap() as usize, case["width"].as_u64().unwrap() as usize));
-        let mut seen = Vec::new();
-        let out = match seeded {
-            Some(seed) => {
-                let mut noise = SeededNoise::new(seed);
-                pipeline.run(&job, &mut noise, &mut recorder(&mut seen)).await
-            }
-            None => {
-                let draws = case["noise_draws"].as_u64().unwrap() as usize;
-                let mut noise = RecordedNoise::new((0..draws).map(|k| r[&format!("noise_{k}")].clone()));
-                let out = pipeline.run(&job, &mut noise, &mut recorder(&mut seen)).await;
-                assert!(noise.randn(&[1]).is_err(), "{name}: fewer draws than diffusers' {draws}");
-                out
-            }
-        }
-        .unwrap_or_else(|e| panic!("{name}: {e}"));
-        check_case(name, &seen, &out.images, &r, 0.0, LATENT_REL_TOL, &mut report);
+        run_and_check_case(pipeline, &job, case, &r, &mut report).await;
         ran += 1;
     }
     assert!(ran > 0, "no case ran");

@@ -6,8 +6,8 @@
 
 mod common;
 
-use common::{check_case, recorder, request, Pipelines, LATENT_REL_TOL};
-use sdmesh_orchestrator::noise::{NoiseSource, RecordedNoise, SeededNoise};
+use common::{request, run_and_check_case, Pipelines};
+use sdmesh_orchestrator::noise::SeededNoise;
 use sdmesh_proto::v1;
 use sdmesh_testkit::{fixtures, load_fixture_json, load_fixture_tensors, model};
 use std::sync::Arc;
@@ -49,19 +49,7 @@ async fn upscaling_matches_diffusers() {
         let job = pipeline.validate(&req).unwrap_or_else(|e| panic!("{name}: {e}"));
         let expected_size = (case["height"].as_u64().unwrap() as usize, case["width"].as_u64().unwrap() as usize);
         assert_eq!((job.height, job.width), expected_size, "{name}: output size");
-        let mut seen = Vec::new();
-        let out = if case["seed"].is_u64() {
-            let mut noise = SeededNoise::new(case["seed"].as_u64().unwrap());
-            pipeline.run(&job, &mut noise, &mut recorder(&mut seen)).await
-        } else {
-            let draws = case["noise_draws"].as_u64().unwrap() as usize;
-            let mut noise = RecordedNoise::new((0..draws).map(|k| r[&format!("noise_{k}")].clone()));
-            let out = pipeline.run(&job, &mut noise, &mut recorder(&mut seen)).await;
-            assert!(noise.randn(&[1]).is_err(), "{name}: fewer draws than diffusers' {draws}");
-            out
-        }
-        .unwrap_or_else(|e| panic!("{name}: {e}"));
-        check_case(name, &seen, &out.images, &r, 0.0, LATENT_REL_TOL, &mut report);
+        run_and_check_case(&pipeline, &job, case, &r, &mut report).await;
     }
     println!("{}", report.join("\n"));
 }

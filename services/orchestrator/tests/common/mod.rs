@@ -64,6 +64,33 @@ pub fn check_case(
     report.push(format!("{name}: image max abs error {:e}", max_abs_diff(images, &r["image"]).0));
 }
 
+/// Runs a validated job as reference case `case` ran: by its `seed` when it has one (the real
+/// draws), else replaying its recorded `noise_k` draws (and checking every one was used); then
+/// compares steps and image with [`check_case`] at the usual tolerances.
+pub async fn run_and_check_case(
+    pipeline: &Pipeline,
+    job: &sdmesh_orchestrator::pipeline::Job,
+    case: &serde_json::Value,
+    r: &HashMap<String, Tensor>,
+    report: &mut Vec<String>,
+) {
+    use sdmesh_orchestrator::noise::{NoiseSource, RecordedNoise, SeededNoise};
+    let name = case["name"].as_str().unwrap();
+    let mut seen = Vec::new();
+    let out = match case["seed"].as_u64() {
+        Some(seed) => pipeline.run(job, &mut SeededNoise::new(seed), &mut recorder(&mut seen)).await,
+        None => {
+            let draws = case["noise_draws"].as_u64().unwrap() as usize;
+            let mut noise = RecordedNoise::new((0..draws).map(|k| r[&format!("noise_{k}")].clone()));
+            let out = pipeline.run(job, &mut noise, &mut recorder(&mut seen)).await;
+            assert!(noise.randn(&[1]).is_err(), "{name}: fewer draws than diffusers' {draws}");
+            out
+        }
+    }
+    .unwrap_or_else(|e| panic!("{name}: {e}"));
+    check_case(name, &seen, &out.images, r, 0.0, LATENT_REL_TOL, report);
+}
+
 /// The request a reference case describes. The scheduler is the case's `short_name` when it has
 /// one (which also says Karras), else its diffusers class name with `scheduler_kwargs`'
 /// `use_karras_sigmas`; absent `guidance_rescale`, `eta`, `num_images_per_prompt`, `seed` take

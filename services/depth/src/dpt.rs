@@ -254,7 +254,7 @@ impl DptConfig {
         if self.use_batch_norm_in_fusion_residual == Some(true) {
             problems.push("use_batch_norm_in_fusion_residual is not implemented".into());
         }
-        if self.hidden_size % self.num_attention_heads.max(1) != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads.max(1)) {
             problems.push(format!("hidden_size {} is not a multiple of num_attention_heads", self.hidden_size));
         }
         if self.backbone_featmap_shape.len() != 4 {
@@ -309,7 +309,7 @@ enum Padding {
 fn padding_for(global: Option<&str>, kernel: usize, stride: usize, dilation: usize) -> Padding {
     let symmetric = ((stride - 1) + dilation * (kernel - 1)) / 2;
     match global.map(str::to_ascii_lowercase).as_deref() {
-        Some("same") if stride == 1 && (dilation * (kernel - 1)) % 2 == 0 => Padding::Static(symmetric),
+        Some("same") if stride == 1 && (dilation * (kernel - 1)).is_multiple_of(2) => Padding::Static(symmetric),
         Some("same") => Padding::DynamicSame,
         Some("valid") => Padding::Static(0),
         _ => Padding::Static(symmetric),

@@ -358,7 +358,7 @@ pub async fn depth_condition(
     let max = flat.max_keepdim(1)?.reshape((n, 1, 1, 1))?;
     // 2 * (d - min) / (max - min) - 1, in diffusers' order of operations.
     let normalised = ((resized.broadcast_sub(&min)? * 2.0)?.broadcast_div(&(max - &min)?)? - 1.0)?;
-    if shape.num_images % n != 0 {
+    if !shape.num_images.is_multiple_of(n) {
         return Err(Error::invalid(format!(
             "depth_map: {n} maps do not divide num_images {}; send 1 or num_images maps",
             shape.num_images

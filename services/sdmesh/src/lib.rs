@@ -146,7 +146,7 @@ impl JobArgs {
             strength: self.strength,
             depth_map,
             noise_level: if self.then_upscale { None } else { self.noise_level },
-            upscale: self.then_upscale.then(|| v1::ChainedUpscale {
+            upscale: self.then_upscale.then_some(v1::ChainedUpscale {
                 steps: self.upscale_steps,
                 guidance_scale: self.upscale_guidance,
                 noise_level: self.noise_level,

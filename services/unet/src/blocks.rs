@@ -59,14 +59,13 @@ impl Module for Downsample2D {
 // This does not support the conv-transpose mode.
 #[derive(Debug)]
 struct Upsample2D {
-    conv: Conv2d,
+    conv: crate::conv::Conv3x3,
     span: tracing::Span,
 }
 
 impl Upsample2D {
     fn new(vs: nn::VarBuilder, in_channels: usize, out_channels: usize) -> Result<Self> {
-        let config = nn::Conv2dConfig { padding: 1, ..Default::default() };
-        let conv = conv2d(in_channels, out_channels, 3, config, vs.pp("conv"))?;
+        let conv = crate::conv::Conv3x3::new(in_channels, out_channels, vs.pp("conv"))?;
         let span = tracing::span!(tracing::Level::TRACE, "upsample2d");
         Ok(Self { conv, span })
     }

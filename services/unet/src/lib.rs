@@ -6,6 +6,7 @@
 
 mod attention;
 mod blocks;
+pub mod conv;
 pub mod config;
 mod resnet;
 mod unet_2d;

@@ -57,9 +57,9 @@ impl Default for ResnetBlock2DConfig {
 #[derive(Debug)]
 pub struct ResnetBlock2D {
     norm1: nn::GroupNorm,
-    conv1: Conv2d,
+    conv1: crate::conv::Conv3x3,
     norm2: nn::GroupNorm,
-    conv2: Conv2d,
+    conv2: crate::conv::Conv3x3,
     time_emb_proj: Option<nn::Linear>,
     conv_shortcut: Option<Conv2d>,
     span: tracing::Span,
@@ -69,12 +69,11 @@ pub struct ResnetBlock2D {
 impl ResnetBlock2D {
     pub fn new(vs: nn::VarBuilder, in_channels: usize, config: ResnetBlock2DConfig) -> Result<Self> {
         let out_channels = config.out_channels.unwrap_or(in_channels);
-        let conv_cfg = nn::Conv2dConfig { stride: 1, padding: 1, groups: 1, dilation: 1, cudnn_fwd_algo: None };
         let norm1 = nn::group_norm(config.groups, in_channels, config.eps, vs.pp("norm1"))?;
-        let conv1 = conv2d(in_channels, out_channels, 3, conv_cfg, vs.pp("conv1"))?;
+        let conv1 = crate::conv::Conv3x3::new(in_channels, out_channels, vs.pp("conv1"))?;
         let groups_out = config.groups_out.unwrap_or(config.groups);
         let norm2 = nn::group_norm(groups_out, out_channels, config.eps, vs.pp("norm2"))?;
-        let conv2 = conv2d(out_channels, out_channels, 3, conv_cfg, vs.pp("conv2"))?;
+        let conv2 = crate::conv::Conv3x3::new(out_channels, out_channels, vs.pp("conv2"))?;
         let use_in_shortcut = config.use_in_shortcut.unwrap_or(in_channels != out_channels);
         let conv_shortcut = if use_in_shortcut {
             let conv_cfg = nn::Conv2dConfig { stride: 1, padding: 0, groups: 1, dilation: 1, cudnn_fwd_algo: None };

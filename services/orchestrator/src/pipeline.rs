@@ -458,12 +458,11 @@ impl Pipeline {
         let total = timesteps.len() - begin;
         for (i, &t) in timesteps.iter().enumerate().skip(begin) {
             let span = tracing::info_span!("step", step = i, timestep = t, batch = job.num_images);
-            let mut model_input = span.in_scope(|| scheduler.scale_model_input(&latents, i))?;
-            if let Some(extra) = &extra_channels {
-                model_input = Tensor::cat(&[&model_input, extra], 1)?;
-            }
+            let model_input = span.in_scope(|| scheduler.scale_model_input(&latents, i))?;
             let step_input = DenoiseInput {
                 latents: model_input,
+                // The same tensor every step: it crosses the wire once, then by digest.
+                extra: extra_channels.clone(),
                 timestep: t,
                 cond: cond.clone(),
                 uncond: uncond.clone(),

@@ -126,7 +126,7 @@ fn axis_weights(len: usize, tile: usize, overlap: usize) -> Vec<(usize, Vec<f32>
 
 /// One denoising step over overlapping tiles of at most `tile` latents a side: the tiles'
 /// requests go out [`TILES_IN_FLIGHT`] at a time (same size, so the unet batches them), and
-/// the outputs are blended. The model input is [n, c, H, W] (latents and extra channels).
+/// the outputs are blended. Latents and extra channels are cut alike.
 pub async fn denoise_tiled(denoiser: &dyn Denoiser, input: DenoiseInput, tile: usize) -> Result<Tensor> {
     let (_, _, h, w) = input.latents.dims4()?;
     if h <= tile && w <= tile {
@@ -137,8 +137,10 @@ pub async fn denoise_tiled(denoiser: &dyn Denoiser, input: DenoiseInput, tile: u
     let mut calls = Vec::new();
     for (y, _) in &rows {
         for (x, _) in &cols {
-            let latents = input.latents.narrow(2, *y, tile.min(h))?.narrow(3, *x, tile.min(w))?;
-            calls.push(denoiser.denoise(DenoiseInput { latents, ..input.clone() }));
+            let window = |t: &Tensor| -> candle_core::Result<Tensor> { t.narrow(2, *y, tile.min(h))?.narrow(3, *x, tile.min(w)) };
+            let latents = window(&input.latents)?;
+            let extra = input.extra.as_ref().map(window).transpose()?;
+            calls.push(denoiser.denoise(DenoiseInput { latents, extra, ..input.clone() }));
         }
     }
     use futures::{StreamExt, TryStreamExt};
@@ -195,7 +197,8 @@ mod tests {
             let (_, _, h, w) = x.latents.dims4()?;
             let mut largest = self.largest.lock().unwrap();
             *largest = (largest.0.max(h), largest.1.max(w));
-            Ok(((x.latents.narrow(1, 0, 4)? * 1.5)?.sin()? + x.latents.narrow(1, 4, 3)?.sum_keepdim(1)?.broadcast_as((x.latents.dim(0)?, 4, h, w))?)?)
+            let extra = x.extra.as_ref().expect("extra channels");
+            Ok(((x.latents * 1.5)?.sin()? + extra.sum_keepdim(1)?.broadcast_as((extra.dim(0)?, 4, h, w))?)?)
         }
         async fn info(&self) -> Result<sdmesh_proto::v1::UnetInfo> {
             Ok(Default::default())
@@ -204,10 +207,12 @@ mod tests {
 
     #[tokio::test]
     async fn tiled_steps_equal_untiled_ones_for_a_local_model() {
-        let x = Tensor::randn(0f32, 1f32, (2, 7, 45, 70), &Device::Cpu).unwrap();
+        let x = Tensor::randn(0f32, 1f32, (2, 4, 45, 70), &Device::Cpu).unwrap();
+        let extra = Tensor::randn(0f32, 1f32, (2, 3, 45, 70), &Device::Cpu).unwrap();
         let cond = Tensor::zeros((1, 77, 8), DType::F32, &Device::Cpu).unwrap();
         let input = DenoiseInput {
             latents: x,
+            extra: Some(extra),
             timestep: 10.0,
             cond,
             uncond: None,

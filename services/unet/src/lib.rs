@@ -181,6 +181,7 @@ impl LocalUnet {
             let context = Tensor::zeros((1, 77, json.cross_attention_dim), DType::F32, &Device::Cpu)?;
             model.denoise(vec![Step(DenoiseInput {
                 latents: Tensor::zeros((1, json.in_channels, 8, 8), DType::F32, &Device::Cpu)?,
+                extra: None,
                 timestep: 1.0,
                 cond: context.clone(),
                 uncond: Some(context),
@@ -212,7 +213,21 @@ impl LocalUnet {
         let (n, c, h, w) = x.latents.dims4().map_err(|_| {
             Error::invalid(format!("latents: shape {:?}, expected [batch, channels, height, width]", x.latents.dims()))
         })?;
-        if c != info.in_channels as usize
+        let extra_channels = match &x.extra {
+            None => 0,
+            Some(e) => match e.dims() {
+                &[en, k, eh, ew] if (en, eh, ew) == (n, h, w) && c + k == info.in_channels as usize => k,
+                dims => {
+                    return Err(Error::invalid(format!(
+                        "extra: shape {dims:?}; expected [{n}, {}, {h}, {w}] (the UNet's {} input channels after the \
+                         latents' {c})",
+                        (info.in_channels as usize).saturating_sub(c),
+                        info.in_channels
+                    )))
+                }
+            },
+        };
+        if c + extra_channels != info.in_channels as usize
             || n == 0
             || n > MAX_BATCH
             || h == 0
@@ -221,9 +236,10 @@ impl LocalUnet {
             || w > MAX_LATENT_SIDE
         {
             return Err(Error::invalid(format!(
-                "latents: shape {:?}; expected [1..={MAX_BATCH}, {}, 1..={MAX_LATENT_SIDE}, 1..={MAX_LATENT_SIDE}]",
+                "latents: shape {:?}; expected [1..={MAX_BATCH}, {} (with extra's {extra_channels}), 1..={MAX_LATENT_SIDE}, \
+                 1..={MAX_LATENT_SIDE}]",
                 x.latents.dims(),
-                info.in_channels
+                info.in_channels as usize - extra_channels
             )));
         }
         match (info.num_class_embeds, x.class_label) {
@@ -291,7 +307,10 @@ impl Model {
                 let t = to_model(t)?;
                 Ok(if t.dim(0)? == n { t } else { t.repeat((n, 1, 1))? })
             };
-            let l = to_model(&x.latents)?;
+            let l = match &x.extra {
+                Some(extra) => to_model(&Tensor::cat(&[&x.latents, extra], 1)?)?,
+                None => to_model(&x.latents)?,
+            };
             match (&x.uncond, x.uses_guidance()) {
                 (Some(uncond), true) => {
                     latents.extend([l.clone(), l]);
@@ -468,6 +487,7 @@ pub fn decode_request(r: &v1::DenoiseRequest, cache: &ConditioningCache) -> Resu
         timestep: r.timestep,
         cond,
         uncond: cache.resolve("uncond", &r.uncond, &r.uncond_digest)?,
+        extra: cache.resolve("extra", &r.extra, &r.extra_digest)?,
         guidance_scale: r.guidance_scale,
         guidance_rescale: r.guidance_rescale,
         class_label: r.class_label,
@@ -621,7 +641,9 @@ impl sdmesh_core::Denoiser for UnetClient {
             _ => None,
         };
         let uncond_digest = uncond.as_ref().map(|u| u.digest.clone()).unwrap_or_default();
-        let digests = [cond.digest.as_str(), uncond_digest.as_str()];
+        let extra = x.extra.as_ref().map(|e| self.wire(e)).transpose()?;
+        let extra_digest = extra.as_ref().map(|e| e.digest.clone()).unwrap_or_default();
+        let digests = [cond.digest.as_str(), uncond_digest.as_str(), extra_digest.as_str()];
         let with_tensors = |send: bool| v1::DenoiseRequest {
             latents: None,
             timestep: x.timestep,
@@ -632,6 +654,8 @@ impl sdmesh_core::Denoiser for UnetClient {
             cond_digest: cond.digest.clone(),
             uncond_digest: uncond_digest.clone(),
             class_label: x.class_label,
+            extra: if send { extra.as_ref().map(|e| e.tensor.clone()) } else { None },
+            extra_digest: extra_digest.clone(),
         };
         let latents = Some(v1::Tensor::from_candle(&x.latents)?);
         let already_sent = digests.iter().all(|d| d.is_empty() || self.was_sent(d));

@@ -41,6 +41,7 @@ fn steps_of_size(h: usize, w: usize) -> Vec<DenoiseInput> {
             guidance_scale: 7.5,
             guidance_rescale: 0.0,
             class_label: None,
+            extra: None,
         },
         DenoiseInput {
             latents: randn(2, &[2, 4, h, w]),
@@ -50,6 +51,7 @@ fn steps_of_size(h: usize, w: usize) -> Vec<DenoiseInput> {
             guidance_scale: 4.0,
             guidance_rescale: 0.7,
             class_label: None,
+            extra: None,
         },
         // Guidance off: one row per image, no unconditional pass.
         DenoiseInput {
@@ -60,6 +62,7 @@ fn steps_of_size(h: usize, w: usize) -> Vec<DenoiseInput> {
             guidance_scale: 1.0,
             guidance_rescale: 0.0,
             class_label: None,
+            extra: None,
         },
         DenoiseInput {
             latents: randn(4, &[1, 4, h, w]),
@@ -69,6 +72,7 @@ fn steps_of_size(h: usize, w: usize) -> Vec<DenoiseInput> {
             guidance_scale: 9.0,
             guidance_rescale: 0.0,
             class_label: None,
+            extra: None,
         },
     ]
 }

@@ -19,6 +19,7 @@ fn input(latents: &Tensor, timestep: f64, cond: &Tensor) -> DenoiseInput {
         guidance_scale: 1.0,
         guidance_rescale: 0.0,
         class_label: None,
+        extra: None,
     }
 }
 

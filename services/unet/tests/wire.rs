@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 struct Recording {
     inner: UnetService,
     cond_sent: Arc<Mutex<Vec<bool>>>,
+    extra_sent: Arc<Mutex<Vec<bool>>>,
 }
 
 #[tonic::async_trait]
@@ -23,6 +24,7 @@ impl v1::unet_server::Unet for Recording {
         request: tonic::Request<v1::DenoiseRequest>,
     ) -> Result<tonic::Response<v1::DenoiseResponse>, tonic::Status> {
         self.cond_sent.lock().unwrap().push(request.get_ref().cond.is_some());
+        self.extra_sent.lock().unwrap().push(request.get_ref().extra.is_some());
         self.inner.denoise(request).await
     }
     async fn info(&self, r: tonic::Request<v1::InfoRequest>) -> Result<tonic::Response<v1::UnetInfo>, tonic::Status> {
@@ -32,9 +34,13 @@ impl v1::unet_server::Unet for Recording {
 
 /// A unet replica on a loopback port; its conditioning cache holds `cache_bytes`.
 async fn replica(cache_bytes: usize) -> (String, Recording) {
+    replica_of("sd21-base-tiny", cache_bytes).await
+}
+
+async fn replica_of(name: &str, cache_bytes: usize) -> (String, Recording) {
     let service = UnetService::new(cache_bytes);
-    service.set_model(LocalUnet::load(&UnetOptions::new(model("sd21-base-tiny"), Device::Cpu)).unwrap());
-    let recording = Recording { inner: service, cond_sent: Arc::default() };
+    service.set_model(LocalUnet::load(&UnetOptions::new(model(name), Device::Cpu)).unwrap());
+    let recording = Recording { inner: service, cond_sent: Arc::default(), extra_sent: Arc::default() };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let server = v1::unet_server::UnetServer::new(recording.clone());
@@ -64,6 +70,7 @@ fn step(latents: &Tensor, cond: &Tensor, uncond: &Tensor, timestep: f64) -> Deno
         guidance_scale: 5.0,
         guidance_rescale: 0.0,
         class_label: None,
+        extra: None,
     }
 }
 
@@ -91,6 +98,30 @@ async fn conditioning_crosses_the_wire_once_per_job() {
         client.denoise(step(&latents2, &cond2, &uncond2, t)).await.unwrap();
     }
     assert_eq!(recording.cond_sent.lock().unwrap()[3..], [true, false]);
+}
+
+/// An inpainting job's extra channels (mask and masked-image latents) are constant: they cross
+/// once too, and the step equals the local one with them concatenated to the latents.
+#[tokio::test]
+async fn extra_channels_cross_the_wire_once_per_job() {
+    let local = LocalUnet::load(&UnetOptions::new(model("sd2-inpaint-tiny"), Device::Cpu)).unwrap();
+    let (url, recording) = replica_of("sd2-inpaint-tiny", 1 << 20).await;
+    let client = UnetClient::new(&url).unwrap();
+    let (latents, cond, uncond) = job(1.0);
+    let extra = (Tensor::arange(0f32, 240., &Device::Cpu).unwrap().reshape((1, 5, 8, 6)).unwrap() * 0.003).unwrap();
+    for t in [900.0, 500.0, 100.0] {
+        let with_extra = DenoiseInput { extra: Some(extra.clone()), ..step(&latents, &cond, &uncond, t) };
+        let remote = client.denoise(with_extra).await.unwrap();
+        let joined = Tensor::cat(&[&latents, &extra], 1).unwrap();
+        let direct = local.denoise(step(&joined, &cond, &uncond, t)).await.unwrap();
+        assert!(same(&remote, &direct), "t={t}: the remote step differs");
+    }
+    assert_eq!(*recording.extra_sent.lock().unwrap(), vec![true, false, false], "sent with the first step only");
+    // Channels that do not add up to the UNet's input are refused.
+    let wrong = DenoiseInput { extra: Some(extra.narrow(1, 0, 4).unwrap()), ..step(&latents, &cond, &uncond, 1.0) };
+    let err = client.denoise(wrong).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    assert!(err.to_string().contains("extra"), "{err}");
 }
 
 #[tokio::test]

@@ -24,8 +24,11 @@ pub trait TextEncoder: Send + Sync {
 /// One denoising step, classifier-free guidance included.
 #[derive(Debug, Clone)]
 pub struct DenoiseInput {
-    /// Scheduler-scaled model input [batch, channels, h, w].
+    /// Scheduler-scaled latents [batch, channels, h, w].
     pub latents: Tensor,
+    /// A job's constant extra input channels [batch, k, h, w], concatenated after the latents
+    /// (inpainting's mask and masked-image latents, depth2img's depth, the upscaler's image).
+    pub extra: Option<Tensor>,
     pub timestep: f64,
     /// [1 or batch, context_length, dim].
     pub cond: Tensor,

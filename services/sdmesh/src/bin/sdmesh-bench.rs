@@ -343,6 +343,7 @@ async fn components(model: PathBuf, size: usize, batch: usize, reps: usize, prof
         guidance_scale: 1.0,
         guidance_rescale: 0.0,
         class_label: None,
+        extra: None,
     };
     let t = tokio::task::block_in_place(|| timed(reps, || Ok(rt.block_on(unet.denoise(step()))?)))?;
     report("unet_step", t, json!({"batch": batch, "height": size, "width": size}));

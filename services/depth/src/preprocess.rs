@@ -91,26 +91,9 @@ impl Preprocessor {
         if config.do_pad {
             return Err("do_pad (size_divisor padding) is not supported".into());
         }
-        let filter = match config.resample {
-            0 => Filter::Nearest,
-            1 => Filter::Lanczos,
-            2 => Filter::Bilinear,
-            3 => Filter::Bicubic,
-            other => {
-                return Err(format!(
-                    "resample {other}: supported are 0 (nearest), 1 (lanczos), 2 (bilinear), 3 (bicubic)"
-                ))
-            }
-        };
-        let three = |v: &[f64], what: &str| -> Result<[f32; 3], String> {
-            match *v {
-                [x] => Ok([x as f32; 3]),
-                [a, b, c] => Ok([a as f32, b as f32, c as f32]),
-                _ => Err(format!("{what} must have 1 or 3 entries, got {}", v.len())),
-            }
-        };
-        let mean = three(&config.image_mean, "image_mean")?;
-        let std = three(&config.image_std, "image_std")?;
+        let filter = Filter::from_pil(config.resample)?;
+        let mean = images::per_channel(&config.image_mean, "image_mean")?;
+        let std = images::per_channel(&config.image_std, "image_std")?;
         if std.contains(&0.0) {
             return Err("image_std must not contain 0".into());
         }

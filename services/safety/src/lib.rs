@@ -97,7 +97,7 @@ pub fn pixels_to_images(pixels: &Tensor) -> Result<Vec<RgbImage>> {
         )));
     }
     Ok((0..n)
-        .map(|i| preprocess::quantize_like_numpy_to_pil(&data[i * h * w * 3..(i + 1) * h * w * 3], h, w))
+        .map(|i| sdmesh_core::images::quantize_like_numpy_to_pil(&data[i * h * w * 3..(i + 1) * h * w * 3], h, w))
         .collect())
 }
 

@@ -16,7 +16,7 @@
 use candle_core::{Device, Tensor};
 use image::RgbImage;
 use sdmesh_core::images::{self, Filter};
-use sdmesh_core::{Error, Result};
+use sdmesh_core::Result;
 use serde::Deserialize;
 
 /// preprocessor_config.json (transformers' `CLIPImageProcessor` defaults for anything missing).
@@ -135,26 +135,9 @@ impl Preprocessor {
         if config.do_pad {
             return Err("do_pad is not supported".into());
         }
-        let filter = match config.resample {
-            0 => Filter::Nearest,
-            1 => Filter::Lanczos,
-            2 => Filter::Bilinear,
-            3 => Filter::Bicubic,
-            other => {
-                return Err(format!(
-                    "resample {other}: supported are 0 (nearest), 1 (lanczos), 2 (bilinear), 3 (bicubic)"
-                ))
-            }
-        };
-        let three = |v: &[f64], what: &str| -> std::result::Result<[f32; 3], String> {
-            match *v {
-                [x] => Ok([x as f32; 3]),
-                [a, b, c] => Ok([a as f32, b as f32, c as f32]),
-                _ => Err(format!("{what} must have 1 or 3 entries, got {}", v.len())),
-            }
-        };
-        let mean = three(&config.image_mean, "image_mean")?;
-        let std = three(&config.image_std, "image_std")?;
+        let filter = Filter::from_pil(config.resample)?;
+        let mean = images::per_channel(&config.image_mean, "image_mean")?;
+        let std = images::per_channel(&config.image_std, "image_std")?;
         if std.contains(&0.0) {
             return Err("image_std must not contain 0".into());
         }
@@ -264,66 +247,24 @@ pub fn over_white(c: u8, a: u8) -> u8 {
 }
 
 /// Decodes a PNG or JPEG as transformers' `convert_to_rgb` sees it after PIL's `Image.open`: RGB as
-/// `convert("RGB")` ([`images::decode_rgb_limited`]), and where the image has transparency (an
-/// alpha channel, or a tRNS chunk), every pixel blended onto white.
+/// `convert("RGB")`, and where the image has transparency (an alpha channel, or a tRNS chunk),
+/// every pixel blended onto white.
 ///
 /// Not reproduced: PIL's handling of a tRNS chunk on 16-bit images (PIL compares the 8-bit pixels
 /// with the 16-bit transparent colour); here the 16-bit comparison of the PNG decoder is used.
 pub fn decode_rgb_over_white(bytes: &[u8], max_pixels: u64) -> Result<RgbImage> {
-    let mut rgb = images::decode_rgb_limited(bytes, max_pixels)?;
-    if !png_has_transparency(bytes) {
-        return Ok(rgb);
-    }
-    let img = image::load_from_memory_with_format(bytes, image::ImageFormat::Png)
-        .map_err(|e| Error::invalid(format!("cannot decode the PNG image: {e}")))?;
-    let alpha: Vec<u8> = match img {
-        image::DynamicImage::ImageRgba8(i) => i.pixels().map(|p| p.0[3]).collect(),
-        image::DynamicImage::ImageLumaA8(i) => i.pixels().map(|p| p.0[1]).collect(),
-        image::DynamicImage::ImageRgba16(i) => i.pixels().map(|p| (p.0[3] >> 8) as u8).collect(),
-        image::DynamicImage::ImageLumaA16(i) => i.pixels().map(|p| (p.0[1] >> 8) as u8).collect(),
-        _ => return Ok(rgb),
-    };
-    if alpha.len() != (rgb.width() * rgb.height()) as usize {
-        return Err(Error::internal("the alpha channel has the wrong size"));
-    }
-    for (p, &a) in rgb.pixels_mut().zip(&alpha) {
-        if a != 255 {
-            for c in p.0.iter_mut() {
-                *c = over_white(*c, a);
+    let (mut rgb, alpha) = images::decode_rgb_and_alpha_limited(bytes, max_pixels)?;
+    if let Some(alpha) = alpha {
+        for (p, &a) in rgb.pixels_mut().zip(&alpha) {
+            if a != 255 {
+                for c in p.0.iter_mut() {
+                    *c = over_white(*c, a);
+                }
             }
         }
     }
     Ok(rgb)
 }
-
-/// Whether a PNG has an alpha channel (colour type 4 or 6) or a tRNS chunk (what PIL reports as
-/// an "A" band or `info["transparency"]`). False for anything else (JPEG).
-fn png_has_transparency(bytes: &[u8]) -> bool {
-    const SIGNATURE: &[u8] = b"\x89PNG\r\n\x1a\n";
-    if !bytes.starts_with(SIGNATURE) {
-        return false;
-    }
-    if matches!(bytes.get(25), Some(4 | 6)) {
-        return true;
-    }
-    // Walk the chunks up to the first IDAT (tRNS must come before it).
-    let mut at = SIGNATURE.len();
-    while let Some(header) = bytes.get(at..at + 8) {
-        let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
-        match &header[4..8] {
-            b"tRNS" => return true,
-            b"IDAT" | b"IEND" => return false,
-            _ => {}
-        }
-        at = match at.checked_add(12).and_then(|a| a.checked_add(len)) {
-            Some(next) => next,
-            None => return false,
-        };
-    }
-    false
-}
-
-pub use sdmesh_core::images::quantize_like_numpy_to_pil;
 
 #[cfg(test)]
 mod tests {
@@ -340,7 +281,7 @@ mod tests {
 
     #[test]
     fn quantization_is_half_to_even() {
-        let img = quantize_like_numpy_to_pil(&[0.0, 1.0, 0.5, 126.5 / 255.0, 127.5 / 255.0, 0.2], 1, 2);
+        let img = images::quantize_like_numpy_to_pil(&[0.0, 1.0, 0.5, 126.5 / 255.0, 127.5 / 255.0, 0.2], 1, 2);
         let expected = [0u8, 255, 128, (126.5f32 / 255.0 * 255.0).round_ties_even() as u8, 128, 51];
         assert_eq!(img.as_raw().as_slice(), &expected);
     }

@@ -57,6 +57,21 @@ pub fn decode_rgb_limited(bytes: &[u8], max_pixels: u64) -> Result<RgbImage> {
     to_rgb_like_pil(img, grey16)
 }
 
+/// [`decode_rgb_limited`], plus the image's alpha (8-bit, one per pixel; 16-bit alpha keeps its
+/// high byte) when it has transparency: an alpha channel or a PNG tRNS chunk (which the decoder
+/// expands into one), what PIL reports as an "A" band or `info["transparency"]`. One decode.
+pub fn decode_rgb_and_alpha_limited(bytes: &[u8], max_pixels: u64) -> Result<(RgbImage, Option<Vec<u8>>)> {
+    let (img, grey16) = decode(bytes, max_pixels)?;
+    let alpha: Option<Vec<u8>> = match &img {
+        DynamicImage::ImageRgba8(i) => Some(i.pixels().map(|p| p.0[3]).collect()),
+        DynamicImage::ImageLumaA8(i) => Some(i.pixels().map(|p| p.0[1]).collect()),
+        DynamicImage::ImageRgba16(i) => Some(i.pixels().map(|p| hi(p.0[3])).collect()),
+        DynamicImage::ImageLumaA16(i) => Some(i.pixels().map(|p| hi(p.0[1])).collect()),
+        _ => None,
+    };
+    Ok((to_rgb_like_pil(img, grey16)?, alpha))
+}
+
 /// Decodes a PNG or JPEG to 8-bit greyscale exactly as PIL's `Image.open(f).convert("L")` (for
 /// inpainting masks): colour uses PIL's ITU-R 601-2 luma in fixed point,
 /// `L = (19595 R + 38470 G + 7471 B + 0x8000) >> 16` (the generator script checks it against PIL
@@ -227,6 +242,18 @@ pub enum Filter {
 }
 
 impl Filter {
+    /// The filter a `preprocessor_config.json` names by PIL number (`resample`): 0 nearest,
+    /// 1 lanczos, 2 bilinear, 3 bicubic; the others (box, hamming) are not implemented.
+    pub fn from_pil(resample: u32) -> std::result::Result<Self, String> {
+        match resample {
+            0 => Ok(Filter::Nearest),
+            1 => Ok(Filter::Lanczos),
+            2 => Ok(Filter::Bilinear),
+            3 => Ok(Filter::Bicubic),
+            other => Err(format!("resample {other}: supported are 0 (nearest), 1 (lanczos), 2 (bilinear), 3 (bicubic)")),
+        }
+    }
+
     fn support(self) -> f64 {
         match self {
             Filter::Nearest => 0.0,
@@ -466,6 +493,16 @@ pub fn resize_luma(img: &GrayImage, width: u32, height: u32, filter: Filter) -> 
 pub fn quantize_like_numpy_to_pil(data: &[f32], height: usize, width: usize) -> RgbImage {
     let raw: Vec<u8> = data.iter().map(|&x| (x * 255.0).round_ties_even() as u8).collect();
     RgbImage::from_raw(width as u32, height as u32, raw).expect("h * w * 3 values")
+}
+
+/// A per-channel setting of an image processor config (`image_mean`, `image_std`): one value
+/// for all three channels, or one each.
+pub fn per_channel(values: &[f64], what: &str) -> std::result::Result<[f32; 3], String> {
+    match *values {
+        [x] => Ok([x as f32; 3]),
+        [a, b, c] => Ok([a as f32, b as f32, c as f32]),
+        _ => Err(format!("{what} must have 1 or 3 entries, got {}", values.len())),
+    }
 }
 
 /// Every image of a float NHWC [0, 1] batch, 8-bit as [`quantize_like_numpy_to_pil`].

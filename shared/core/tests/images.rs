@@ -334,3 +334,31 @@ fn pixel_limit_is_checked_from_the_header() {
     let m = invalid(images::decode_rgb_limited(&input("rgb_420.jpg"), 100));
     assert!(m.contains("JPEG image is 45x33"), "{m}");
 }
+
+/// The alpha comes with the one decode exactly when the file has transparency: an alpha channel
+/// or a tRNS chunk (expanded by the decoder), in every colour type; the RGB is `decode_rgb`'s.
+#[test]
+fn alpha_comes_with_transparency_only() {
+    for (file, transparent) in [
+        ("rgb8.png", false),
+        ("l8.png", false),
+        ("p8.png", false),
+        ("rgb_444.jpg", false),
+        ("rgba8.png", true),
+        ("la8.png", true),
+        ("rgba16.png", true),
+        ("la16.png", true),
+        ("rgb8_trns.png", true),
+        ("l8_trns.png", true),
+        ("p8_trns.png", true),
+        ("l16_trns.png", true),
+    ] {
+        let bytes = input(file);
+        let (rgb, alpha) = images::decode_rgb_and_alpha_limited(&bytes, images::DEFAULT_MAX_PIXELS).unwrap();
+        assert_eq!(alpha.is_some(), transparent, "{file}");
+        if let Some(a) = alpha {
+            assert_eq!(a.len(), (rgb.width() * rgb.height()) as usize, "{file}");
+        }
+        assert_eq!(rgb, images::decode_rgb(&bytes).unwrap(), "{file}");
+    }
+}

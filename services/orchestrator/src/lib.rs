@@ -211,7 +211,7 @@ pub async fn local_pipeline(
         pipeline_over(model, Arc::new(text_encoder), Arc::new(unet), Arc::new(vae), limits, Duration::from_secs(1))
             .await?;
     pipeline.depth = depth.map(|d| Arc::new(d) as Arc<dyn sdmesh_core::DepthEstimator>);
-    // A folder with the safety checker gets it, flagged images replaced (diffusers' default).
+    // A folder with the safety checker gets it (flagged images replaced unless a request says).
     if model.join("safety_checker").is_dir() {
         let (dir, dev) = (model.to_path_buf(), device.clone());
         let safety = tokio::task::spawn_blocking(move || {
@@ -219,7 +219,6 @@ pub async fn local_pipeline(
         })
         .await??;
         pipeline.safety = Some(Arc::new(safety));
-        pipeline.safety_settings.default_policy = safety::Policy::Replace;
     }
     Ok(pipeline)
 }

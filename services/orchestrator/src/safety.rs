@@ -29,14 +29,15 @@ pub enum OnUnavailable {
 /// The orchestrator's safety settings.
 #[derive(Debug, Clone, Copy)]
 pub struct SafetySettings {
-    /// For requests that do not choose.
-    pub default_policy: Policy,
+    /// For requests that do not choose; None: replace when there is a checker (diffusers'
+    /// behaviour), else off.
+    pub default_policy: Option<Policy>,
     pub on_unavailable: OnUnavailable,
 }
 
 impl Default for SafetySettings {
     fn default() -> Self {
-        Self { default_policy: Policy::Off, on_unavailable: OnUnavailable::Fail }
+        Self { default_policy: None, on_unavailable: OnUnavailable::Fail }
     }
 }
 
@@ -58,13 +59,10 @@ pub struct SafetyArgs {
 
 impl SafetyArgs {
     pub fn settings(&self) -> anyhow::Result<SafetySettings> {
-        let default_policy = match (self.safety_policy, &self.safety_url) {
-            (Some(Policy::Off), _) | (None, None) => Policy::Off,
-            (Some(p), Some(_)) => p,
-            (None, Some(_)) => Policy::Replace,
-            (Some(p), None) => anyhow::bail!("--safety-policy {p:?} needs --safety-url (a safety service to ask)"),
-        };
-        Ok(SafetySettings { default_policy, on_unavailable: self.safety_on_unavailable })
+        if let (Some(p @ (Policy::Flag | Policy::Replace)), None) = (self.safety_policy, &self.safety_url) {
+            anyhow::bail!("--safety-policy {p:?} needs --safety-url (a safety service to ask)");
+        }
+        Ok(SafetySettings { default_policy: self.safety_policy, on_unavailable: self.safety_on_unavailable })
     }
 }
 
@@ -73,7 +71,11 @@ impl SafetyArgs {
 pub fn resolve(request: i32, settings: &SafetySettings, has_checker: bool) -> Result<Policy> {
     let asked = v1::SafetyPolicy::try_from(request).map_err(|_| Error::invalid(format!("safety: unknown value {request}")))?;
     let policy = match asked {
-        v1::SafetyPolicy::Unspecified => settings.default_policy,
+        v1::SafetyPolicy::Unspecified => match settings.default_policy {
+            Some(policy) => policy,
+            None if has_checker => Policy::Replace,
+            None => Policy::Off,
+        },
         v1::SafetyPolicy::Off => Policy::Off,
         v1::SafetyPolicy::Flag => Policy::Flag,
         v1::SafetyPolicy::Replace => Policy::Replace,
@@ -144,4 +146,30 @@ pub async fn apply(
         images
     };
     Ok((images, Outcome { flagged, checked: true }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(url: Option<&str>, policy: Option<Policy>) -> SafetyArgs {
+        SafetyArgs { safety_url: url.map(String::from), safety_policy: policy, safety_on_unavailable: OnUnavailable::Fail }
+    }
+
+    /// Unset, the default follows the checker: replace with one, off without; an explicit
+    /// check without a checker is refused at start-up, and per request.
+    #[test]
+    fn the_default_policy_follows_the_checker() {
+        let unset = args(None, None).settings().unwrap();
+        let unspecified = v1::SafetyPolicy::Unspecified as i32;
+        assert_eq!(resolve(unspecified, &unset, true).unwrap(), Policy::Replace);
+        assert_eq!(resolve(unspecified, &unset, false).unwrap(), Policy::Off);
+        let flag = args(Some("http://x"), Some(Policy::Flag)).settings().unwrap();
+        assert_eq!(resolve(unspecified, &flag, true).unwrap(), Policy::Flag);
+        assert_eq!(resolve(v1::SafetyPolicy::Off as i32, &flag, true).unwrap(), Policy::Off);
+        assert!(args(None, Some(Policy::Replace)).settings().is_err());
+        assert_eq!(args(None, Some(Policy::Off)).settings().unwrap().default_policy, Some(Policy::Off));
+        let err = resolve(v1::SafetyPolicy::Flag as i32, &unset, false).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    }
 }

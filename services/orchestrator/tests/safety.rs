@@ -8,7 +8,7 @@ use candle_core::Tensor;
 use common::Pipelines;
 use sdmesh_core::{Result, SafetyChecker, SafetyVerdict};
 use sdmesh_orchestrator::noise::SeededNoise;
-use sdmesh_orchestrator::safety::{OnUnavailable, Policy, SafetySettings};
+use sdmesh_orchestrator::safety::{OnUnavailable, SafetySettings};
 use sdmesh_proto::v1;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -60,7 +60,7 @@ async fn policies_flag_replace_and_off() {
 
     let checker = Arc::new(FlagFirst { calls: AtomicUsize::new(0), down: false });
     p.safety = Some(checker.clone());
-    p.safety_settings = SafetySettings { default_policy: Policy::Replace, on_unavailable: OnUnavailable::Fail };
+    p.safety_settings = SafetySettings { default_policy: None, on_unavailable: OnUnavailable::Fail };
     let replaced = run(&p, request(v1::SafetyPolicy::Unspecified)).await.unwrap();
     assert_eq!(replaced.safety.flagged, [true, false]);
     assert!(replaced.safety.checked);
@@ -84,7 +84,7 @@ async fn a_safety_service_that_is_down_fails_closed_or_warns() {
     let mut pipelines = Pipelines::default();
     let mut p = pipelines.get("sd21-tiny").await.clone();
     p.safety = Some(Arc::new(FlagFirst { calls: AtomicUsize::new(0), down: true }));
-    p.safety_settings = SafetySettings { default_policy: Policy::Replace, on_unavailable: OnUnavailable::Fail };
+    p.safety_settings = SafetySettings { default_policy: None, on_unavailable: OnUnavailable::Fail };
     let err = run(&p, request(v1::SafetyPolicy::Unspecified)).await.err().unwrap();
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
     assert!(err.to_string().contains("safety checker"), "{err}");

@@ -66,14 +66,8 @@ pub async fn serve_mesh(opts: MeshOptions, listener: TcpListener, shutdown: Shut
         depth_url: depth.as_ref().map(url).transpose()?,
         upscaler: None,
         safety_url: safety.as_ref().map(url).transpose()?,
-        safety: sdmesh_orchestrator::safety::SafetySettings {
-            default_policy: if safety.is_some() {
-                sdmesh_orchestrator::safety::Policy::Replace
-            } else {
-                sdmesh_orchestrator::safety::Policy::Off
-            },
-            on_unavailable: sdmesh_orchestrator::safety::OnUnavailable::Fail,
-        },
+        // With a safety service, flagged images are replaced unless a request says otherwise.
+        safety: Default::default(),
         limits: opts.limits,
         startup_timeout: Duration::from_secs(600),
         embedding_cache_bytes: opts.embedding_cache_bytes,

@@ -456,6 +456,14 @@ impl Pipeline {
         };
         let timesteps = scheduler.timesteps().to_vec();
         let total = timesteps.len() - begin;
+        // Upscales larger than a tile denoise window by window, planned once for the job.
+        let tiling = match job.task {
+            Task::Upscale => {
+                let (_, _, h, w) = latents.dims4()?;
+                crate::upscale::Tiling::plan(h, w, self.limits.upscale_tile_latents, extra_channels.as_ref())?
+            }
+            _ => None,
+        };
         for (i, &t) in timesteps.iter().enumerate().skip(begin) {
             let span = tracing::info_span!("step", step = i, timestep = t, batch = job.num_images);
             let model_input = span.in_scope(|| scheduler.scale_model_input(&latents, i))?;
@@ -470,12 +478,9 @@ impl Pipeline {
                 guidance_rescale: job.guidance_rescale,
                 class_label: job.input.as_ref().filter(|_| job.task == Task::Upscale).map(|i| i.noise_level),
             };
-            let model_output = if job.task == Task::Upscale {
-                crate::upscale::denoise_tiled(self.denoiser.as_ref(), step_input, self.limits.upscale_tile_latents)
-                    .instrument(span.clone())
-                    .await?
-            } else {
-                self.denoiser.denoise(step_input).instrument(span.clone()).await?
+            let model_output = match &tiling {
+                Some(tiling) => tiling.denoise(self.denoiser.as_ref(), step_input).instrument(span.clone()).await?,
+                None => self.denoiser.denoise(step_input).instrument(span.clone()).await?,
             };
             latents = span.in_scope(|| scheduler.step(&model_output, i, &latents, noise))?;
             if let Some(blend) = &blend {

@@ -28,7 +28,7 @@ const DEFAULT_MAX_NOISE_LEVEL: u32 = 350;
 pub const DEFAULT_TILE_LATENTS: usize = 128;
 /// Latents shared by neighbouring tiles.
 pub const TILE_OVERLAP: usize = 32;
-/// Tiles of one step in flight at once: enough to fill a unet batch (16 rows = 8 guided
+/// Windows of one step in flight at once: enough to fill a unet batch (16 rows = 8 guided
 /// tiles), few enough not to flood its queue (a 512 input has 36 tiles a step).
 const TILES_IN_FLIGHT: usize = 8;
 
@@ -124,45 +124,77 @@ fn axis_weights(len: usize, tile: usize, overlap: usize) -> Vec<(usize, Vec<f32>
         .collect()
 }
 
-/// One denoising step over overlapping tiles of at most `tile` latents a side: the tiles'
-/// requests go out [`TILES_IN_FLIGHT`] at a time (same size, so the unet batches them), and
-/// the outputs are blended. Latents and extra channels are cut alike.
-pub async fn denoise_tiled(denoiser: &dyn Denoiser, input: DenoiseInput, tile: usize) -> Result<Tensor> {
-    let (_, _, h, w) = input.latents.dims4()?;
-    if h <= tile && w <= tile {
-        return denoiser.denoise(input).await;
-    }
-    let overlap = TILE_OVERLAP.min(tile / 2);
-    let (rows, cols) = (axis_weights(h, tile, overlap), axis_weights(w, tile, overlap));
-    let mut calls = Vec::new();
-    for (y, _) in &rows {
-        for (x, _) in &cols {
-            let window = |t: &Tensor| -> candle_core::Result<Tensor> { t.narrow(2, *y, tile.min(h))?.narrow(3, *x, tile.min(w)) };
-            let latents = window(&input.latents)?;
-            let extra = input.extra.as_ref().map(window).transpose()?;
-            calls.push(denoiser.denoise(DenoiseInput { latents, extra, ..input.clone() }));
+/// A job's tiling of its latents into overlapping windows of at most `tile` a side, planned once
+/// per job: the windows, their blend weights and the weights' sum, and each window of the
+/// job's constant extra channels (the same tensors every step, so they cross the wire once).
+pub struct Tiling {
+    windows: Vec<Window>,
+    /// [1, 1, h, w]: what the blended outputs are divided by.
+    weight_sum: Tensor,
+    /// Latent (height, width) and window (height, width).
+    size: (usize, usize),
+    window: (usize, usize),
+}
+
+struct Window {
+    y: usize,
+    x: usize,
+    /// [1, 1, window h, window w]
+    weight: Tensor,
+    extra: Option<Tensor>,
+}
+
+impl Tiling {
+    /// The plan for latents of `h` x `w` with `extra` channels ([n, k, h, w]); None when they
+    /// fit one tile.
+    pub fn plan(h: usize, w: usize, tile: usize, extra: Option<&Tensor>) -> Result<Option<Self>> {
+        if h <= tile && w <= tile {
+            return Ok(None);
         }
-    }
-    use futures::{StreamExt, TryStreamExt};
-    let outputs: Vec<Tensor> = futures::stream::iter(calls).buffered(TILES_IN_FLIGHT).try_collect().await?;
-    let (n, c) = (outputs[0].dim(0)?, outputs[0].dim(1)?);
-    let mut sum = Tensor::zeros((n, c, h, w), DType::F32, &Device::Cpu)?;
-    let mut weight = Tensor::zeros((1, 1, h, w), DType::F32, &Device::Cpu)?;
-    let mut k = 0;
-    for (y, wy) in &rows {
-        for (x, wx) in &cols {
-            let (th, tw) = (wy.len(), wx.len());
-            let wy_t = Tensor::from_vec(wy.clone(), (1, 1, th, 1), &Device::Cpu)?;
-            let wx_t = Tensor::from_vec(wx.clone(), (1, 1, 1, tw), &Device::Cpu)?;
-            let wt = wy_t.broadcast_mul(&wx_t)?;
-            let weighted = outputs[k].to_dtype(DType::F32)?.broadcast_mul(&wt)?;
-            sum = sum.slice_assign(&[0..n, 0..c, *y..y + th, *x..x + tw], &(sum.narrow(2, *y, th)?.narrow(3, *x, tw)? + weighted)?)?;
-            let ws = (weight.narrow(2, *y, th)?.narrow(3, *x, tw)? + wt)?;
-            weight = weight.slice_assign(&[0..1, 0..1, *y..y + th, *x..x + tw], &ws)?;
-            k += 1;
+        let overlap = TILE_OVERLAP.min(tile / 2);
+        let (rows, cols) = (axis_weights(h, tile, overlap), axis_weights(w, tile, overlap));
+        let window = (tile.min(h), tile.min(w));
+        let mut weight_sum = Tensor::zeros((1, 1, h, w), DType::F32, &Device::Cpu)?;
+        let mut windows = Vec::with_capacity(rows.len() * cols.len());
+        for (y, wy) in &rows {
+            for (x, wx) in &cols {
+                let wy_t = Tensor::from_vec(wy.clone(), (1, 1, window.0, 1), &Device::Cpu)?;
+                let wx_t = Tensor::from_vec(wx.clone(), (1, 1, 1, window.1), &Device::Cpu)?;
+                let weight = wy_t.broadcast_mul(&wx_t)?;
+                let region = [0..1, 0..1, *y..y + window.0, *x..x + window.1];
+                let summed = (weight_sum.narrow(2, *y, window.0)?.narrow(3, *x, window.1)? + &weight)?;
+                weight_sum = weight_sum.slice_assign(&region, &summed)?;
+                let extra = extra.map(|e| e.narrow(2, *y, window.0)?.narrow(3, *x, window.1)).transpose()?;
+                windows.push(Window { y: *y, x: *x, weight, extra });
+            }
         }
+        Ok(Some(Self { windows, weight_sum, size: (h, w), window }))
     }
-    Ok(sum.broadcast_div(&weight)?)
+
+    /// One denoising step: the windows' requests go out [`TILES_IN_FLIGHT`] at a time (same
+    /// size, so the unet batches them), and their outputs are blended. `input.extra` is
+    /// replaced by each window's planned extra channels.
+    pub async fn denoise(&self, denoiser: &dyn Denoiser, input: DenoiseInput) -> Result<Tensor> {
+        use futures::{StreamExt, TryStreamExt};
+        let ((h, w), (th, tw)) = (self.size, self.window);
+        let calls = self
+            .windows
+            .iter()
+            .map(|win| {
+                let latents = input.latents.narrow(2, win.y, th)?.narrow(3, win.x, tw)?;
+                Ok(denoiser.denoise(DenoiseInput { latents, extra: win.extra.clone(), ..input.clone() }))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let outputs: Vec<Tensor> = futures::stream::iter(calls).buffered(TILES_IN_FLIGHT).try_collect().await?;
+        let (n, c) = (outputs[0].dim(0)?, outputs[0].dim(1)?);
+        let mut sum = Tensor::zeros((n, c, h, w), DType::F32, &Device::Cpu)?;
+        for (win, out) in self.windows.iter().zip(&outputs) {
+            let weighted = out.to_dtype(DType::F32)?.broadcast_mul(&win.weight)?;
+            let region = [0..n, 0..c, win.y..win.y + th, win.x..win.x + tw];
+            sum = sum.slice_assign(&region, &(sum.narrow(2, win.y, th)?.narrow(3, win.x, tw)? + weighted)?)?;
+        }
+        Ok(sum.broadcast_div(&self.weight_sum)?)
+    }
 }
 
 #[cfg(test)]
@@ -224,7 +256,8 @@ mod tests {
         let whole = model.denoise(input.clone()).await.unwrap();
         for tile in [16usize, 24, 40, 64] {
             let model = Pointwise { largest: Default::default() };
-            let tiled = denoise_tiled(&model, input.clone(), tile).await.unwrap();
+            let plan = Tiling::plan(45, 70, tile, input.extra.as_ref()).unwrap().expect("45 x 70 needs tiles");
+            let tiled = plan.denoise(&model, input.clone()).await.unwrap();
             let diff = (&tiled - &whole).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(diff < 1e-5, "tile {tile}: {diff}");
             let (h, w) = *model.largest.lock().unwrap();

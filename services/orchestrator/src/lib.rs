@@ -283,36 +283,6 @@ pub async fn run(
             .max_encoding_message_size(opts.limits.max_response_bytes()),
     );
     let server = tokio::spawn(serve(listener, routes, health.clone(), shutdown));
-    let pipeline = pipeline_over(
-        &opts.model,
-        Arc::new(sdmesh_text_encoder::TextEncoderClient::new(&opts.text_encoder_url)?),
-        Arc::new(sdmesh_unet::UnetClient::new(&opts.unet_url)?),
-        Arc::new(sdmesh_vae::VaeClient::new(&opts.vae_url)?),
-        opts.limits,
-        opts.startup_timeout,
-    )
-    .await?;
-    let mut pipeline = pipeline;
-    if let Some(url) = &opts.depth_url {
-        pipeline.depth = Some(Arc::new(sdmesh_depth::DepthClient::new(url)?));
-    }
-    if let Some(url) = &opts.safety_url {
-        pipeline.safety = Some(Arc::new(sdmesh_safety::SafetyClient::new(url)?));
-    }
-    pipeline.safety_settings = opts.safety;
-    if let Some(up) = &opts.upscaler {
-        let upscaler = pipeline_over(
-            &up.model,
-            Arc::new(sdmesh_text_encoder::TextEncoderClient::new(&up.text_encoder_url)?),
-            Arc::new(sdmesh_unet::UnetClient::new(&up.unet_url)?),
-            Arc::new(sdmesh_vae::VaeClient::new(&up.vae_url)?),
-            opts.limits,
-            opts.startup_timeout,
-        )
-        .await?;
-        anyhow::ensure!(upscaler.upscaler.is_some(), "{}: not an x4 upscaler (no low_res_scheduler/)", up.model.display());
-        pipeline.chained_upscaler = Some(Arc::new(upscaler));
-    }
     let store: Option<Arc<dyn embedding_cache::EmbeddingStore>> = match (opts.redis, opts.embedding_cache_bytes) {
         (Some(redis), _) => {
             tracing::info!(url = %sdmesh_core::redact_url(&redis.url), ttl = ?redis.ttl, "prompt embeddings cached in redis");
@@ -321,16 +291,39 @@ pub async fn run(
         (None, 0) => None,
         (None, bytes) => Some(Arc::new(embedding_cache::LruStore::new(bytes))),
     };
-    let pipeline = match store {
-        Some(store) => {
-            if let Some(up) = pipeline.chained_upscaler.take() {
-                let up = Arc::unwrap_or_clone(up);
-                pipeline.chained_upscaler = Some(Arc::new(with_embedding_cache(up, store.clone())));
-            }
-            with_embedding_cache(pipeline, store)
+    // A pipeline over remote model services, its prompt embeddings cached in `store`.
+    let remote = |model: PathBuf, text_encoder_url: String, unet_url: String, vae_url: String| {
+        let store = store.clone();
+        async move {
+            let pipeline = pipeline_over(
+                &model,
+                Arc::new(sdmesh_text_encoder::TextEncoderClient::new(&text_encoder_url)?),
+                Arc::new(sdmesh_unet::UnetClient::new(&unet_url)?),
+                Arc::new(sdmesh_vae::VaeClient::new(&vae_url)?),
+                opts.limits,
+                opts.startup_timeout,
+            )
+            .await?;
+            anyhow::Ok(match store {
+                Some(store) => with_embedding_cache(pipeline, store),
+                None => pipeline,
+            })
         }
-        None => pipeline,
     };
+    let mut pipeline =
+        remote(opts.model.clone(), opts.text_encoder_url.clone(), opts.unet_url.clone(), opts.vae_url.clone()).await?;
+    if let Some(url) = &opts.depth_url {
+        pipeline.depth = Some(Arc::new(sdmesh_depth::DepthClient::new(url)?));
+    }
+    if let Some(url) = &opts.safety_url {
+        pipeline.safety = Some(Arc::new(sdmesh_safety::SafetyClient::new(url)?));
+    }
+    pipeline.safety_settings = opts.safety;
+    if let Some(up) = opts.upscaler.clone() {
+        let upscaler = remote(up.model.clone(), up.text_encoder_url, up.unet_url, up.vae_url).await?;
+        anyhow::ensure!(upscaler.upscaler.is_some(), "{}: not an x4 upscaler (no low_res_scheduler/)", up.model.display());
+        pipeline.chained_upscaler = Some(Arc::new(upscaler));
+    }
     service.set_pipeline(pipeline);
     health.set(ServingStatus::Serving).await;
     tracing::info!("orchestrator ready");

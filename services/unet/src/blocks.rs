@@ -276,31 +276,49 @@ impl DownBlock2D {
     }
 }
 
+/// The transformers of a cross-attention down or up block (one after each resnet).
 #[derive(Debug, Clone, Copy)]
-pub struct CrossAttnDownBlock2DConfig {
-    /// attn1 attends to the text too (diffusers' per-block `only_cross_attention`).
-    pub only_cross_attention: bool,
-    pub downblock: DownBlock2DConfig,
+pub struct CrossAttnConfig {
     pub attn_num_head_channels: usize,
     pub cross_attention_dim: usize,
     // attention_type: "default"
     pub sliced_attention_size: Option<usize>,
     pub use_linear_projection: bool,
     pub transformer_layers_per_block: usize,
+    /// attn1 attends to the text too (diffusers' per-block `only_cross_attention`).
+    pub only_cross_attention: bool,
 }
 
-impl Default for CrossAttnDownBlock2DConfig {
-    fn default() -> Self {
-        Self {
-            downblock: Default::default(),
-            attn_num_head_channels: 1,
-            cross_attention_dim: 1280,
-            sliced_attention_size: None,
-            use_linear_projection: false,
-            transformer_layers_per_block: 1,
-            only_cross_attention: false,
-        }
+impl CrossAttnConfig {
+    /// `count` SpatialTransformers over `channels` under `vs`/attentions/i.
+    fn transformers(
+        &self,
+        vs: &nn::VarBuilder,
+        count: usize,
+        channels: usize,
+        groups: usize,
+        use_flash_attn: bool,
+    ) -> Result<Vec<SpatialTransformer>> {
+        let n_heads = self.attn_num_head_channels;
+        let cfg = SpatialTransformerConfig {
+            depth: self.transformer_layers_per_block,
+            context_dim: Some(self.cross_attention_dim),
+            num_groups: groups,
+            sliced_attention_size: self.sliced_attention_size,
+            use_linear_projection: self.use_linear_projection,
+            only_cross_attention: self.only_cross_attention,
+        };
+        let vs_attn = vs.pp("attentions");
+        (0..count)
+            .map(|i| SpatialTransformer::new(vs_attn.pp(i.to_string()), channels, n_heads, channels / n_heads, use_flash_attn, cfg))
+            .collect()
     }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct CrossAttnDownBlock2DConfig {
+    pub downblock: DownBlock2DConfig,
+    pub attn: CrossAttnConfig,
 }
 
 #[derive(Debug)]
@@ -321,28 +339,13 @@ impl CrossAttnDownBlock2D {
         config: CrossAttnDownBlock2DConfig,
     ) -> Result<Self> {
         let downblock = DownBlock2D::new(vs.clone(), in_channels, out_channels, temb_channels, config.downblock)?;
-        let n_heads = config.attn_num_head_channels;
-        let cfg = SpatialTransformerConfig {
-            depth: config.transformer_layers_per_block,
-            context_dim: Some(config.cross_attention_dim),
-            num_groups: config.downblock.resnet_groups,
-            sliced_attention_size: config.sliced_attention_size,
-            use_linear_projection: config.use_linear_projection,
-            only_cross_attention: config.only_cross_attention,
-        };
-        let vs_attn = vs.pp("attentions");
-        let attentions = (0..config.downblock.num_layers)
-            .map(|i| {
-                SpatialTransformer::new(
-                    vs_attn.pp(i.to_string()),
-                    out_channels,
-                    n_heads,
-                    out_channels / n_heads,
-                    use_flash_attn,
-                    cfg,
-                )
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let attentions = config.attn.transformers(
+            &vs,
+            config.downblock.num_layers,
+            out_channels,
+            config.downblock.resnet_groups,
+            use_flash_attn,
+        )?;
         let span = tracing::span!(tracing::Level::TRACE, "xa-down2d");
         Ok(Self { downblock, attentions, span, config })
     }
@@ -457,29 +460,8 @@ impl UpBlock2D {
 
 #[derive(Debug, Clone, Copy)]
 pub struct CrossAttnUpBlock2DConfig {
-    /// attn1 attends to the text too (diffusers' per-block `only_cross_attention`).
-    pub only_cross_attention: bool,
     pub upblock: UpBlock2DConfig,
-    pub attn_num_head_channels: usize,
-    pub cross_attention_dim: usize,
-    // attention_type: "default"
-    pub sliced_attention_size: Option<usize>,
-    pub use_linear_projection: bool,
-    pub transformer_layers_per_block: usize,
-}
-
-impl Default for CrossAttnUpBlock2DConfig {
-    fn default() -> Self {
-        Self {
-            upblock: Default::default(),
-            attn_num_head_channels: 1,
-            cross_attention_dim: 1280,
-            sliced_attention_size: None,
-            use_linear_projection: false,
-            transformer_layers_per_block: 1,
-            only_cross_attention: false,
-        }
-    }
+    pub attn: CrossAttnConfig,
 }
 
 #[derive(Debug)]
@@ -502,28 +484,13 @@ impl CrossAttnUpBlock2D {
     ) -> Result<Self> {
         let upblock =
             UpBlock2D::new(vs.clone(), in_channels, prev_output_channels, out_channels, temb_channels, config.upblock)?;
-        let n_heads = config.attn_num_head_channels;
-        let cfg = SpatialTransformerConfig {
-            depth: config.transformer_layers_per_block,
-            context_dim: Some(config.cross_attention_dim),
-            num_groups: config.upblock.resnet_groups,
-            sliced_attention_size: config.sliced_attention_size,
-            use_linear_projection: config.use_linear_projection,
-            only_cross_attention: config.only_cross_attention,
-        };
-        let vs_attn = vs.pp("attentions");
-        let attentions = (0..config.upblock.num_layers)
-            .map(|i| {
-                SpatialTransformer::new(
-                    vs_attn.pp(i.to_string()),
-                    out_channels,
-                    n_heads,
-                    out_channels / n_heads,
-                    use_flash_attn,
-                    cfg,
-                )
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let attentions = config.attn.transformers(
+            &vs,
+            config.upblock.num_layers,
+            out_channels,
+            config.upblock.resnet_groups,
+            use_flash_attn,
+        )?;
         let span = tracing::span!(tracing::Level::TRACE, "xa-up2d");
         Ok(Self { upblock, attentions, span, config })
     }

@@ -69,7 +69,22 @@ impl UNet2DConditionModel {
         extras: &UnetExtras,
     ) -> Result<Self> {
         let n_blocks = config.blocks.len();
-        let only_cross = |block: usize| extras.only_cross_attention.get(block).copied().unwrap_or(false);
+        // The transformers of down block `block` (and of its mirror up block), if it has any.
+        let cross_attn = |block: usize| -> Option<CrossAttnConfig> {
+            let BlockConfig { use_cross_attn, attention_head_dim, .. } = config.blocks[block];
+            Some(CrossAttnConfig {
+                attn_num_head_channels: attention_head_dim,
+                cross_attention_dim: config.cross_attention_dim,
+                // Automatic attention slicing when the config's sliced_attention_size is 0.
+                sliced_attention_size: match config.sliced_attention_size {
+                    Some(0) => Some(attention_head_dim / 2),
+                    other => other,
+                },
+                use_linear_projection: config.use_linear_projection,
+                transformer_layers_per_block: use_cross_attn?,
+                only_cross_attention: extras.only_cross_attention.get(block).copied().unwrap_or(false),
+            })
+        };
         let Some(last) = config.blocks.last() else { candle_core::bail!("the UNet config has no blocks") };
         let b_channels = config.blocks[0].out_channels;
         let (bl_channels, bl_attention_head_dim) = (last.out_channels, last.attention_head_dim);
@@ -90,13 +105,7 @@ impl UNet2DConditionModel {
         let vs_db = vs.pp("down_blocks");
         let down_blocks = (0..n_blocks)
             .map(|i| {
-                let BlockConfig { out_channels, use_cross_attn, attention_head_dim } = config.blocks[i];
-
-                // Enable automatic attention slicing if the config sliced_attention_size is set to 0.
-                let sliced_attention_size = match config.sliced_attention_size {
-                    Some(0) => Some(attention_head_dim / 2),
-                    _ => config.sliced_attention_size,
-                };
+                let out_channels = config.blocks[i].out_channels;
 
                 let in_channels = if i > 0 { config.blocks[i - 1].out_channels } else { b_channels };
                 let db_cfg = DownBlock2DConfig {
@@ -107,16 +116,8 @@ impl UNet2DConditionModel {
                     downsample_padding: config.downsample_padding,
                     ..Default::default()
                 };
-                if let Some(transformer_layers_per_block) = use_cross_attn {
-                    let config = CrossAttnDownBlock2DConfig {
-                        only_cross_attention: only_cross(i),
-                        downblock: db_cfg,
-                        attn_num_head_channels: attention_head_dim,
-                        cross_attention_dim: config.cross_attention_dim,
-                        sliced_attention_size,
-                        use_linear_projection: config.use_linear_projection,
-                        transformer_layers_per_block,
-                    };
+                if let Some(attn) = cross_attn(i) {
+                    let config = CrossAttnDownBlock2DConfig { downblock: db_cfg, attn };
                     let block = CrossAttnDownBlock2D::new(
                         vs_db.pp(i.to_string()),
                         in_channels,
@@ -166,13 +167,7 @@ impl UNet2DConditionModel {
         let vs_ub = vs.pp("up_blocks");
         let up_blocks = (0..n_blocks)
             .map(|i| {
-                let BlockConfig { out_channels, use_cross_attn, attention_head_dim } = config.blocks[n_blocks - 1 - i];
-
-                // Enable automatic attention slicing if the config sliced_attention_size is set to 0.
-                let sliced_attention_size = match config.sliced_attention_size {
-                    Some(0) => Some(attention_head_dim / 2),
-                    _ => config.sliced_attention_size,
-                };
+                let out_channels = config.blocks[n_blocks - 1 - i].out_channels;
 
                 let prev_out_channels = if i > 0 { config.blocks[n_blocks - i].out_channels } else { bl_channels };
                 let in_channels = {
@@ -186,16 +181,8 @@ impl UNet2DConditionModel {
                     add_upsample: i < n_blocks - 1,
                     ..Default::default()
                 };
-                if let Some(transformer_layers_per_block) = use_cross_attn {
-                    let config = CrossAttnUpBlock2DConfig {
-                        only_cross_attention: only_cross(n_blocks - 1 - i),
-                        upblock: ub_cfg,
-                        attn_num_head_channels: attention_head_dim,
-                        cross_attention_dim: config.cross_attention_dim,
-                        sliced_attention_size,
-                        use_linear_projection: config.use_linear_projection,
-                        transformer_layers_per_block,
-                    };
+                if let Some(attn) = cross_attn(n_blocks - 1 - i) {
+                    let config = CrossAttnUpBlock2DConfig { upblock: ub_cfg, attn };
                     let block = CrossAttnUpBlock2D::new(
                         vs_ub.pp(i.to_string()),
                         in_channels,

@@ -202,16 +202,16 @@ struct BasicTransformerBlock {
 }
 
 impl BasicTransformerBlock {
+    /// Attention settings (context, only-cross-attention, slicing) from its transformer's config.
     fn new(
         vs: nn::VarBuilder,
         dim: usize,
         n_heads: usize,
         d_head: usize,
-        context_dim: Option<usize>,
-        only_cross_attention: bool,
-        sliced_attention_size: Option<usize>,
+        config: &SpatialTransformerConfig,
         use_flash_attn: bool,
     ) -> Result<Self> {
+        let SpatialTransformerConfig { context_dim, only_cross_attention, sliced_attention_size, .. } = *config;
         let attn1_context = if only_cross_attention { context_dim } else { None };
         let attn1 = CrossAttention::new(
             vs.pp("attn1"),
@@ -313,9 +313,7 @@ impl SpatialTransformer {
                 inner_dim,
                 n_heads,
                 d_head,
-                config.context_dim,
-                config.only_cross_attention,
-                config.sliced_attention_size,
+                &config,
                 use_flash_attn,
             )?;
             transformer_blocks.push(tb)

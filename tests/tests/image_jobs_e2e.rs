@@ -43,7 +43,14 @@ fn sdctl_case(command: &str, mesh: &Mesh, name: &str, extra: &[&str], tmp: &std:
     if let (Some(mask), false) = (case["mask"].as_str(), extra.contains(&"--mask")) {
         cmd.arg("--mask").arg(inputs(mask));
     }
-    let out = cmd.args(extra).arg("--out").arg(tmp.join(format!("{name}.png"))).arg("--out-array").arg(&array).output().unwrap();
+    let out = cmd
+        .args(extra)
+        .arg("--out")
+        .arg(tmp.join(format!("{name}.png")))
+        .arg("--out-array")
+        .arg(&array)
+        .output()
+        .unwrap();
     (out, array)
 }
 
@@ -109,9 +116,15 @@ async fn sdctl_depth_through_separate_processes_equals_diffusers_by_seed() {
     let decoder = png::Decoder::new(std::io::Cursor::new(map.png.clone()));
     let reader = decoder.read_info().unwrap();
     let info = reader.info();
-    assert_eq!((info.width, info.height, info.bit_depth, info.color_type), (64, 48, png::BitDepth::Sixteen, png::ColorType::Grayscale));
+    assert_eq!(
+        (info.width, info.height, info.bit_depth, info.color_type),
+        (64, 48, png::BitDepth::Sixteen, png::ColorType::Grayscale)
+    );
     let err = client
-        .estimate(v1::EstimateDepthRequest { images: vec![bytes::Bytes::from_static(b"not an image")], ..Default::default() })
+        .estimate(v1::EstimateDepthRequest {
+            images: vec![bytes::Bytes::from_static(b"not an image")],
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");

@@ -103,7 +103,9 @@ pub fn check_model_can(task: Task, unet_in_channels: u32, has_depth_estimator: b
         INPAINT_UNET_CHANNELS => "an inpainting checkpoint (9-channel UNet): it can only inpaint (send image and mask)",
         DEPTH_UNET_CHANNELS => "a depth checkpoint (5-channel UNet): it can only do depth2img (send an image)",
         UPSCALER_UNET_CHANNELS => "an x4 upscaler checkpoint (7-channel UNet): it can only upscale (send an image)",
-        4 => "a txt2img checkpoint (4-channel UNet): it does txt2img, img2img and inpainting by blending, not depth2img",
+        4 => {
+            "a txt2img checkpoint (4-channel UNet): it does txt2img, img2img and inpainting by blending, not depth2img"
+        }
         _ => "a checkpoint whose UNet input channels this orchestrator does not know",
     };
     let ok = match task {
@@ -166,7 +168,11 @@ pub fn prepare_input(
     };
     let height = side("height", size.0, ih)?;
     let width = side("width", size.1, iw)?;
-    let resized = if (width, height) == (iw, ih) { decoded } else { images::resize_rgb(&decoded, width, height, Filter::Lanczos) };
+    let resized = if (width, height) == (iw, ih) {
+        decoded
+    } else {
+        images::resize_rgb(&decoded, width, height, Filter::Lanczos)
+    };
     let image = images::to_tensor_nchw(&resized).affine(2.0, -1.0)?;
 
     let mask = if task == Task::Inpaint {
@@ -255,14 +261,7 @@ fn prepare_upscale_input(
     let resized = if (w, h) == (iw, ih) { decoded } else { images::resize_rgb(&decoded, w, h, Filter::Bicubic) };
     let image = images::to_tensor_nchw(&resized).affine(2.0, -1.0)?;
     let noise_level = r.noise_level.unwrap_or(crate::upscale::DEFAULT_NOISE_LEVEL);
-    let input = ImageInput {
-        image,
-        encoded: r.image.clone(),
-        mask: None,
-        depth_map: None,
-        strength: 1.0,
-        noise_level,
-    };
+    let input = ImageInput { image, encoded: r.image.clone(), mask: None, depth_map: None, strength: 1.0, noise_level };
     Ok((input, (h * f) as usize, (w * f) as usize))
 }
 
@@ -337,11 +336,7 @@ async fn vae_sample(vae: &dyn Vae, image: &Tensor, shape: &Shape, noise: &mut dy
 
 /// The depth condition: each predicted (or given) map resized (bicubic) to the latent size and
 /// normalised to [-1, 1] per image, [n, 1, h, w].
-pub async fn depth_condition(
-    input: &ImageInput,
-    depth: Option<&dyn DepthEstimator>,
-    shape: &Shape,
-) -> Result<Tensor> {
+pub async fn depth_condition(input: &ImageInput, depth: Option<&dyn DepthEstimator>, shape: &Shape) -> Result<Tensor> {
     let maps = match (&input.depth_map, depth) {
         (Some(d), _) => d.clone(),
         (None, Some(estimator)) => {
@@ -385,11 +380,8 @@ pub async fn prepare(
     match task {
         Task::Img2Img | Task::Depth2Img => {
             // depth2img prepares its depth map first (no draws there).
-            let extra_channels = if task == Task::Depth2Img {
-                Some(depth_condition(input, depth, shape).await?)
-            } else {
-                None
-            };
+            let extra_channels =
+                if task == Task::Depth2Img { Some(depth_condition(input, depth, shape).await?) } else { None };
             let image_latents = repeat_rows(&vae_sample(vae, &input.image, shape, noise).await?, shape.num_images)?;
             let eps = noise.randn(&latent_shape)?;
             let latents = scheduler::add_noise(scheduler, &image_latents, &eps, begin)?;
@@ -422,7 +414,11 @@ pub async fn prepare(
                     blend: Some(Blend { mask: latent_mask, image_latents, noise: eps }),
                 })
             } else {
-                Ok(Prepared { latents, extra_channels: Some(Tensor::cat(&[latent_mask, masked_latents], 1)?), blend: None })
+                Ok(Prepared {
+                    latents,
+                    extra_channels: Some(Tensor::cat(&[latent_mask, masked_latents], 1)?),
+                    blend: None,
+                })
             }
         }
         Task::Upscale => Err(Error::internal("upscaling is prepared by prepare_upscale")),

@@ -186,11 +186,9 @@ impl Pipeline {
         }
         let then_upscale = match (&r.upscale, &self.chained_upscaler) {
             (None, _) => None,
-            (Some(_), None) => {
-                return Err(Error::failed_precondition(
-                    "upscale: this orchestrator has no upscaler to chain (start it with --upscaler-model and its services)",
-                ))
-            }
+            (Some(_), None) => return Err(Error::failed_precondition(
+                "upscale: this orchestrator has no upscaler to chain (start it with --upscaler-model and its services)",
+            )),
             (Some(_), Some(_)) if task == Task::Upscale => {
                 return Err(Error::invalid("upscale: an upscale job cannot chain another upscale"))
             }
@@ -416,7 +414,8 @@ impl Pipeline {
                 ((latents * scheduler.init_noise_sigma())?, 0, None, None)
             }
             Some(input) if job.task == Task::Upscale => {
-                let upscaler = self.upscaler.as_ref().ok_or_else(|| Error::internal("no upscaler for an upscale job"))?;
+                let upscaler =
+                    self.upscaler.as_ref().ok_or_else(|| Error::internal("no upscaler for an upscale job"))?;
                 let [num_images, latent_channels, _, _] = self.latent_shape(job);
                 let prepared = image_job::prepare_upscale(
                     input,

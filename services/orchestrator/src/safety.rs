@@ -69,7 +69,8 @@ impl SafetyArgs {
 /// The request's policy, or the default; asking for a check with no checker is
 /// FAILED_PRECONDITION.
 pub fn resolve(request: i32, settings: &SafetySettings, has_checker: bool) -> Result<Policy> {
-    let asked = v1::SafetyPolicy::try_from(request).map_err(|_| Error::invalid(format!("safety: unknown value {request}")))?;
+    let asked =
+        v1::SafetyPolicy::try_from(request).map_err(|_| Error::invalid(format!("safety: unknown value {request}")))?;
     let policy = match asked {
         v1::SafetyPolicy::Unspecified => match settings.default_policy {
             Some(policy) => policy,
@@ -130,7 +131,9 @@ pub async fn apply(
     metrics::counter!("sdmesh_safety_flagged_total").increment(count as u64);
     if count > 0 {
         warnings.push(match policy {
-            Policy::Replace => format!("{count} of {n} images were flagged by the safety checker and replaced with black images"),
+            Policy::Replace => {
+                format!("{count} of {n} images were flagged by the safety checker and replaced with black images")
+            }
             _ => format!("{count} of {n} images were flagged by the safety checker"),
         });
     }
@@ -138,7 +141,11 @@ pub async fn apply(
         let rows: Vec<Tensor> = (0..n)
             .map(|i| {
                 let row = images.narrow(0, i, 1)?;
-                if flagged[i] { row.zeros_like() } else { Ok(row) }
+                if flagged[i] {
+                    row.zeros_like()
+                } else {
+                    Ok(row)
+                }
             })
             .collect::<candle_core::Result<_>>()?;
         Tensor::cat(&rows, 0)?
@@ -153,7 +160,11 @@ mod tests {
     use super::*;
 
     fn args(url: Option<&str>, policy: Option<Policy>) -> SafetyArgs {
-        SafetyArgs { safety_url: url.map(String::from), safety_policy: policy, safety_on_unavailable: OnUnavailable::Fail }
+        SafetyArgs {
+            safety_url: url.map(String::from),
+            safety_policy: policy,
+            safety_on_unavailable: OnUnavailable::Fail,
+        }
     }
 
     /// Unset, the default follows the checker: replace with one, off without; an explicit

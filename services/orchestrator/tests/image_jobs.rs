@@ -52,7 +52,10 @@ async fn run_cases(filter: impl Fn(&serde_json::Value) -> bool) -> Vec<String> {
             req.seed = Some(0);
         }
         let job = pipeline.validate(&req).unwrap_or_else(|e| panic!("{name}: {e}"));
-        assert_eq!((job.height, job.width), (case["height"].as_u64().unwrap() as usize, case["width"].as_u64().unwrap() as usize));
+        assert_eq!(
+            (job.height, job.width),
+            (case["height"].as_u64().unwrap() as usize, case["width"].as_u64().unwrap() as usize)
+        );
         run_and_check_case(pipeline, &job, case, &r, &mut report).await;
         ran += 1;
     }
@@ -78,7 +81,6 @@ async fn depth2img_with_a_given_depth_map_matches_diffusers() {
     println!("{}", report.join("\n"));
 }
 
-
 /// A valid small request for `task` on 64x64 inputs.
 fn small(task: v1::Task) -> v1::GenerateRequest {
     v1::GenerateRequest {
@@ -92,7 +94,13 @@ fn small(task: v1::Task) -> v1::GenerateRequest {
     }
 }
 
-fn expect_error(pipeline: &sdmesh_orchestrator::pipeline::Pipeline, what: &str, r: v1::GenerateRequest, code: tonic::Code, needle: &str) {
+fn expect_error(
+    pipeline: &sdmesh_orchestrator::pipeline::Pipeline,
+    what: &str,
+    r: v1::GenerateRequest,
+    code: tonic::Code,
+    needle: &str,
+) {
     let err = pipeline.validate(&r).err().unwrap_or_else(|| panic!("{what}: accepted"));
     assert_eq!(err.code(), code, "{what}: {err}");
     assert!(err.to_string().contains(needle), "{what}: {err:?} does not mention {needle:?}");
@@ -105,34 +113,147 @@ async fn bad_image_job_requests_say_why() {
     let txt2img_model = pipelines.get("sd21-tiny").await.clone();
     let p = &txt2img_model;
     let garbage = bytes::Bytes::from_static(b"GIF89a not really an image");
-    expect_error(p, "undecodable image", v1::GenerateRequest { image: garbage.clone(), ..small(v1::Task::Img2img) }, InvalidArgument, "image");
+    expect_error(
+        p,
+        "undecodable image",
+        v1::GenerateRequest { image: garbage.clone(), ..small(v1::Task::Img2img) },
+        InvalidArgument,
+        "image",
+    );
     let truncated = input("img64.png").slice(..60);
-    expect_error(p, "truncated image", v1::GenerateRequest { image: truncated, ..small(v1::Task::Img2img) }, InvalidArgument, "image");
-    expect_error(p, "undecodable mask", v1::GenerateRequest { mask: garbage, ..small(v1::Task::Inpaint) }, InvalidArgument, "mask");
-    expect_error(p, "mask of another size", v1::GenerateRequest { mask: input("mask48x64.png"), ..small(v1::Task::Inpaint) }, InvalidArgument, "mask: 64x48");
-    expect_error(p, "inpainting without a mask", v1::GenerateRequest { mask: Default::default(), ..small(v1::Task::Inpaint) }, InvalidArgument, "mask");
-    expect_error(p, "img2img without an image", v1::GenerateRequest { image: Default::default(), ..small(v1::Task::Img2img) }, InvalidArgument, "image");
-    expect_error(p, "a mask on img2img", v1::GenerateRequest { mask: input("mask64.png"), ..small(v1::Task::Img2img) }, InvalidArgument, "mask");
+    expect_error(
+        p,
+        "truncated image",
+        v1::GenerateRequest { image: truncated, ..small(v1::Task::Img2img) },
+        InvalidArgument,
+        "image",
+    );
+    expect_error(
+        p,
+        "undecodable mask",
+        v1::GenerateRequest { mask: garbage, ..small(v1::Task::Inpaint) },
+        InvalidArgument,
+        "mask",
+    );
+    expect_error(
+        p,
+        "mask of another size",
+        v1::GenerateRequest { mask: input("mask48x64.png"), ..small(v1::Task::Inpaint) },
+        InvalidArgument,
+        "mask: 64x48",
+    );
+    expect_error(
+        p,
+        "inpainting without a mask",
+        v1::GenerateRequest { mask: Default::default(), ..small(v1::Task::Inpaint) },
+        InvalidArgument,
+        "mask",
+    );
+    expect_error(
+        p,
+        "img2img without an image",
+        v1::GenerateRequest { image: Default::default(), ..small(v1::Task::Img2img) },
+        InvalidArgument,
+        "image",
+    );
+    expect_error(
+        p,
+        "a mask on img2img",
+        v1::GenerateRequest { mask: input("mask64.png"), ..small(v1::Task::Img2img) },
+        InvalidArgument,
+        "mask",
+    );
     expect_error(p, "an image on txt2img", small(v1::Task::Txt2img), InvalidArgument, "not txt2img");
     for strength in [0.0, -0.1, 1.5, f32::NAN] {
-        expect_error(p, "strength", v1::GenerateRequest { strength: Some(strength), ..small(v1::Task::Img2img) }, InvalidArgument, "strength");
+        expect_error(
+            p,
+            "strength",
+            v1::GenerateRequest { strength: Some(strength), ..small(v1::Task::Img2img) },
+            InvalidArgument,
+            "strength",
+        );
     }
     // int(4 * 0.2) = 0 steps to run.
-    expect_error(p, "strength too low for the steps", v1::GenerateRequest { strength: Some(0.2), ..small(v1::Task::Img2img) }, InvalidArgument, "runs no step");
-    expect_error(p, "depth2img on a txt2img checkpoint", small(v1::Task::Depth2img), FailedPrecondition, "not possible with this model");
-    expect_error(p, "init_latents with an image", v1::GenerateRequest { init_latents: Some(v1::Tensor::from_candle(&Tensor::zeros((1, 4, 8, 8), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap()).unwrap()), ..small(v1::Task::Img2img) }, InvalidArgument, "init_latents");
-    expect_error(p, "an image larger than max_side", v1::GenerateRequest { height: Some(4096), ..small(v1::Task::Img2img) }, InvalidArgument, "height");
+    expect_error(
+        p,
+        "strength too low for the steps",
+        v1::GenerateRequest { strength: Some(0.2), ..small(v1::Task::Img2img) },
+        InvalidArgument,
+        "runs no step",
+    );
+    expect_error(
+        p,
+        "depth2img on a txt2img checkpoint",
+        small(v1::Task::Depth2img),
+        FailedPrecondition,
+        "not possible with this model",
+    );
+    expect_error(
+        p,
+        "init_latents with an image",
+        v1::GenerateRequest {
+            init_latents: Some(
+                v1::Tensor::from_candle(
+                    &Tensor::zeros((1, 4, 8, 8), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap(),
+                )
+                .unwrap(),
+            ),
+            ..small(v1::Task::Img2img)
+        },
+        InvalidArgument,
+        "init_latents",
+    );
+    expect_error(
+        p,
+        "an image larger than max_side",
+        v1::GenerateRequest { height: Some(4096), ..small(v1::Task::Img2img) },
+        InvalidArgument,
+        "height",
+    );
 
     let inpaint_model = pipelines.get("sd2-inpaint-tiny").await.clone();
-    expect_error(&inpaint_model, "img2img on an inpainting checkpoint", small(v1::Task::Img2img), FailedPrecondition, "inpainting checkpoint");
-    expect_error(&inpaint_model, "txt2img on an inpainting checkpoint", v1::GenerateRequest { prompt: "x".into(), ..Default::default() }, FailedPrecondition, "inpainting checkpoint");
+    expect_error(
+        &inpaint_model,
+        "img2img on an inpainting checkpoint",
+        small(v1::Task::Img2img),
+        FailedPrecondition,
+        "inpainting checkpoint",
+    );
+    expect_error(
+        &inpaint_model,
+        "txt2img on an inpainting checkpoint",
+        v1::GenerateRequest { prompt: "x".into(), ..Default::default() },
+        FailedPrecondition,
+        "inpainting checkpoint",
+    );
     let depth_model = pipelines.get("sd2-depth-tiny").await.clone();
-    expect_error(&depth_model, "inpainting on a depth checkpoint", small(v1::Task::Inpaint), FailedPrecondition, "depth checkpoint");
+    expect_error(
+        &depth_model,
+        "inpainting on a depth checkpoint",
+        small(v1::Task::Inpaint),
+        FailedPrecondition,
+        "depth checkpoint",
+    );
     let mut no_estimator = depth_model.clone();
     no_estimator.depth = None;
-    expect_error(&no_estimator, "depth2img with no depth service or map", small(v1::Task::Depth2img), FailedPrecondition, "depth service");
-    let bad_map = v1::Tensor::from_candle(&Tensor::zeros((1, 1, 2, 2), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap()).unwrap();
-    expect_error(&no_estimator, "a depth map of the wrong rank", v1::GenerateRequest { depth_map: Some(bad_map), ..small(v1::Task::Depth2img) }, InvalidArgument, "depth_map");
+    expect_error(
+        &no_estimator,
+        "depth2img with no depth service or map",
+        small(v1::Task::Depth2img),
+        FailedPrecondition,
+        "depth service",
+    );
+    let bad_map = v1::Tensor::from_candle(
+        &Tensor::zeros((1, 1, 2, 2), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap(),
+    )
+    .unwrap();
+    expect_error(
+        &no_estimator,
+        "a depth map of the wrong rank",
+        v1::GenerateRequest { depth_map: Some(bad_map), ..small(v1::Task::Depth2img) },
+        InvalidArgument,
+        "depth_map",
+    );
 }
 
 /// An unspecified task is inferred from what the request carries and the checkpoint.
@@ -146,7 +267,10 @@ async fn the_task_is_inferred() {
     assert_eq!(job(small(v1::Task::Inpaint)), Task::Inpaint);
     assert_eq!(job(v1::GenerateRequest { prompt: "x".into(), ..Default::default() }), Task::Txt2Img);
     let depth = pipelines.get("sd2-depth-tiny").await.clone();
-    assert_eq!(depth.validate(&v1::GenerateRequest { task: 0, ..small(v1::Task::Img2img) }).unwrap().task, Task::Depth2Img);
+    assert_eq!(
+        depth.validate(&v1::GenerateRequest { task: 0, ..small(v1::Task::Img2img) }).unwrap().task,
+        Task::Depth2Img
+    );
 }
 
 /// RGBA (alpha dropped, as PIL's convert("RGB")), greyscale and JPEG inputs are accepted; the

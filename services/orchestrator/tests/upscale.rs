@@ -101,12 +101,25 @@ async fn a_chained_upscale_equals_the_two_stages_run_in_turn() {
     let upscaler = Arc::new(pipelines.get("sd2-upscaler-tiny").await.clone());
     let mut sd = pipelines.get("sd21-tiny").await.clone();
     sd.chained_upscaler = Some(upscaler.clone());
-    let first = v1::GenerateRequest { prompt: "a red fox".into(), steps: Some(3), height: Some(32), width: Some(32), seed: Some(5), ..Default::default() };
+    let first = v1::GenerateRequest {
+        prompt: "a red fox".into(),
+        steps: Some(3),
+        height: Some(32),
+        width: Some(32),
+        seed: Some(5),
+        ..Default::default()
+    };
     let chain = v1::ChainedUpscale { steps: Some(3), guidance_scale: Some(9.0), noise_level: Some(40) };
     let job = sd.validate(&v1::GenerateRequest { upscale: Some(chain), ..first.clone() }).unwrap();
     let mut noise = SeededNoise::new(5);
     let mut steps = 0;
-    let out = sd.run(&job, &mut noise, &mut |_| { steps += 1; true }).await.unwrap();
+    let out = sd
+        .run(&job, &mut noise, &mut |_| {
+            steps += 1;
+            true
+        })
+        .await
+        .unwrap();
     assert_eq!(out.images.dims(), &[1, 128, 128, 3]);
     assert_eq!(steps, 6, "progress covers both stages");
 
@@ -171,11 +184,23 @@ async fn a_512_input_upscales_to_2048_within_the_tile_bound() {
         *px = image::Rgb([(x / 2) as u8, (y / 2) as u8, ((x + y) / 4) as u8]);
     }
     let png = sdmesh_core::images::encode_png_rgb8(&big).unwrap();
-    let r = v1::GenerateRequest { prompt: "a cat".into(), image: png.into(), steps: Some(1), guidance_scale: Some(1.0), ..Default::default() };
+    let r = v1::GenerateRequest {
+        prompt: "a cat".into(),
+        image: png.into(),
+        steps: Some(1),
+        guidance_scale: Some(1.0),
+        ..Default::default()
+    };
     let job = p.validate(&r).unwrap();
     let t = std::time::Instant::now();
     let mut step_done = None;
-    let out = p.run(&job, &mut SeededNoise::new(1), &mut |_| { step_done = Some(t.elapsed()); true }).await.unwrap();
+    let out = p
+        .run(&job, &mut SeededNoise::new(1), &mut |_| {
+            step_done = Some(t.elapsed());
+            true
+        })
+        .await
+        .unwrap();
     eprintln!("512 upscale: UNet step {:?}, total {:?}", step_done, t.elapsed());
     assert_eq!(out.images.dims(), &[1, 2048, 2048, 3]);
     let (h, w, calls) = *largest.seen.lock().unwrap();

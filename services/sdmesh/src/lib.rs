@@ -206,7 +206,14 @@ pub async fn write_results(args: &JobArgs, mut events: Events) -> anyhow::Result
             (true, false) => ", passed the safety checker",
             (false, _) => "",
         };
-        println!("wrote {} ({}x{}, seed {}, {}{safety})", path.display(), image.width, image.height, r.seed, r.scheduler);
+        println!(
+            "wrote {} ({}x{}, seed {}, {}{safety})",
+            path.display(),
+            image.width,
+            image.height,
+            r.seed,
+            r.scheduler
+        );
     }
     if let (Some(path), Some(array)) = (&args.out_array, &r.array) {
         let t = array.to_candle("array", &candle_core::Device::Cpu)?;

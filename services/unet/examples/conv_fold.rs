@@ -34,7 +34,11 @@ fn main() -> candle_core::Result<()> {
     for (c, s) in [(128usize, 16usize), (256, 8), (256, 16), (128, 32), (512, 8), (512, 4)] {
         let w = Tensor::randn(0f32, 0.05, (c, c, 3, 3), &dev)?;
         let b = Tensor::randn(0f32, 0.05, c, &dev)?;
-        let conv = candle_nn::Conv2d::new(w.clone(), Some(b.clone()), candle_nn::Conv2dConfig { padding: 1, ..Default::default() });
+        let conv = candle_nn::Conv2d::new(
+            w.clone(),
+            Some(b.clone()),
+            candle_nn::Conv2dConfig { padding: 1, ..Default::default() },
+        );
         for bs in [2usize, 4, 16] {
             let x = Tensor::randn(0f32, 1., (bs, c, s, s), &dev)?;
             let t_candle = time(|| conv.forward(&x));

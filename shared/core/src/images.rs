@@ -250,7 +250,9 @@ impl Filter {
             1 => Ok(Filter::Lanczos),
             2 => Ok(Filter::Bilinear),
             3 => Ok(Filter::Bicubic),
-            other => Err(format!("resample {other}: supported are 0 (nearest), 1 (lanczos), 2 (bilinear), 3 (bicubic)")),
+            other => {
+                Err(format!("resample {other}: supported are 0 (nearest), 1 (lanczos), 2 (bilinear), 3 (bicubic)"))
+            }
         }
     }
 

@@ -103,7 +103,8 @@ impl Scheduler for Deis {
         _noise: &mut dyn crate::noise::NoiseSource,
     ) -> Result<Tensor> {
         let len = self.timesteps.len();
-        if begin_ordered_step("DEIS is multistep", model_output, sample, step_index, len, (self.begin, self.next_step))? {
+        if begin_ordered_step("DEIS is multistep", model_output, sample, step_index, len, (self.begin, self.next_step))?
+        {
             self.model_outputs.iter_mut().for_each(|m| *m = None);
             self.lower_order_nums = 0;
         }

@@ -128,7 +128,14 @@ impl Scheduler for DpmSinglestep {
         _noise: &mut dyn crate::noise::NoiseSource,
     ) -> Result<Tensor> {
         let len = self.timesteps.len();
-        if begin_ordered_step("DPM-Solver singlestep", model_output, sample, step_index, len, (self.begin, self.next_step))? {
+        if begin_ordered_step(
+            "DPM-Solver singlestep",
+            model_output,
+            sample,
+            step_index,
+            len,
+            (self.begin, self.next_step),
+        )? {
             self.model_outputs.iter_mut().for_each(|m| *m = None);
             self.sample = None;
         }

@@ -214,7 +214,14 @@ impl Scheduler for UniPc {
         _noise: &mut dyn crate::noise::NoiseSource,
     ) -> Result<Tensor> {
         let len = self.timesteps.len();
-        if begin_ordered_step("UniPC is multistep", model_output, sample, step_index, len, (self.begin, self.next_step))? {
+        if begin_ordered_step(
+            "UniPC is multistep",
+            model_output,
+            sample,
+            step_index,
+            len,
+            (self.begin, self.next_step),
+        )? {
             self.model_outputs.iter_mut().for_each(|m| *m = None);
             self.last_sample = None;
             self.lower_order_nums = 0;

@@ -62,8 +62,20 @@ async fn sdctl_upscale_through_separate_processes_equals_diffusers_by_seed() {
     assert_close("upscaled through the mesh", &array, &r["image"], 1e-3);
     assert!(String::from_utf8_lossy(&std::fs::read(&png).unwrap()).contains("Noise level: 20"));
     // Out of range: INVALID_ARGUMENT, and the mesh goes on.
-    let bad = sdctl(&["upscale", "--endpoint", &mesh.orchestrator.addr, "--quiet", "--prompt", "x", "--noise-level", "351",
-        "--image", image.to_str().unwrap(), "--out", png.to_str().unwrap()]);
+    let bad = sdctl(&[
+        "upscale",
+        "--endpoint",
+        &mesh.orchestrator.addr,
+        "--quiet",
+        "--prompt",
+        "x",
+        "--noise-level",
+        "351",
+        "--image",
+        image.to_str().unwrap(),
+        "--out",
+        png.to_str().unwrap(),
+    ]);
     let stderr = String::from_utf8_lossy(&bad.stderr);
     assert!(!bad.status.success() && stderr.contains("InvalidArgument") && stderr.contains("noise_level"), "{stderr}");
     std::fs::remove_dir_all(&tmp).unwrap();
@@ -81,13 +93,34 @@ async fn a_txt2img_job_chained_with_an_upscale_through_separate_processes() {
         "--upscaler-vae-url",
         &upscaler.vae.addr,
     ];
-    let mesh = Mesh::start_with("sd21-tiny", &MeshOptions { orchestrator_args: args.to_vec(), ..Default::default() }).await;
+    let mesh =
+        Mesh::start_with("sd21-tiny", &MeshOptions { orchestrator_args: args.to_vec(), ..Default::default() }).await;
     let tmp = tmp_dir("chain");
     let npy = tmp.join("chain.npy");
     let out = sdctl(&[
-        "generate", "--endpoint", &mesh.orchestrator.addr, "--quiet", "--prompt", "a red fox", "--steps", "3",
-        "--height", "32", "--width", "32", "--seed", "5", "--then-upscale", "--upscale-steps", "3",
-        "--noise-level", "40", "--out", tmp.join("chain.png").to_str().unwrap(), "--out-array", npy.to_str().unwrap(),
+        "generate",
+        "--endpoint",
+        &mesh.orchestrator.addr,
+        "--quiet",
+        "--prompt",
+        "a red fox",
+        "--steps",
+        "3",
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--seed",
+        "5",
+        "--then-upscale",
+        "--upscale-steps",
+        "3",
+        "--noise-level",
+        "40",
+        "--out",
+        tmp.join("chain.png").to_str().unwrap(),
+        "--out-array",
+        npy.to_str().unwrap(),
     ]);
     ok(&out, "sdctl generate --then-upscale");
     let array = candle_core::Tensor::read_npy(&npy).unwrap();
@@ -95,8 +128,19 @@ async fn a_txt2img_job_chained_with_an_upscale_through_separate_processes() {
 
     // The same chain in this process.
     let limits = sdmesh_orchestrator::pipeline::Limits::default();
-    let up = sdmesh_orchestrator::local_pipeline(&up_model, &candle_core::Device::Cpu, 8, limits).await.unwrap();
-    let mut sd = sdmesh_orchestrator::local_pipeline(&model("sd21-tiny"), &candle_core::Device::Cpu, 8, limits).await.unwrap();
+    let up =
+        sdmesh_orchestrator::local_pipeline(&up_model, &candle_core::Device::Cpu, candle_core::DType::F32, 8, limits)
+            .await
+            .unwrap();
+    let mut sd = sdmesh_orchestrator::local_pipeline(
+        &model("sd21-tiny"),
+        &candle_core::Device::Cpu,
+        candle_core::DType::F32,
+        8,
+        limits,
+    )
+    .await
+    .unwrap();
     sd.chained_upscaler = Some(std::sync::Arc::new(up));
     let request = sdmesh_proto::v1::GenerateRequest {
         prompt: "a red fox".into(),
@@ -121,8 +165,10 @@ async fn sdctl_check_prints_the_reference_verdicts() {
     wait_serving(&safety.addr).await;
     let reference = load_fixture_json("reference-safety/reference.json");
     let cases = reference["png_cases"].as_array().unwrap();
-    let paths: Vec<String> =
-        cases.iter().map(|c| fixtures().join("reference-safety").join(c["png"].as_str().unwrap()).display().to_string()).collect();
+    let paths: Vec<String> = cases
+        .iter()
+        .map(|c| fixtures().join("reference-safety").join(c["png"].as_str().unwrap()).display().to_string())
+        .collect();
     let mut args = vec!["check", "--endpoint", safety.addr.as_str()];
     for p in &paths {
         args.extend(["--image", p.as_str()]);
@@ -149,14 +195,36 @@ async fn the_orchestrator_applies_the_safety_policy_and_fails_closed() {
     wait_serving(&safety.addr).await;
     let url = safety.addr.clone();
     let fail_closed = ["--safety-url", url.as_str()];
-    let mesh = Mesh::start_with("sd21-tiny", &MeshOptions { orchestrator_args: fail_closed.to_vec(), ..Default::default() }).await;
+    let mesh =
+        Mesh::start_with("sd21-tiny", &MeshOptions { orchestrator_args: fail_closed.to_vec(), ..Default::default() })
+            .await;
     let flag_only = ["--safety-url", url.as_str(), "--safety-on-unavailable", "flag-only"];
-    let lenient = mesh.another_orchestrator("sd21-tiny", &MeshOptions { orchestrator_args: flag_only.to_vec(), ..Default::default() }).await;
+    let lenient = mesh
+        .another_orchestrator("sd21-tiny", &MeshOptions { orchestrator_args: flag_only.to_vec(), ..Default::default() })
+        .await;
     let tmp = tmp_dir("safety");
     let out_png = tmp.join("s.png");
     let job = |endpoint: &str| {
-        sdctl(&["generate", "--endpoint", endpoint, "--quiet", "--prompt", "a cat", "--steps", "2", "--height", "32",
-            "--width", "32", "--seed", "9", "--safety", "flag", "--out", out_png.to_str().unwrap()])
+        sdctl(&[
+            "generate",
+            "--endpoint",
+            endpoint,
+            "--quiet",
+            "--prompt",
+            "a cat",
+            "--steps",
+            "2",
+            "--height",
+            "32",
+            "--width",
+            "32",
+            "--seed",
+            "9",
+            "--safety",
+            "flag",
+            "--out",
+            out_png.to_str().unwrap(),
+        ])
     };
     ok(&job(&mesh.orchestrator.addr), "checked job");
     safety.child.kill().unwrap();

@@ -862,6 +862,8 @@ pub struct DptDepth {
     head: DepthHead,
     head_in_index: usize,
     patch: usize,
+    /// The weights' dtype; inputs are cast to it.
+    dtype: DType,
 }
 
 impl DptDepth {
@@ -907,6 +909,7 @@ impl DptDepth {
             head: DepthHead::new(vb.pp("head"), c)?,
             head_in_index,
             patch: c.patch(),
+            dtype: vb.dtype(),
         })
     }
 
@@ -927,7 +930,7 @@ impl DptDepth {
             candle_core::bail!("pixel_values {h}x{w}: the sides must be positive multiples of {}", self.patch);
         }
         let (gh, gw) = (h / self.patch, w / self.patch);
-        let backbone = self.backbone.forward(pixel_values)?;
+        let backbone = self.backbone.forward(&pixel_values.to_dtype(self.dtype)?)?;
         let embeddings = self.embeddings.forward(&backbone.stages[2], h, w)?;
         let mut x = embeddings.clone();
         let mut outputs = Vec::with_capacity(self.layers.len());

@@ -49,7 +49,16 @@ pub struct DepthOptions {
     /// transformers DPT folder.
     pub model: PathBuf,
     pub device: Device,
+    /// Weights and activations (depth maps are returned as f32).
+    pub dtype: DType,
     pub queue_capacity: usize,
+}
+
+impl DepthOptions {
+    /// f32, a queue of 64 requests.
+    pub fn new(model: PathBuf, device: Device) -> Self {
+        Self { model, device, dtype: DType::F32, queue_capacity: 64 }
+    }
 }
 
 /// What to return besides the depth at the model's resolution.
@@ -178,7 +187,11 @@ fn locate(model: &Path) -> std::result::Result<(ComponentDir, PathBuf), ModelDir
 
 /// Loads the model and its preprocessing from a pipeline or transformers folder (see
 /// [`DepthOptions::model`]), checking that the configuration is one this crate runs.
-pub fn load_model(model: &Path, device: &Device) -> std::result::Result<(DptDepth, Preprocessor), ModelDirError> {
+pub fn load_model(
+    model: &Path,
+    device: &Device,
+    dtype: DType,
+) -> std::result::Result<(DptDepth, Preprocessor), ModelDirError> {
     let (dir, pre_path) = locate(model)?;
     let config: DptConfig = dir.json("config.json")?;
     config.validate().map_err(|message| ModelDirError::Malformed { path: dir.path.join("config.json"), message })?;
@@ -204,7 +217,7 @@ pub fn load_model(model: &Path, device: &Device) -> std::result::Result<(DptDept
             ),
         });
     }
-    let vb = dir.var_builder(&["model"], DType::F32, device)?;
+    let vb = dir.var_builder(&["model"], dtype, device)?;
     let dpt = DptDepth::new(vb, &config)
         .map_err(|e| ModelDirError::Malformed { path: dir.path.clone(), message: e.to_string() })?;
     Ok((dpt, pre))
@@ -212,7 +225,7 @@ pub fn load_model(model: &Path, device: &Device) -> std::result::Result<(DptDept
 
 impl LocalDepth {
     pub fn load(opts: &DepthOptions) -> std::result::Result<Self, ModelDirError> {
-        let (dpt, pre) = load_model(&opts.model, &opts.device)?;
+        let (dpt, pre) = load_model(&opts.model, &opts.device, opts.dtype)?;
         let patch = dpt.patch_size();
         let c = &pre.config;
         let info = v1::DepthInfo {

@@ -12,6 +12,6 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let options = |model, device, queue_capacity| DepthOptions { model, device, queue_capacity };
+    let options = |model, device, dtype, queue_capacity| DepthOptions { model, device, dtype, queue_capacity };
     model_service_main("sdmesh-depth", "127.0.0.1:50054", Args::parse().service, options, run).await
 }

@@ -174,33 +174,43 @@ pub fn with_embedding_cache(mut pipeline: Pipeline, store: Arc<dyn embedding_cac
 pub async fn local_pipeline(
     model: &Path,
     device: &candle_core::Device,
+    dtype: candle_core::DType,
     queue_capacity: usize,
     limits: Limits,
 ) -> anyhow::Result<Pipeline> {
     let (dir, dev) = (model.to_path_buf(), device.clone());
     let text_encoder = tokio::task::spawn_blocking(move || {
         sdmesh_text_encoder::LocalTextEncoder::load(&sdmesh_text_encoder::TextEncoderOptions {
-            model: dir,
-            device: dev,
+            dtype,
             queue_capacity,
+            ..sdmesh_text_encoder::TextEncoderOptions::new(dir, dev)
         })
     });
     let (dir, dev) = (model.to_path_buf(), device.clone());
     let unet = tokio::task::spawn_blocking(move || {
         sdmesh_unet::LocalUnet::load(&sdmesh_unet::UnetOptions {
+            dtype,
             queue_capacity,
             ..sdmesh_unet::UnetOptions::new(dir, dev)
         })
     });
     let (dir, dev) = (model.to_path_buf(), device.clone());
     let vae = tokio::task::spawn_blocking(move || {
-        sdmesh_vae::LocalVae::load(&sdmesh_vae::VaeOptions { queue_capacity, ..sdmesh_vae::VaeOptions::new(dir, dev) })
+        sdmesh_vae::LocalVae::load(&sdmesh_vae::VaeOptions {
+            dtype,
+            queue_capacity,
+            ..sdmesh_vae::VaeOptions::new(dir, dev)
+        })
     });
     // A depth checkpoint's folder has the depth estimator too.
     let depth = if has_depth_estimator(model) {
         let (dir, dev) = (model.to_path_buf(), device.clone());
         let depth = tokio::task::spawn_blocking(move || {
-            sdmesh_depth::LocalDepth::load(&sdmesh_depth::DepthOptions { model: dir, device: dev, queue_capacity })
+            sdmesh_depth::LocalDepth::load(&sdmesh_depth::DepthOptions {
+                dtype,
+                queue_capacity,
+                ..sdmesh_depth::DepthOptions::new(dir, dev)
+            })
         });
         Some(depth.await??)
     } else {
@@ -215,7 +225,11 @@ pub async fn local_pipeline(
     if model.join("safety_checker").is_dir() {
         let (dir, dev) = (model.to_path_buf(), device.clone());
         let safety = tokio::task::spawn_blocking(move || {
-            sdmesh_safety::LocalSafety::load(&sdmesh_safety::SafetyOptions { model: dir, device: dev, queue_capacity })
+            sdmesh_safety::LocalSafety::load(&sdmesh_safety::SafetyOptions {
+                dtype,
+                queue_capacity,
+                ..sdmesh_safety::SafetyOptions::new(dir, dev)
+            })
         })
         .await??;
         pipeline.safety = Some(Arc::new(safety));
@@ -321,7 +335,11 @@ pub async fn run(
     pipeline.safety_settings = opts.safety;
     if let Some(up) = opts.upscaler.clone() {
         let upscaler = remote(up.model.clone(), up.text_encoder_url, up.unet_url, up.vae_url).await?;
-        anyhow::ensure!(upscaler.upscaler.is_some(), "{}: not an x4 upscaler (no low_res_scheduler/)", up.model.display());
+        anyhow::ensure!(
+            upscaler.upscaler.is_some(),
+            "{}: not an x4 upscaler (no low_res_scheduler/)",
+            up.model.display()
+        );
         pipeline.chained_upscaler = Some(Arc::new(upscaler));
     }
     service.set_pipeline(pipeline);

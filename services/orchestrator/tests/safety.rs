@@ -27,7 +27,11 @@ impl SafetyChecker for FlagFirst {
             return Err(tonic::Status::unavailable("connection refused").into());
         }
         Ok((0..images.dim(0)?)
-            .map(|i| SafetyVerdict { flagged: i == 0, concept_scores: vec![if i == 0 { 0.1 } else { -0.1 }], special_scores: vec![] })
+            .map(|i| SafetyVerdict {
+                flagged: i == 0,
+                concept_scores: vec![if i == 0 { 0.1 } else { -0.1 }],
+                special_scores: vec![],
+            })
             .collect())
     }
 }
@@ -43,7 +47,10 @@ fn request(safety: v1::SafetyPolicy) -> v1::GenerateRequest {
     }
 }
 
-async fn run(p: &sdmesh_orchestrator::pipeline::Pipeline, r: v1::GenerateRequest) -> Result<sdmesh_orchestrator::pipeline::JobOutput> {
+async fn run(
+    p: &sdmesh_orchestrator::pipeline::Pipeline,
+    r: v1::GenerateRequest,
+) -> Result<sdmesh_orchestrator::pipeline::JobOutput> {
     let job = p.validate(&r)?;
     p.run(&job, &mut SeededNoise::new(3), &mut |_| true).await
 }
@@ -66,7 +73,11 @@ async fn policies_flag_replace_and_off() {
     assert!(replaced.safety.checked);
     let zero = replaced.images.narrow(0, 0, 1).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     assert_eq!(zero, 0.0, "flagged image is black");
-    assert_eq!(sdmesh_testkit::max_abs_diff(&replaced.images.narrow(0, 1, 1).unwrap(), &plain.images.narrow(0, 1, 1).unwrap()).0, 0.0);
+    assert_eq!(
+        sdmesh_testkit::max_abs_diff(&replaced.images.narrow(0, 1, 1).unwrap(), &plain.images.narrow(0, 1, 1).unwrap())
+            .0,
+        0.0
+    );
     assert!(replaced.warnings.iter().any(|w| w.contains("replaced with black")), "{:?}", replaced.warnings);
 
     let flagged = run(&p, request(v1::SafetyPolicy::Flag)).await.unwrap();
@@ -102,9 +113,8 @@ async fn the_real_checker_in_a_job() {
     let mut p = pipelines.get("sd21-tiny").await.clone();
     let checker = Arc::new(
         sdmesh_safety::LocalSafety::load(&sdmesh_safety::SafetyOptions {
-            model: sdmesh_testkit::model("safety-checker-tiny"),
-            device: candle_core::Device::Cpu,
             queue_capacity: 4,
+            ..sdmesh_safety::SafetyOptions::new(sdmesh_testkit::model("safety-checker-tiny"), candle_core::Device::Cpu)
         })
         .unwrap(),
     );

@@ -148,6 +148,8 @@ pub struct SafetyModel {
     special_thresholds: Vec<f32>,
     pub image_size: usize,
     pub projection_dim: usize,
+    /// The vision model's dtype; inputs are cast to it.
+    dtype: DType,
 }
 
 /// `nn.functional.normalize(x)` along the last dim: x / max(||x||, 1e-12).
@@ -203,6 +205,7 @@ impl SafetyModel {
             special_thresholds: to_cpu_vec(&special_w)?,
             image_size: c.image_size,
             projection_dim: config.projection_dim,
+            dtype: vb.dtype(),
         })
     }
 
@@ -216,9 +219,9 @@ impl SafetyModel {
 
     /// pixel_values [n, 3, image_size, image_size] -> embeddings and cosine similarities.
     pub fn forward_trace(&self, pixel_values: &Tensor) -> candle_core::Result<CheckerTrace> {
-        let pooled_output = self.vision.forward(pixel_values)?;
+        let pooled_output = self.vision.forward(&pixel_values.to_dtype(self.dtype)?)?;
         let image_embeds = pooled_output.broadcast_matmul(&self.visual_projection.t()?)?;
-        // diffusers casts the similarities to float32 (`.float()`); the model runs in f32 here.
+        // diffusers casts the similarities to float32 (`.float()`).
         let normalized = normalize(&image_embeds.to_dtype(DType::F32)?)?;
         let special_cos_dist = normalized.matmul(&self.special_t)?;
         let cos_dist = normalized.matmul(&self.concepts_t)?;

@@ -52,7 +52,16 @@ pub struct SafetyOptions {
     /// A diffusers pipeline folder (uses safety_checker/ and feature_extractor/) or a checker folder.
     pub model: PathBuf,
     pub device: Device,
+    /// Weights and activations (scores are computed in f32).
+    pub dtype: DType,
     pub queue_capacity: usize,
+}
+
+impl SafetyOptions {
+    /// f32, a queue of 64 requests.
+    pub fn new(model: PathBuf, device: Device) -> Self {
+        Self { model, device, dtype: DType::F32, queue_capacity: 64 }
+    }
 }
 
 enum SafetyJob {
@@ -166,7 +175,11 @@ fn locate(model: &Path) -> std::result::Result<(ComponentDir, PathBuf), ModelDir
 
 /// Loads the checker and its preprocessing from a pipeline or checker folder (see
 /// [`SafetyOptions::model`]), checking that the configuration is one this crate runs.
-pub fn load_model(model: &Path, device: &Device) -> std::result::Result<(SafetyModel, Preprocessor), ModelDirError> {
+pub fn load_model(
+    model: &Path,
+    device: &Device,
+    dtype: DType,
+) -> std::result::Result<(SafetyModel, Preprocessor), ModelDirError> {
     let (dir, pre_path) = locate(model)?;
     let config_path = dir.path.join("config.json");
     let config: CheckerConfig = dir.json("config.json")?;
@@ -188,7 +201,7 @@ pub fn load_model(model: &Path, device: &Device) -> std::result::Result<(SafetyM
             ),
         });
     }
-    let vb = dir.var_builder(&["model"], DType::F32, device)?;
+    let vb = dir.var_builder(&["model"], dtype, device)?;
     let checker = SafetyModel::new(vb, &config)
         .map_err(|e| ModelDirError::Malformed { path: dir.path.clone(), message: e.to_string() })?;
     Ok((checker, pre))
@@ -201,7 +214,7 @@ pub struct LocalSafety {
 
 impl LocalSafety {
     pub fn load(opts: &SafetyOptions) -> std::result::Result<Self, ModelDirError> {
-        let (checker, pre) = load_model(&opts.model, &opts.device)?;
+        let (checker, pre) = load_model(&opts.model, &opts.device, opts.dtype)?;
         let s = checker.image_size;
         let info = v1::SafetyInfo {
             height: s as u32,

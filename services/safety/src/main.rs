@@ -12,6 +12,6 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let options = |model, device, queue_capacity| SafetyOptions { model, device, queue_capacity };
+    let options = |model, device, dtype, queue_capacity| SafetyOptions { model, device, dtype, queue_capacity };
     model_service_main("sdmesh-safety", "127.0.0.1:50055", Args::parse().service, options, run).await
 }

@@ -33,7 +33,8 @@ fn png_bytes(name: &str) -> Bytes {
 }
 
 fn load(dir: &Path) -> LocalSafety {
-    LocalSafety::load(&SafetyOptions { model: dir.to_path_buf(), device: Device::Cpu, queue_capacity: 8 }).unwrap()
+    LocalSafety::load(&SafetyOptions { queue_capacity: 8, ..SafetyOptions::new(dir.to_path_buf(), Device::Cpu) })
+        .unwrap()
 }
 
 fn report(what: &str, actual: &Tensor, expected: &Tensor, tol: f32) -> f32 {
@@ -105,7 +106,7 @@ fn fixtures_cover_both_sides_of_the_thresholds() {
 /// normalise; greyscale and RGBA inputs; a padding variant).
 #[test]
 fn preprocessing_matches_transformers() {
-    let (_, pre) = sdmesh_safety::load_model(&model(MODEL), &Device::Cpu).unwrap();
+    let (_, pre) = sdmesh_safety::load_model(&model(MODEL), &Device::Cpu, DType::F32).unwrap();
     let r = reference();
     let mut worst = 0f32;
     for name in cases() {
@@ -129,7 +130,7 @@ fn preprocessing_matches_transformers() {
 /// The decoded-tensor path: numpy_to_pil's quantisation (half to even) and the preprocessing.
 #[test]
 fn pixels_preprocessing_matches_the_pipeline() {
-    let (_, pre) = sdmesh_safety::load_model(&model(MODEL), &Device::Cpu).unwrap();
+    let (_, pre) = sdmesh_safety::load_model(&model(MODEL), &Device::Cpu, DType::F32).unwrap();
     let r = reference();
     let images = sdmesh_safety::pixels_to_images(&r["pixels.input"]).unwrap();
     let u8s: Vec<f32> = images.iter().flat_map(|i| i.as_raw().iter().map(|&v| f32::from(v))).collect();
@@ -154,7 +155,7 @@ fn pixels_preprocessing_matches_the_pipeline() {
 /// similarities, and the verdicts; one image at a time and batched.
 #[test]
 fn model_matches_diffusers_from_pixel_values() {
-    let (checker, _) = sdmesh_safety::load_model(&model(MODEL), &Device::Cpu).unwrap();
+    let (checker, _) = sdmesh_safety::load_model(&model(MODEL), &Device::Cpu, DType::F32).unwrap();
     let r = reference();
     let mut worst = 0f32;
     let mut prefixes: Vec<String> = cases();
@@ -259,7 +260,7 @@ async fn loads_a_checker_folder_and_the_transformers5_layout() {
     );
     std::fs::remove_dir_all(root).ok();
 
-    let err = LocalSafety::load(&SafetyOptions { model: fixtures(), device: Device::Cpu, queue_capacity: 1 })
+    let err = LocalSafety::load(&SafetyOptions { queue_capacity: 1, ..SafetyOptions::new(fixtures(), Device::Cpu) })
         .err()
         .expect("not a model folder")
         .to_string();
@@ -275,7 +276,7 @@ fn mismatched_crop_is_refused() {
     let mut pre: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     pre["crop_size"] = serde_json::json!({"height": 42, "width": 42});
     std::fs::write(&path, pre.to_string()).unwrap();
-    let err = LocalSafety::load(&SafetyOptions { model: root.clone(), device: Device::Cpu, queue_capacity: 1 })
+    let err = LocalSafety::load(&SafetyOptions { queue_capacity: 1, ..SafetyOptions::new(root.clone(), Device::Cpu) })
         .err()
         .expect("crop 42 on a 56 model")
         .to_string();
@@ -410,4 +411,23 @@ async fn grpc_round_trip() {
         assert!(err.message().contains(message), "{what}: {}", err.message());
     }
     server.abort();
+}
+
+/// f16 (the GPU dtype) against the f32 reference, on candle's CPU kernels: the cosine
+/// similarities the verdicts come from (scored in f32 from f16 embeddings). bf16 is checked on
+/// a GPU only (benchmarks/gpu): candle's CPU matmul has no bf16. Measured error 1.2e-3, bound
+/// 3e-3.
+#[test]
+fn half_precision_agrees_with_the_f32_reference() {
+    let (checker, _) = sdmesh_safety::load_model(&model(MODEL), &Device::Cpu, DType::F16).unwrap();
+    let r = reference();
+    let mut worst = 0f32;
+    for prefix in cases() {
+        let key = |k: &str| format!("{prefix}.{k}");
+        let t = checker.forward_trace(&r[&key("pixel_values")]).unwrap();
+        worst =
+            worst.max(report(&key("f16 special_cos_dist"), &t.special_cos_dist, &r[&key("special_cos_dist")], 3e-3));
+        worst = worst.max(report(&key("f16 cos_dist"), &t.cos_dist, &r[&key("cos_dist")], 3e-3));
+    }
+    eprintln!("f16: worst max abs error {worst:e}");
 }

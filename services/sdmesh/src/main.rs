@@ -24,9 +24,12 @@ enum Command {
         /// Diffusers-layout model folder.
         #[arg(long, env = "SDMESH_MODEL")]
         model: PathBuf,
-        /// Device for the models: cpu.
+        /// Device for the models: cpu, or cuda / cuda:N in a build with the `cuda` feature.
         #[arg(long, env = "SDMESH_DEVICE", default_value = "cpu")]
         device: String,
+        /// The models' float type: f32, f16 or bf16.
+        #[arg(long, env = "SDMESH_DTYPE", default_value = "f32", value_parser = sdmesh_core::parse_dtype)]
+        dtype: candle_core::DType,
         #[command(flatten)]
         job: sdmesh::JobArgs,
     },
@@ -38,9 +41,12 @@ enum Command {
         /// Address of the public API (the orchestrator).
         #[arg(long, env = "SDMESH_LISTEN", default_value = "127.0.0.1:50050")]
         listen: String,
-        /// Device for the model services: cpu.
+        /// Device for the model services: cpu, or cuda / cuda:N in a build with the `cuda` feature.
         #[arg(long, env = "SDMESH_DEVICE", default_value = "cpu")]
         device: String,
+        /// The model services' float type: f32, f16 or bf16.
+        #[arg(long, env = "SDMESH_DTYPE", default_value = "f32", value_parser = sdmesh_core::parse_dtype)]
+        dtype: candle_core::DType,
         #[command(flatten)]
         limits: sdmesh_orchestrator::LimitsArgs,
         /// Requests waiting for each model beyond which new ones get RESOURCE_EXHAUSTED.
@@ -60,8 +66,19 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Generate { model, device, job } => generate(model, device, job).await,
-        Command::Serve { model, listen, device, limits, queue_capacity, batching, cache, shutdown, telemetry } => {
+        Command::Generate { model, device, dtype, job } => generate(model, device, dtype, job).await,
+        Command::Serve {
+            model,
+            listen,
+            device,
+            dtype,
+            limits,
+            queue_capacity,
+            batching,
+            cache,
+            shutdown,
+            telemetry,
+        } => {
             let device = sdmesh_core::parse_device(&device).map_err(anyhow::Error::msg)?;
             let opts = MeshOptions {
                 limits: limits.limits(),
@@ -69,6 +86,7 @@ async fn main() -> anyhow::Result<()> {
                 embedding_cache_bytes: cache.embedding_cache_bytes,
                 redis: cache.redis_options(),
                 batching,
+                dtype,
                 ..MeshOptions::new(model, device)
             };
             serve(opts, listen, shutdown, telemetry).await
@@ -90,14 +108,19 @@ async fn serve(
 }
 
 /// One job through an in-process orchestrator (the same service code, called directly).
-async fn generate(model: PathBuf, device: String, job: sdmesh::JobArgs) -> anyhow::Result<()> {
+async fn generate(
+    model: PathBuf,
+    device: String,
+    dtype: candle_core::DType,
+    job: sdmesh::JobArgs,
+) -> anyhow::Result<()> {
     use sdmesh_proto::v1::orchestrator_server::Orchestrator;
     if std::env::var_os("RUST_LOG").is_none() {
         std::env::set_var("RUST_LOG", "warn");
     }
     let telemetry = sdmesh_core::telemetry::init("sdmesh", &TelemetryArgs::default()).await?;
     let device = sdmesh_core::parse_device(&device).map_err(anyhow::Error::msg)?;
-    let pipeline = sdmesh_orchestrator::local_pipeline(&model, &device, 64, Limits::default()).await?;
+    let pipeline = sdmesh_orchestrator::local_pipeline(&model, &device, dtype, 64, Limits::default()).await?;
     let service = sdmesh_orchestrator::server::OrchestratorService::new(pipeline);
     let events = service.generate_stream(job.request()?).await.map_err(sdmesh::status_error)?.into_inner();
     let result = sdmesh::write_results(&job, events).await;

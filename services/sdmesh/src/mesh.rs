@@ -12,6 +12,8 @@ use tokio::net::TcpListener;
 pub struct MeshOptions {
     pub model: PathBuf,
     pub device: candle_core::Device,
+    /// The model services' weights and activations.
+    pub dtype: candle_core::DType,
     pub limits: Limits,
     /// Requests waiting for each model beyond which new ones get RESOURCE_EXHAUSTED.
     pub queue_capacity: usize,
@@ -27,6 +29,7 @@ impl MeshOptions {
         Self {
             model,
             device,
+            dtype: candle_core::DType::F32,
             limits: Limits::default(),
             queue_capacity,
             embedding_cache_bytes: 256 << 20,
@@ -79,15 +82,21 @@ pub async fn serve_mesh(opts: MeshOptions, listener: TcpListener, shutdown: Shut
         vae = %orchestrator_opts.vae_url,
         "model services"
     );
-    let (model, device, queue_capacity) = (opts.model.clone(), opts.device.clone(), opts.queue_capacity);
+    let (model, device, dtype, queue_capacity) =
+        (opts.model.clone(), opts.device.clone(), opts.dtype, opts.queue_capacity);
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(sdmesh_text_encoder::run(
-        sdmesh_text_encoder::TextEncoderOptions { model: model.clone(), device: device.clone(), queue_capacity },
+        sdmesh_text_encoder::TextEncoderOptions {
+            dtype,
+            queue_capacity,
+            ..sdmesh_text_encoder::TextEncoderOptions::new(model.clone(), device.clone())
+        },
         te,
         after_orchestrator(),
     ));
     tasks.spawn(sdmesh_unet::run(
         opts.batching.apply(sdmesh_unet::UnetOptions {
+            dtype,
             queue_capacity,
             ..sdmesh_unet::UnetOptions::new(model.clone(), device.clone())
         }),
@@ -95,14 +104,22 @@ pub async fn serve_mesh(opts: MeshOptions, listener: TcpListener, shutdown: Shut
         after_orchestrator(),
     ));
     if let Some(listener) = safety {
-        let safety_opts = sdmesh_safety::SafetyOptions { model: model.clone(), device: device.clone(), queue_capacity };
+        let safety_opts = sdmesh_safety::SafetyOptions {
+            dtype,
+            queue_capacity,
+            ..sdmesh_safety::SafetyOptions::new(model.clone(), device.clone())
+        };
         tasks.spawn(sdmesh_safety::run(safety_opts, listener, after_orchestrator()));
     }
     if let Some(listener) = depth {
-        let depth_opts = sdmesh_depth::DepthOptions { model: model.clone(), device: device.clone(), queue_capacity };
+        let depth_opts = sdmesh_depth::DepthOptions {
+            dtype,
+            queue_capacity,
+            ..sdmesh_depth::DepthOptions::new(model.clone(), device.clone())
+        };
         tasks.spawn(sdmesh_depth::run(depth_opts, listener, after_orchestrator()));
     }
-    let vae_opts = sdmesh_vae::VaeOptions { queue_capacity, ..sdmesh_vae::VaeOptions::new(model, device) };
+    let vae_opts = sdmesh_vae::VaeOptions { dtype, queue_capacity, ..sdmesh_vae::VaeOptions::new(model, device) };
     tasks.spawn(sdmesh_vae::run(vae_opts, vae, after_orchestrator()));
     let orchestrator = sdmesh_orchestrator::run(orchestrator_opts, listener, shutdown);
     tasks.spawn(async move {

@@ -37,7 +37,16 @@ pub struct TextEncoderOptions {
     /// Diffusers-layout model folder (uses text_encoder/ and tokenizer/).
     pub model: PathBuf,
     pub device: Device,
+    /// Weights and activations (embeddings are returned as f32).
+    pub dtype: DType,
     pub queue_capacity: usize,
+}
+
+impl TextEncoderOptions {
+    /// f32, a queue of 64 requests.
+    pub fn new(model: PathBuf, device: Device) -> Self {
+        Self { model, device, dtype: DType::F32, queue_capacity: 64 }
+    }
 }
 
 pub struct LocalTextEncoder {
@@ -50,7 +59,7 @@ impl LocalTextEncoder {
     pub fn load(opts: &TextEncoderOptions) -> std::result::Result<Self, ModelDirError> {
         let dir = ComponentDir::open(&opts.model, "text_encoder")?;
         let config: clip::ClipTextConfig = dir.json("config.json")?;
-        let vb = dir.var_builder(&["model"], DType::F32, &opts.device)?;
+        let vb = dir.var_builder(&["model"], opts.dtype, &opts.device)?;
         let model = clip::ClipTextModel::new(vb, &config)
             .map_err(|message| ModelDirError::Malformed { path: dir.path.clone(), message })?;
         let tokenizer_dir = ComponentDir::open(&opts.model, "tokenizer")?;

@@ -12,6 +12,6 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let options = |model, device, queue_capacity| TextEncoderOptions { model, device, queue_capacity };
+    let options = |model, device, dtype, queue_capacity| TextEncoderOptions { model, device, dtype, queue_capacity };
     model_service_main("sdmesh-text-encoder", "127.0.0.1:50051", Args::parse().service, options, run).await
 }

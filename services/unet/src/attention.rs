@@ -1,9 +1,10 @@
 //! The SD UNet's transformer blocks: a fork of candle-transformers 0.11.1
 //! `stable_diffusion::attention` (MIT/Apache-2.0, by the candle authors), without the VAE's
-//! attention block and without flash attention (a CUDA-only feature candle gates). One change:
-//! GEGLU uses the exact (erf) GELU on contiguous halves, as diffusers' GEGLU does; candle's
-//! used the tanh approximation on strided views (off by up to ~5e-4 per activation, and slow).
-use candle_core::{DType, IndexOp, Result, Tensor, D};
+//! attention block and without flash attention (a CUDA-only feature candle gates). Changes:
+//! attention runs in bounded chunks with its softmax in f32 ([`attention`]); GEGLU uses the
+//! exact (erf) GELU on contiguous halves, as diffusers' GEGLU does (candle's used the tanh
+//! approximation on strided views: off by up to ~5e-4 per activation, and slow).
+use candle_core::{DType, Result, Tensor, D};
 use candle_nn as nn;
 use candle_nn::Module;
 
@@ -64,9 +65,11 @@ impl Module for FeedForward {
     }
 }
 
-fn flash_attn(_: &Tensor, _: &Tensor, _: &Tensor, _: f32, _: bool) -> Result<Tensor> {
-    candle_core::bail!("flash attention is not part of this build")
-}
+/// Most attention-score elements materialised at once. A 768x768 image at batch 8 has
+/// 8 x 5 heads x 9216 x 9216 = 3.4e9 scores in its first blocks; past 2^31 elements cuBLAS
+/// fails, and the memory is gigabytes. 2^27 (512 MiB in f32) keeps chunks large enough that
+/// splitting costs nothing measurable.
+pub const MAX_SCORE_ELEMENTS: usize = 1 << 27;
 
 #[derive(Debug)]
 pub struct CrossAttention {
@@ -76,23 +79,20 @@ pub struct CrossAttention {
     to_out: nn::Linear,
     heads: usize,
     scale: f64,
-    slice_size: Option<usize>,
+    /// Scores (q·k) in f32 even when the model runs in f16/bf16 (diffusers' `upcast_attention`).
+    upcast: bool,
     span: tracing::Span,
     span_attn: tracing::Span,
-    span_softmax: tracing::Span,
-    use_flash_attn: bool,
 }
 
 impl CrossAttention {
-    // Defaults should be heads = 8, dim_head = 64, context_dim = None
     pub fn new(
         vs: nn::VarBuilder,
         query_dim: usize,
         context_dim: Option<usize>,
         heads: usize,
         dim_head: usize,
-        slice_size: Option<usize>,
-        use_flash_attn: bool,
+        upcast: bool,
     ) -> Result<Self> {
         let inner_dim = dim_head * heads;
         let context_dim = context_dim.unwrap_or(query_dim);
@@ -103,8 +103,7 @@ impl CrossAttention {
         let to_out = nn::linear(inner_dim, query_dim, vs.pp("to_out.0"))?;
         let span = tracing::span!(tracing::Level::TRACE, "xa");
         let span_attn = tracing::span!(tracing::Level::TRACE, "xa-attn");
-        let span_softmax = tracing::span!(tracing::Level::TRACE, "xa-softmax");
-        Ok(Self { to_q, to_k, to_v, to_out, heads, scale, slice_size, span, span_attn, span_softmax, use_flash_attn })
+        Ok(Self { to_q, to_k, to_v, to_out, heads, scale, upcast, span, span_attn })
     }
 
     fn reshape_heads_to_batch_dim(&self, xs: &Tensor) -> Result<Tensor> {
@@ -125,49 +124,6 @@ impl CrossAttention {
         ))
     }
 
-    fn sliced_attention(&self, query: &Tensor, key: &Tensor, value: &Tensor, slice_size: usize) -> Result<Tensor> {
-        let batch_size_attention = query.dim(0)?;
-        let mut hidden_states = Vec::with_capacity(batch_size_attention / slice_size);
-        let in_dtype = query.dtype();
-        let query = query.to_dtype(DType::F32)?;
-        let key = key.to_dtype(DType::F32)?;
-        let value = value.to_dtype(DType::F32)?;
-
-        for i in 0..batch_size_attention / slice_size {
-            let start_idx = i * slice_size;
-            let end_idx = (i + 1) * slice_size;
-
-            let xs = query.i(start_idx..end_idx)?.matmul(&(key.i(start_idx..end_idx)?.t()? * self.scale)?)?;
-            let xs = nn::ops::softmax(&xs, D::Minus1)?.matmul(&value.i(start_idx..end_idx)?)?;
-            hidden_states.push(xs)
-        }
-        let hidden_states = Tensor::stack(&hidden_states, 0)?.to_dtype(in_dtype)?;
-        self.reshape_batch_dim_to_heads(&hidden_states)
-    }
-
-    fn attention(&self, query: &Tensor, key: &Tensor, value: &Tensor) -> Result<Tensor> {
-        let _enter = self.span_attn.enter();
-        let xs = if self.use_flash_attn {
-            let init_dtype = query.dtype();
-            let q = query.to_dtype(candle_core::DType::F16)?.unsqueeze(0)?.transpose(1, 2)?;
-            let k = key.to_dtype(candle_core::DType::F16)?.unsqueeze(0)?.transpose(1, 2)?;
-            let v = value.to_dtype(candle_core::DType::F16)?.unsqueeze(0)?.transpose(1, 2)?;
-            flash_attn(&q, &k, &v, self.scale as f32, false)?.transpose(1, 2)?.squeeze(0)?.to_dtype(init_dtype)?
-        } else {
-            let in_dtype = query.dtype();
-            let query = query.to_dtype(DType::F32)?;
-            let key = key.to_dtype(DType::F32)?;
-            let value = value.to_dtype(DType::F32)?;
-            let xs = query.matmul(&(key.t()? * self.scale)?)?;
-            let xs = {
-                let _enter = self.span_softmax.enter();
-                nn::ops::softmax_last_dim(&xs)?
-            };
-            xs.matmul(&value)?.to_dtype(in_dtype)?
-        };
-        self.reshape_batch_dim_to_heads(&xs)
-    }
-
     pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         let _enter = self.span.enter();
         let query = self.to_q.forward(xs)?;
@@ -177,14 +133,73 @@ impl CrossAttention {
         let query = self.reshape_heads_to_batch_dim(&query)?;
         let key = self.reshape_heads_to_batch_dim(&key)?;
         let value = self.reshape_heads_to_batch_dim(&value)?;
-        let dim0 = query.dim(0)?;
-        let slice_size = self.slice_size.filter(|&slice_size| dim0 >= slice_size);
-        let xs = match slice_size {
-            None => self.attention(&query, &key, &value)?,
-            Some(slice_size) => self.sliced_attention(&query, &key, &value, slice_size)?,
+        let xs = {
+            let _enter = self.span_attn.enter();
+            attention(&query, &key, &value, self.scale, self.upcast, MAX_SCORE_ELEMENTS)?
         };
-        self.to_out.forward(&xs)
+        self.to_out.forward(&self.reshape_batch_dim_to_heads(&xs)?)
     }
+}
+
+/// softmax(q kᵀ · scale) v over [batch·heads, tokens, head_dim] tensors, materialising at most
+/// `max_scores` score elements at a time: the batch·heads rows are split first, then the query
+/// tokens (each query row's softmax is independent, so the split only changes which GEMM calls
+/// compute a row). The softmax runs in f32 whatever the dtype, as PyTorch's fused attention
+/// does; `upcast` computes the scores in f32 too.
+pub fn attention(
+    query: &Tensor,
+    key: &Tensor,
+    value: &Tensor,
+    scale: f64,
+    upcast: bool,
+    max_scores: usize,
+) -> Result<Tensor> {
+    let (rows, q_len, _) = query.dims3()?;
+    let kv_len = key.dim(1)?;
+    let per_row = q_len * kv_len;
+    if rows * per_row <= max_scores {
+        return attention_block(query, key, value, scale, upcast);
+    }
+    let mut out = Vec::new();
+    if per_row <= max_scores {
+        let rows_per_chunk = max_scores / per_row;
+        for start in (0..rows).step_by(rows_per_chunk) {
+            let n = rows_per_chunk.min(rows - start);
+            out.push(attention_block(
+                &query.narrow(0, start, n)?,
+                &key.narrow(0, start, n)?,
+                &value.narrow(0, start, n)?,
+                scale,
+                upcast,
+            )?);
+        }
+        return Tensor::cat(&out, 0);
+    }
+    let queries_per_chunk = (max_scores / kv_len).max(1);
+    for row in 0..rows {
+        let (k, v) = (key.narrow(0, row, 1)?, value.narrow(0, row, 1)?);
+        let mut parts = Vec::new();
+        for start in (0..q_len).step_by(queries_per_chunk) {
+            let n = queries_per_chunk.min(q_len - start);
+            parts.push(attention_block(&query.narrow(0, row, 1)?.narrow(1, start, n)?, &k, &v, scale, upcast)?);
+        }
+        out.push(Tensor::cat(&parts, 1)?);
+    }
+    Tensor::cat(&out, 0)
+}
+
+fn attention_block(query: &Tensor, key: &Tensor, value: &Tensor, scale: f64, upcast: bool) -> Result<Tensor> {
+    let dtype = query.dtype();
+    if dtype == DType::F32 {
+        let scores = query.matmul(&(key.t()? * scale)?)?;
+        return nn::ops::softmax_last_dim(&scores)?.matmul(value);
+    }
+    let scores = if upcast {
+        query.to_dtype(DType::F32)?.matmul(&(key.to_dtype(DType::F32)?.t()? * scale)?)?
+    } else {
+        query.matmul(&(key.t()? * scale)?)?.to_dtype(DType::F32)?
+    };
+    nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?.matmul(value)
 }
 
 /// A basic Transformer block.
@@ -202,36 +217,19 @@ struct BasicTransformerBlock {
 }
 
 impl BasicTransformerBlock {
-    /// Attention settings (context, only-cross-attention, slicing) from its transformer's config.
+    /// Attention settings (context, only-cross-attention, upcast) from its transformer's config.
     fn new(
         vs: nn::VarBuilder,
         dim: usize,
         n_heads: usize,
         d_head: usize,
         config: &SpatialTransformerConfig,
-        use_flash_attn: bool,
     ) -> Result<Self> {
-        let SpatialTransformerConfig { context_dim, only_cross_attention, sliced_attention_size, .. } = *config;
+        let SpatialTransformerConfig { context_dim, only_cross_attention, upcast_attention, .. } = *config;
         let attn1_context = if only_cross_attention { context_dim } else { None };
-        let attn1 = CrossAttention::new(
-            vs.pp("attn1"),
-            dim,
-            attn1_context,
-            n_heads,
-            d_head,
-            sliced_attention_size,
-            use_flash_attn,
-        )?;
+        let attn1 = CrossAttention::new(vs.pp("attn1"), dim, attn1_context, n_heads, d_head, upcast_attention)?;
         let ff = FeedForward::new(vs.pp("ff"), dim, None, 4)?;
-        let attn2 = CrossAttention::new(
-            vs.pp("attn2"),
-            dim,
-            context_dim,
-            n_heads,
-            d_head,
-            sliced_attention_size,
-            use_flash_attn,
-        )?;
+        let attn2 = CrossAttention::new(vs.pp("attn2"), dim, context_dim, n_heads, d_head, upcast_attention)?;
         let norm1 = nn::layer_norm(dim, 1e-5, vs.pp("norm1"))?;
         let norm2 = nn::layer_norm(dim, 1e-5, vs.pp("norm2"))?;
         let norm3 = nn::layer_norm(dim, 1e-5, vs.pp("norm3"))?;
@@ -253,7 +251,8 @@ pub struct SpatialTransformerConfig {
     pub depth: usize,
     pub num_groups: usize,
     pub context_dim: Option<usize>,
-    pub sliced_attention_size: Option<usize>,
+    /// Attention scores in f32 (diffusers' `upcast_attention`).
+    pub upcast_attention: bool,
     pub use_linear_projection: bool,
     pub only_cross_attention: bool,
 }
@@ -264,7 +263,7 @@ impl Default for SpatialTransformerConfig {
             depth: 1,
             num_groups: 32,
             context_dim: None,
-            sliced_attention_size: None,
+            upcast_attention: false,
             use_linear_projection: false,
             only_cross_attention: false,
         }
@@ -295,7 +294,6 @@ impl SpatialTransformer {
         in_channels: usize,
         n_heads: usize,
         d_head: usize,
-        use_flash_attn: bool,
         config: SpatialTransformerConfig,
     ) -> Result<Self> {
         let inner_dim = n_heads * d_head;
@@ -308,14 +306,7 @@ impl SpatialTransformer {
         let mut transformer_blocks = vec![];
         let vs_tb = vs.pp("transformer_blocks");
         for index in 0..config.depth {
-            let tb = BasicTransformerBlock::new(
-                vs_tb.pp(index.to_string()),
-                inner_dim,
-                n_heads,
-                d_head,
-                &config,
-                use_flash_attn,
-            )?;
+            let tb = BasicTransformerBlock::new(vs_tb.pp(index.to_string()), inner_dim, n_heads, d_head, &config)?;
             transformer_blocks.push(tb)
         }
         let proj_out = if config.use_linear_projection {
@@ -354,5 +345,54 @@ impl SpatialTransformer {
             Proj::Linear(p) => p.forward(&xs)?.reshape((batch, height, weight, inner_dim))?.t()?.transpose(1, 2)?,
         };
         xs + residual
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn qkv(rows: usize, q_len: usize, kv_len: usize, dtype: DType) -> (Tensor, Tensor, Tensor) {
+        let r = |n: usize| Tensor::randn(0f32, 1.0, (rows, n, 8), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+        (r(q_len), r(kv_len), r(kv_len))
+    }
+
+    /// Splitting by rows and by query tokens gives what the one-block computation gives.
+    #[test]
+    fn chunked_attention_matches_one_block() {
+        let (q, k, v) = qkv(6, 40, 24, DType::F32);
+        let whole = attention(&q, &k, &v, 0.3, false, usize::MAX).unwrap();
+        // 2 rows per chunk; then 7 query tokens per chunk (one row's scores exceed the budget).
+        for budget in [2 * 40 * 24, 7 * 24, 1] {
+            let chunked = attention(&q, &k, &v, 0.3, false, budget).unwrap();
+            let err = (&chunked - &whole).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(err <= 1e-6, "budget {budget}: max abs error {err:e}");
+        }
+    }
+
+    /// f16 scores that would overflow (|q·k| > 65504) stay finite with upcast.
+    #[test]
+    fn upcast_keeps_large_f16_scores_finite() {
+        let (q, k, v) = qkv(1, 4, 4, DType::F32);
+        let (q, k) = ((q * 200.0).unwrap(), (k * 200.0).unwrap());
+        let half = |t: &Tensor| t.to_dtype(DType::F16).unwrap();
+        let reference = attention(&q, &k, &v, 1.0, false, usize::MAX).unwrap();
+        let plain = attention(&half(&q), &half(&k), &half(&v), 1.0, false, usize::MAX).unwrap();
+        let plain = plain.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(
+            plain.iter().any(|x| !x.is_finite()),
+            "the inputs must overflow f16 scores for this test to mean anything"
+        );
+        let upcast = attention(&half(&q), &half(&k), &half(&v), 1.0, true, usize::MAX).unwrap();
+        let err = (upcast.to_dtype(DType::F32).unwrap() - &reference)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(err <= 1e-2, "upcast f16 attention: max abs error {err:e}");
     }
 }

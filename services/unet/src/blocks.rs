@@ -94,7 +94,8 @@ pub struct UNetMidBlock2DCrossAttnConfig {
     // attention_type "default"
     pub output_scale_factor: f64,
     pub cross_attn_dim: usize,
-    pub sliced_attention_size: Option<usize>,
+    /// Attention scores in f32 (diffusers' `upcast_attention`).
+    pub upcast_attention: bool,
     pub use_linear_projection: bool,
     pub transformer_layers_per_block: usize,
 }
@@ -108,7 +109,7 @@ impl Default for UNetMidBlock2DCrossAttnConfig {
             attn_num_head_channels: 1,
             output_scale_factor: 1.,
             cross_attn_dim: 1280,
-            sliced_attention_size: None, // Sliced attention disabled
+            upcast_attention: false,
             use_linear_projection: false,
             transformer_layers_per_block: 1,
         }
@@ -128,7 +129,6 @@ impl UNetMidBlock2DCrossAttn {
         vs: nn::VarBuilder,
         in_channels: usize,
         temb_channels: Option<usize>,
-        use_flash_attn: bool,
         config: UNetMidBlock2DCrossAttnConfig,
     ) -> Result<Self> {
         let vs_resnets = vs.pp("resnets");
@@ -147,7 +147,7 @@ impl UNetMidBlock2DCrossAttn {
             depth: config.transformer_layers_per_block,
             num_groups: resnet_groups,
             context_dim: Some(config.cross_attn_dim),
-            sliced_attention_size: config.sliced_attention_size,
+            upcast_attention: config.upcast_attention,
             use_linear_projection: config.use_linear_projection,
             // diffusers' mid block never uses only_cross_attention.
             only_cross_attention: false,
@@ -159,7 +159,6 @@ impl UNetMidBlock2DCrossAttn {
                 in_channels,
                 n_heads,
                 in_channels / n_heads,
-                use_flash_attn,
                 attn_cfg,
             )?;
             let resnet = ResnetBlock2D::new(vs_resnets.pp((index + 1).to_string()), in_channels, resnet_cfg)?;
@@ -282,7 +281,8 @@ pub struct CrossAttnConfig {
     pub attn_num_head_channels: usize,
     pub cross_attention_dim: usize,
     // attention_type: "default"
-    pub sliced_attention_size: Option<usize>,
+    /// Attention scores in f32 (diffusers' `upcast_attention`).
+    pub upcast_attention: bool,
     pub use_linear_projection: bool,
     pub transformer_layers_per_block: usize,
     /// attn1 attends to the text too (diffusers' per-block `only_cross_attention`).
@@ -297,20 +297,19 @@ impl CrossAttnConfig {
         count: usize,
         channels: usize,
         groups: usize,
-        use_flash_attn: bool,
     ) -> Result<Vec<SpatialTransformer>> {
         let n_heads = self.attn_num_head_channels;
         let cfg = SpatialTransformerConfig {
             depth: self.transformer_layers_per_block,
             context_dim: Some(self.cross_attention_dim),
             num_groups: groups,
-            sliced_attention_size: self.sliced_attention_size,
+            upcast_attention: self.upcast_attention,
             use_linear_projection: self.use_linear_projection,
             only_cross_attention: self.only_cross_attention,
         };
         let vs_attn = vs.pp("attentions");
         (0..count)
-            .map(|i| SpatialTransformer::new(vs_attn.pp(i.to_string()), channels, n_heads, channels / n_heads, use_flash_attn, cfg))
+            .map(|i| SpatialTransformer::new(vs_attn.pp(i.to_string()), channels, n_heads, channels / n_heads, cfg))
             .collect()
     }
 }
@@ -335,17 +334,11 @@ impl CrossAttnDownBlock2D {
         in_channels: usize,
         out_channels: usize,
         temb_channels: Option<usize>,
-        use_flash_attn: bool,
         config: CrossAttnDownBlock2DConfig,
     ) -> Result<Self> {
         let downblock = DownBlock2D::new(vs.clone(), in_channels, out_channels, temb_channels, config.downblock)?;
-        let attentions = config.attn.transformers(
-            &vs,
-            config.downblock.num_layers,
-            out_channels,
-            config.downblock.resnet_groups,
-            use_flash_attn,
-        )?;
+        let attentions =
+            config.attn.transformers(&vs, config.downblock.num_layers, out_channels, config.downblock.resnet_groups)?;
         let span = tracing::span!(tracing::Level::TRACE, "xa-down2d");
         Ok(Self { downblock, attentions, span, config })
     }
@@ -479,18 +472,12 @@ impl CrossAttnUpBlock2D {
         prev_output_channels: usize,
         out_channels: usize,
         temb_channels: Option<usize>,
-        use_flash_attn: bool,
         config: CrossAttnUpBlock2DConfig,
     ) -> Result<Self> {
         let upblock =
             UpBlock2D::new(vs.clone(), in_channels, prev_output_channels, out_channels, temb_channels, config.upblock)?;
-        let attentions = config.attn.transformers(
-            &vs,
-            config.upblock.num_layers,
-            out_channels,
-            config.upblock.resnet_groups,
-            use_flash_attn,
-        )?;
+        let attentions =
+            config.attn.transformers(&vs, config.upblock.num_layers, out_channels, config.upblock.resnet_groups)?;
         let span = tracing::span!(tracing::Level::TRACE, "xa-up2d");
         Ok(Self { upblock, attentions, span, config })
     }

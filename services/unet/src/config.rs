@@ -142,7 +142,11 @@ impl UnetConfigJson {
             }
             other => return Err(format!("only_cross_attention {other}: expected a bool or one per block ({n})")),
         };
-        let extras = UnetExtras { only_cross_attention, num_class_embeds: self.num_class_embeds };
+        let extras = UnetExtras {
+            only_cross_attention,
+            num_class_embeds: self.num_class_embeds,
+            upcast_attention: self.upcast_attention,
+        };
         if self.dual_cross_attention {
             return unsupported("dual_cross_attention");
         }

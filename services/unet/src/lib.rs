@@ -6,8 +6,8 @@
 
 mod attention;
 mod blocks;
-pub mod conv;
 pub mod config;
+pub mod conv;
 mod resnet;
 mod unet_2d;
 
@@ -51,6 +51,8 @@ pub struct UnetOptions {
     /// Diffusers-layout model folder (uses unet/).
     pub model: PathBuf,
     pub device: Device,
+    /// Weights and activations (model outputs are returned as f32).
+    pub dtype: DType,
     pub queue_capacity: usize,
     /// Most rows (images; two per image under guidance) in one forward pass over steps of
     /// concurrent jobs.
@@ -63,13 +65,14 @@ pub struct UnetOptions {
 }
 
 impl UnetOptions {
-    /// Defaults: a queue of 64 requests, batches of up to 16 rows, no waiting, 256 MiB of
+    /// Defaults: f32, a queue of 64 requests, batches of up to 16 rows, no waiting, 256 MiB of
     /// conditioning.
     pub fn new(model: PathBuf, device: Device) -> Self {
         let BatchingArgs { max_batch_rows, batch_max_wait_ms, conditioning_cache_bytes } = BatchingArgs::default();
         Self {
             model,
             device,
+            dtype: DType::F32,
             queue_capacity: 64,
             max_batch_rows,
             batch_max_wait: Duration::from_millis(batch_max_wait_ms),
@@ -157,9 +160,9 @@ impl LocalUnet {
         let json: config::UnetConfigJson = dir.json("config.json")?;
         let malformed = |message: String| ModelDirError::Malformed { path: dir.path.join("config.json"), message };
         let (cfg, extras) = json.to_candle().map_err(malformed)?;
-        let dtype = DType::F32;
+        let dtype = opts.dtype;
         let vb = dir.var_builder(&["diffusion_pytorch_model"], dtype, &opts.device)?;
-        let unet = UNet2DConditionModel::new(vb, json.in_channels, json.out_channels, false, cfg, &extras)
+        let unet = UNet2DConditionModel::new(vb, json.in_channels, json.out_channels, cfg, &extras)
             .map_err(|e| ModelDirError::Malformed { path: dir.path.clone(), message: e.to_string() })?;
         if json.cross_attention_dim > MAX_CROSS_ATTENTION_DIM || json.in_channels > MAX_IN_CHANNELS {
             return Err(malformed(format!(
@@ -246,12 +249,10 @@ impl LocalUnet {
             (0, None) => {}
             (0, Some(_)) => return Err(Error::invalid("class_label: this UNet has no class embedding")),
             (n, Some(c)) if c < n => {}
-            (n, c) => {
-                return Err(Error::invalid(format!(
-                    "class_label: {c:?}; this UNet's class embedding needs one from 0 to {} (the upscaler's noise level)",
-                    n - 1
-                )))
-            }
+            (n, c) => return Err(Error::invalid(format!(
+                "class_label: {c:?}; this UNet's class embedding needs one from 0 to {} (the upscaler's noise level)",
+                n - 1
+            ))),
         }
         if !x.timestep.is_finite() || x.timestep < 0.0 {
             return Err(Error::invalid(format!("timestep: {} is not a finite value >= 0", x.timestep)));
@@ -373,7 +374,7 @@ pub fn write_random_weights(unet_dir: &std::path::Path) -> anyhow::Result<()> {
     let (cfg, extras) = json.to_candle().map_err(anyhow::Error::msg)?;
     let varmap = candle_nn::VarMap::new();
     let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-    UNet2DConditionModel::new(vb, json.in_channels, json.out_channels, false, cfg, &extras)?;
+    UNet2DConditionModel::new(vb, json.in_channels, json.out_channels, cfg, &extras)?;
     varmap.save(unet_dir.join("diffusion_pytorch_model.safetensors"))?;
     Ok(())
 }

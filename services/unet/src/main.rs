@@ -15,8 +15,8 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let Args { service, batching } = Args::parse();
-    let options = |model, device, queue_capacity| {
-        batching.apply(UnetOptions { queue_capacity, ..UnetOptions::new(model, device) })
+    let options = |model, device, dtype, queue_capacity| {
+        batching.apply(UnetOptions { dtype, queue_capacity, ..UnetOptions::new(model, device) })
     };
     model_service_main("sdmesh-unet", "127.0.0.1:50052", service, options, run).await
 }

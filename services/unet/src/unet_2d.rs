@@ -8,7 +8,7 @@
 
 use crate::blocks::*;
 use crate::resnet::per_row;
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use candle_nn as nn;
 use candle_nn::Module;
 use candle_transformers::models::stable_diffusion::embeddings::Timesteps;
@@ -24,6 +24,9 @@ pub struct UnetExtras {
     /// diffusers' `num_class_embeds`: a learned embedding of a per-sample class label (the
     /// upscaler's noise level) added to the time embedding.
     pub num_class_embeds: Option<usize>,
+    /// diffusers' `upcast_attention` (SD 2.1-768 sets it): attention scores in f32 whatever the
+    /// model's dtype, where f16 would overflow.
+    pub upcast_attention: bool,
 }
 
 /// linear_1, SiLU, linear_2 (candle's keeps its layers private).
@@ -64,7 +67,6 @@ impl UNet2DConditionModel {
         vs: nn::VarBuilder,
         in_channels: usize,
         out_channels: usize,
-        use_flash_attn: bool,
         config: UNet2DConditionModelConfig,
         extras: &UnetExtras,
     ) -> Result<Self> {
@@ -75,11 +77,7 @@ impl UNet2DConditionModel {
             Some(CrossAttnConfig {
                 attn_num_head_channels: attention_head_dim,
                 cross_attention_dim: config.cross_attention_dim,
-                // Automatic attention slicing when the config's sliced_attention_size is 0.
-                sliced_attention_size: match config.sliced_attention_size {
-                    Some(0) => Some(attention_head_dim / 2),
-                    other => other,
-                },
+                upcast_attention: extras.upcast_attention,
                 use_linear_projection: config.use_linear_projection,
                 transformer_layers_per_block: use_cross_attn?,
                 only_cross_attention: extras.only_cross_attention.get(block).copied().unwrap_or(false),
@@ -123,7 +121,6 @@ impl UNet2DConditionModel {
                         in_channels,
                         out_channels,
                         Some(time_embed_dim),
-                        use_flash_attn,
                         config,
                     )?;
                     Ok(UNetDownBlock::CrossAttn(block))
@@ -153,16 +150,11 @@ impl UNet2DConditionModel {
             resnet_groups: Some(config.norm_num_groups),
             use_linear_projection: config.use_linear_projection,
             transformer_layers_per_block: mid_transformer_layers_per_block,
+            upcast_attention: extras.upcast_attention,
             ..Default::default()
         };
 
-        let mid_block = UNetMidBlock2DCrossAttn::new(
-            vs.pp("mid_block"),
-            bl_channels,
-            Some(time_embed_dim),
-            use_flash_attn,
-            mid_cfg,
-        )?;
+        let mid_block = UNetMidBlock2DCrossAttn::new(vs.pp("mid_block"), bl_channels, Some(time_embed_dim), mid_cfg)?;
 
         let vs_ub = vs.pp("up_blocks");
         let up_blocks = (0..n_blocks)
@@ -189,7 +181,6 @@ impl UNet2DConditionModel {
                         prev_out_channels,
                         out_channels,
                         Some(time_embed_dim),
-                        use_flash_attn,
                         config,
                     )?;
                     Ok(UNetUpBlock::CrossAttn(block))
@@ -245,14 +236,19 @@ impl UNet2DConditionModel {
         // 0. center input if necessary
         let xs = if self.config.center_input_sample { ((xs * 2.0)? - 1.0)? } else { xs.clone() };
         // 1. time, per sample
-        let emb = timesteps.to_dtype(xs.dtype())?;
-        let emb = self.time_proj.forward(&emb)?;
+        // The sinusoids in f32 whatever the model's dtype, as diffusers (f16 cannot hold t * freq).
+        let emb = self.time_proj.forward(&timesteps.to_dtype(DType::F32)?)?.to_dtype(xs.dtype())?;
         let emb = per_row(&self.time_embedding.linear_1, &emb)?;
         let emb = per_row(&self.time_embedding.linear_2, &nn::ops::silu(&emb)?)?;
         let emb = match (&self.class_embedding, class_labels) {
-            (Some(embedding), Some(labels)) if labels.dims() == [bsize] => (emb + embedding.forward(labels)?.to_dtype(xs.dtype())?)?,
+            (Some(embedding), Some(labels)) if labels.dims() == [bsize] => {
+                (emb + embedding.forward(labels)?.to_dtype(xs.dtype())?)?
+            }
             (Some(_), labels) => {
-                candle_core::bail!("class_labels: {:?}, expected [{bsize}] (this UNet has a class embedding)", labels.map(|l| l.dims().to_vec()))
+                candle_core::bail!(
+                    "class_labels: {:?}, expected [{bsize}] (this UNet has a class embedding)",
+                    labels.map(|l| l.dims().to_vec())
+                )
             }
             (None, None) => emb,
             (None, Some(_)) => candle_core::bail!("class_labels given, but this UNet has no class embedding"),

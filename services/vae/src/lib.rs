@@ -88,6 +88,8 @@ pub struct VaeOptions {
     /// Diffusers-layout model folder (uses vae/).
     pub model: PathBuf,
     pub device: Device,
+    /// Weights and activations (images and latents are returned as f32).
+    pub dtype: DType,
     pub queue_capacity: usize,
     /// Decodes with a latent side above this run tile by tile (diffusers' tiled_decode with
     /// tiles of this many latents); 0 = never.
@@ -96,7 +98,7 @@ pub struct VaeOptions {
 
 impl VaeOptions {
     pub fn new(model: PathBuf, device: Device) -> Self {
-        Self { model, device, queue_capacity: 64, decode_tile_latents: DEFAULT_DECODE_TILE_LATENTS }
+        Self { model, device, dtype: DType::F32, queue_capacity: 64, decode_tile_latents: DEFAULT_DECODE_TILE_LATENTS }
     }
 }
 
@@ -193,15 +195,24 @@ impl Model {
                 .collect()
         };
         if let Some(VaeJob::Decode(_)) = requests.first() {
-            let latents: Vec<Tensor> =
-                requests.into_iter().map(|r| if let VaeJob::Decode(t) = r { t } else { unreachable!("keyed apart") }).collect();
+            let latents: Vec<Tensor> = requests
+                .into_iter()
+                .map(|r| if let VaeJob::Decode(t) = r { t } else { unreachable!("keyed apart") })
+                .collect();
             let images = self.decode(Tensor::cat(&latents, 0)?)?;
             return Ok(split(&images)?.into_iter().map(VaeOutput::Images).collect());
         }
-        let (images, noises): (Vec<Tensor>, Vec<Option<Tensor>>) = requests
-            .into_iter()
-            .map(|r| if let VaeJob::Encode { images, noise } = r { (images, noise) } else { unreachable!("keyed apart") })
-            .unzip();
+        let (images, noises): (Vec<Tensor>, Vec<Option<Tensor>>) =
+            requests
+                .into_iter()
+                .map(|r| {
+                    if let VaeJob::Encode { images, noise } = r {
+                        (images, noise)
+                    } else {
+                        unreachable!("keyed apart")
+                    }
+                })
+                .unzip();
         let (mean, std) = self.encode(Tensor::cat(&images, 0)?)?;
         split(&mean)?
             .into_iter()
@@ -246,7 +257,7 @@ impl LocalVae {
             use_quant_conv: json.use_quant_conv,
             use_post_quant_conv: json.use_post_quant_conv,
         };
-        let dtype = DType::F32;
+        let dtype = opts.dtype;
         let vb = dir.var_builder(&["diffusion_pytorch_model"], dtype, &opts.device)?;
         let vae = AutoEncoderKL::new(vb, json.in_channels, json.out_channels, config)
             .map_err(|e| ModelDirError::Malformed { path: dir.path.clone(), message: e.to_string() })?;

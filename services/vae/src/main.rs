@@ -15,7 +15,8 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let Args { service, decode } = Args::parse();
-    let options = |model, device, queue_capacity| VaeOptions {
+    let options = |model, device, dtype, queue_capacity| VaeOptions {
+        dtype,
         queue_capacity,
         decode_tile_latents: decode.decode_tile_latents,
         ..VaeOptions::new(model, device)

@@ -5,8 +5,8 @@
 pub mod batch;
 pub mod byte_lru;
 pub mod client;
-pub mod images;
 mod error;
+pub mod images;
 pub mod model_dir;
 pub mod serve;
 pub mod telemetry;
@@ -21,11 +21,43 @@ pub use traits::{
 };
 pub use worker::ModelWorker;
 
-/// Devices a model service can run on. Only the CPU in this build.
+/// The device a model service runs on: `cpu`, or `cuda` / `cuda:N` in a build with the `cuda`
+/// feature (CPU builds, the tests and CI among them, carry no CUDA dependency).
 pub fn parse_device(spec: &str) -> std::result::Result<candle_core::Device, String> {
     match spec {
         "cpu" => Ok(candle_core::Device::Cpu),
-        other => Err(format!("unsupported device {other:?}: this build supports \"cpu\"")),
+        cuda if cuda == "cuda" || cuda.starts_with("cuda:") => {
+            let ordinal = match cuda.strip_prefix("cuda:") {
+                None => 0,
+                Some(n) => {
+                    n.parse::<usize>().map_err(|_| format!("device {cuda:?}: expected cuda:N with N a GPU index"))?
+                }
+            };
+            cuda_device(ordinal)
+        }
+        other => Err(format!("unsupported device {other:?}: expected cpu, cuda or cuda:N")),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_device(ordinal: usize) -> std::result::Result<candle_core::Device, String> {
+    candle_core::Device::new_cuda(ordinal).map_err(|e| format!("cuda:{ordinal}: {e}"))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_device(ordinal: usize) -> std::result::Result<candle_core::Device, String> {
+    Err(format!("device cuda:{ordinal}: this build has no CUDA support (build with `--features cuda`)"))
+}
+
+/// The float type a model's weights and activations use: `f32` (the reference; the default),
+/// `f16` or `bf16` (for GPUs: half the memory and the tensor cores). Inputs and outputs on the
+/// wire stay f32 whatever the model runs in.
+pub fn parse_dtype(spec: &str) -> std::result::Result<candle_core::DType, String> {
+    match spec {
+        "f32" | "fp32" | "float32" => Ok(candle_core::DType::F32),
+        "f16" | "fp16" | "float16" => Ok(candle_core::DType::F16),
+        "bf16" | "bfloat16" => Ok(candle_core::DType::BF16),
+        other => Err(format!("unsupported dtype {other:?}: expected f32, f16 or bf16")),
     }
 }
 

@@ -204,9 +204,13 @@ pub struct ServiceArgs {
     /// Address to listen on; port 0 picks a free port (printed as `listening on ADDR`).
     #[arg(long, env = "SDMESH_LISTEN")]
     pub listen: Option<String>,
-    /// Device to run on: cpu.
+    /// Device to run on: cpu, or cuda / cuda:N in a build with the `cuda` feature.
     #[arg(long, env = "SDMESH_DEVICE", default_value = "cpu")]
     pub device: String,
+    /// Float type of the model's weights and activations: f32, f16 or bf16 (tensors on the
+    /// wire stay f32).
+    #[arg(long, env = "SDMESH_DTYPE", default_value = "f32", value_parser = crate::parse_dtype)]
+    pub dtype: candle_core::DType,
     /// Requests waiting for the model beyond which new ones get RESOURCE_EXHAUSTED.
     #[arg(long, env = "SDMESH_QUEUE_CAPACITY", default_value_t = 64)]
     pub queue_capacity: usize,
@@ -246,7 +250,7 @@ pub async fn model_service_main<O, F, Fut>(
     service_name: &'static str,
     default_listen: &str,
     args: ServiceArgs,
-    options: impl FnOnce(std::path::PathBuf, candle_core::Device, usize) -> O,
+    options: impl FnOnce(std::path::PathBuf, candle_core::Device, candle_core::DType, usize) -> O,
     run: F,
 ) -> anyhow::Result<()>
 where
@@ -256,7 +260,7 @@ where
     let telemetry = crate::telemetry::init(service_name, &args.telemetry).await?;
     let device = args.device().map_err(anyhow::Error::msg)?;
     let listener = args.bind(default_listen).await?;
-    let opts = options(args.model, device, args.queue_capacity);
+    let opts = options(args.model, device, args.dtype, args.queue_capacity);
     let result = run(opts, listener, Shutdown::on_signal(args.shutdown.grace())).await;
     telemetry.shutdown().await;
     result

@@ -10,7 +10,9 @@ use std::collections::HashMap;
 
 /// The committed tiny model `name` with local text encoder, UNet and VAE.
 pub async fn local_pipeline(name: &str) -> Pipeline {
-    sdmesh_orchestrator::local_pipeline(&model(name), &Device::Cpu, 8, Limits::default()).await.unwrap()
+    sdmesh_orchestrator::local_pipeline(&model(name), &Device::Cpu, candle_core::DType::F32, 8, Limits::default())
+        .await
+        .unwrap()
 }
 
 /// One pipeline per model, loaded on first use.

@@ -26,6 +26,31 @@ struct Cli {
     command: Command,
 }
 
+/// Where the models run.
+#[derive(clap::Args, Debug, Clone)]
+struct Placement {
+    /// cpu, or cuda / cuda:N in a build with the `cuda` feature.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// The models' float type: f32, f16 or bf16.
+    #[arg(long, default_value = "f32", value_parser = sdmesh_core::parse_dtype)]
+    dtype: candle_core::DType,
+}
+
+impl Placement {
+    fn device(&self) -> anyhow::Result<candle_core::Device> {
+        sdmesh_core::parse_device(&self.device).map_err(anyhow::Error::msg)
+    }
+
+    fn mesh(&self, model: PathBuf) -> anyhow::Result<MeshOptions> {
+        Ok(MeshOptions { dtype: self.dtype, ..MeshOptions::new(model, self.device()?) })
+    }
+
+    fn describe(&self) -> serde_json::Value {
+        json!({"device": self.device, "dtype": format!("{:?}", self.dtype).to_lowercase()})
+    }
+}
+
 #[derive(clap::Args, Debug, Clone)]
 struct JobShape {
     /// Diffusers-layout model folder.
@@ -37,6 +62,8 @@ struct JobShape {
     /// Denoising steps per job.
     #[arg(long, default_value_t = 10)]
     steps: u32,
+    #[command(flatten)]
+    placement: Placement,
 }
 
 #[derive(Subcommand, Debug)]
@@ -71,6 +98,8 @@ enum Command {
         batch: usize,
         #[arg(long, default_value_t = 3)]
         reps: usize,
+        #[command(flatten)]
+        placement: Placement,
         /// Also print where the UNet step's time goes: self time per candle span (conv2d,
         /// linear, attention, ...), measured with tracing.
         #[arg(long)]
@@ -146,6 +175,13 @@ fn model_name(p: &Path) -> String {
     p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
+/// Adds `extra`'s fields to the JSON object `line`.
+fn extend(line: &mut serde_json::Value, extra: serde_json::Value) {
+    if let (Some(l), serde_json::Value::Object(e)) = (line.as_object_mut(), extra) {
+        l.extend(e);
+    }
+}
+
 fn emit(line: serde_json::Value, human: String) {
     println!("{line}");
     eprintln!("{human}");
@@ -202,9 +238,10 @@ async fn start_mesh(
 }
 
 async fn overhead(job: JobShape, jobs: usize) -> anyhow::Result<()> {
-    let device = candle_core::Device::Cpu;
-    let (mut mesh, _stop) = start_mesh(MeshOptions::new(job.model.clone(), device.clone())).await?;
-    let pipeline = sdmesh_orchestrator::local_pipeline(&job.model, &device, 64, Limits::default()).await?;
+    let device = job.placement.device()?;
+    let (mut mesh, _stop) = start_mesh(job.placement.mesh(job.model.clone())?).await?;
+    let pipeline =
+        sdmesh_orchestrator::local_pipeline(&job.model, &device, job.placement.dtype, 64, Limits::default()).await?;
     let pipeline = sdmesh_orchestrator::with_embedding_cache(
         pipeline,
         std::sync::Arc::new(sdmesh_orchestrator::embedding_cache::LruStore::new(256 << 20)),
@@ -228,10 +265,12 @@ async fn overhead(job: JobShape, jobs: usize) -> anyhow::Result<()> {
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     let (m, l) = (mean(&mesh_s), mean(&local_s));
     let per_step_ms = (m - l) / job.steps as f64 * 1e3;
-    emit(
-        json!({"bench": "overhead", "model": model_name(&job.model), "size": job.size, "steps": job.steps,
+    let mut line = json!({"bench": "overhead", "model": model_name(&job.model), "size": job.size, "steps": job.steps,
                "jobs": jobs, "mesh_s_per_job": m, "in_process_s_per_job": l,
-               "overhead_ms_per_step": per_step_ms, "ratio": m / l}),
+               "overhead_ms_per_step": per_step_ms, "ratio": m / l});
+    extend(&mut line, job.placement.describe());
+    emit(
+        line,
         format!(
             "overhead  {:<16} {}px {} steps: mesh {:.3} s/job, in-process {:.3} s/job, {:+.2} ms/step, ratio {:.3}",
             model_name(&job.model),
@@ -249,8 +288,7 @@ async fn overhead(job: JobShape, jobs: usize) -> anyhow::Result<()> {
 async fn throughput(job: JobShape, levels: Vec<usize>, max_batch_rows: usize) -> anyhow::Result<()> {
     for (batching, rows) in [("on", max_batch_rows), ("off", 1)] {
         let unet_batching = sdmesh_unet::BatchingArgs { max_batch_rows: rows, ..Default::default() };
-        let opts =
-            MeshOptions { batching: unet_batching, ..MeshOptions::new(job.model.clone(), candle_core::Device::Cpu) };
+        let opts = MeshOptions { batching: unet_batching, ..job.placement.mesh(job.model.clone())? };
         let (client, stop) = start_mesh(opts).await?;
         for &c in &levels {
             let total = c.max(4);
@@ -272,10 +310,12 @@ async fn throughput(job: JobShape, levels: Vec<usize>, max_batch_rows: usize) ->
             }
             let wall = started.elapsed().as_secs_f64();
             let ips = total as f64 / wall;
-            emit(
-                json!({"bench": "throughput", "model": model_name(&job.model), "size": job.size,
+            let mut line = json!({"bench": "throughput", "model": model_name(&job.model), "size": job.size,
                        "steps": job.steps, "batching": batching, "concurrency": c, "jobs": total,
-                       "seconds": wall, "images_per_s": ips}),
+                       "seconds": wall, "images_per_s": ips});
+            extend(&mut line, job.placement.describe());
+            emit(
+                line,
                 format!(
                     "throughput {:<16} batching {batching:<3} {c:>2} concurrent: {total} jobs in {wall:.2} s = {ips:.3} images/s",
                     model_name(&job.model)
@@ -300,7 +340,16 @@ fn timed<T>(reps: usize, mut f: impl FnMut() -> anyhow::Result<T>) -> anyhow::Re
     Ok((best, times.iter().sum::<f64>() / times.len() as f64))
 }
 
-async fn components(model: PathBuf, size: usize, batch: usize, reps: usize, profile: bool) -> anyhow::Result<()> {
+async fn components(
+    model: PathBuf,
+    size: usize,
+    batch: usize,
+    reps: usize,
+    placement: Placement,
+    profile: bool,
+) -> anyhow::Result<()> {
+    let device = placement.device()?;
+    let dtype = placement.dtype;
     let cpu = candle_core::Device::Cpu;
     let threads = candle_core::utils::get_num_threads();
     let rt = tokio::runtime::Handle::current();
@@ -308,9 +357,8 @@ async fn components(model: PathBuf, size: usize, batch: usize, reps: usize, prof
     let report = |component: &str, (best, mean): (f64, f64), extra: serde_json::Value| {
         let mut line = json!({"bench": "components", "impl": "candle", "component": component, "model": name,
                               "threads": threads, "best_ms": best * 1e3, "mean_ms": mean * 1e3});
-        if let (Some(l), Some(e)) = (line.as_object_mut(), extra.as_object()) {
-            l.extend(e.clone());
-        }
+        extend(&mut line, extra);
+        extend(&mut line, placement.describe());
         emit(
             line,
             format!(
@@ -322,9 +370,9 @@ async fn components(model: PathBuf, size: usize, batch: usize, reps: usize, prof
     };
 
     let te = sdmesh_text_encoder::LocalTextEncoder::load(&sdmesh_text_encoder::TextEncoderOptions {
-        model: model.clone(),
-        device: cpu.clone(),
+        dtype,
         queue_capacity: 4,
+        ..sdmesh_text_encoder::TextEncoderOptions::new(model.clone(), device.clone())
     })?;
     let texts: Vec<String> = (0..batch).map(|i| format!("a benchmark prompt number {i}")).collect();
     let t = tokio::task::block_in_place(|| timed(reps, || Ok(rt.block_on(te.encode(texts.clone()))?)))?;
@@ -332,7 +380,10 @@ async fn components(model: PathBuf, size: usize, batch: usize, reps: usize, prof
     let hidden = te.info().await?.hidden_size as usize;
     drop(te);
 
-    let unet = sdmesh_unet::LocalUnet::load(&sdmesh_unet::UnetOptions::new(model.clone(), cpu.clone()))?;
+    let unet = sdmesh_unet::LocalUnet::load(&sdmesh_unet::UnetOptions {
+        dtype,
+        ..sdmesh_unet::UnetOptions::new(model.clone(), device.clone())
+    })?;
     let latents = candle_core::Tensor::randn(0f32, 1., (batch, 4, size / 8, size / 8), &cpu)?;
     let cond = candle_core::Tensor::randn(0f32, 1., (batch, 77, hidden), &cpu)?;
     let step = || DenoiseInput {
@@ -367,7 +418,11 @@ async fn components(model: PathBuf, size: usize, batch: usize, reps: usize, prof
     }
     drop(unet);
 
-    let vae = sdmesh_vae::LocalVae::load(&sdmesh_vae::VaeOptions { queue_capacity: 4, ..sdmesh_vae::VaeOptions::new(model, cpu.clone()) })?;
+    let vae = sdmesh_vae::LocalVae::load(&sdmesh_vae::VaeOptions {
+        dtype,
+        queue_capacity: 4,
+        ..sdmesh_vae::VaeOptions::new(model, device.clone())
+    })?;
     let z = candle_core::Tensor::randn(0f32, 1., (1, 4, size / 8, size / 8), &cpu)?;
     let t = tokio::task::block_in_place(|| timed(reps, || Ok(rt.block_on(vae.decode(z.clone()))?)))?;
     report("vae_decode", t, json!({"batch": 1, "height": size, "width": size}));
@@ -395,8 +450,8 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Overhead { job, jobs } => overhead(job, jobs).await,
         Command::Throughput { job, concurrency, max_batch_rows } => throughput(job, concurrency, max_batch_rows).await,
-        Command::Components { model, size, batch, reps, profile } => {
-            components(model, size, batch, reps, profile).await
+        Command::Components { model, size, batch, reps, placement, profile } => {
+            components(model, size, batch, reps, placement, profile).await
         }
     }
 }

@@ -1,11 +1,15 @@
 """Random-weight models in the diffusers layout for the benchmarks (not committed: large).
 
-  .venv/bin/python benchmarks/make_models.py OUT_DIR
+  .venv/bin/python benchmarks/make_models.py OUT_DIR [NAME ...]
 
 - OUT_DIR/sd21-medium: the SD 2.1 architecture (OpenCLIP-style text encoder, 4-level UNet
   with linear-projection transformers, 4-level VAE) at reduced width.
 - OUT_DIR/sd21-full-arch: the SD 2.1 (512-base) architecture at full size, for the
   component comparison with diffusers.
+- OUT_DIR/sd21-768-arch (only when named): SD 2.1 (768-v) at full size: as sd21-full-arch
+  with upcast_attention, sample_size 96 and the v-prediction scheduler (the GPU benchmark).
+
+With NAMEs, only those are built; without, sd21-medium and sd21-full-arch.
 
 Tokenizer and scheduler are copied from the committed tiny model (the real CLIP vocabulary
 size, the SD 2.1-base scheduler). Weights are PyTorch's default initialisation, seeded.
@@ -20,7 +24,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = REPO / "tests" / "fixtures" / "models" / "sd21-base-tiny"
+MODELS = REPO / "tests" / "fixtures" / "models"
 
 ARCHS = {
     "sd21-medium": dict(
@@ -33,7 +37,19 @@ ARCHS = {
         unet=dict(block_out_channels=(320, 640, 1280, 1280), attention_head_dim=(5, 10, 20, 20)),
         vae=(128, 256, 512, 512),
     ),
+    "sd21-768-arch": dict(
+        text=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16),
+        unet=dict(
+            block_out_channels=(320, 640, 1280, 1280),
+            attention_head_dim=(5, 10, 20, 20),
+            upcast_attention=True,
+            sample_size=96,
+        ),
+        vae=(128, 256, 512, 512),
+        like="sd21-tiny",
+    ),
 }
+DEFAULT = ["sd21-medium", "sd21-full-arch"]
 
 
 def build(name: str, out: Path):
@@ -58,8 +74,8 @@ def build(name: str, out: Path):
     text.save_pretrained(d / "text_encoder", safe_serialization=True)
     del text
     hidden = arch["text"]["hidden_size"]
+    unet_args = dict(sample_size=64) | arch["unet"]
     unet = UNet2DConditionModel(
-        sample_size=64,
         in_channels=4,
         out_channels=4,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
@@ -68,7 +84,7 @@ def build(name: str, out: Path):
         norm_num_groups=32,
         cross_attention_dim=hidden,
         use_linear_projection=True,
-        **arch["unet"],
+        **unet_args,
     ).eval()
     unet.save_pretrained(d / "unet", safe_serialization=True)
     del unet
@@ -84,14 +100,16 @@ def build(name: str, out: Path):
         sample_size=512,
     ).eval()
     vae.save_pretrained(d / "vae", safe_serialization=True)
+    # Tokenizer, scheduler (epsilon or v-prediction) and pipeline index from a committed tiny model.
+    like = MODELS / arch.get("like", "sd21-base-tiny")
     for part in ["tokenizer", "scheduler"]:
-        shutil.copytree(TINY / part, d / part)
-    shutil.copy(TINY / "model_index.json", d / "model_index.json")
+        shutil.copytree(like / part, d / part)
+    shutil.copy(like / "model_index.json", d / "model_index.json")
     print(f"wrote {d}")
 
 
 if __name__ == "__main__":
     out = Path(sys.argv[1] if len(sys.argv) > 1 else REPO / "target" / "bench-models")
     torch.set_grad_enabled(False)
-    for name in ARCHS:
+    for name in sys.argv[2:] or DEFAULT:
         build(name, out)

@@ -39,10 +39,10 @@ $bench throughput --model $medium --size 128 --steps 5 --concurrency 1,2,4,8,16 
 # 3. candle vs diffusers, same machine, same threads, same configs
 $bench components --model $medium --size 256 --batch 2 --reps 3 --profile >> "$out"
 .venv/bin/python benchmarks/diffusers_components.py $medium --height 256 --width 256 --batch 2 --reps 3 \
-  --threads "$THREADS" | sed 's/^{/{"bench": "components", /' >> "$out"
+  --threads "$THREADS" >> "$out"
 $bench components --model $full --size 256 --batch 2 --reps 3 --profile >> "$out"
 .venv/bin/python benchmarks/diffusers_components.py $full --height 256 --width 256 --batch 2 --reps 3 \
-  --threads "$THREADS" | sed 's/^{/{"bench": "components", /' >> "$out"
+  --threads "$THREADS" >> "$out"
 
 .venv/bin/python benchmarks/table.py "$out" > "benchmarks/results/$stamp.md"
 cat "benchmarks/results/$stamp.md"

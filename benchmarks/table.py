@@ -5,8 +5,22 @@ import sys
 
 lines = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 machine = next((l["machine"] for l in lines if "machine" in l), {})
-print(f"# sdmesh benchmarks\n\nMachine: {machine.get('cpu')}, {machine.get('cores')} cores "
-      f"({machine.get('threads_used')} threads used), {machine.get('memory_gib')} GiB, {machine.get('rustc')}\n")
+if machine.get("gpu"):
+    print(f"# sdmesh GPU benchmarks\n\nMachine: {machine['gpu']}; {machine.get('cpu')}, {machine.get('cores')} cores; "
+          f"torch {machine.get('torch')}\n")
+else:
+    print(f"# sdmesh benchmarks\n\nMachine: {machine.get('cpu')}, {machine.get('cores')} cores "
+          f"({machine.get('threads_used')} threads used), {machine.get('memory_gib')} GiB, {machine.get('rustc')}\n")
+
+agree = [l for l in lines if l.get("bench") == "agreement"]
+if agree:
+    print("## Agreement with the f32 CPU reference\n")
+    print("| model | size | component | device | dtype | max abs error | reference max | bound | non-finite | ok |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for l in agree:
+        print(f"| {l['model']} | {l['size']} | {l['component']} | {l['device']} | {l['dtype']} | {l['max_abs_error']:.2e} | "
+              f"{l['reference_max_abs']:.3g} | {l['bound']:.2e} | {l['nonfinite']} | {'yes' if l['ok'] else 'NO'} |")
+    print()
 
 over = [l for l in lines if l.get("bench") == "overhead"]
 if over:
@@ -34,16 +48,31 @@ if thr:
 comp = [l for l in lines if l.get("bench") == "components"]
 models = list(dict.fromkeys(l["model"] for l in comp))
 if comp:
-    print("## 3. candle vs diffusers, components (256x256, same machine and threads)\n")
-    print("| model | component | candle ms | diffusers ms | candle / diffusers |")
-    print("| --- | --- | --- | --- | --- |")
-    for m in models:
-        for c in ["text_encoder", "unet_step", "vae_decode"]:
-            a = next((l for l in comp if l["model"] == m and l["component"] == c and l.get("impl") == "candle"), None)
-            b = next((l for l in comp if l["model"] == m and l["component"] == c and l.get("impl") == "diffusers"), None)
-            if a and b:
-                print(f"| {m} | {c} | {a['best_ms']:.1f} | {b['best_ms']:.1f} | {a['best_ms'] / b['best_ms']:.2f} |")
-    print("\n(best of the repetitions; UNet step: batch 2, no guidance doubling; VAE: one image)\n")
+    print("## 3. candle vs diffusers, components (same machine, threads and dtype)\n")
+    print("| model | component | size | batch | device | candle ms | diffusers ms | candle / diffusers |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    shape = lambda l: (l["model"], l["component"], l.get("height"), l.get("batch"), l.get("device", "cpu"))  # noqa: E731
+    for key in dict.fromkeys(shape(l) for l in comp if l.get("impl") == "candle"):
+        a = next(l for l in comp if shape(l) == key and l.get("impl") == "candle")
+        b = next((l for l in comp if shape(l) == key and l.get("impl") == "diffusers"), None)
+        m, c, size, batch, device = key
+        size = size or "-"
+        where = f"{device} {a.get('dtype', 'f32')}"
+        ratio = f"{a['best_ms'] / b['best_ms']:.2f}" if b else ""
+        theirs = f"{b['best_ms']:.1f}" if b else ""
+        print(f"| {m} | {c} | {size} | {batch} | {where} | {a['best_ms']:.1f} | {theirs} | {ratio} |")
+    print("\n(best of the repetitions; UNet step: no guidance doubling, batch = rows; VAE: one image)\n")
+    jobs = [l for l in comp if l["component"] == "job"]
+    for j in jobs:
+        ours = next((l for l in over if l["model"] == j["model"] and l["size"] == j["height"] and l["steps"] == j["steps"]), None)
+        line = f"- diffusers whole job, {j['model']} {j['height']}px {j['steps']} steps ({j['dtype']}): {j['best_ms'] / 1e3:.3f} s"
+        if ours:
+            line += (f"; sdmesh in process {ours['in_process_s_per_job']:.3f} s "
+                     f"({ours['in_process_s_per_job'] * 1e3 / j['best_ms']:.2f}x), through the mesh "
+                     f"{ours['mesh_s_per_job']:.3f} s ({ours['mesh_s_per_job'] * 1e3 / j['best_ms']:.2f}x)")
+        print(line)
+    if jobs:
+        print()
 
 prof = [l for l in lines if l.get("bench") == "profile"]
 for m in dict.fromkeys(l["model"] for l in prof):

@@ -249,10 +249,12 @@ impl LocalUnet {
             (0, None) => {}
             (0, Some(_)) => return Err(Error::invalid("class_label: this UNet has no class embedding")),
             (n, Some(c)) if c < n => {}
-            (n, c) => return Err(Error::invalid(format!(
+            (n, c) => {
+                return Err(Error::invalid(format!(
                 "class_label: {c:?}; this UNet's class embedding needs one from 0 to {} (the upscaler's noise level)",
                 n - 1
-            ))),
+            )))
+            }
         }
         if !x.timestep.is_finite() || x.timestep < 0.0 {
             return Err(Error::invalid(format!("timestep: {} is not a finite value >= 0", x.timestep)));

@@ -6,6 +6,8 @@
 //!   unet service's batching on and off.
 //! - `components`: candle's text encoder, UNet step and VAE decode alone (diffusers' side is
 //!   benchmarks/diffusers_components.py).
+//! - `agreement`: a device and dtype (a GPU in f16, say) against the f32 CPU reference, per
+//!   component and for whole seeded jobs; exits non-zero past the tolerances.
 
 use clap::{Parser, Subcommand};
 use sdmesh::mesh::{serve_mesh, MeshOptions};
@@ -68,6 +70,24 @@ struct JobShape {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// --device/--dtype against the f32 CPU reference on the same inputs: text encoder, guided
+    /// UNet step, VAE decode, then a whole seeded job. Prints each max abs error (and any
+    /// non-finite value) and exits non-zero if one is past its tolerance.
+    Agreement {
+        #[command(flatten)]
+        job: JobShape,
+        /// UNet rows in the component comparison (the guided step doubles them).
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Compare several dtypes against one reference (e.g. f16,bf16) instead of --dtype.
+        #[arg(long, value_delimiter = ',', value_parser = sdmesh_core::parse_dtype)]
+        dtypes: Vec<candle_core::DType>,
+        /// Largest error allowed, relative to the reference's largest magnitude (text encoder,
+        /// UNet), or absolute on [0, 1] pixels (VAE decode; 2.5 times it for the job's images).
+        /// Default: 2e-2 for f16 and f32, 8e-2 for bf16.
+        #[arg(long)]
+        tolerance: Option<f64>,
+    },
     /// Mesh (loopback gRPC) vs in-process on the same jobs: ms of overhead per step.
     Overhead {
         #[command(flatten)]
@@ -429,6 +449,141 @@ async fn components(
     Ok(())
 }
 
+/// The largest |a - b|, the reference's largest |b|, and how many of `a` are not finite.
+fn compare(a: &candle_core::Tensor, b: &candle_core::Tensor) -> anyhow::Result<(f64, f64, usize)> {
+    let flat = |t: &candle_core::Tensor| -> anyhow::Result<Vec<f32>> {
+        Ok(t.to_device(&candle_core::Device::Cpu)?.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?)
+    };
+    let (a, b) = (flat(a)?, flat(b)?);
+    anyhow::ensure!(a.len() == b.len(), "compared tensors differ in size: {} vs {}", a.len(), b.len());
+    let nonfinite = a.iter().filter(|x| !x.is_finite()).count();
+    let err = a.iter().zip(&b).map(|(x, y)| f64::from((x - y).abs())).fold(0.0, f64::max);
+    let scale = b.iter().map(|y| f64::from(y.abs())).fold(0.0, f64::max);
+    Ok((err, scale, nonfinite))
+}
+
+async fn agreement(
+    job: JobShape,
+    batch: usize,
+    dtypes: Vec<candle_core::DType>,
+    tolerance: Option<f64>,
+) -> anyhow::Result<()> {
+    use candle_core::DType;
+    let device = job.placement.device()?;
+    let dtypes = if dtypes.is_empty() { vec![job.placement.dtype] } else { dtypes };
+    let (cpu, f32) = (candle_core::Device::Cpu, DType::F32);
+    let name = model_name(&job.model);
+    let size = job.size as usize;
+    let mut failed = Vec::new();
+    // Components: relative to the reference's magnitude. A job's [0, 1] pixels: absolute, and
+    // looser, since a step's error moves every later step's input.
+    let mut report = |component: &str, dtype: DType, (err, scale, nonfinite): (f64, f64, usize), relative: bool| {
+        let tol = tolerance.unwrap_or(if dtype == DType::BF16 { 8e-2 } else { 2e-2 });
+        let bound = if relative {
+            tol * scale.max(1e-6)
+        } else if component.starts_with("job") {
+            2.5 * tol
+        } else {
+            tol
+        };
+        let ok = nonfinite == 0 && err <= bound;
+        if !ok {
+            failed.push(format!("{component} {dtype:?}"));
+        }
+        let placement = Placement { device: job.placement.device.clone(), dtype };
+        let mut line = json!({"bench": "agreement", "model": name, "component": component, "size": size,
+                              "batch": batch, "max_abs_error": err, "reference_max_abs": scale,
+                              "nonfinite": nonfinite, "bound": bound, "ok": ok});
+        extend(&mut line, placement.describe());
+        emit(
+            line,
+            format!(
+                "agreement {name:<16} {component:<12} {} {dtype:?}: max abs error {err:.3e} (reference up to {scale:.3}, bound {bound:.3e}){}{}",
+                placement.device,
+                if nonfinite > 0 { format!(", {nonfinite} non-finite") } else { String::new() },
+                if ok { "" } else { "  FAILED" }
+            ),
+        );
+    };
+
+    let texts: Vec<String> = (0..batch).map(|i| format!("an agreement prompt number {i}")).collect();
+    let text_encoder = |device: &candle_core::Device, dtype| {
+        sdmesh_text_encoder::LocalTextEncoder::load(&sdmesh_text_encoder::TextEncoderOptions {
+            dtype,
+            ..sdmesh_text_encoder::TextEncoderOptions::new(job.model.clone(), device.clone())
+        })
+    };
+    let reference_te = text_encoder(&cpu, f32)?;
+    let cond = reference_te.encode(texts.clone()).await?.embeddings;
+    let uncond = reference_te.encode(vec![String::new(); batch]).await?.embeddings;
+    drop(reference_te);
+    for &dtype in &dtypes {
+        let placed = text_encoder(&device, dtype)?.encode(texts.clone()).await?.embeddings;
+        report("text_encoder", dtype, compare(&placed, &cond)?, true);
+    }
+
+    let unet = |device: &candle_core::Device, dtype| {
+        sdmesh_unet::LocalUnet::load(&sdmesh_unet::UnetOptions {
+            dtype,
+            ..sdmesh_unet::UnetOptions::new(job.model.clone(), device.clone())
+        })
+    };
+    // Seeded (PyTorch's generator), so runs compare on the same inputs.
+    let randn = |seed: u64, shape: (usize, usize, usize, usize)| -> anyhow::Result<candle_core::Tensor> {
+        let n = shape.0 * shape.1 * shape.2 * shape.3;
+        Ok(candle_core::Tensor::from_vec(sdmesh_core::torch_rng::TorchGenerator::new(seed).randn(n), shape, &cpu)?)
+    };
+    let latents = randn(1, (batch, 4, size / 8, size / 8))?;
+    let step = || DenoiseInput {
+        latents: latents.clone(),
+        timestep: 500.0,
+        cond: cond.clone(),
+        uncond: Some(uncond.clone()),
+        guidance_scale: 7.5,
+        guidance_rescale: 0.0,
+        class_label: None,
+        extra: None,
+    };
+    let expected = unet(&cpu, f32)?.denoise(step()).await?;
+    for &dtype in &dtypes {
+        let actual = unet(&device, dtype)?.denoise(step()).await?;
+        report("unet_step", dtype, compare(&actual, &expected)?, true);
+    }
+
+    let vae = |device: &candle_core::Device, dtype| {
+        sdmesh_vae::LocalVae::load(&sdmesh_vae::VaeOptions {
+            dtype,
+            ..sdmesh_vae::VaeOptions::new(job.model.clone(), device.clone())
+        })
+    };
+    let z = randn(2, (1, 4, size / 8, size / 8))?;
+    let expected = vae(&cpu, f32)?.decode(z.clone()).await?;
+    for &dtype in &dtypes {
+        let actual = vae(&device, dtype)?.decode(z.clone()).await?;
+        report("vae_decode", dtype, compare(&actual, &expected)?, false);
+    }
+
+    if job.steps > 0 {
+        let request = request(&job, 7);
+        let run = |device: candle_core::Device, dtype| {
+            let (model, request) = (job.model.clone(), request.clone());
+            async move {
+                let p = sdmesh_orchestrator::local_pipeline(&model, &device, dtype, 8, Limits::default()).await?;
+                let j = p.validate(&request)?;
+                let out = p.run(&j, &mut sdmesh_orchestrator::noise::SeededNoise::new(7), &mut |_| true).await?;
+                anyhow::Ok(out.images)
+            }
+        };
+        let expected = run(cpu.clone(), f32).await?;
+        for &dtype in &dtypes {
+            let actual = run(device.clone(), dtype).await?;
+            report(&format!("job_{}_steps", job.steps), dtype, compare(&actual, &expected)?, false);
+        }
+    }
+    anyhow::ensure!(failed.is_empty(), "past the tolerance: {}", failed.join(", "));
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     if std::env::var_os("RUST_LOG").is_none() {
@@ -449,6 +604,7 @@ async fn main() -> anyhow::Result<()> {
     }
     match cli.command {
         Command::Overhead { job, jobs } => overhead(job, jobs).await,
+        Command::Agreement { job, batch, dtypes, tolerance } => agreement(job, batch, dtypes, tolerance).await,
         Command::Throughput { job, concurrency, max_batch_rows } => throughput(job, concurrency, max_batch_rows).await,
         Command::Components { model, size, batch, reps, placement, profile } => {
             components(model, size, batch, reps, placement, profile).await

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# The GPU benchmark, run on the GPU machine (device tool) from the repo root, after
+# benchmarks/gpu/prepare.sh here:
+#   run(command="benchmarks/gpu/run.sh", carry=["benchmarks/gpu/carry"], timeout_s=600)
+# Stages (GPU_STAGES, default all, in this order; each appends JSON lines to $OUT/gpu.jsonl and
+# its log to $OUT/gpu.log, and a failing stage does not stop the next):
+#   agreement  f16 and bf16 against the f32 CPU reference: components of the SD 2.1-768
+#              architecture at 768x768 (NaN check with upcast_attention), a whole 10-step job
+#              on the medium model
+#   components candle vs diffusers, UNet step / text encoder / VAE decode, 512 and 768, f16
+#   job        a whole 768x768 50-step DDIM job: through the mesh and in process, and diffusers
+#   batch8     a UNet step at 768x768, batch 8 (the size that crashed candle's attention)
+#   throughput images/s at 1 and 8 concurrent jobs, batching on and off (medium model, 512 px)
+# A dry run of the script's plumbing on a CPU, tiny models, in minutes:
+#   GPU_DEVICE=cpu GPU_BENCH=target/release/sdmesh-bench PYTHON=.venv/bin/python GPU_SIZES=64 \
+#     GPU_BIG=tests/fixtures/models/sd21-tiny GPU_MEDIUM=tests/fixtures/models/sd21-base-tiny \
+#     benchmarks/gpu/run.sh
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+device=${GPU_DEVICE:-cuda}
+python=${PYTHON:-python3}
+sizes=${GPU_SIZES:-512 768}
+big_size=${sizes##* }
+OUT=${OUT:-/tmp/sdmesh-gpu-out}
+mkdir -p "$OUT"
+log="$OUT/gpu.log"; results="$OUT/gpu.jsonl"
+stages=${GPU_STAGES:-agreement components job batch8 throughput}
+models=/tmp/sdmesh-models
+carry=benchmarks/gpu/carry
+dtype=${GPU_DTYPE:-f16}
+exec > >(tee -a "$log") 2>&1
+
+if [ -d "$carry/wheels" ]; then
+  "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    "$carry"/wheels/*.whl && export PYTHONPATH=/tmp/site || exit 1
+fi
+# The CUDA 13 runtime libraries candle links (cublas, curand, nvrtc) from the image's wheels.
+cu13=$("$python" -c 'import os, nvidia; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))' 2>/dev/null)
+export LD_LIBRARY_PATH="$cu13:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}"
+bench=${GPU_BENCH:-/tmp/sdmesh-bench}
+if [ -z "${GPU_BENCH:-}" ]; then xz -dc "$carry/sdmesh-bench.xz" > "$bench" && chmod +x "$bench" || exit 1; fi
+gpu=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -1)
+printf '{"machine": {"gpu": "%s", "cpu": "%s", "cores": %s, "torch": "%s", "started": "%s"}}\n' "$gpu" \
+  "$(lscpu | sed -n 's/^Model name: *//p' | head -1)" "$(nproc)" \
+  "$("$python" -c 'import torch; print(torch.__version__)')" "$(date -u +%FT%TZ)" >> "$results"
+if [ -z "${GPU_BIG:-}" ]; then "$python" benchmarks/make_models.py "$models" sd21-768-arch sd21-medium || exit 1; fi
+big=${GPU_BIG:-$models/sd21-768-arch} medium=${GPU_MEDIUM:-$models/sd21-medium}
+
+stage() {  # stage NAME SECONDS COMMAND...: runs one measurement, JSON lines to $results
+  local name=$1 limit=$2; shift 2
+  echo "== $name: $*"
+  local started=$SECONDS
+  timeout "$limit" "$@" >> "$results"
+  local rc=$?
+  echo "== $name: rc $rc after $((SECONDS - started)) s"
+}
+diffusers="$python benchmarks/diffusers_components.py"
+tdtype=$(case $dtype in bf16) echo bfloat16 ;; f32) echo float32 ;; *) echo float16 ;; esac)
+dtypes=${GPU_AGREEMENT_DTYPES:-f16,bf16}
+
+for s in $stages; do case $s in
+  agreement)
+    stage agreement-$big_size 240 $bench agreement --model $big --size $big_size --steps 0 --device $device --dtypes $dtypes
+    stage agreement-job 120 $bench agreement --model $medium --size 256 --steps 10 --device $device --dtypes $dtypes ;;
+  components)
+    for size in $sizes; do
+      stage components-$size 120 $bench components --model $big --size $size --batch 2 --reps 10 --device $device --dtype $dtype
+      stage diffusers-$size 120 $diffusers $big --height $size --width $size --batch 2 --reps 10 --device $device --dtype $tdtype
+    done ;;
+  job)
+    stage job-mesh 240 $bench overhead --model $big --size $big_size --steps 50 --jobs 2 --device $device --dtype $dtype
+    stage job-diffusers 120 $diffusers $big --height $big_size --width $big_size --reps 3 --device $device --dtype $tdtype \
+      --skip-components --job-steps 50 ;;
+  batch8)
+    stage batch8 120 $bench components --model $big --size $big_size --batch 8 --reps 3 --device $device --dtype $dtype
+    stage diffusers-batch8 120 $diffusers $big --height $big_size --width $big_size --batch 8 --reps 3 --device $device --dtype $tdtype ;;
+  throughput)
+    stage throughput 240 $bench throughput --model $medium --size ${sizes%% *} --steps 20 --concurrency 1,8 --device $device --dtype $dtype ;;
+  *) echo "unknown stage $s" ;;
+esac; done
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv 2>/dev/null
+echo "results: $results"

@@ -1,89 +1,16 @@
 //! The SD UNet's down, mid and up blocks: a fork of candle-transformers 0.11.1
 //! `stable_diffusion::unet_2d_blocks` (MIT/Apache-2.0, by the candle authors), limited to the
-//! blocks the conditional UNet uses. Changes: the ResNet and transformer blocks are this
-//! crate's (row-by-row time projection; exact-GELU GEGLU), and `DownBlock2D`/`UpBlock2D` pass `resnet_groups` to their ResNets
-//! (candle's used 32 whatever the config said).
+//! blocks the conditional UNet uses. Changes: the ResNet block and samplers are
+//! `sdmesh_core::blocks` (fast 3x3 convolutions, row-by-row time projection), the transformer
+//! blocks this crate's (exact-GELU GEGLU), and `DownBlock2D`/`UpBlock2D` pass `resnet_groups`
+//! to their ResNets (candle's used 32 whatever the config said).
 // Configs are kept on the blocks as candle keeps them, though nothing reads them back.
 #![allow(dead_code)]
 
 use crate::attention::{SpatialTransformer, SpatialTransformerConfig};
-use crate::resnet::{ResnetBlock2D, ResnetBlock2DConfig};
-use candle_core::{Module, Result, Tensor, D};
+use candle_core::{Module, Result, Tensor};
 use candle_nn as nn;
-use candle_transformers::models::with_tracing::{conv2d, Conv2d};
-
-#[derive(Debug)]
-struct Downsample2D {
-    conv: Option<Conv2d>,
-    padding: usize,
-    span: tracing::Span,
-}
-
-impl Downsample2D {
-    fn new(
-        vs: nn::VarBuilder,
-        in_channels: usize,
-        use_conv: bool,
-        out_channels: usize,
-        padding: usize,
-    ) -> Result<Self> {
-        let conv = if use_conv {
-            let config = nn::Conv2dConfig { stride: 2, padding, ..Default::default() };
-            let conv = conv2d(in_channels, out_channels, 3, config, vs.pp("conv"))?;
-            Some(conv)
-        } else {
-            None
-        };
-        let span = tracing::span!(tracing::Level::TRACE, "downsample2d");
-        Ok(Self { conv, padding, span })
-    }
-}
-
-impl Module for Downsample2D {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let _enter = self.span.enter();
-        match &self.conv {
-            None => xs.avg_pool2d(2),
-            Some(conv) => {
-                if self.padding == 0 {
-                    let xs = xs.pad_with_zeros(D::Minus1, 0, 1)?.pad_with_zeros(D::Minus2, 0, 1)?;
-                    conv.forward(&xs)
-                } else {
-                    conv.forward(xs)
-                }
-            }
-        }
-    }
-}
-
-// This does not support the conv-transpose mode.
-#[derive(Debug)]
-struct Upsample2D {
-    conv: crate::conv::Conv3x3,
-    span: tracing::Span,
-}
-
-impl Upsample2D {
-    fn new(vs: nn::VarBuilder, in_channels: usize, out_channels: usize) -> Result<Self> {
-        let conv = crate::conv::Conv3x3::new(in_channels, out_channels, vs.pp("conv"))?;
-        let span = tracing::span!(tracing::Level::TRACE, "upsample2d");
-        Ok(Self { conv, span })
-    }
-}
-
-impl Upsample2D {
-    fn forward(&self, xs: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
-        let _enter = self.span.enter();
-        let xs = match size {
-            None => {
-                let (_bsize, _channels, h, w) = xs.dims4()?;
-                xs.upsample_nearest2d(2 * h, 2 * w)?
-            }
-            Some((h, w)) => xs.upsample_nearest2d(h, w)?,
-        };
-        self.conv.forward(&xs)
-    }
-}
+use sdmesh_core::blocks::{Downsample2D, ResnetBlock2D, ResnetBlock2DConfig, Upsample2D};
 
 #[derive(Debug, Clone, Copy)]
 pub struct UNetMidBlock2DCrossAttnConfig {

@@ -7,8 +7,6 @@
 mod attention;
 mod blocks;
 pub mod config;
-pub mod conv;
-mod resnet;
 mod unet_2d;
 
 use candle_core::{DType, Device, Tensor, D};

@@ -4,16 +4,16 @@
 //! candle authors): construction is unchanged (with this crate's fork of the blocks);
 //! `forward` takes a timestep tensor `[batch]` instead of one f64 for the whole batch (the
 //! time embedding is per sample in every block already), the time-embedding MLP runs row by
-//! row (see [`crate::resnet::per_row`]), and the ControlNet residual inputs are left out.
+//! row (see [`sdmesh_core::blocks::per_row`]), and the ControlNet residual inputs are left out.
 
 use crate::blocks::*;
-use crate::resnet::per_row;
 use candle_core::{DType, Result, Tensor};
 use candle_nn as nn;
 use candle_nn::Module;
 use candle_transformers::models::stable_diffusion::embeddings::Timesteps;
 use candle_transformers::models::stable_diffusion::unet_2d::{BlockConfig, UNet2DConditionModelConfig};
-use candle_transformers::models::with_tracing::{conv2d, Conv2d};
+use sdmesh_core::blocks::per_row;
+use sdmesh_core::conv::Conv3x3;
 
 /// What the SD 2 x4 upscaler's UNet adds to candle's configuration.
 #[derive(Debug, Clone, Default)]
@@ -50,7 +50,7 @@ enum UNetUpBlock {
 
 #[derive(Debug)]
 pub struct UNet2DConditionModel {
-    conv_in: Conv2d,
+    conv_in: Conv3x3,
     time_proj: Timesteps,
     time_embedding: TimestepEmbedding,
     class_embedding: Option<nn::Embedding>,
@@ -58,7 +58,7 @@ pub struct UNet2DConditionModel {
     mid_block: UNetMidBlock2DCrossAttn,
     up_blocks: Vec<UNetUpBlock>,
     conv_norm_out: nn::GroupNorm,
-    conv_out: Conv2d,
+    conv_out: Conv3x3,
     config: UNet2DConditionModelConfig,
 }
 
@@ -87,8 +87,7 @@ impl UNet2DConditionModel {
         let b_channels = config.blocks[0].out_channels;
         let (bl_channels, bl_attention_head_dim) = (last.out_channels, last.attention_head_dim);
         let time_embed_dim = b_channels * 4;
-        let conv_cfg = nn::Conv2dConfig { padding: 1, ..Default::default() };
-        let conv_in = conv2d(in_channels, b_channels, 3, conv_cfg, vs.pp("conv_in"))?;
+        let conv_in = Conv3x3::new(in_channels, b_channels, vs.pp("conv_in"))?;
 
         let time_proj = Timesteps::new(b_channels, config.flip_sin_to_cos, config.freq_shift);
         let time_embedding = TimestepEmbedding {
@@ -200,7 +199,7 @@ impl UNet2DConditionModel {
 
         let conv_norm_out =
             nn::group_norm(config.norm_num_groups, b_channels, config.norm_eps, vs.pp("conv_norm_out"))?;
-        let conv_out = conv2d(b_channels, out_channels, 3, conv_cfg, vs.pp("conv_out"))?;
+        let conv_out = Conv3x3::new(b_channels, out_channels, vs.pp("conv_out"))?;
         Ok(Self {
             conv_in,
             time_proj,

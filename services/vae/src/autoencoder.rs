@@ -1,19 +1,21 @@
 #![allow(dead_code)]
 //! The SD VAE: a fork of candle-transformers 0.11.1 `stable_diffusion::vae` (MIT/Apache-2.0,
-//! by the candle authors), unchanged but for using this crate's mid block (see [`crate::blocks`]).
+//! by the candle authors), unchanged but for using this crate's blocks (see [`crate::blocks`]) and
+//! `sdmesh_core::conv::Conv3x3` for the 3x3 convolutions.
 //!
 //! # Variational Auto-Encoder (VAE) Models.
 //!
 //! Auto-encoder models compress their input to a usually smaller latent space
 //! before expanding it back to its original shape. This results in the latent values
 //! compressing the original information.
-use crate::blocks::{UNetMidBlock2D, UNetMidBlock2DConfig};
+use crate::blocks::{
+    DownEncoderBlock2D, DownEncoderBlock2DConfig, UNetMidBlock2D, UNetMidBlock2DConfig, UpDecoderBlock2D,
+    UpDecoderBlock2DConfig,
+};
 use candle_core::{Result, Tensor};
 use candle_nn as nn;
 use candle_nn::Module;
-use candle_transformers::models::stable_diffusion::unet_2d_blocks::{
-    DownEncoderBlock2D, DownEncoderBlock2DConfig, UpDecoderBlock2D, UpDecoderBlock2DConfig,
-};
+use sdmesh_core::conv::Conv3x3;
 
 #[derive(Debug, Clone)]
 struct EncoderConfig {
@@ -32,19 +34,18 @@ impl Default for EncoderConfig {
 
 #[derive(Debug)]
 struct Encoder {
-    conv_in: nn::Conv2d,
+    conv_in: Conv3x3,
     down_blocks: Vec<DownEncoderBlock2D>,
     mid_block: UNetMidBlock2D,
     conv_norm_out: nn::GroupNorm,
-    conv_out: nn::Conv2d,
+    conv_out: Conv3x3,
     #[allow(dead_code)]
     config: EncoderConfig,
 }
 
 impl Encoder {
     fn new(vs: nn::VarBuilder, in_channels: usize, out_channels: usize, config: EncoderConfig) -> Result<Self> {
-        let conv_cfg = nn::Conv2dConfig { padding: 1, ..Default::default() };
-        let conv_in = nn::conv2d(in_channels, config.block_out_channels[0], 3, conv_cfg, vs.pp("conv_in"))?;
+        let conv_in = Conv3x3::new(in_channels, config.block_out_channels[0], vs.pp("conv_in"))?;
         let mut down_blocks = vec![];
         let vs_down_blocks = vs.pp("down_blocks");
         for index in 0..config.block_out_channels.len() {
@@ -76,8 +77,7 @@ impl Encoder {
         let conv_norm_out =
             nn::group_norm(config.norm_num_groups, last_block_out_channels, 1e-6, vs.pp("conv_norm_out"))?;
         let conv_out_channels = if config.double_z { 2 * out_channels } else { out_channels };
-        let conv_cfg = nn::Conv2dConfig { padding: 1, ..Default::default() };
-        let conv_out = nn::conv2d(last_block_out_channels, conv_out_channels, 3, conv_cfg, vs.pp("conv_out"))?;
+        let conv_out = Conv3x3::new(last_block_out_channels, conv_out_channels, vs.pp("conv_out"))?;
         Ok(Self { conv_in, down_blocks, mid_block, conv_norm_out, conv_out, config })
     }
 }
@@ -109,11 +109,11 @@ impl Default for DecoderConfig {
 
 #[derive(Debug)]
 struct Decoder {
-    conv_in: nn::Conv2d,
+    conv_in: Conv3x3,
     up_blocks: Vec<UpDecoderBlock2D>,
     mid_block: UNetMidBlock2D,
     conv_norm_out: nn::GroupNorm,
-    conv_out: nn::Conv2d,
+    conv_out: Conv3x3,
     #[allow(dead_code)]
     config: DecoderConfig,
 }
@@ -122,8 +122,7 @@ impl Decoder {
     fn new(vs: nn::VarBuilder, in_channels: usize, out_channels: usize, config: DecoderConfig) -> Result<Self> {
         let n_block_out_channels = config.block_out_channels.len();
         let last_block_out_channels = *config.block_out_channels.last().unwrap();
-        let conv_cfg = nn::Conv2dConfig { padding: 1, ..Default::default() };
-        let conv_in = nn::conv2d(in_channels, last_block_out_channels, 3, conv_cfg, vs.pp("conv_in"))?;
+        let conv_in = Conv3x3::new(in_channels, last_block_out_channels, vs.pp("conv_in"))?;
         let mid_cfg = UNetMidBlock2DConfig {
             resnet_eps: 1e-6,
             output_scale_factor: 1.,
@@ -152,8 +151,7 @@ impl Decoder {
         }
         let conv_norm_out =
             nn::group_norm(config.norm_num_groups, config.block_out_channels[0], 1e-6, vs.pp("conv_norm_out"))?;
-        let conv_cfg = nn::Conv2dConfig { padding: 1, ..Default::default() };
-        let conv_out = nn::conv2d(config.block_out_channels[0], out_channels, 3, conv_cfg, vs.pp("conv_out"))?;
+        let conv_out = Conv3x3::new(config.block_out_channels[0], out_channels, vs.pp("conv_out"))?;
         Ok(Self { conv_in, up_blocks, mid_block, conv_norm_out, conv_out, config })
     }
 }

@@ -1,14 +1,15 @@
-//! The VAE's mid block and its attention: a fork of candle-transformers 0.11.1
-//! `stable_diffusion::{unet_2d_blocks::UNetMidBlock2D, attention::AttentionBlock}`
-//! (MIT/Apache-2.0, by the candle authors); the encoder/decoder blocks are candle's own. One
-//! change: the attention block makes its normalised input contiguous before the q/k/v
-//! projections; candle's `Linear` gives wrong results on the transposed layout when the batch
-//! has more than one image, so candle's VAE could only decode one image at a time.
+//! The VAE's blocks: a fork of candle-transformers 0.11.1 `stable_diffusion::{unet_2d_blocks::
+//! {UNetMidBlock2D, DownEncoderBlock2D, UpDecoderBlock2D}, attention::AttentionBlock}`
+//! (MIT/Apache-2.0, by the candle authors). Changes: the ResNet blocks and samplers are
+//! `sdmesh_core::blocks` (fast CPU 3x3 convolutions), and the attention block makes its
+//! normalised input contiguous before the q/k/v projections; candle's `Linear` gives wrong
+//! results on the transposed layout when the batch has more than one image, so candle's VAE
+//! could only decode one image at a time.
 #![allow(dead_code)] // configs are kept as candle keeps them
 
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn as nn;
-use candle_transformers::models::stable_diffusion::resnet::{ResnetBlock2D, ResnetBlock2DConfig};
+use sdmesh_core::blocks::{Downsample2D, ResnetBlock2D, ResnetBlock2DConfig, Upsample2D};
 
 #[derive(Debug, Clone, Copy)]
 pub struct UNetMidBlock2DConfig {
@@ -188,4 +189,165 @@ impl Module for AttentionBlock {
         let xs = self.proj_attn.forward(&xs)?.t()?.reshape((batch, channel, height, width))?;
         (xs + residual)? / self.config.rescale_output_factor
     }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct DownEncoderBlock2DConfig {
+    pub num_layers: usize,
+    pub resnet_eps: f64,
+    pub resnet_groups: usize,
+    pub output_scale_factor: f64,
+    pub add_downsample: bool,
+    pub downsample_padding: usize,
+}
+
+impl Default for DownEncoderBlock2DConfig {
+    fn default() -> Self {
+        Self {
+            num_layers: 1,
+            resnet_eps: 1e-6,
+            resnet_groups: 32,
+            output_scale_factor: 1.,
+            add_downsample: true,
+            downsample_padding: 1,
+        }
+    }
+}
+
+/// The encoder's ResNets, then (but for the last block) a stride-2 convolution.
+#[derive(Debug)]
+pub struct DownEncoderBlock2D {
+    resnets: Vec<ResnetBlock2D>,
+    downsampler: Option<Downsample2D>,
+    span: tracing::Span,
+    pub config: DownEncoderBlock2DConfig,
+}
+
+impl DownEncoderBlock2D {
+    pub fn new(
+        vs: nn::VarBuilder,
+        in_channels: usize,
+        out_channels: usize,
+        config: DownEncoderBlock2DConfig,
+    ) -> Result<Self> {
+        let resnets = resnets(
+            &vs,
+            in_channels,
+            out_channels,
+            config.num_layers,
+            config.resnet_eps,
+            config.resnet_groups,
+            config.output_scale_factor,
+        )?;
+        let downsampler = if config.add_downsample {
+            let vs = vs.pp("downsamplers").pp("0");
+            Some(Downsample2D::new(vs, out_channels, true, out_channels, config.downsample_padding)?)
+        } else {
+            None
+        };
+        let span = tracing::span!(tracing::Level::TRACE, "down-enc2d");
+        Ok(Self { resnets, downsampler, span, config })
+    }
+}
+
+impl Module for DownEncoderBlock2D {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let _enter = self.span.enter();
+        let mut xs = xs.clone();
+        for resnet in self.resnets.iter() {
+            xs = resnet.forward(&xs, None)?
+        }
+        match &self.downsampler {
+            Some(downsampler) => downsampler.forward(&xs),
+            None => Ok(xs),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct UpDecoderBlock2DConfig {
+    pub num_layers: usize,
+    pub resnet_eps: f64,
+    pub resnet_groups: usize,
+    pub output_scale_factor: f64,
+    pub add_upsample: bool,
+}
+
+impl Default for UpDecoderBlock2DConfig {
+    fn default() -> Self {
+        Self { num_layers: 1, resnet_eps: 1e-6, resnet_groups: 32, output_scale_factor: 1., add_upsample: true }
+    }
+}
+
+/// The decoder's ResNets, then (but for the last block) a 2x upsampling.
+#[derive(Debug)]
+pub struct UpDecoderBlock2D {
+    resnets: Vec<ResnetBlock2D>,
+    upsampler: Option<Upsample2D>,
+    span: tracing::Span,
+    pub config: UpDecoderBlock2DConfig,
+}
+
+impl UpDecoderBlock2D {
+    pub fn new(
+        vs: nn::VarBuilder,
+        in_channels: usize,
+        out_channels: usize,
+        config: UpDecoderBlock2DConfig,
+    ) -> Result<Self> {
+        let resnets = resnets(
+            &vs,
+            in_channels,
+            out_channels,
+            config.num_layers,
+            config.resnet_eps,
+            config.resnet_groups,
+            config.output_scale_factor,
+        )?;
+        let upsampler = if config.add_upsample {
+            Some(Upsample2D::new(vs.pp("upsamplers").pp("0"), out_channels, out_channels)?)
+        } else {
+            None
+        };
+        let span = tracing::span!(tracing::Level::TRACE, "up-dec2d");
+        Ok(Self { resnets, upsampler, span, config })
+    }
+}
+
+impl Module for UpDecoderBlock2D {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let _enter = self.span.enter();
+        let mut xs = xs.clone();
+        for resnet in self.resnets.iter() {
+            xs = resnet.forward(&xs, None)?
+        }
+        match &self.upsampler {
+            Some(upsampler) => upsampler.forward(&xs, None),
+            None => Ok(xs),
+        }
+    }
+}
+
+/// `count` ResNets without time embedding under `vs`/resnets/i, the first from `in_channels`.
+fn resnets(
+    vs: &nn::VarBuilder,
+    in_channels: usize,
+    out_channels: usize,
+    count: usize,
+    eps: f64,
+    groups: usize,
+    output_scale_factor: f64,
+) -> Result<Vec<ResnetBlock2D>> {
+    let vs = vs.pp("resnets");
+    let config = ResnetBlock2DConfig {
+        out_channels: Some(out_channels),
+        eps,
+        groups,
+        output_scale_factor,
+        temb_channels: None,
+        ..Default::default()
+    };
+    (0..count)
+        .map(|i| ResnetBlock2D::new(vs.pp(i.to_string()), if i == 0 { in_channels } else { out_channels }, config))
+        .collect()
 }

@@ -3,8 +3,10 @@
 //! (health, reflection, shutdown).
 
 pub mod batch;
+pub mod blocks;
 pub mod byte_lru;
 pub mod client;
+pub mod conv;
 mod error;
 pub mod images;
 pub mod model_dir;

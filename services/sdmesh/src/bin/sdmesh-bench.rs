@@ -595,7 +595,8 @@ async fn main() -> anyhow::Result<()> {
         use tracing_subscriber::Layer;
         let spans = tracing_subscriber::filter::Targets::new()
             .with_target("candle_transformers", tracing::Level::TRACE)
-            .with_target("sdmesh_unet", tracing::Level::TRACE);
+            .with_target("sdmesh_unet", tracing::Level::TRACE)
+            .with_target("sdmesh_core", tracing::Level::TRACE);
         tracing::subscriber::set_global_default(
             tracing_subscriber::registry().with(profile::SelfTime.with_filter(spans)),
         )?;

@@ -1,11 +1,39 @@
-//! ResNet block of the SD UNet: a fork of candle-transformers 0.11.1
-//! `stable_diffusion::resnet` (MIT/Apache-2.0, by the candle authors). The only change: the
-//! time-embedding projection runs one row at a time (see [`per_row`]).
+//! The building blocks the SD UNet and VAE share: a fork of candle-transformers 0.11.1
+//! `stable_diffusion::{resnet, unet_2d_blocks}` (MIT/Apache-2.0, by the candle authors): the
+//! ResNet block and the up/down samplers. Changes: 3x3 convolutions are [`Conv3x3`] (fast CPU
+//! paths), and the time-embedding projection runs one row at a time (see [`per_row`]).
 
-use candle_core::{Result, Tensor, D};
+use crate::conv::Conv3x3;
+use candle_core::{Module, Result, Tensor, D};
 use candle_nn as nn;
-use candle_nn::Module;
-use candle_transformers::models::with_tracing::{conv2d, Conv2d};
+
+/// A convolution with a `conv2d` tracing span, as candle-transformers' `with_tracing` wraps
+/// them (the benchmark's profile reads the spans).
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    inner: nn::Conv2d,
+    span: tracing::Span,
+}
+
+impl Conv2d {
+    pub fn new(
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+        config: nn::Conv2dConfig,
+        vs: nn::VarBuilder,
+    ) -> Result<Self> {
+        let inner = nn::conv2d(in_channels, out_channels, kernel, config, vs)?;
+        Ok(Self { inner, span: tracing::span!(tracing::Level::TRACE, "conv2d") })
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let _enter = self.span.enter();
+        self.inner.forward(xs)
+    }
+}
 
 /// `linear` applied to each row of `xs` [rows, features] on its own. The CPU matmul picks its
 /// kernel by the number of rows, so a row's result would otherwise depend on how many other
@@ -57,9 +85,9 @@ impl Default for ResnetBlock2DConfig {
 #[derive(Debug)]
 pub struct ResnetBlock2D {
     norm1: nn::GroupNorm,
-    conv1: crate::conv::Conv3x3,
+    conv1: Conv3x3,
     norm2: nn::GroupNorm,
-    conv2: crate::conv::Conv3x3,
+    conv2: Conv3x3,
     time_emb_proj: Option<nn::Linear>,
     conv_shortcut: Option<Conv2d>,
     span: tracing::Span,
@@ -70,14 +98,14 @@ impl ResnetBlock2D {
     pub fn new(vs: nn::VarBuilder, in_channels: usize, config: ResnetBlock2DConfig) -> Result<Self> {
         let out_channels = config.out_channels.unwrap_or(in_channels);
         let norm1 = nn::group_norm(config.groups, in_channels, config.eps, vs.pp("norm1"))?;
-        let conv1 = crate::conv::Conv3x3::new(in_channels, out_channels, vs.pp("conv1"))?;
+        let conv1 = Conv3x3::new(in_channels, out_channels, vs.pp("conv1"))?;
         let groups_out = config.groups_out.unwrap_or(config.groups);
         let norm2 = nn::group_norm(groups_out, out_channels, config.eps, vs.pp("norm2"))?;
-        let conv2 = crate::conv::Conv3x3::new(out_channels, out_channels, vs.pp("conv2"))?;
+        let conv2 = Conv3x3::new(out_channels, out_channels, vs.pp("conv2"))?;
         let use_in_shortcut = config.use_in_shortcut.unwrap_or(in_channels != out_channels);
         let conv_shortcut = if use_in_shortcut {
             let conv_cfg = nn::Conv2dConfig { stride: 1, padding: 0, groups: 1, dilation: 1, cudnn_fwd_algo: None };
-            Some(conv2d(in_channels, out_channels, 1, conv_cfg, vs.pp("conv_shortcut"))?)
+            Some(Conv2d::new(in_channels, out_channels, 1, conv_cfg, vs.pp("conv_shortcut"))?)
         } else {
             None
         };
@@ -106,5 +134,81 @@ impl ResnetBlock2D {
         };
         let xs = self.conv2.forward(&nn::ops::silu(&self.norm2.forward(&xs)?)?)?;
         (shortcut_xs + xs)? / self.config.output_scale_factor
+    }
+}
+
+/// A stride-2 3x3 convolution (diffusers pads right/bottom by one when `padding` is 0), or a
+/// 2x2 average pool without a convolution.
+#[derive(Debug)]
+pub struct Downsample2D {
+    conv: Option<Conv2d>,
+    padding: usize,
+    span: tracing::Span,
+}
+
+impl Downsample2D {
+    pub fn new(
+        vs: nn::VarBuilder,
+        in_channels: usize,
+        use_conv: bool,
+        out_channels: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        let conv = if use_conv {
+            let config = nn::Conv2dConfig { stride: 2, padding, ..Default::default() };
+            let conv = Conv2d::new(in_channels, out_channels, 3, config, vs.pp("conv"))?;
+            Some(conv)
+        } else {
+            None
+        };
+        let span = tracing::span!(tracing::Level::TRACE, "downsample2d");
+        Ok(Self { conv, padding, span })
+    }
+}
+
+impl Module for Downsample2D {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let _enter = self.span.enter();
+        match &self.conv {
+            None => xs.avg_pool2d(2),
+            Some(conv) => {
+                if self.padding == 0 {
+                    let xs = xs.pad_with_zeros(D::Minus1, 0, 1)?.pad_with_zeros(D::Minus2, 0, 1)?;
+                    conv.forward(&xs)
+                } else {
+                    conv.forward(xs)
+                }
+            }
+        }
+    }
+}
+
+/// Nearest-neighbour 2x upsampling (or to a given size), then a 3x3 convolution (no
+/// conv-transpose mode).
+#[derive(Debug)]
+pub struct Upsample2D {
+    conv: Conv3x3,
+    span: tracing::Span,
+}
+
+impl Upsample2D {
+    pub fn new(vs: nn::VarBuilder, in_channels: usize, out_channels: usize) -> Result<Self> {
+        let conv = Conv3x3::new(in_channels, out_channels, vs.pp("conv"))?;
+        let span = tracing::span!(tracing::Level::TRACE, "upsample2d");
+        Ok(Self { conv, span })
+    }
+}
+
+impl Upsample2D {
+    pub fn forward(&self, xs: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
+        let _enter = self.span.enter();
+        let xs = match size {
+            None => {
+                let (_bsize, _channels, h, w) = xs.dims4()?;
+                xs.upsample_nearest2d(2 * h, 2 * w)?
+            }
+            Some((h, w)) => xs.upsample_nearest2d(h, w)?,
+        };
+        self.conv.forward(&xs)
     }
 }

@@ -1,7 +1,7 @@
 //! The SD UNet's transformer blocks: a fork of candle-transformers 0.11.1
 //! `stable_diffusion::attention` (MIT/Apache-2.0, by the candle authors), without the VAE's
 //! attention block and without flash attention (a CUDA-only feature candle gates). Changes:
-//! attention runs in bounded chunks with its softmax in f32 ([`attention`]); GEGLU uses the
+//! attention runs in bounded chunks and honours `upcast_attention` ([`attention`]); GEGLU uses the
 //! exact (erf) GELU on contiguous halves, as diffusers' GEGLU does (candle's used the tanh
 //! approximation on strided views: off by up to ~5e-4 per activation, and slow).
 use candle_core::{DType, Result, Tensor, D};
@@ -144,8 +144,9 @@ impl CrossAttention {
 /// softmax(q kᵀ · scale) v over [batch·heads, tokens, head_dim] tensors, materialising at most
 /// `max_scores` score elements at a time: the batch·heads rows are split first, then the query
 /// tokens (each query row's softmax is independent, so the split only changes which GEMM calls
-/// compute a row). The softmax runs in f32 whatever the dtype, as PyTorch's fused attention
-/// does; `upcast` computes the scores in f32 too.
+/// compute a row). In f16/bf16 the scores stay in the model's dtype (cuBLAS accumulates in f32;
+/// candle's softmax sums in f32), unless `upcast`: then q·k and the softmax run in f32, as
+/// diffusers' `upcast_attention` does (f16 scores of SD 2.1-768 overflow).
 pub fn attention(
     query: &Tensor,
     key: &Tensor,
@@ -194,11 +195,11 @@ fn attention_block(query: &Tensor, key: &Tensor, value: &Tensor, scale: f64, upc
         let scores = query.matmul(&(key.t()? * scale)?)?;
         return nn::ops::softmax_last_dim(&scores)?.matmul(value);
     }
-    let scores = if upcast {
-        query.to_dtype(DType::F32)?.matmul(&(key.to_dtype(DType::F32)?.t()? * scale)?)?
-    } else {
-        query.matmul(&(key.t()? * scale)?)?.to_dtype(DType::F32)?
-    };
+    if !upcast {
+        let scores = query.matmul(&(key.t()? * scale)?)?;
+        return nn::ops::softmax_last_dim(&scores)?.matmul(value);
+    }
+    let scores = query.to_dtype(DType::F32)?.matmul(&(key.to_dtype(DType::F32)?.t()? * scale)?)?;
     nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?.matmul(value)
 }
 

@@ -1,12 +1,13 @@
 //! The SD UNet's transformer blocks: a fork of candle-transformers 0.11.1
 //! `stable_diffusion::attention` (MIT/Apache-2.0, by the candle authors), without the VAE's
 //! attention block and without flash attention (a CUDA-only feature candle gates). Changes:
-//! attention runs in bounded chunks and honours `upcast_attention` ([`attention`]); GEGLU uses the
+//! attention is `sdmesh_core::attention` (bounded chunks, `upcast_attention`); GEGLU uses the
 //! exact (erf) GELU on contiguous halves, as diffusers' GEGLU does (candle's used the tanh
 //! approximation on strided views: off by up to ~5e-4 per activation, and slow).
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{Result, Tensor, D};
 use candle_nn as nn;
 use candle_nn::Module;
+use sdmesh_core::attention::{attention, MAX_SCORE_ELEMENTS};
 
 #[derive(Debug)]
 struct GeGlu {
@@ -64,12 +65,6 @@ impl Module for FeedForward {
         self.linear.forward(&xs)
     }
 }
-
-/// Most attention-score elements materialised at once. A 768x768 image at batch 8 has
-/// 8 x 5 heads x 9216 x 9216 = 3.4e9 scores in its first blocks; past 2^31 elements cuBLAS
-/// fails, and the memory is gigabytes. 2^27 (512 MiB in f32) keeps chunks large enough that
-/// splitting costs nothing measurable.
-pub const MAX_SCORE_ELEMENTS: usize = 1 << 27;
 
 #[derive(Debug)]
 pub struct CrossAttention {
@@ -139,68 +134,6 @@ impl CrossAttention {
         };
         self.to_out.forward(&self.reshape_batch_dim_to_heads(&xs)?)
     }
-}
-
-/// softmax(q kᵀ · scale) v over [batch·heads, tokens, head_dim] tensors, materialising at most
-/// `max_scores` score elements at a time: the batch·heads rows are split first, then the query
-/// tokens (each query row's softmax is independent, so the split only changes which GEMM calls
-/// compute a row). In f16/bf16 the scores stay in the model's dtype (cuBLAS accumulates in f32;
-/// candle's softmax sums in f32), unless `upcast`: then q·k and the softmax run in f32, as
-/// diffusers' `upcast_attention` does (f16 scores of SD 2.1-768 overflow).
-pub fn attention(
-    query: &Tensor,
-    key: &Tensor,
-    value: &Tensor,
-    scale: f64,
-    upcast: bool,
-    max_scores: usize,
-) -> Result<Tensor> {
-    let (rows, q_len, _) = query.dims3()?;
-    let kv_len = key.dim(1)?;
-    let per_row = q_len * kv_len;
-    if rows * per_row <= max_scores {
-        return attention_block(query, key, value, scale, upcast);
-    }
-    let mut out = Vec::new();
-    if per_row <= max_scores {
-        let rows_per_chunk = max_scores / per_row;
-        for start in (0..rows).step_by(rows_per_chunk) {
-            let n = rows_per_chunk.min(rows - start);
-            out.push(attention_block(
-                &query.narrow(0, start, n)?,
-                &key.narrow(0, start, n)?,
-                &value.narrow(0, start, n)?,
-                scale,
-                upcast,
-            )?);
-        }
-        return Tensor::cat(&out, 0);
-    }
-    let queries_per_chunk = (max_scores / kv_len).max(1);
-    for row in 0..rows {
-        let (k, v) = (key.narrow(0, row, 1)?, value.narrow(0, row, 1)?);
-        let mut parts = Vec::new();
-        for start in (0..q_len).step_by(queries_per_chunk) {
-            let n = queries_per_chunk.min(q_len - start);
-            parts.push(attention_block(&query.narrow(0, row, 1)?.narrow(1, start, n)?, &k, &v, scale, upcast)?);
-        }
-        out.push(Tensor::cat(&parts, 1)?);
-    }
-    Tensor::cat(&out, 0)
-}
-
-fn attention_block(query: &Tensor, key: &Tensor, value: &Tensor, scale: f64, upcast: bool) -> Result<Tensor> {
-    let dtype = query.dtype();
-    if dtype == DType::F32 {
-        let scores = query.matmul(&(key.t()? * scale)?)?;
-        return nn::ops::softmax_last_dim(&scores)?.matmul(value);
-    }
-    if !upcast {
-        let scores = query.matmul(&(key.t()? * scale)?)?;
-        return nn::ops::softmax_last_dim(&scores)?.matmul(value);
-    }
-    let scores = query.to_dtype(DType::F32)?.matmul(&(key.to_dtype(DType::F32)?.t()? * scale)?)?;
-    nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?.matmul(value)
 }
 
 /// A basic Transformer block.
@@ -346,54 +279,5 @@ impl SpatialTransformer {
             Proj::Linear(p) => p.forward(&xs)?.reshape((batch, height, weight, inner_dim))?.t()?.transpose(1, 2)?,
         };
         xs + residual
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_core::Device;
-
-    fn qkv(rows: usize, q_len: usize, kv_len: usize, dtype: DType) -> (Tensor, Tensor, Tensor) {
-        let r = |n: usize| Tensor::randn(0f32, 1.0, (rows, n, 8), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
-        (r(q_len), r(kv_len), r(kv_len))
-    }
-
-    /// Splitting by rows and by query tokens gives what the one-block computation gives.
-    #[test]
-    fn chunked_attention_matches_one_block() {
-        let (q, k, v) = qkv(6, 40, 24, DType::F32);
-        let whole = attention(&q, &k, &v, 0.3, false, usize::MAX).unwrap();
-        // 2 rows per chunk; then 7 query tokens per chunk (one row's scores exceed the budget).
-        for budget in [2 * 40 * 24, 7 * 24, 1] {
-            let chunked = attention(&q, &k, &v, 0.3, false, budget).unwrap();
-            let err = (&chunked - &whole).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-            assert!(err <= 1e-6, "budget {budget}: max abs error {err:e}");
-        }
-    }
-
-    /// f16 scores that would overflow (|q·k| > 65504) stay finite with upcast.
-    #[test]
-    fn upcast_keeps_large_f16_scores_finite() {
-        let (q, k, v) = qkv(1, 4, 4, DType::F32);
-        let (q, k) = ((q * 200.0).unwrap(), (k * 200.0).unwrap());
-        let half = |t: &Tensor| t.to_dtype(DType::F16).unwrap();
-        let reference = attention(&q, &k, &v, 1.0, false, usize::MAX).unwrap();
-        let plain = attention(&half(&q), &half(&k), &half(&v), 1.0, false, usize::MAX).unwrap();
-        let plain = plain.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        assert!(
-            plain.iter().any(|x| !x.is_finite()),
-            "the inputs must overflow f16 scores for this test to mean anything"
-        );
-        let upcast = attention(&half(&q), &half(&k), &half(&v), 1.0, true, usize::MAX).unwrap();
-        let err = (upcast.to_dtype(DType::F32).unwrap() - &reference)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(err <= 1e-2, "upcast f16 attention: max abs error {err:e}");
     }
 }

@@ -7,8 +7,9 @@
 //! could only decode one image at a time.
 #![allow(dead_code)] // configs are kept as candle keeps them
 
-use candle_core::{DType, Module, Result, Tensor, D};
+use candle_core::{Module, Result, Tensor, D};
 use candle_nn as nn;
+use sdmesh_core::attention::{attention, MAX_SCORE_ELEMENTS};
 use sdmesh_core::blocks::{Downsample2D, ResnetBlock2D, ResnetBlock2DConfig, Upsample2D};
 
 #[derive(Debug, Clone, Copy)]
@@ -155,7 +156,6 @@ impl AttentionBlock {
 impl Module for AttentionBlock {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let _enter = self.span.enter();
-        let in_dtype = xs.dtype();
         let residual = xs;
         let (batch, channel, height, width) = xs.dims4()?;
         let xs = self
@@ -170,20 +170,22 @@ impl Module for AttentionBlock {
         let key_proj = self.key.forward(&xs)?;
         let value_proj = self.value.forward(&xs)?;
 
-        let query_states = self.transpose_for_scores(query_proj)?.to_dtype(DType::F32)?;
-        let key_states = self.transpose_for_scores(key_proj)?.to_dtype(DType::F32)?;
-        let value_states = self.transpose_for_scores(value_proj)?.to_dtype(DType::F32)?;
+        // [batch, heads, tokens, head_dim] -> [batch * heads, tokens, head_dim]
+        let rows = |t: Tensor| -> Result<Tensor> {
+            let (b, h, n, d) = t.dims4()?;
+            t.contiguous()?.reshape((b * h, n, d))
+        };
+        let query_states = rows(self.transpose_for_scores(query_proj)?)?;
+        let key_states = rows(self.transpose_for_scores(key_proj)?)?;
+        let value_states = rows(self.transpose_for_scores(value_proj)?)?;
 
         // scale is applied twice, hence the -0.25 here rather than -0.5.
         // https://github.com/huggingface/diffusers/blob/d3d22ce5a894becb951eec03e663951b28d45135/src/diffusers/models/attention.py#L87
         let scale = f64::powf(self.channels as f64 / self.num_heads as f64, -0.25);
-        let attention_scores = (query_states * scale)?.matmul(&(key_states.t()? * scale)?)?;
-        let attention_probs = nn::ops::softmax(&attention_scores, D::Minus1)?;
-
-        // TODO: revert the call to force_contiguous once the three matmul kernels have been
-        // adapted to handle layout with some dims set to 1.
-        let xs = attention_probs.matmul(&value_states)?;
-        let xs = xs.to_dtype(in_dtype)?;
+        // Scores in f32 whatever the dtype (candle's VAE upcast too), and in bounded chunks: a
+        // batch of 1024x1024 decodes would otherwise hold 2^31 scores.
+        let xs = attention(&(query_states * scale)?, &key_states, &value_states, scale, true, MAX_SCORE_ELEMENTS)?;
+        let xs = xs.reshape((batch, self.num_heads, height * width, channel / self.num_heads))?;
         let xs = xs.transpose(1, 2)?.contiguous()?;
         let xs = xs.flatten_from(D::Minus2)?;
         let xs = self.proj_attn.forward(&xs)?.t()?.reshape((batch, channel, height, width))?;

@@ -2,6 +2,7 @@
 //! type and its gRPC mapping, model-folder loading, the model worker thread, and serving
 //! (health, reflection, shutdown).
 
+pub mod attention;
 pub mod batch;
 pub mod blocks;
 pub mod byte_lru;

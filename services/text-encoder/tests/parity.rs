@@ -35,16 +35,21 @@ fn tokenizer_ids_match_transformers() {
     assert!(failures.is_empty(), "{} of {} prompts differ:\n{}", failures.len(), cases.len(), failures.join("\n"));
 }
 
+/// The prompts the reference embeddings of model `name` were made from.
+fn reference_prompts(name: &str) -> Vec<String> {
+    load_json(&format!("{name}/text_encoder.json"))["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap().to_string())
+        .collect()
+}
+
 #[tokio::test]
 async fn embeddings_match_transformers() {
     for name in ["sd21-tiny", "sd21-base-tiny"] {
         let encoder = LocalTextEncoder::load(&options(name)).unwrap();
-        let prompts: Vec<String> = load_json(&format!("{name}/text_encoder.json"))["prompts"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| p.as_str().unwrap().to_string())
-            .collect();
+        let prompts = reference_prompts(name);
         let reference = load_tensors(&format!("{name}/text_encoder.safetensors"));
         let out = encoder.encode(prompts.clone()).await.unwrap();
         assert_close(&format!("{name} embeddings"), &out.embeddings, &reference["embeddings"], 1e-4);
@@ -111,12 +116,7 @@ async fn half_precision_agrees_with_the_f32_reference() {
     let name = "sd21-tiny";
     let opts = TextEncoderOptions { dtype: DType::F16, ..options(name) };
     let encoder = LocalTextEncoder::load(&opts).unwrap();
-    let prompts: Vec<String> = load_json(&format!("{name}/text_encoder.json"))["prompts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p.as_str().unwrap().to_string())
-        .collect();
+    let prompts = reference_prompts(name);
     let reference = load_tensors(&format!("{name}/text_encoder.safetensors"));
     let out = encoder.encode(prompts).await.unwrap();
     assert_eq!(out.embeddings.dtype(), DType::F32);

@@ -255,10 +255,7 @@ impl DownEncoderBlock2D {
 impl Module for DownEncoderBlock2D {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let _enter = self.span.enter();
-        let mut xs = xs.clone();
-        for resnet in self.resnets.iter() {
-            xs = resnet.forward(&xs, None)?
-        }
+        let xs = through(&self.resnets, xs)?;
         match &self.downsampler {
             Some(downsampler) => downsampler.forward(&xs),
             None => Ok(xs),
@@ -319,15 +316,17 @@ impl UpDecoderBlock2D {
 impl Module for UpDecoderBlock2D {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let _enter = self.span.enter();
-        let mut xs = xs.clone();
-        for resnet in self.resnets.iter() {
-            xs = resnet.forward(&xs, None)?
-        }
+        let xs = through(&self.resnets, xs)?;
         match &self.upsampler {
             Some(upsampler) => upsampler.forward(&xs, None),
             None => Ok(xs),
         }
     }
+}
+
+/// `xs` through `resnets` in turn (no time embedding).
+fn through(resnets: &[ResnetBlock2D], xs: &Tensor) -> Result<Tensor> {
+    resnets.iter().try_fold(xs.clone(), |xs, resnet| resnet.forward(&xs, None))
 }
 
 /// `count` ResNets without time embedding under `vs`/resnets/i, the first from `in_channels`.

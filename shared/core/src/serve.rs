@@ -260,6 +260,7 @@ where
     let telemetry = crate::telemetry::init(service_name, &args.telemetry).await?;
     let device = args.device().map_err(anyhow::Error::msg)?;
     let listener = args.bind(default_listen).await?;
+    tracing::info!(model = %args.model.display(), device = %args.device, dtype = ?args.dtype, "loading the model");
     let opts = options(args.model, device, args.dtype, args.queue_capacity);
     let result = run(opts, listener, Shutdown::on_signal(args.shutdown.grace())).await;
     telemetry.shutdown().await;

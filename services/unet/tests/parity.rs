@@ -178,4 +178,10 @@ async fn half_precision_agrees_with_the_f32_reference() {
             assert_close(&format!("{name} {dtype:?}"), &out, &expected, tol);
         }
     }
+    // bf16 is refused on the CPU at load, saying why (not at the first matmul).
+    let err = LocalUnet::load(&UnetOptions { dtype: DType::BF16, ..UnetOptions::new(model("sd21-tiny"), Device::Cpu) })
+        .err()
+        .expect("bf16 on the CPU must be refused")
+        .to_string();
+    assert!(err.contains("bf16 on the CPU"), "{err}");
 }

@@ -17,6 +17,9 @@ pub enum ModelDirError {
     Malformed { path: PathBuf, message: String },
     #[error("{dir}: no safetensors weights (looked for {candidates})")]
     NoWeights { dir: PathBuf, candidates: String },
+    /// The device cannot run the model in the asked dtype.
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 pub type Result<T> = std::result::Result<T, ModelDirError>;
@@ -68,6 +71,11 @@ impl ComponentDir {
 
     /// Memory-maps the weights, converting to `dtype` as tensors are fetched.
     pub fn var_builder(&self, stems: &[&str], dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+        if device.is_cpu() && dtype == DType::BF16 {
+            return Err(ModelDirError::Unsupported(
+                "bf16 on the CPU: candle's CPU matmul has no bf16 (use f32 or f16 there, bf16 on a CUDA device)".into(),
+            ));
+        }
         let path = self.weights(stems)?;
         check_safetensors_header(&path)?;
         // SAFETY: the file is mapped read-only; like every safetensors loader we rely on the

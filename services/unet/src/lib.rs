@@ -159,12 +159,7 @@ impl LocalUnet {
         let malformed = |message: String| ModelDirError::Malformed { path: dir.path.join("config.json"), message };
         let (cfg, extras) = json.to_candle().map_err(malformed)?;
         let dtype = opts.dtype;
-        if opts.device.is_cuda() && dtype != DType::F32 {
-            // f32 GEMMs on tensor cores (TF32): here they only run on f16/bf16 values cast up
-            // (upcast attention, the VAE's attention), whose mantissas TF32 holds exactly, and
-            // they accumulate in f32 as before. (A process-wide cuBLAS setting.)
-            candle_core::cuda::set_gemm_reduced_precision_f32(true);
-        }
+        sdmesh_core::attention::tf32_for_upcast_attention(&opts.device, dtype);
         let vb = dir.var_builder(&["diffusion_pytorch_model"], dtype, &opts.device)?;
         let unet = UNet2DConditionModel::new(vb, json.in_channels, json.out_channels, cfg, &extras)
             .map_err(|e| ModelDirError::Malformed { path: dir.path.clone(), message: e.to_string() })?;

@@ -258,6 +258,7 @@ impl LocalVae {
             use_post_quant_conv: json.use_post_quant_conv,
         };
         let dtype = opts.dtype;
+        sdmesh_core::attention::tf32_for_upcast_attention(&opts.device, dtype);
         let vb = dir.var_builder(&["diffusion_pytorch_model"], dtype, &opts.device)?;
         let vae = AutoEncoderKL::new(vb, json.in_channels, json.out_channels, config)
             .map_err(|e| ModelDirError::Malformed { path: dir.path.clone(), message: e.to_string() })?;

@@ -1,7 +1,7 @@
 //! Scaled dot-product attention that materialises a bounded number of scores, for the UNet's
 //! transformers and the VAE's mid-block attention.
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 use candle_nn as nn;
 
 /// Most attention-score elements materialised at once. A 768x768 image at batch 8 has
@@ -56,6 +56,17 @@ pub fn attention(
         out.push(Tensor::cat(&parts, 1)?);
     }
     Tensor::cat(&out, 0)
+}
+
+/// For a model in f16/bf16 on a CUDA device: f32 GEMMs on tensor cores (TF32). In such a
+/// model they only run on half-precision values cast up (upcast attention, the VAE's
+/// attention), whose mantissas TF32 holds exactly, and they still accumulate in f32. It is a
+/// process-wide cuBLAS setting, so a process serving an f32 model on a GPU should not also
+/// load a half one.
+pub fn tf32_for_upcast_attention(device: &Device, dtype: DType) {
+    if device.is_cuda() && dtype != DType::F32 {
+        candle_core::cuda::set_gemm_reduced_precision_f32(true);
+    }
 }
 
 fn attention_block(query: &Tensor, key: &Tensor, value: &Tensor, scale: f64, upcast: bool) -> Result<Tensor> {

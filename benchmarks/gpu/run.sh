@@ -39,6 +39,13 @@ cu13=$("$python" -c 'import os, nvidia; print(os.path.join(list(nvidia.__path__)
 export LD_LIBRARY_PATH="$cu13:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}"
 bench=${GPU_BENCH:-/tmp/sdmesh-bench}
 if [ -z "${GPU_BENCH:-}" ]; then xz -dc "$carry/sdmesh-bench.xz" > "$bench" && chmod +x "$bench" || exit 1; fi
+# The driver's libcuda.so.1 wherever the image keeps it; stop early, saying what is missing.
+for d in $(find /usr/local/nvidia /usr/lib/x86_64-linux-gnu /usr/lib64 -maxdepth 2 -name 'libcuda.so.1' -printf '%h\n' 2>/dev/null | sort -u); do
+  export LD_LIBRARY_PATH="$d:$LD_LIBRARY_PATH"
+done
+if ! "$bench" --help > /dev/null 2>&1; then
+  echo "sdmesh-bench does not start:"; "$bench" --help 2>&1 | head -3; ldd "$bench" | grep "not found"; exit 1
+fi
 gpu=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -1)
 printf '{"machine": {"gpu": "%s", "cpu": "%s", "cores": %s, "torch": "%s", "started": "%s"}}\n' "$gpu" \
   "$(lscpu | sed -n 's/^Model name: *//p' | head -1)" "$(nproc)" \

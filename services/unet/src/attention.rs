@@ -214,7 +214,7 @@ enum Proj {
 #[derive(Debug)]
 #[allow(dead_code)] // config kept as candle keeps it
 pub struct SpatialTransformer {
-    norm: nn::GroupNorm,
+    norm: sdmesh_core::norm::GroupNorm,
     proj_in: Proj,
     transformer_blocks: Vec<BasicTransformerBlock>,
     proj_out: Proj,
@@ -231,7 +231,7 @@ impl SpatialTransformer {
         config: SpatialTransformerConfig,
     ) -> Result<Self> {
         let inner_dim = n_heads * d_head;
-        let norm = nn::group_norm(config.num_groups, in_channels, 1e-6, vs.pp("norm"))?;
+        let norm = sdmesh_core::norm::GroupNorm::new(config.num_groups, in_channels, 1e-6, vs.pp("norm"))?;
         let proj_in = if config.use_linear_projection {
             Proj::Linear(nn::linear(in_channels, inner_dim, vs.pp("proj_in"))?)
         } else {

@@ -14,6 +14,7 @@ use candle_transformers::models::stable_diffusion::embeddings::Timesteps;
 use candle_transformers::models::stable_diffusion::unet_2d::{BlockConfig, UNet2DConditionModelConfig};
 use sdmesh_core::blocks::per_row;
 use sdmesh_core::conv::Conv3x3;
+use sdmesh_core::norm::GroupNorm;
 
 /// What the SD 2 x4 upscaler's UNet adds to candle's configuration.
 #[derive(Debug, Clone, Default)]
@@ -57,7 +58,7 @@ pub struct UNet2DConditionModel {
     down_blocks: Vec<UNetDownBlock>,
     mid_block: UNetMidBlock2DCrossAttn,
     up_blocks: Vec<UNetUpBlock>,
-    conv_norm_out: nn::GroupNorm,
+    conv_norm_out: GroupNorm,
     conv_out: Conv3x3,
     config: UNet2DConditionModelConfig,
 }
@@ -198,7 +199,7 @@ impl UNet2DConditionModel {
             .collect::<Result<Vec<_>>>()?;
 
         let conv_norm_out =
-            nn::group_norm(config.norm_num_groups, b_channels, config.norm_eps, vs.pp("conv_norm_out"))?;
+            GroupNorm::new(config.norm_num_groups, b_channels, config.norm_eps, vs.pp("conv_norm_out"))?;
         let conv_out = Conv3x3::new(b_channels, out_channels, vs.pp("conv_out"))?;
         Ok(Self {
             conv_in,
@@ -289,8 +290,6 @@ impl UNet2DConditionModel {
             };
         }
         // 6. post-process
-        let xs = self.conv_norm_out.forward(&xs)?;
-        let xs = nn::ops::silu(&xs)?;
-        self.conv_out.forward(&xs)
+        self.conv_out.forward(&self.conv_norm_out.forward_silu(&xs)?)
     }
 }

@@ -16,6 +16,7 @@ use candle_core::{Result, Tensor};
 use candle_nn as nn;
 use candle_nn::Module;
 use sdmesh_core::conv::Conv3x3;
+use sdmesh_core::norm::GroupNorm;
 
 #[derive(Debug, Clone)]
 struct EncoderConfig {
@@ -37,7 +38,7 @@ struct Encoder {
     conv_in: Conv3x3,
     down_blocks: Vec<DownEncoderBlock2D>,
     mid_block: UNetMidBlock2D,
-    conv_norm_out: nn::GroupNorm,
+    conv_norm_out: GroupNorm,
     conv_out: Conv3x3,
     #[allow(dead_code)]
     config: EncoderConfig,
@@ -75,7 +76,7 @@ impl Encoder {
         };
         let mid_block = UNetMidBlock2D::new(vs.pp("mid_block"), last_block_out_channels, None, mid_cfg)?;
         let conv_norm_out =
-            nn::group_norm(config.norm_num_groups, last_block_out_channels, 1e-6, vs.pp("conv_norm_out"))?;
+            GroupNorm::new(config.norm_num_groups, last_block_out_channels, 1e-6, vs.pp("conv_norm_out"))?;
         let conv_out_channels = if config.double_z { 2 * out_channels } else { out_channels };
         let conv_out = Conv3x3::new(last_block_out_channels, conv_out_channels, vs.pp("conv_out"))?;
         Ok(Self { conv_in, down_blocks, mid_block, conv_norm_out, conv_out, config })
@@ -88,8 +89,8 @@ impl Encoder {
         for down_block in self.down_blocks.iter() {
             xs = xs.apply(down_block)?
         }
-        let xs = self.mid_block.forward(&xs, None)?.apply(&self.conv_norm_out)?;
-        nn::ops::silu(&xs)?.apply(&self.conv_out)
+        let xs = self.mid_block.forward(&xs, None)?;
+        self.conv_norm_out.forward_silu(&xs)?.apply(&self.conv_out)
     }
 }
 
@@ -112,7 +113,7 @@ struct Decoder {
     conv_in: Conv3x3,
     up_blocks: Vec<UpDecoderBlock2D>,
     mid_block: UNetMidBlock2D,
-    conv_norm_out: nn::GroupNorm,
+    conv_norm_out: GroupNorm,
     conv_out: Conv3x3,
     #[allow(dead_code)]
     config: DecoderConfig,
@@ -150,7 +151,7 @@ impl Decoder {
             up_blocks.push(up_block)
         }
         let conv_norm_out =
-            nn::group_norm(config.norm_num_groups, config.block_out_channels[0], 1e-6, vs.pp("conv_norm_out"))?;
+            GroupNorm::new(config.norm_num_groups, config.block_out_channels[0], 1e-6, vs.pp("conv_norm_out"))?;
         let conv_out = Conv3x3::new(config.block_out_channels[0], out_channels, vs.pp("conv_out"))?;
         Ok(Self { conv_in, up_blocks, mid_block, conv_norm_out, conv_out, config })
     }
@@ -162,9 +163,7 @@ impl Decoder {
         for up_block in self.up_blocks.iter() {
             xs = up_block.forward(&xs)?
         }
-        let xs = self.conv_norm_out.forward(&xs)?;
-        let xs = nn::ops::silu(&xs)?;
-        self.conv_out.forward(&xs)
+        self.conv_out.forward(&self.conv_norm_out.forward_silu(&xs)?)
     }
 }
 

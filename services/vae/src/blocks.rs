@@ -102,7 +102,7 @@ impl Default for AttentionBlockConfig {
 
 #[derive(Debug)]
 pub struct AttentionBlock {
-    group_norm: nn::GroupNorm,
+    group_norm: sdmesh_core::norm::GroupNorm,
     query: nn::Linear,
     key: nn::Linear,
     value: nn::Linear,
@@ -133,7 +133,8 @@ impl AttentionBlock {
     pub fn new(vs: nn::VarBuilder, channels: usize, config: AttentionBlockConfig) -> Result<Self> {
         let num_head_channels = config.num_head_channels.unwrap_or(channels);
         let num_heads = channels / num_head_channels;
-        let group_norm = nn::group_norm(config.num_groups, channels, config.eps, vs.pp("group_norm"))?;
+        let group_norm =
+            sdmesh_core::norm::GroupNorm::new(config.num_groups, channels, config.eps, vs.pp("group_norm"))?;
         let (q_path, k_path, v_path, out_path) = if vs.contains_tensor("to_q.weight") {
             ("to_q", "to_k", "to_v", "to_out.0")
         } else {

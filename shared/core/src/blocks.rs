@@ -1,9 +1,10 @@
 //! The building blocks the SD UNet and VAE share: a fork of candle-transformers 0.11.1
 //! `stable_diffusion::{resnet, unet_2d_blocks}` (MIT/Apache-2.0, by the candle authors): the
-//! ResNet block and the up/down samplers. Changes: 3x3 convolutions are [`Conv3x3`] (fast CPU
-//! paths), and the time-embedding projection runs one row at a time (see [`per_row`]).
+//! ResNet block and the up/down samplers. Changes: 3x3 convolutions are [`Conv3x3`] and
+//! GroupNorm + SiLU is [`GroupNorm::forward_silu`] (fast CPU paths), and the time-embedding projection runs one row at a time (see [`per_row`]).
 
 use crate::conv::Conv3x3;
+use crate::norm::GroupNorm;
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn as nn;
 
@@ -84,9 +85,9 @@ impl Default for ResnetBlock2DConfig {
 
 #[derive(Debug)]
 pub struct ResnetBlock2D {
-    norm1: nn::GroupNorm,
+    norm1: GroupNorm,
     conv1: Conv3x3,
-    norm2: nn::GroupNorm,
+    norm2: GroupNorm,
     conv2: Conv3x3,
     time_emb_proj: Option<nn::Linear>,
     conv_shortcut: Option<Conv2d>,
@@ -97,10 +98,10 @@ pub struct ResnetBlock2D {
 impl ResnetBlock2D {
     pub fn new(vs: nn::VarBuilder, in_channels: usize, config: ResnetBlock2DConfig) -> Result<Self> {
         let out_channels = config.out_channels.unwrap_or(in_channels);
-        let norm1 = nn::group_norm(config.groups, in_channels, config.eps, vs.pp("norm1"))?;
+        let norm1 = GroupNorm::new(config.groups, in_channels, config.eps, vs.pp("norm1"))?;
         let conv1 = Conv3x3::new(in_channels, out_channels, vs.pp("conv1"))?;
         let groups_out = config.groups_out.unwrap_or(config.groups);
-        let norm2 = nn::group_norm(groups_out, out_channels, config.eps, vs.pp("norm2"))?;
+        let norm2 = GroupNorm::new(groups_out, out_channels, config.eps, vs.pp("norm2"))?;
         let conv2 = Conv3x3::new(out_channels, out_channels, vs.pp("conv2"))?;
         let use_in_shortcut = config.use_in_shortcut.unwrap_or(in_channels != out_channels);
         let conv_shortcut = if use_in_shortcut {
@@ -123,8 +124,7 @@ impl ResnetBlock2D {
             Some(conv_shortcut) => conv_shortcut.forward(xs)?,
             None => xs.clone(),
         };
-        let xs = self.norm1.forward(xs)?;
-        let xs = self.conv1.forward(&nn::ops::silu(&xs)?)?;
+        let xs = self.conv1.forward(&self.norm1.forward_silu(xs)?)?;
         let xs = match (temb, &self.time_emb_proj) {
             (Some(temb), Some(time_emb_proj)) => per_row(time_emb_proj, &nn::ops::silu(temb)?)?
                 .unsqueeze(D::Minus1)?
@@ -132,7 +132,7 @@ impl ResnetBlock2D {
                 .broadcast_add(&xs)?,
             _ => xs,
         };
-        let xs = self.conv2.forward(&nn::ops::silu(&self.norm2.forward(&xs)?)?)?;
+        let xs = self.conv2.forward(&self.norm2.forward_silu(&xs)?)?;
         (shortcut_xs + xs)? / self.config.output_scale_factor
     }
 }

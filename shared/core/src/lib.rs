@@ -11,6 +11,7 @@ pub mod conv;
 mod error;
 pub mod images;
 pub mod model_dir;
+pub mod norm;
 pub mod serve;
 pub mod telemetry;
 pub mod torch_rng;

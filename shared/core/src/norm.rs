@@ -1,0 +1,174 @@
+//! GroupNorm, optionally followed by SiLU (every ResNet block's `silu(norm(x))`), fused into
+//! two passes on the CPU.
+//!
+//! candle 0.11's GroupNorm is eight tensor ops, each a pass over the activations with a fresh
+//! allocation, and the SiLU after it two more: 90 ms for one 128-channel 256x256 map on 2 cores,
+//! a third of the VAE decode at 256 px. The fused path reads each group twice (mean, then
+//! variance) and writes the output once, with the affine and the SiLU applied as it writes.
+//! Statistics accumulate in f64. Each (image, group) is computed on its own, so an image's
+//! output does not depend on its batch. Other devices and dtypes use candle's ops.
+
+use candle_core::{DType, Device, Module, Result, Storage, Tensor};
+use candle_nn as nn;
+
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    inner: nn::GroupNorm,
+    /// (weight, bias) per channel, when the model is f32 on the CPU.
+    affine_f32: Option<(Vec<f32>, Vec<f32>)>,
+    groups: usize,
+    channels: usize,
+    eps: f64,
+}
+
+impl GroupNorm {
+    /// Loads `weight` and `bias` [channels] from `vs`, as `candle_nn::group_norm`.
+    pub fn new(groups: usize, channels: usize, eps: f64, vs: nn::VarBuilder) -> Result<Self> {
+        if groups == 0 || channels % groups != 0 {
+            candle_core::bail!("GroupNorm: {channels} channels do not divide into {groups} groups");
+        }
+        let weight = vs.get_with_hints(channels, "weight", nn::Init::Const(1.))?;
+        let bias = vs.get_with_hints(channels, "bias", nn::Init::Const(0.))?;
+        let affine_f32 = if weight.device().is_cpu() && weight.dtype() == DType::F32 {
+            Some((weight.to_vec1::<f32>()?, bias.to_vec1::<f32>()?))
+        } else {
+            None
+        };
+        let inner = nn::GroupNorm::new(weight, bias, channels, groups, eps)?;
+        Ok(Self { inner, affine_f32, groups, channels, eps })
+    }
+
+    /// `silu(norm(x))`.
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        match self.fused(x, true)? {
+            Some(y) => Ok(y),
+            None => nn::ops::silu(&self.inner.forward(x)?),
+        }
+    }
+
+    /// The fused CPU f32 path, or None where candle's ops run instead.
+    fn fused(&self, x: &Tensor, silu: bool) -> Result<Option<Tensor>> {
+        let Some((weight, bias)) = &self.affine_f32 else { return Ok(None) };
+        if x.dtype() != DType::F32 || !x.device().is_cpu() || x.rank() < 3 || x.dim(1)? != self.channels {
+            return Ok(None);
+        }
+        let dims = x.dims().to_vec();
+        let spatial: usize = dims[2..].iter().product();
+        let x = x.contiguous()?;
+        let (storage, layout) = x.storage_and_layout();
+        let Storage::Cpu(cpu) = &*storage else { return Ok(None) };
+        let input = &cpu.as_slice::<f32>()?[layout.start_offset()..][..x.elem_count()];
+        let out = group_norm_f32(input, (self.channels, spatial), self.groups, self.eps, (weight, bias), silu);
+        Ok(Some(Tensor::from_vec(out, dims, &Device::Cpu)?))
+    }
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self.fused(x, false)? {
+            Some(y) => Ok(y),
+            None => self.inner.forward(x),
+        }
+    }
+}
+
+/// GroupNorm over `input` (images of `channels` x `spatial`, contiguous), then the per-channel
+/// affine, then SiLU if `silu`.
+fn group_norm_f32(
+    input: &[f32],
+    (channels, spatial): (usize, usize),
+    groups: usize,
+    eps: f64,
+    (weight, bias): (&[f32], &[f32]),
+    silu: bool,
+) -> Vec<f32> {
+    use rayon::prelude::*;
+    let per_group = channels / groups * spatial;
+    let mut out = vec![0f32; input.len()];
+    out.par_chunks_mut(per_group).zip(input.par_chunks(per_group)).enumerate().for_each(|(chunk, (out, x))| {
+        let n = x.len() as f64;
+        let mean = x.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+        let var = x.iter().map(|&v| (f64::from(v) - mean).powi(2)).sum::<f64>() / n;
+        let inv_std = 1.0 / (var + eps).sqrt();
+        let first_channel = chunk % groups * (channels / groups);
+        for (c, (out, x)) in out.chunks_mut(spatial).zip(x.chunks(spatial)).enumerate() {
+            // y = (x - mean) * inv_std * w + b = x * scale + shift
+            let scale = inv_std * f64::from(weight[first_channel + c]);
+            let shift = f64::from(bias[first_channel + c]) - mean * scale;
+            let (scale, shift) = (scale as f32, shift as f32);
+            if silu {
+                for (o, &v) in out.iter_mut().zip(x) {
+                    let y = v * scale + shift;
+                    *o = y / (1.0 + (-y).exp());
+                }
+            } else {
+                for (o, &v) in out.iter_mut().zip(x) {
+                    *o = v * scale + shift;
+                }
+            }
+        }
+    });
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn norm(groups: usize, channels: usize) -> GroupNorm {
+        let varmap = nn::VarMap::new();
+        let vs = nn::VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let g = GroupNorm::new(groups, channels, 1e-6, vs).unwrap();
+        // Non-trivial affine weights.
+        let weight = Tensor::randn(1f32, 0.3, channels, &Device::Cpu).unwrap();
+        let bias = Tensor::randn(0f32, 0.3, channels, &Device::Cpu).unwrap();
+        let affine_f32 = Some((weight.to_vec1::<f32>().unwrap(), bias.to_vec1::<f32>().unwrap()));
+        let inner = nn::GroupNorm::new(weight, bias, channels, groups, 1e-6).unwrap();
+        GroupNorm { inner, affine_f32, ..g }
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    /// The fused path gives candle's GroupNorm (and SiLU after it) up to f32 rounding, for
+    /// 3D and 4D inputs, one or several groups, offset means and large scales.
+    #[test]
+    fn fused_matches_candles_ops() {
+        for (groups, channels, dims) in [
+            (32, 64, vec![2, 64, 9, 7]),
+            (1, 5, vec![1, 5, 11]),
+            (4, 8, vec![3, 8, 1, 1]),
+            (16, 32, vec![1, 32, 40, 40]),
+        ] {
+            let g = norm(groups, channels);
+            let x = ((Tensor::randn(0f32, 3.0, dims.as_slice(), &Device::Cpu).unwrap() + 5.0).unwrap())
+                .contiguous()
+                .unwrap();
+            let expected = g.inner.forward(&x).unwrap();
+            let d = max_diff(&g.forward(&x).unwrap(), &expected);
+            assert!(d < 1e-5, "{dims:?} norm: {d:e}");
+            let d = max_diff(&g.forward_silu(&x).unwrap(), &nn::ops::silu(&expected).unwrap());
+            assert!(d < 1e-5, "{dims:?} norm + silu: {d:e}");
+        }
+    }
+
+    /// An image's output is the same bits alone or in a batch; strided inputs work; other
+    /// dtypes use candle's ops.
+    #[test]
+    fn batch_independent_strided_and_other_dtypes() {
+        let g = norm(4, 8);
+        let x = Tensor::randn(0f32, 1.0, (3, 8, 6, 5), &Device::Cpu).unwrap();
+        let together = g.forward_silu(&x).unwrap();
+        for i in 0..3 {
+            let alone = g.forward_silu(&x.narrow(0, i, 1).unwrap()).unwrap();
+            assert_eq!(max_diff(&alone, &together.narrow(0, i, 1).unwrap()), 0.0, "image {i}");
+        }
+        let t = x.transpose(2, 3).unwrap();
+        assert!(max_diff(&g.forward(&t).unwrap(), &g.inner.forward(&t.contiguous().unwrap()).unwrap()) < 1e-5);
+        let varmap = nn::VarMap::new();
+        let g16 = GroupNorm::new(4, 8, 1e-6, nn::VarBuilder::from_varmap(&varmap, DType::F16, &Device::Cpu)).unwrap();
+        assert!(g16.affine_f32.is_none());
+        assert_eq!(g16.forward_silu(&x.to_dtype(DType::F16).unwrap()).unwrap().dtype(), DType::F16);
+    }
+}

@@ -29,7 +29,7 @@ run: build
 
 # The service binaries must exist before the end-to-end tests start them as processes.
 test: build test-deps
-	$(CARGO) test --workspace
+	$(CARGO) test --workspace --no-fail-fast
 
 # The cache tests run a real redis-server; install it where missing (Debian/Ubuntu, as root
 # or with sudo).

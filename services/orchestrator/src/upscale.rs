@@ -239,8 +239,8 @@ mod tests {
 
     #[tokio::test]
     async fn tiled_steps_equal_untiled_ones_for_a_local_model() {
-        let x = Tensor::randn(0f32, 1f32, (2, 4, 45, 70), &Device::Cpu).unwrap();
-        let extra = Tensor::randn(0f32, 1f32, (2, 3, 45, 70), &Device::Cpu).unwrap();
+        let x = sdmesh_core::torch_rng::randn_tensor(1, &[2, 4, 45, 70], &Device::Cpu).unwrap();
+        let extra = sdmesh_core::torch_rng::randn_tensor(2, &[2, 3, 45, 70], &Device::Cpu).unwrap();
         let cond = Tensor::zeros((1, 77, 8), DType::F32, &Device::Cpu).unwrap();
         let input = DenoiseInput {
             latents: x,

@@ -420,8 +420,7 @@ impl v1::vae_server::Vae for VaeService {
                 let (n, _, h, w) = images.dims4().map_err(|_| Error::invalid("images: expected [n, 3, h, w]"))?;
                 let f = local.info.scale_factor as usize;
                 let shape = [n, local.info.latent_channels as usize, h / f, w / f];
-                let draws = sdmesh_core::torch_rng::TorchGenerator::new(seed).randn(shape.iter().product());
-                Some(Tensor::from_vec(draws, &shape, &Device::Cpu).map_err(Error::from)?)
+                Some(sdmesh_core::torch_rng::randn_tensor(seed, &shape, &Device::Cpu).map_err(Error::from)?)
             }
             (None, None) => None,
         };

@@ -115,13 +115,18 @@ fn group_norm_f32(
 mod tests {
     use super::*;
 
+    /// Seeded standard normal draws, so a failure reproduces.
+    fn randn(seed: u64, shape: &[usize]) -> Tensor {
+        crate::torch_rng::randn_tensor(seed, shape, &Device::Cpu).unwrap()
+    }
+
     fn norm(groups: usize, channels: usize) -> GroupNorm {
         let varmap = nn::VarMap::new();
         let vs = nn::VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
         let g = GroupNorm::new(groups, channels, 1e-6, vs).unwrap();
         // Non-trivial affine weights.
-        let weight = Tensor::randn(1f32, 0.3, channels, &Device::Cpu).unwrap();
-        let bias = Tensor::randn(0f32, 0.3, channels, &Device::Cpu).unwrap();
+        let weight = randn(1, &[channels]).affine(0.3, 1.0).unwrap();
+        let bias = (randn(2, &[channels]) * 0.3).unwrap();
         let affine_f32 = Some((weight.to_vec1::<f32>().unwrap(), bias.to_vec1::<f32>().unwrap()));
         let inner = nn::GroupNorm::new(weight, bias, channels, groups, 1e-6).unwrap();
         GroupNorm { inner, affine_f32, ..g }
@@ -142,9 +147,7 @@ mod tests {
             (16, 32, vec![1, 32, 40, 40]),
         ] {
             let g = norm(groups, channels);
-            let x = ((Tensor::randn(0f32, 3.0, dims.as_slice(), &Device::Cpu).unwrap() + 5.0).unwrap())
-                .contiguous()
-                .unwrap();
+            let x = randn(3, &dims).affine(3.0, 5.0).unwrap();
             let expected = g.inner.forward(&x).unwrap();
             let d = max_diff(&g.forward(&x).unwrap(), &expected);
             assert!(d < 1e-5, "{dims:?} norm: {d:e}");
@@ -158,7 +161,7 @@ mod tests {
     #[test]
     fn batch_independent_strided_and_other_dtypes() {
         let g = norm(4, 8);
-        let x = Tensor::randn(0f32, 1.0, (3, 8, 6, 5), &Device::Cpu).unwrap();
+        let x = randn(4, &[3, 8, 6, 5]);
         let together = g.forward_silu(&x).unwrap();
         for i in 0..3 {
             let alone = g.forward_silu(&x.narrow(0, i, 1).unwrap()).unwrap();

@@ -148,6 +148,12 @@ impl TorchGenerator {
     }
 }
 
+/// `torch.randn(shape, generator=torch.Generator().manual_seed(seed))` as a float32 tensor.
+pub fn randn_tensor(seed: u64, shape: &[usize], device: &candle_core::Device) -> candle_core::Result<candle_core::Tensor> {
+    let draws = TorchGenerator::new(seed).randn(shape.iter().product());
+    candle_core::Tensor::from_vec(draws, shape, device)
+}
+
 /// `normal_fill_16_AVX2` with mean 0, std 1: 16 uniforms in, 16 normals out.
 fn normal_fill_16(d: &mut [f32; 16]) {
     let two_pi = (2.0f32 as f64 * std::f64::consts::PI) as f32;

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds, on this (GPU-less) machine, what benchmarks/gpu/run.sh needs on the GPU machine, into
 # benchmarks/gpu/carry/ (git-ignored; the device tool's `carry` takes it along):
-#   sdmesh-bench.xz   release build with --features cuda, stripped and compressed (the tree
-#                     that travels is limited to 64 MiB, the committed fixtures take ~45)
+#   sdmesh-bench.xz   release build with --features flash-attn (CUDA and the flash-attention
+#                     kernels), stripped and compressed (the tree that travels is limited to
+#                     64 MiB, the committed fixtures take ~45)
 #   wheels/           diffusers (pure Python; the GPU image has torch and transformers)
 # usage: benchmarks/gpu/prepare.sh   (CUDA_SETUP: the CUDA 13 toolchain script, default
 #        ../shared/cuda/setup-cuda13.sh; see README "GPU")
@@ -11,7 +12,8 @@ cd "$(dirname "$0")/../.."
 setup=${CUDA_SETUP:-../shared/cuda/setup-cuda13.sh}
 # shellcheck disable=SC1090
 source "$setup"
-CARGO_TARGET_DIR=target/cuda cargo build --release --features cuda -p sdmesh --bin sdmesh-bench
+shared/flash-attn/fetch-sources.sh
+CARGO_TARGET_DIR=target/cuda cargo build --release --features flash-attn -p sdmesh --bin sdmesh-bench
 carry=benchmarks/gpu/carry
 rm -rf "$carry" && mkdir -p "$carry/wheels"
 strip -o "$carry/sdmesh-bench" target/cuda/release/sdmesh-bench
@@ -19,3 +21,5 @@ xz -T0 -9 -f "$carry/sdmesh-bench"
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux2014_x86_64 -d "$carry/wheels" diffusers==0.42.1 importlib_metadata
 du -sh "$carry"/* "$carry"/wheels/*
+# What the device tool will send: tracked and untracked-not-ignored files plus the carry.
+echo "travelling: $(( ($( (git ls-files -co --exclude-standard -z; find "$carry" -type f -print0) | du -cb --files0-from=- | tail -1 | cut -f1) + 1048575) / 1048576 )) MiB of 64"

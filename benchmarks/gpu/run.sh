@@ -7,7 +7,8 @@
 #   agreement  f16 and bf16 against the f32 CPU reference: components of the SD 2.1-768
 #              architecture at 768x768 (NaN check with upcast_attention), a whole 10-step job
 #              on the medium model
-#   components candle vs diffusers, UNet step / text encoder / VAE decode, 512 and 768, f16
+#   components candle vs diffusers, UNet step / text encoder / VAE decode, 512 and 768, f16;
+#              at 768 also with flash attention switched off (SDMESH_FLASH_ATTENTION=0)
 #   job        a whole 768x768 50-step DDIM job: through the mesh and in process, and diffusers
 #   batch8     a UNet step at 768x768, batch 8 (the size that crashed candle's attention)
 #   throughput images/s at 1 and 8 concurrent jobs, batching on and off (medium model, 512 px)
@@ -73,7 +74,9 @@ for s in $stages; do case $s in
     for size in $sizes; do
       stage components-$size 120 $bench components --model $big --size $size --batch 2 --reps 10 --device $device --dtype $dtype
       stage diffusers-$size 120 $diffusers $big --height $size --width $size --batch 2 --reps 10 --device $device --dtype $tdtype
-    done ;;
+    done
+    SDMESH_FLASH_ATTENTION=0 stage components-$big_size-no-flash 120 $bench components --model $big --size $big_size \
+      --batch 2 --reps 5 --device $device --dtype $dtype ;;
   job)
     stage job-mesh 240 $bench overhead --model $big --size $big_size --steps 50 --jobs 2 --device $device --dtype $dtype
     stage job-diffusers 120 $diffusers $big --height $big_size --width $big_size --reps 3 --device $device --dtype $tdtype \

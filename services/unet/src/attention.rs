@@ -7,7 +7,7 @@
 use candle_core::{Result, Tensor, D};
 use candle_nn as nn;
 use candle_nn::Module;
-use sdmesh_core::attention::{attention, MAX_SCORE_ELEMENTS};
+use sdmesh_core::attention::multi_head_attention;
 
 #[derive(Debug)]
 struct GeGlu {
@@ -101,38 +101,17 @@ impl CrossAttention {
         Ok(Self { to_q, to_k, to_v, to_out, heads, scale, upcast, span, span_attn })
     }
 
-    fn reshape_heads_to_batch_dim(&self, xs: &Tensor) -> Result<Tensor> {
-        let (batch_size, seq_len, dim) = xs.dims3()?;
-        xs.reshape((batch_size, seq_len, self.heads, dim / self.heads))?.transpose(1, 2)?.reshape((
-            batch_size * self.heads,
-            seq_len,
-            dim / self.heads,
-        ))
-    }
-
-    fn reshape_batch_dim_to_heads(&self, xs: &Tensor) -> Result<Tensor> {
-        let (batch_size, seq_len, dim) = xs.dims3()?;
-        xs.reshape((batch_size / self.heads, self.heads, seq_len, dim))?.transpose(1, 2)?.reshape((
-            batch_size / self.heads,
-            seq_len,
-            dim * self.heads,
-        ))
-    }
-
     pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         let _enter = self.span.enter();
         let query = self.to_q.forward(xs)?;
         let context = context.unwrap_or(xs).contiguous()?;
         let key = self.to_k.forward(&context)?;
         let value = self.to_v.forward(&context)?;
-        let query = self.reshape_heads_to_batch_dim(&query)?;
-        let key = self.reshape_heads_to_batch_dim(&key)?;
-        let value = self.reshape_heads_to_batch_dim(&value)?;
         let xs = {
             let _enter = self.span_attn.enter();
-            attention(&query, &key, &value, self.scale, self.upcast, MAX_SCORE_ELEMENTS)?
+            multi_head_attention(&query, &key, &value, self.heads, self.scale, self.upcast)?
         };
-        self.to_out.forward(&self.reshape_batch_dim_to_heads(&xs)?)
+        self.to_out.forward(&xs)
     }
 }
 

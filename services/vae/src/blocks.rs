@@ -7,9 +7,9 @@
 //! could only decode one image at a time.
 #![allow(dead_code)] // configs are kept as candle keeps them
 
-use candle_core::{Module, Result, Tensor, D};
+use candle_core::{Module, Result, Tensor};
 use candle_nn as nn;
-use sdmesh_core::attention::{attention, MAX_SCORE_ELEMENTS};
+use sdmesh_core::attention::multi_head_attention;
 use sdmesh_core::blocks::{Downsample2D, ResnetBlock2D, ResnetBlock2DConfig, Upsample2D};
 
 #[derive(Debug, Clone, Copy)]
@@ -147,11 +147,6 @@ impl AttentionBlock {
         let span = tracing::span!(tracing::Level::TRACE, "attn-block");
         Ok(Self { group_norm, query, key, value, proj_attn, channels, num_heads, span, config })
     }
-
-    fn transpose_for_scores(&self, xs: Tensor) -> Result<Tensor> {
-        let (batch, t, h_times_d) = xs.dims3()?;
-        xs.reshape((batch, t, self.num_heads, h_times_d / self.num_heads))?.transpose(1, 2)
-    }
 }
 
 impl Module for AttentionBlock {
@@ -171,24 +166,12 @@ impl Module for AttentionBlock {
         let key_proj = self.key.forward(&xs)?;
         let value_proj = self.value.forward(&xs)?;
 
-        // [batch, heads, tokens, head_dim] -> [batch * heads, tokens, head_dim]
-        let rows = |t: Tensor| -> Result<Tensor> {
-            let (b, h, n, d) = t.dims4()?;
-            t.contiguous()?.reshape((b * h, n, d))
-        };
-        let query_states = rows(self.transpose_for_scores(query_proj)?)?;
-        let key_states = rows(self.transpose_for_scores(key_proj)?)?;
-        let value_states = rows(self.transpose_for_scores(value_proj)?)?;
-
         // scale is applied twice, hence the -0.25 here rather than -0.5.
         // https://github.com/huggingface/diffusers/blob/d3d22ce5a894becb951eec03e663951b28d45135/src/diffusers/models/attention.py#L87
         let scale = f64::powf(self.channels as f64 / self.num_heads as f64, -0.25);
-        // Scores in f32 whatever the dtype (candle's VAE upcast too), and in bounded chunks: a
-        // batch of 1024x1024 decodes would otherwise hold 2^31 scores.
-        let xs = attention(&(query_states * scale)?, &key_states, &value_states, scale, true, MAX_SCORE_ELEMENTS)?;
-        let xs = xs.reshape((batch, self.num_heads, height * width, channel / self.num_heads))?;
-        let xs = xs.transpose(1, 2)?.contiguous()?;
-        let xs = xs.flatten_from(D::Minus2)?;
+        // Scores in f32 whatever the dtype (candle's VAE upcast too), and bounded: a batch of
+        // 1024x1024 decodes would otherwise hold 2^31 scores.
+        let xs = multi_head_attention(&(query_proj * scale)?, &key_proj, &value_proj, self.num_heads, scale, true)?;
         let xs = self.proj_attn.forward(&xs)?.t()?.reshape((batch, channel, height, width))?;
         (xs + residual)? / self.config.rescale_output_factor
     }

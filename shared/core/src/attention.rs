@@ -60,6 +60,47 @@ pub fn attention(
     Tensor::cat(&out, 0)
 }
 
+/// Attention over per-token projections: query [batch, q_tokens, heads · head_dim], key and
+/// value [batch, kv_tokens, heads · head_dim] (contiguous, as a Linear gives them); returns
+/// [batch, q_tokens, heads · head_dim]. On CUDA in f16/bf16, in a build with the `flash-attn`
+/// feature, one flash-attention kernel runs on the heads where they lie (no score matrix, no
+/// head transposes; unless SDMESH_FLASH_ATTENTION=0); otherwise the heads become rows of
+/// [`attention`].
+pub fn multi_head_attention(
+    query: &Tensor,
+    key: &Tensor,
+    value: &Tensor,
+    heads: usize,
+    scale: f64,
+    upcast: bool,
+) -> Result<Tensor> {
+    let (batch, q_len, inner) = query.dims3()?;
+    let kv_len = key.dim(1)?;
+    let head_dim = inner / heads;
+    #[cfg(feature = "flash-attn")]
+    if flash_attention_enabled() {
+        let q = query.reshape((batch, q_len, heads, head_dim))?;
+        if sdmesh_flash_attn::supports(&q) {
+            let (k, v) = (key.reshape((batch, kv_len, heads, head_dim))?, value.reshape((batch, kv_len, heads, head_dim))?);
+            // The kernel's scores and softmax are f32: `upcast` holds either way.
+            return sdmesh_flash_attn::flash_attention(&q, &k, &v, scale as f32)?.reshape((batch, q_len, inner));
+        }
+    }
+    let to_rows = |t: &Tensor, len: usize| -> Result<Tensor> {
+        t.reshape((batch, len, heads, head_dim))?.transpose(1, 2)?.reshape((batch * heads, len, head_dim))
+    };
+    let out = attention(&to_rows(query, q_len)?, &to_rows(key, kv_len)?, &to_rows(value, kv_len)?, scale, upcast, MAX_SCORE_ELEMENTS)?;
+    out.reshape((batch, heads, q_len, head_dim))?.transpose(1, 2)?.reshape((batch, q_len, inner))
+}
+
+/// Whether [`multi_head_attention`] may use flash attention: a build with the `flash-attn`
+/// feature, and SDMESH_FLASH_ATTENTION not set to 0 (for comparing the two paths). Read once.
+pub fn flash_attention_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    cfg!(feature = "flash-attn")
+        && *ENABLED.get_or_init(|| !matches!(std::env::var("SDMESH_FLASH_ATTENTION").as_deref(), Ok("0" | "off" | "false")))
+}
+
 /// For a model in f16/bf16 on a CUDA device: f32 GEMMs on tensor cores (TF32). In such a
 /// model they only run on half-precision values cast up (upcast attention, the VAE's
 /// attention), whose mantissas TF32 holds exactly, and they still accumulate in f32. It is a
@@ -108,6 +149,22 @@ mod tests {
             let chunked = attention(&q, &k, &v, 0.3, false, budget).unwrap();
             let err = (&chunked - &whole).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(err <= 1e-6, "budget {budget}: max abs error {err:e}");
+        }
+    }
+
+    /// Heads laid side by side in the projections give, head by head, plain softmax(q kᵀ) v.
+    #[test]
+    fn multi_head_attention_is_attention_per_head() {
+        let draw = |seed: u64, len: usize| crate::torch_rng::randn_tensor(seed, &[2, len, 3 * 8], &Device::Cpu).unwrap();
+        let (q, k, v) = (draw(4, 10), draw(5, 7), draw(6, 7));
+        let out = multi_head_attention(&q, &k, &v, 3, 0.4, false).unwrap();
+        assert_eq!(out.dims(), &[2, 10, 24]);
+        for head in 0..3 {
+            let part = |t: &Tensor| t.narrow(2, head * 8, 8).unwrap().contiguous().unwrap();
+            let scores = (part(&q).matmul(&part(&k).t().unwrap()).unwrap() * 0.4).unwrap();
+            let expected = nn::ops::softmax_last_dim(&scores).unwrap().matmul(&part(&v)).unwrap();
+            let err = (part(&out) - expected).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(err <= 1e-6, "head {head}: max abs error {err:e}");
         }
     }
 

@@ -49,7 +49,8 @@ impl Placement {
     }
 
     fn describe(&self) -> serde_json::Value {
-        json!({"device": self.device, "dtype": format!("{:?}", self.dtype).to_lowercase()})
+        json!({"device": self.device, "dtype": format!("{:?}", self.dtype).to_lowercase(),
+               "flash_attention": sdmesh_core::attention::flash_attention_enabled()})
     }
 }
 
@@ -505,6 +506,30 @@ async fn agreement(
             ),
         );
     };
+
+    // The attention kernel on its own (flash attention where the build has it, unless
+    // SDMESH_FLASH_ATTENTION=0): the UNet's self- and cross-attention at this size, the VAE's
+    // one 512-wide head, and lengths that are no multiple of the kernel's tiles.
+    let tokens = (size / 8) * (size / 8);
+    for (label, b, q_len, kv_len, heads, head_dim) in [
+        ("attn_self_d64", 2, tokens, tokens, 5, 64),
+        ("attn_cross_d64", 2, tokens, 77, 5, 64),
+        ("attn_vae_d512", 1, tokens, tokens, 1, 512),
+        ("attn_odd_d128", 3, 1000, 333, 2, 128),
+    ] {
+        let draw = |seed: u64, len: usize| -> anyhow::Result<candle_core::Tensor> {
+            Ok(sdmesh_core::torch_rng::randn_tensor(seed, &[b, len, heads * head_dim], &cpu)?)
+        };
+        let (q, k, v) = (draw(11, q_len)?, draw(12, kv_len)?, draw(13, kv_len)?);
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        let expected = sdmesh_core::attention::multi_head_attention(&q, &k, &v, heads, scale, true)?;
+        for &dtype in &dtypes {
+            let placed = |t: &candle_core::Tensor| t.to_device(&device)?.to_dtype(dtype);
+            let actual =
+                sdmesh_core::attention::multi_head_attention(&placed(&q)?, &placed(&k)?, &placed(&v)?, heads, scale, true)?;
+            report(label, dtype, compare(&actual, &expected)?, true);
+        }
+    }
 
     let texts: Vec<String> = (0..batch).map(|i| format!("an agreement prompt number {i}")).collect();
     let text_encoder = |device: &candle_core::Device, dtype| {

@@ -6,7 +6,9 @@
 //! a third of the VAE decode at 256 px. The fused path reads each group twice (mean, then
 //! variance) and writes the output once, with the affine and the SiLU applied as it writes.
 //! Statistics accumulate in f64. Each (image, group) is computed on its own, so an image's
-//! output does not depend on its batch. Other devices and dtypes use candle's ops.
+//! output does not depend on its batch. On CUDA (any dtype) two kernels do the same
+//! (kernels/group_norm.cu; statistics in f32), unless SDMESH_CUDA_GROUP_NORM=0. Other
+//! devices and dtypes use candle's ops.
 
 use candle_core::{DType, Device, Module, Result, Storage, Tensor};
 use candle_nn as nn;
@@ -14,6 +16,9 @@ use candle_nn as nn;
 #[derive(Debug, Clone)]
 pub struct GroupNorm {
     inner: nn::GroupNorm,
+    /// [channels] each, in the model's dtype (for the CUDA kernel).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    affine: (Tensor, Tensor),
     /// (weight, bias) per channel, when the model is f32 on the CPU.
     affine_f32: Option<(Vec<f32>, Vec<f32>)>,
     groups: usize,
@@ -24,7 +29,7 @@ pub struct GroupNorm {
 impl GroupNorm {
     /// Loads `weight` and `bias` [channels] from `vs`, as `candle_nn::group_norm`.
     pub fn new(groups: usize, channels: usize, eps: f64, vs: nn::VarBuilder) -> Result<Self> {
-        if groups == 0 || channels % groups != 0 {
+        if groups == 0 || !channels.is_multiple_of(groups) {
             candle_core::bail!("GroupNorm: {channels} channels do not divide into {groups} groups");
         }
         let weight = vs.get_with_hints(channels, "weight", nn::Init::Const(1.))?;
@@ -34,8 +39,9 @@ impl GroupNorm {
         } else {
             None
         };
+        let affine = (weight.clone(), bias.clone());
         let inner = nn::GroupNorm::new(weight, bias, channels, groups, eps)?;
-        Ok(Self { inner, affine_f32, groups, channels, eps })
+        Ok(Self { inner, affine, affine_f32, groups, channels, eps })
     }
 
     /// `silu(norm(x))`.
@@ -46,8 +52,14 @@ impl GroupNorm {
         }
     }
 
-    /// The fused CPU f32 path, or None where candle's ops run instead.
+    /// The fused CPU f32 or CUDA path, or None where candle's ops run instead.
     fn fused(&self, x: &Tensor, silu: bool) -> Result<Option<Tensor>> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() && cuda_kernel_enabled() && x.rank() >= 3 && x.dim(1)? == self.channels {
+            let (weight, bias) = &self.affine;
+            let op = cuda::GroupNormOp { groups: self.groups, eps: self.eps as f32, silu };
+            return Ok(Some(x.contiguous()?.apply_op3_no_bwd(weight, bias, &op)?));
+        }
         let Some((weight, bias)) = &self.affine_f32 else { return Ok(None) };
         if x.dtype() != DType::F32 || !x.device().is_cpu() || x.rank() < 3 || x.dim(1)? != self.channels {
             return Ok(None);
@@ -68,6 +80,115 @@ impl Module for GroupNorm {
         match self.fused(x, false)? {
             Some(y) => Ok(y),
             None => self.inner.forward(x),
+        }
+    }
+}
+
+/// Whether CUDA tensors use this project's GroupNorm kernel: a build with the `cuda` feature,
+/// and SDMESH_CUDA_GROUP_NORM not set to 0 (which falls back to candle's ops, for comparing).
+/// Read once.
+pub fn cuda_kernel_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    cfg!(feature = "cuda")
+        && *ENABLED.get_or_init(|| !matches!(std::env::var("SDMESH_CUDA_GROUP_NORM").as_deref(), Ok("0" | "off" | "false")))
+}
+
+#[cfg(feature = "cuda")]
+#[allow(unsafe_code)] // kernel launches
+mod cuda {
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::CudaStorage;
+    use candle_core::{CpuStorage, DType, Layout, Result, Shape};
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/group_norm.ptx"));
+    const THREADS: u32 = 256;
+
+    pub(super) struct GroupNormOp {
+        pub groups: usize,
+        pub eps: f32,
+        pub silu: bool,
+    }
+
+    impl GroupNormOp {
+        fn run<T: DeviceRepr + candle_core::cuda_backend::CudaDType>(
+            &self,
+            suffix: &str,
+            (x, x_l): (&CudaStorage, &Layout),
+            (w, w_l): (&CudaStorage, &Layout),
+            (b, b_l): (&CudaStorage, &Layout),
+        ) -> Result<(CudaStorage, Shape)> {
+            let dims = x_l.dims();
+            let (images, channels) = (dims[0], dims[1]);
+            let spatial: usize = dims[2..].iter().product();
+            let cpg = channels / self.groups;
+            let contiguous = x_l.is_contiguous() && w_l.is_contiguous() && b_l.is_contiguous();
+            if !contiguous || w_l.shape().elem_count() != channels || b_l.shape().elem_count() != channels {
+                candle_core::bail!("group norm kernel: contiguous x and [channels] weight and bias expected");
+            }
+            let as_i32 = |v: usize| i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("group norm: {v} too large")));
+            let dev = x.device().clone();
+            let x_s = x.as_cuda_slice::<T>()?.slice(x_l.start_offset()..);
+            let w_s = w.as_cuda_slice::<T>()?.slice(w_l.start_offset()..);
+            let b_s = b.as_cuda_slice::<T>()?.slice(b_l.start_offset()..);
+            // (mean, M2, count) per (image, channel), as f32 triples.
+            // SAFETY: gn_stats writes every triple, gn_apply every output element.
+            let partial = unsafe { dev.alloc::<f32>(images * channels * 3)? };
+            let out = unsafe { dev.alloc::<T>(images * channels * spatial)? };
+            let cfg = LaunchConfig {
+                grid_dim: (cpg as u32, (images * self.groups) as u32, 1),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let spatial_i = as_i32(spatial)?;
+            let stats = dev.get_or_load_custom_func(&format!("gn_stats_{suffix}"), "sdmesh_group_norm", PTX)?;
+            let mut launch = stats.builder();
+            launch.arg(&x_s).arg(&partial).arg(&spatial_i);
+            // SAFETY: the argument list matches gn_stats's signature; the grid covers
+            // images x groups x channels-per-group blocks over buffers of those sizes.
+            unsafe { launch.launch(cfg) }.map_err(candle_core::Error::wrap)?;
+            let apply = dev.get_or_load_custom_func(&format!("gn_apply_{suffix}"), "sdmesh_group_norm", PTX)?;
+            let (groups, silu) = (as_i32(self.groups)?, i32::from(self.silu));
+            let mut launch = apply.builder();
+            launch.arg(&x_s).arg(&out).arg(&partial).arg(&w_s).arg(&b_s).arg(&groups).arg(&spatial_i).arg(&self.eps).arg(&silu);
+            // SAFETY: as above, for gn_apply's signature.
+            unsafe { launch.launch(cfg) }.map_err(candle_core::Error::wrap)?;
+            Ok((CudaStorage::wrap_cuda_slice(out, dev), x_l.shape().clone()))
+        }
+    }
+
+    impl candle_core::CustomOp3 for GroupNormOp {
+        fn name(&self) -> &'static str {
+            "group-norm"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            candle_core::bail!("the group norm kernel runs on CUDA devices only")
+        }
+
+        fn cuda_fwd(
+            &self,
+            x: &CudaStorage,
+            x_l: &Layout,
+            w: &CudaStorage,
+            w_l: &Layout,
+            b: &CudaStorage,
+            b_l: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            match x.dtype() {
+                DType::F32 => self.run::<f32>("f32", (x, x_l), (w, w_l), (b, b_l)),
+                DType::F16 => self.run::<half::f16>("f16", (x, x_l), (w, w_l), (b, b_l)),
+                DType::BF16 => self.run::<half::bf16>("bf16", (x, x_l), (w, w_l), (b, b_l)),
+                dt => candle_core::bail!("group norm kernel: no {dt:?} version"),
+            }
         }
     }
 }
@@ -128,8 +249,8 @@ mod tests {
         let weight = randn(1, &[channels]).affine(0.3, 1.0).unwrap();
         let bias = (randn(2, &[channels]) * 0.3).unwrap();
         let affine_f32 = Some((weight.to_vec1::<f32>().unwrap(), bias.to_vec1::<f32>().unwrap()));
-        let inner = nn::GroupNorm::new(weight, bias, channels, groups, 1e-6).unwrap();
-        GroupNorm { inner, affine_f32, ..g }
+        let inner = nn::GroupNorm::new(weight.clone(), bias.clone(), channels, groups, 1e-6).unwrap();
+        GroupNorm { inner, affine: (weight, bias), affine_f32, ..g }
     }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {

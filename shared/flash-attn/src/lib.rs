@@ -14,7 +14,7 @@ pub fn supports(q: &Tensor) -> bool {
         && q.device().is_cuda()
         && matches!(q.dtype(), DType::F16 | DType::BF16)
         && q.rank() == 4
-        && head_dim % 8 == 0
+        && head_dim.is_multiple_of(8)
         && (8..=512).contains(&head_dim)
 }
 

@@ -50,7 +50,8 @@ impl Placement {
 
     fn describe(&self) -> serde_json::Value {
         json!({"device": self.device, "dtype": format!("{:?}", self.dtype).to_lowercase(),
-               "flash_attention": sdmesh_core::attention::flash_attention_enabled()})
+               "flash_attention": sdmesh_core::attention::flash_attention_enabled(),
+               "cuda_group_norm": self.device != "cpu" && sdmesh_core::norm::cuda_kernel_enabled()})
     }
 }
 
@@ -527,6 +528,26 @@ async fn agreement(
             let placed = |t: &candle_core::Tensor| t.to_device(&device)?.to_dtype(dtype);
             let actual =
                 sdmesh_core::attention::multi_head_attention(&placed(&q)?, &placed(&k)?, &placed(&v)?, heads, scale, true)?;
+            report(label, dtype, compare(&actual, &expected)?, true);
+        }
+    }
+
+    // GroupNorm + SiLU alone (the CUDA kernel unless SDMESH_CUDA_GROUP_NORM=0): the UNet's first
+    // blocks and the VAE's last at this size, on activations with an offset mean.
+    for (label, shape) in [("groupnorm_unet", [2, 320, size / 8, size / 8]), ("groupnorm_vae", [1, 128, size, size])] {
+        let channels = shape[1];
+        let x = sdmesh_core::torch_rng::randn_tensor(21, &shape, &cpu)?.affine(3.0, 5.0)?;
+        let affine = |dtype, device: &candle_core::Device| -> anyhow::Result<sdmesh_core::norm::GroupNorm> {
+            let tensors = std::collections::HashMap::from([
+                ("weight".to_string(), sdmesh_core::torch_rng::randn_tensor(22, &[channels], &cpu)?.affine(0.3, 1.0)?),
+                ("bias".to_string(), sdmesh_core::torch_rng::randn_tensor(23, &[channels], &cpu)?.affine(0.3, 0.0)?),
+            ]);
+            let vs = candle_nn::VarBuilder::from_tensors(tensors, dtype, device);
+            Ok(sdmesh_core::norm::GroupNorm::new(32, channels, 1e-6, vs)?)
+        };
+        let expected = affine(f32, &cpu)?.forward_silu(&x)?;
+        for &dtype in &dtypes {
+            let actual = affine(dtype, &device)?.forward_silu(&x.to_device(&device)?.to_dtype(dtype)?)?;
             report(label, dtype, compare(&actual, &expected)?, true);
         }
     }

@@ -76,10 +76,10 @@ if comp:
         print()
 
 prof = [l for l in lines if l.get("bench") == "profile"]
-for m in dict.fromkeys(l["model"] for l in prof):
-    print(f"### Where candle's UNet step goes ({m}): self time per span\n")
+for m, c in dict.fromkeys((l["model"], l.get("component", "unet_step")) for l in prof):
+    print(f"### Where candle's {c} goes ({m}): self time per span\n")
     print("| span | self ms | share | calls |")
     print("| --- | --- | --- | --- |")
-    for l in [l for l in prof if l["model"] == m]:
+    for l in [l for l in prof if l["model"] == m and l.get("component", "unet_step") == c]:
         print(f"| {l['span']} | {l['self_ms']:.1f} | {l['share'] * 100:.1f}% | {l['calls']} |")
     print()

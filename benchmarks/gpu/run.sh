@@ -9,7 +9,8 @@
 #              on the medium model
 #   components candle vs diffusers, UNet step / text encoder / VAE decode, 512 and 768, f16;
 #              at 768 also with candle's own attention and GroupNorm (SDMESH_FLASH_ATTENTION=0
-#              SDMESH_CUDA_GROUP_NORM=0), to show what this project's kernels buy
+#              SDMESH_CUDA_GROUP_NORM=0), to show what this project's kernels buy; and where the
+#              UNet step's and the VAE decode's time goes (spans, waiting for the GPU at each)
 #   job        a whole 768x768 50-step DDIM job: through the mesh and in process, and diffusers
 #   batch8     a UNet step at 768x768, batch 8 (the size that crashed candle's attention)
 #   throughput images/s at 1 and 8 concurrent jobs, batching on and off (medium model, 512 px)
@@ -77,7 +78,9 @@ for s in $stages; do case $s in
       stage diffusers-$size 120 $diffusers $big --height $size --width $size --batch 2 --reps 10 --device $device --dtype $tdtype
     done
     SDMESH_FLASH_ATTENTION=0 SDMESH_CUDA_GROUP_NORM=0 stage components-$big_size-candle-ops 120 $bench components \
-      --model $big --size $big_size --batch 2 --reps 5 --device $device --dtype $dtype ;;
+      --model $big --size $big_size --batch 2 --reps 5 --device $device --dtype $dtype
+    stage profile-$big_size 120 $bench components --model $big --size $big_size --batch 2 --reps 1 --profile \
+      --device $device --dtype $dtype ;;
   job)
     stage job-mesh 240 $bench overhead --model $big --size $big_size --steps 50 --jobs 2 --device $device --dtype $dtype
     stage job-diffusers 120 $diffusers $big --height $big_size --width $big_size --reps 3 --device $device --dtype $tdtype \

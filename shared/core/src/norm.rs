@@ -24,6 +24,7 @@ pub struct GroupNorm {
     groups: usize,
     channels: usize,
     eps: f64,
+    span: tracing::Span,
 }
 
 impl GroupNorm {
@@ -41,11 +42,13 @@ impl GroupNorm {
         };
         let affine = (weight.clone(), bias.clone());
         let inner = nn::GroupNorm::new(weight, bias, channels, groups, eps)?;
-        Ok(Self { inner, affine, affine_f32, groups, channels, eps })
+        let span = tracing::span!(tracing::Level::TRACE, "group-norm");
+        Ok(Self { inner, affine, affine_f32, groups, channels, eps, span })
     }
 
     /// `silu(norm(x))`.
     pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        let _enter = self.span.enter();
         match self.fused(x, true)? {
             Some(y) => Ok(y),
             None => nn::ops::silu(&self.inner.forward(x)?),
@@ -77,6 +80,7 @@ impl GroupNorm {
 
 impl Module for GroupNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let _enter = self.span.enter();
         match self.fused(x, false)? {
             Some(y) => Ok(y),
             None => self.inner.forward(x),

@@ -122,8 +122,9 @@ enum Command {
         reps: usize,
         #[command(flatten)]
         placement: Placement,
-        /// Also print where the UNet step's time goes: self time per candle span (conv2d,
-        /// linear, attention, ...), measured with tracing.
+        /// Also print where the UNet step's and the VAE decode's time goes: self time per span
+        /// (conv2d, linear, attention, ...), measured with tracing; on a GPU, waiting for the
+        /// device at each span boundary.
         #[arg(long)]
         profile: bool,
     },
@@ -142,6 +143,15 @@ mod profile {
     use tracing_subscriber::registry::LookupSpan;
 
     pub static TOTALS: Mutex<Option<HashMap<&'static str, (Duration, u64)>>> = Mutex::new(None);
+    /// A GPU to wait for at every span boundary, so that a span's time is its kernels' time
+    /// rather than the time to queue them (the waits slow the step down; the shares hold).
+    pub static SYNC: std::sync::OnceLock<candle_core::Device> = std::sync::OnceLock::new();
+
+    fn sync() {
+        if let Some(device) = SYNC.get() {
+            let _ = device.synchronize();
+        }
+    }
 
     thread_local! {
         /// Per open span on this thread: when it was entered and its children's time.
@@ -152,10 +162,12 @@ mod profile {
 
     impl<S: tracing::Subscriber + for<'a> LookupSpan<'a>> tracing_subscriber::Layer<S> for SelfTime {
         fn on_enter(&self, _id: &Id, _ctx: Context<'_, S>) {
+            sync();
             STACK.with(|s| s.borrow_mut().push((Instant::now(), Duration::ZERO)));
         }
 
         fn on_exit(&self, id: &Id, ctx: Context<'_, S>) {
+            sync();
             let Some((start, children)) = STACK.with(|s| s.borrow_mut().pop()) else { return };
             let total = start.elapsed();
             STACK.with(|s| {
@@ -190,6 +202,28 @@ mod profile {
             .collect();
         rows.sort_by(|a, b| b.1.cmp(&a.1));
         rows
+    }
+
+    /// Runs `f` once with the spans counted, and prints the 12 largest self times.
+    pub fn report(component: &str, model: &str, f: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<()> {
+        reset();
+        f()?;
+        sync();
+        let rows = take();
+        let total: f64 = rows.iter().map(|r| r.1.as_secs_f64()).sum();
+        for (span, time, calls) in rows.iter().take(12) {
+            let share = time.as_secs_f64() / total;
+            super::emit(
+                serde_json::json!({"bench": "profile", "component": component, "model": model, "span": span,
+                       "self_ms": time.as_secs_f64() * 1e3, "calls": calls, "share": share}),
+                format!(
+                    "profile    {component} {span:<22} {:>9.1} ms self {:>5.1}% ({calls} calls)",
+                    time.as_secs_f64() * 1e3,
+                    share * 100.0
+                ),
+            );
+        }
+        Ok(())
     }
 }
 
@@ -421,22 +455,10 @@ async fn components(
     let t = tokio::task::block_in_place(|| timed(reps, || Ok(rt.block_on(unet.denoise(step()))?)))?;
     report("unet_step", t, json!({"batch": batch, "height": size, "width": size}));
     if profile {
-        profile::reset();
-        tokio::task::block_in_place(|| rt.block_on(unet.denoise(step())))?;
-        let rows = profile::take();
-        let total: f64 = rows.iter().map(|r| r.1.as_secs_f64()).sum();
-        for (span, time, calls) in rows.iter().take(12) {
-            let share = time.as_secs_f64() / total;
-            emit(
-                json!({"bench": "profile", "component": "unet_step", "model": name, "span": span,
-                       "self_ms": time.as_secs_f64() * 1e3, "calls": calls, "share": share}),
-                format!(
-                    "profile    unet_step {span:<22} {:>9.1} ms self {:>5.1}% ({calls} calls)",
-                    time.as_secs_f64() * 1e3,
-                    share * 100.0
-                ),
-            );
-        }
+        profile::report("unet_step", &name, || {
+            tokio::task::block_in_place(|| rt.block_on(unet.denoise(step())))?;
+            Ok(())
+        })?;
     }
     drop(unet);
 
@@ -448,6 +470,12 @@ async fn components(
     let z = candle_core::Tensor::randn(0f32, 1., (1, 4, size / 8, size / 8), &cpu)?;
     let t = tokio::task::block_in_place(|| timed(reps, || Ok(rt.block_on(vae.decode(z.clone()))?)))?;
     report("vae_decode", t, json!({"batch": 1, "height": size, "width": size}));
+    if profile {
+        profile::report("vae_decode", &name, || {
+            tokio::task::block_in_place(|| rt.block_on(vae.decode(z.clone())))?;
+            Ok(())
+        })?;
+    }
     Ok(())
 }
 
@@ -642,7 +670,15 @@ async fn main() -> anyhow::Result<()> {
         let spans = tracing_subscriber::filter::Targets::new()
             .with_target("candle_transformers", tracing::Level::TRACE)
             .with_target("sdmesh_unet", tracing::Level::TRACE)
+            .with_target("sdmesh_vae", tracing::Level::TRACE)
             .with_target("sdmesh_core", tracing::Level::TRACE);
+        if let Command::Components { placement, .. } = &cli.command {
+            if let Ok(device) = placement.device() {
+                if device.is_cuda() {
+                    let _ = profile::SYNC.set(device);
+                }
+            }
+        }
         tracing::subscriber::set_global_default(
             tracing_subscriber::registry().with(profile::SelfTime.with_filter(spans)),
         )?;

@@ -20,6 +20,8 @@
 use candle_core::{DType, Device, Module, Result, Storage, Tensor, D};
 use candle_nn as nn;
 
+use crate::cpu_gemm::{gemm, View};
+
 /// Feature maps of at most this many pixels take the one-GEMM path.
 const ONE_GEMM_MAX_PIXELS: usize = 16;
 
@@ -139,13 +141,15 @@ fn shifted_conv3x3(
         }
         for tap in 0..9 {
             let offset = (tap / 3) * wp + tap % 3;
-            gemm_accumulate(
+            gemm(
                 &mut acc,
-                &taps[tap * c_out * c_in..][..c_out * c_in],
-                &padded[offset..],
+                h * wp,
+                View::rows(&taps[tap * c_out * c_in..][..c_out * c_in], c_in),
+                View::rows(&padded[offset..], plane),
                 (c_out, h * wp, c_in),
-                plane,
+                1.0,
                 tap > 0,
+                true,
             );
         }
         for o in 0..c_out {
@@ -159,52 +163,6 @@ fn shifted_conv3x3(
         }
     }
     out
-}
-
-/// `dst [m, n] (+)= lhs [m, k] @ rhs`, where `rhs` is k rows of n columns, each row starting
-/// `rhs_row_stride` elements after the previous one (a strided view into a larger buffer).
-/// Adds to `dst` when `accumulate`, else overwrites it.
-#[allow(unsafe_code)]
-fn gemm_accumulate(
-    dst: &mut [f32],
-    lhs: &[f32],
-    rhs: &[f32],
-    (m, n, k): (usize, usize, usize),
-    rhs_row_stride: usize,
-    accumulate: bool,
-) {
-    // The bounds every element gemm touches must lie within: checked, so the unsafe call below
-    // reads and writes only inside these slices.
-    assert!(dst.len() >= m * n && lhs.len() >= m * k, "gemm_accumulate: dst or lhs too short");
-    assert!(k == 0 || rhs.len() >= (k - 1) * rhs_row_stride + n, "gemm_accumulate: rhs too short");
-    let threads = candle_core::utils::get_num_threads();
-    let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-    // SAFETY: dst is [m, n] row-major (row stride n), lhs [m, k] row-major (row stride k), rhs k
-    // rows of n contiguous elements `rhs_row_stride` apart: all within the slices (asserted
-    // above); dst does not alias lhs or rhs (a &mut and two & borrows).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            lhs.as_ptr(),
-            1,
-            k as isize,
-            rhs.as_ptr(),
-            1,
-            rhs_row_stride as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        )
-    }
 }
 
 #[cfg(test)]

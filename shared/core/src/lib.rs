@@ -8,6 +8,7 @@ pub mod blocks;
 pub mod byte_lru;
 pub mod client;
 pub mod conv;
+mod cpu_gemm;
 mod error;
 pub mod images;
 pub mod model_dir;

@@ -26,7 +26,7 @@ pub fn attention(
     upcast: bool,
     max_scores: usize,
 ) -> Result<Tensor> {
-    if let Some(out) = cpu_f32_attention(query, key, value, scale)? {
+    if let Some(out) = cpu_f32_attention(query, key, value, 1, scale)? {
         return Ok(out);
     }
     let (rows, q_len, _) = query.dims3()?;
@@ -67,8 +67,8 @@ pub fn attention(
 /// value [batch, kv_tokens, heads · head_dim] (contiguous, as a Linear gives them); returns
 /// [batch, q_tokens, heads · head_dim]. On CUDA in f16/bf16, in a build with the `flash-attn`
 /// feature, one flash-attention kernel runs on the heads where they lie (no score matrix, no
-/// head transposes; unless SDMESH_FLASH_ATTENTION=0); otherwise the heads become rows of
-/// [`attention`].
+/// head transposes; unless SDMESH_FLASH_ATTENTION=0); on the CPU in f32 the blocked kernel
+/// reads the heads where they lie too; otherwise the heads become rows of [`attention`].
 pub fn multi_head_attention(
     query: &Tensor,
     key: &Tensor,
@@ -77,6 +77,9 @@ pub fn multi_head_attention(
     scale: f64,
     upcast: bool,
 ) -> Result<Tensor> {
+    if let Some(out) = cpu_f32_attention(query, key, value, heads, scale)? {
+        return Ok(out);
+    }
     let (batch, q_len, inner) = query.dims3()?;
     let kv_len = key.dim(1)?;
     let head_dim = inner / heads;
@@ -100,8 +103,7 @@ pub fn multi_head_attention(
 /// feature, and SDMESH_FLASH_ATTENTION not set to 0 (for comparing the two paths). Read once.
 pub fn flash_attention_enabled() -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    cfg!(feature = "flash-attn")
-        && *ENABLED.get_or_init(|| !matches!(std::env::var("SDMESH_FLASH_ATTENTION").as_deref(), Ok("0" | "off" | "false")))
+    cfg!(feature = "flash-attn") && crate::switched_on(&ENABLED, "SDMESH_FLASH_ATTENTION")
 }
 
 /// For a model in f16/bf16 on a CUDA device: f32 GEMMs on tensor cores (TF32). In such a
@@ -118,19 +120,23 @@ pub fn tf32_for_upcast_attention(device: &Device, dtype: DType) {
 /// Query tokens per block of the CPU path: a block's scores (64 x kv_len) stay in cache.
 const CPU_QUERY_BLOCK: usize = 64;
 
-/// The CPU f32 path: for each (row, block of 64 query tokens), in parallel, the scores
-/// q·kᵀ·scale (one GEMM into a scratch buffer), their softmax in place, then one GEMM with v.
-/// candle's ops write the whole score matrix to memory and read it back twice, and its softmax
-/// calls libm's exp per element; at 1024 tokens this path takes under half their time. A
-/// block's result does not depend on the other rows, so batching changes nothing.
-fn cpu_f32_attention(query: &Tensor, key: &Tensor, value: &Tensor, scale: f64) -> Result<Option<Tensor>> {
+/// The CPU f32 path, over [batch, tokens, heads · head_dim] with the heads side by side (as
+/// the projections give them; `heads` = 1 for rows already split): for each (image, block of
+/// 64 query tokens), in parallel, and each head, the scores q·kᵀ·scale (one GEMM on strided
+/// views into a scratch buffer), their softmax in place, then one GEMM with v written straight
+/// into the head's columns of the output. candle's ops write the whole score matrix to memory
+/// and read it back twice, its softmax calls libm's exp per element, and the heads would be
+/// transposed to rows and back; at 1024 tokens this path takes under half their time. A
+/// block's result does not depend on the other images, so batching changes nothing.
+fn cpu_f32_attention(query: &Tensor, key: &Tensor, value: &Tensor, heads: usize, scale: f64) -> Result<Option<Tensor>> {
     use crate::cpu_gemm::{gemm, View};
     use rayon::prelude::*;
     if !query.device().is_cpu() || [query, key, value].iter().any(|t| t.dtype() != DType::F32) {
         return Ok(None);
     }
-    let (rows, q_len, d) = query.dims3()?;
-    let (kv_len, dv) = (key.dim(1)?, value.dim(2)?);
+    let (batch, q_len, inner) = query.dims3()?;
+    let (kv_len, inner_v) = (key.dim(1)?, value.dim(2)?);
+    let (d, dv) = (inner / heads, inner_v / heads);
     let (query, key, value) = (query.contiguous()?, key.contiguous()?, value.contiguous()?);
     let (q_storage, q_layout) = query.storage_and_layout();
     let (k_storage, k_layout) = key.storage_and_layout();
@@ -140,25 +146,30 @@ fn cpu_f32_attention(query: &Tensor, key: &Tensor, value: &Tensor, scale: f64) -
     else {
         return Ok(None);
     };
-    let q = &q.as_slice::<f32>()?[q_layout.start_offset()..][..rows * q_len * d];
-    let k = &k.as_slice::<f32>()?[k_layout.start_offset()..][..rows * kv_len * d];
-    let v = &v.as_slice::<f32>()?[v_layout.start_offset()..][..rows * kv_len * dv];
-    let mut out = vec![0f32; rows * q_len * dv];
-    out.par_chunks_mut(q_len * dv).enumerate().for_each(|(row, row_out)| {
-        let (q, k, v) = (&q[row * q_len * d..], &k[row * kv_len * d..], &v[row * kv_len * dv..]);
-        row_out.par_chunks_mut(CPU_QUERY_BLOCK * dv).enumerate().for_each(|(block, block_out)| {
-            let n = block_out.len() / dv;
+    let q = &q.as_slice::<f32>()?[q_layout.start_offset()..][..batch * q_len * inner];
+    let k = &k.as_slice::<f32>()?[k_layout.start_offset()..][..batch * kv_len * inner];
+    let v = &v.as_slice::<f32>()?[v_layout.start_offset()..][..batch * kv_len * inner_v];
+    let mut out = vec![0f32; batch * q_len * inner_v];
+    out.par_chunks_mut(q_len * inner_v).enumerate().for_each(|(image, image_out)| {
+        let k = &k[image * kv_len * inner..][..kv_len * inner];
+        let v = &v[image * kv_len * inner_v..][..kv_len * inner_v];
+        let q = &q[image * q_len * inner..][..q_len * inner];
+        image_out.par_chunks_mut(CPU_QUERY_BLOCK * inner_v).enumerate().for_each(|(block, block_out)| {
+            let n = block_out.len() / inner_v;
+            let q_block = &q[block * CPU_QUERY_BLOCK * inner..][..n * inner];
             let mut scores = vec![0f32; n * kv_len];
-            let q_block = View::rows(&q[block * CPU_QUERY_BLOCK * d..][..n * d], d);
-            gemm(&mut scores, kv_len, q_block, View::transposed(&k[..kv_len * d], d), (n, kv_len, d), scale as f32, false, false);
-            scores.chunks_mut(kv_len).for_each(softmax_in_place);
-            gemm(block_out, dv, View::rows(&scores, kv_len), View::rows(&v[..kv_len * dv], dv), (n, dv, kv_len), 1.0, false, false);
+            for head in 0..heads {
+                let (q_head, k_head) = (View::rows(&q_block[head * d..], inner), View::transposed(&k[head * d..], inner));
+                gemm((&mut scores, kv_len), q_head, k_head, (n, kv_len, d), scale as f32, false, false);
+                scores.chunks_mut(kv_len).for_each(softmax_in_place);
+                let (p, v_head) = (View::rows(&scores, kv_len), View::rows(&v[head * dv..], inner_v));
+                gemm((&mut block_out[head * dv..], inner_v), p, v_head, (n, dv, kv_len), 1.0, false, false);
+            }
         });
     });
-    Ok(Some(Tensor::from_vec(out, (rows, q_len, dv), &Device::Cpu)?))
+    Ok(Some(Tensor::from_vec(out, (batch, q_len, inner_v), &Device::Cpu)?))
 }
 
-/// softmax over one row of scores.
 /// softmax over one row of scores. The max and the sum run over 8 lanes, which the compiler
 /// vectorises (one running f32 sum it may not reorder, so would not).
 fn softmax_in_place(row: &mut [f32]) {
@@ -243,9 +254,10 @@ mod tests {
     #[test]
     fn multi_head_attention_is_attention_per_head() {
         let draw = |seed: u64, len: usize| crate::torch_rng::randn_tensor(seed, &[2, len, 3 * 8], &Device::Cpu).unwrap();
-        let (q, k, v) = (draw(4, 10), draw(5, 7), draw(6, 7));
+        // 150 query tokens: several of the CPU path's 64-token blocks, the last one short.
+        let (q, k, v) = (draw(4, 150), draw(5, 7), draw(6, 7));
         let out = multi_head_attention(&q, &k, &v, 3, 0.4, false).unwrap();
-        assert_eq!(out.dims(), &[2, 10, 24]);
+        assert_eq!(out.dims(), &[2, 150, 24]);
         for head in 0..3 {
             let part = |t: &Tensor| t.narrow(2, head * 8, 8).unwrap().contiguous().unwrap();
             let scores = (part(&q).matmul(&part(&k).t().unwrap()).unwrap() * 0.4).unwrap();

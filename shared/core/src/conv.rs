@@ -142,8 +142,7 @@ fn shifted_conv3x3(
         for tap in 0..9 {
             let offset = (tap / 3) * wp + tap % 3;
             gemm(
-                &mut acc,
-                h * wp,
+                (&mut acc, h * wp),
                 View::rows(&taps[tap * c_out * c_in..][..c_out * c_in], c_in),
                 View::rows(&padded[offset..], plane),
                 (c_out, h * wp, c_in),

@@ -31,8 +31,7 @@ impl<'a> View<'a> {
 /// thread, for callers that are parallel themselves).
 #[allow(unsafe_code)]
 pub(crate) fn gemm(
-    dst: &mut [f32],
-    dst_row_stride: usize,
+    (dst, dst_row_stride): (&mut [f32], usize),
     lhs: View,
     rhs: View,
     (m, n, k): (usize, usize, usize),

@@ -26,6 +26,12 @@ pub use traits::{
 };
 pub use worker::ModelWorker;
 
+/// An on/off switch in the environment, read once into `cell`: on unless `var` is 0, off or
+/// false (for comparing a kernel with the path it replaces).
+pub(crate) fn switched_on(cell: &std::sync::OnceLock<bool>, var: &str) -> bool {
+    *cell.get_or_init(|| !matches!(std::env::var(var).as_deref(), Ok("0" | "off" | "false")))
+}
+
 /// The device a model service runs on: `cpu`, or `cuda` / `cuda:N` in a build with the `cuda`
 /// feature (CPU builds, the tests and CI among them, carry no CUDA dependency).
 pub fn parse_device(spec: &str) -> std::result::Result<candle_core::Device, String> {

@@ -93,8 +93,7 @@ impl Module for GroupNorm {
 /// Read once.
 pub fn cuda_kernel_enabled() -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    cfg!(feature = "cuda")
-        && *ENABLED.get_or_init(|| !matches!(std::env::var("SDMESH_CUDA_GROUP_NORM").as_deref(), Ok("0" | "off" | "false")))
+    cfg!(feature = "cuda") && crate::switched_on(&ENABLED, "SDMESH_CUDA_GROUP_NORM")
 }
 
 #[cfg(feature = "cuda")]

@@ -30,7 +30,13 @@ pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, softmax_scale: f32) -
             q.device().location()
         );
     }
-    q.apply_op3_no_bwd(k, v, &imp::FlashAttention { softmax_scale })
+    #[cfg(feature = "cuda")]
+    return q.apply_op3_no_bwd(k, v, &imp::FlashAttention { softmax_scale });
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (k, v, softmax_scale);
+        unreachable!("supports() is false without the kernels")
+    }
 }
 
 // The one place this crate needs `unsafe`: the FFI call into the kernels and the device
@@ -191,34 +197,6 @@ mod imp {
                 DType::BF16 => self.run::<half::bf16>((q, q_l), (k, k_l), (v, v_l), true),
                 dt => candle_core::bail!("flash attention runs in f16 or bf16, not {dt:?}"),
             }
-        }
-    }
-}
-
-#[cfg(not(feature = "cuda"))]
-mod imp {
-    use candle_core::{CpuStorage, Layout, Result, Shape};
-
-    pub(crate) struct FlashAttention {
-        pub softmax_scale: f32,
-    }
-
-    impl candle_core::CustomOp3 for FlashAttention {
-        fn name(&self) -> &'static str {
-            "flash-attention"
-        }
-
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> Result<(CpuStorage, Shape)> {
-            let _ = self.softmax_scale;
-            candle_core::bail!("flash attention runs on CUDA devices only")
         }
     }
 }

@@ -86,10 +86,5 @@ fn compile(unit: &Path, object: &Path, kernels: &Path, cutlass: &Path, arch: &st
         .arg(object)
         .output()
         .expect("nvcc not found: source ../shared/cuda/setup-cuda13.sh (see README, GPU)");
-    assert!(
-        output.status.success(),
-        "nvcc failed on {}:\n{}",
-        unit.display(),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert!(output.status.success(), "nvcc failed on {}:\n{}", unit.display(), String::from_utf8_lossy(&output.stderr));
 }

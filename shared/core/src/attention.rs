@@ -87,7 +87,8 @@ pub fn multi_head_attention(
     if flash_attention_enabled() {
         let q = query.reshape((batch, q_len, heads, head_dim))?;
         if sdmesh_flash_attn::supports(&q) {
-            let (k, v) = (key.reshape((batch, kv_len, heads, head_dim))?, value.reshape((batch, kv_len, heads, head_dim))?);
+            let (k, v) =
+                (key.reshape((batch, kv_len, heads, head_dim))?, value.reshape((batch, kv_len, heads, head_dim))?);
             // The kernel's scores and softmax are f32: `upcast` holds either way.
             return sdmesh_flash_attn::flash_attention(&q, &k, &v, scale as f32)?.reshape((batch, q_len, inner));
         }
@@ -95,7 +96,14 @@ pub fn multi_head_attention(
     let to_rows = |t: &Tensor, len: usize| -> Result<Tensor> {
         t.reshape((batch, len, heads, head_dim))?.transpose(1, 2)?.reshape((batch * heads, len, head_dim))
     };
-    let out = attention(&to_rows(query, q_len)?, &to_rows(key, kv_len)?, &to_rows(value, kv_len)?, scale, upcast, MAX_SCORE_ELEMENTS)?;
+    let out = attention(
+        &to_rows(query, q_len)?,
+        &to_rows(key, kv_len)?,
+        &to_rows(value, kv_len)?,
+        scale,
+        upcast,
+        MAX_SCORE_ELEMENTS,
+    )?;
     out.reshape((batch, heads, q_len, head_dim))?.transpose(1, 2)?.reshape((batch, q_len, inner))
 }
 
@@ -159,7 +167,8 @@ fn cpu_f32_attention(query: &Tensor, key: &Tensor, value: &Tensor, heads: usize,
             let q_block = &q[block * CPU_QUERY_BLOCK * inner..][..n * inner];
             let mut scores = vec![0f32; n * kv_len];
             for head in 0..heads {
-                let (q_head, k_head) = (View::rows(&q_block[head * d..], inner), View::transposed(&k[head * d..], inner));
+                let (q_head, k_head) =
+                    (View::rows(&q_block[head * d..], inner), View::transposed(&k[head * d..], inner));
                 gemm((&mut scores, kv_len), q_head, k_head, (n, kv_len, d), scale as f32, false, false);
                 scores.chunks_mut(kv_len).for_each(softmax_in_place);
                 let (p, v_head) = (View::rows(&scores, kv_len), View::rows(&v[head * dv..], inner_v));
@@ -204,7 +213,8 @@ fn exp_nonpositive(x: f32) -> f32 {
     let f = (x - i * LN2_HI) - i * LN2_LO;
     let p = 1.0
         + f * (1.0
-            + f * (0.5 + f * (1.0 / 6.0 + f * (1.0 / 24.0 + f * (1.0 / 120.0 + f * (1.0 / 720.0 + f * (1.0 / 5040.0)))))));
+            + f * (0.5
+                + f * (1.0 / 6.0 + f * (1.0 / 24.0 + f * (1.0 / 120.0 + f * (1.0 / 720.0 + f * (1.0 / 5040.0)))))));
     p * f32::from_bits(((i as i32 + 127) as u32) << 23)
 }
 
@@ -244,7 +254,16 @@ mod tests {
         // 2 rows per chunk; then 7 query tokens per chunk (one row's scores exceed the budget).
         for budget in [2 * 40 * 24, 7 * 24, 1] {
             let chunked = attention(&q, &k, &v, 0.3, false, budget).unwrap();
-            let err = (&chunked - &whole).unwrap().abs().unwrap().to_dtype(DType::F32).unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let err = (&chunked - &whole)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             // A few f16 ulps: one-token chunks take another matmul kernel.
             assert!(err <= 4e-3, "budget {budget}: max abs error {err:e}");
         }
@@ -253,7 +272,8 @@ mod tests {
     /// Heads laid side by side in the projections give, head by head, plain softmax(q kᵀ) v.
     #[test]
     fn multi_head_attention_is_attention_per_head() {
-        let draw = |seed: u64, len: usize| crate::torch_rng::randn_tensor(seed, &[2, len, 3 * 8], &Device::Cpu).unwrap();
+        let draw =
+            |seed: u64, len: usize| crate::torch_rng::randn_tensor(seed, &[2, len, 3 * 8], &Device::Cpu).unwrap();
         // 150 query tokens: several of the CPU path's 64-token blocks, the last one short.
         let (q, k, v) = (draw(4, 150), draw(5, 7), draw(6, 7));
         let out = multi_head_attention(&q, &k, &v, 3, 0.4, false).unwrap();

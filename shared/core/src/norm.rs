@@ -129,7 +129,8 @@ mod cuda {
             if !contiguous || w_l.shape().elem_count() != channels || b_l.shape().elem_count() != channels {
                 candle_core::bail!("group norm kernel: contiguous x and [channels] weight and bias expected");
             }
-            let as_i32 = |v: usize| i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("group norm: {v} too large")));
+            let as_i32 =
+                |v: usize| i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("group norm: {v} too large")));
             let dev = x.device().clone();
             let x_s = x.as_cuda_slice::<T>()?.slice(x_l.start_offset()..);
             let w_s = w.as_cuda_slice::<T>()?.slice(w_l.start_offset()..);
@@ -153,7 +154,16 @@ mod cuda {
             let apply = dev.get_or_load_custom_func(&format!("gn_apply_{suffix}"), "sdmesh_group_norm", PTX)?;
             let (groups, silu) = (as_i32(self.groups)?, i32::from(self.silu));
             let mut launch = apply.builder();
-            launch.arg(&x_s).arg(&out).arg(&partial).arg(&w_s).arg(&b_s).arg(&groups).arg(&spatial_i).arg(&self.eps).arg(&silu);
+            launch
+                .arg(&x_s)
+                .arg(&out)
+                .arg(&partial)
+                .arg(&w_s)
+                .arg(&b_s)
+                .arg(&groups)
+                .arg(&spatial_i)
+                .arg(&self.eps)
+                .arg(&silu);
             // SAFETY: as above, for gn_apply's signature.
             unsafe { launch.launch(cfg) }.map_err(candle_core::Error::wrap)?;
             Ok((CudaStorage::wrap_cuda_slice(out, dev), x_l.shape().clone()))

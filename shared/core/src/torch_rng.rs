@@ -149,7 +149,11 @@ impl TorchGenerator {
 }
 
 /// `torch.randn(shape, generator=torch.Generator().manual_seed(seed))` as a float32 tensor.
-pub fn randn_tensor(seed: u64, shape: &[usize], device: &candle_core::Device) -> candle_core::Result<candle_core::Tensor> {
+pub fn randn_tensor(
+    seed: u64,
+    shape: &[usize],
+    device: &candle_core::Device,
+) -> candle_core::Result<candle_core::Tensor> {
     let draws = TorchGenerator::new(seed).randn(shape.iter().product());
     candle_core::Tensor::from_vec(draws, shape, device)
 }

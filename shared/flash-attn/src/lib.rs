@@ -96,16 +96,26 @@ mod imp {
             let (b, q_len, heads, d) = q_l.shape().dims4()?;
             let (kb, kv_len, kh, kd) = k_l.shape().dims4()?;
             if (kb, kh, kd) != (b, heads, d) || v_l.shape() != k_l.shape() {
-                candle_core::bail!("flash attention: q {:?}, k {:?}, v {:?} do not match", q_l.shape(), k_l.shape(), v_l.shape());
+                candle_core::bail!(
+                    "flash attention: q {:?}, k {:?}, v {:?} do not match",
+                    q_l.shape(),
+                    k_l.shape(),
+                    v_l.shape()
+                );
             }
             for (name, l) in [("q", q_l), ("k", k_l), ("v", v_l)] {
                 let s = l.stride();
                 // The kernels load rows 16 bytes at a time.
                 if s[3] != 1 || s[..3].iter().any(|x| x % 8 != 0) || l.start_offset() % 8 != 0 {
-                    candle_core::bail!("flash attention: {name} needs a contiguous last dim and 16-byte aligned rows ({:?})", s);
+                    candle_core::bail!(
+                        "flash attention: {name} needs a contiguous last dim and 16-byte aligned rows ({:?})",
+                        s
+                    );
                 }
             }
-            let i32_of = |x: usize| i32::try_from(x).map_err(|_| candle_core::Error::Msg(format!("flash attention: {x} too large")));
+            let i32_of = |x: usize| {
+                i32::try_from(x).map_err(|_| candle_core::Error::Msg(format!("flash attention: {x} too large")))
+            };
             let dev = q.device().clone();
             let stream = dev.cuda_stream();
             let q_s = q.as_cuda_slice::<T>()?.slice(q_l.start_offset()..);

@@ -554,8 +554,14 @@ async fn agreement(
         let expected = sdmesh_core::attention::multi_head_attention(&q, &k, &v, heads, scale, true)?;
         for &dtype in &dtypes {
             let placed = |t: &candle_core::Tensor| t.to_device(&device)?.to_dtype(dtype);
-            let actual =
-                sdmesh_core::attention::multi_head_attention(&placed(&q)?, &placed(&k)?, &placed(&v)?, heads, scale, true)?;
+            let actual = sdmesh_core::attention::multi_head_attention(
+                &placed(&q)?,
+                &placed(&k)?,
+                &placed(&v)?,
+                heads,
+                scale,
+                true,
+            )?;
             report(label, dtype, compare(&actual, &expected)?, true);
         }
     }

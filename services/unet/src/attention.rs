@@ -1,10 +1,11 @@
 //! The SD UNet's transformer blocks: a fork of candle-transformers 0.11.1
 //! `stable_diffusion::attention` (MIT/Apache-2.0, by the candle authors), without the VAE's
 //! attention block and without flash attention (a CUDA-only feature candle gates). Changes:
-//! attention is `sdmesh_core::attention` (bounded chunks, `upcast_attention`); GEGLU uses the
-//! exact (erf) GELU on contiguous halves, as diffusers' GEGLU does (candle's used the tanh
-//! approximation on strided views: off by up to ~5e-4 per activation, and slow).
-use candle_core::{Result, Tensor, D};
+//! attention is `sdmesh_core::attention` (bounded chunks, `upcast_attention`); GEGLU is
+//! `sdmesh_core::activation::geglu`, with the exact (erf) GELU as diffusers' GEGLU has it
+//! (candle's used the tanh approximation on strided views: off by up to ~5e-4 per activation,
+//! and slow).
+use candle_core::{Result, Tensor};
 use candle_nn as nn;
 use candle_nn::Module;
 use sdmesh_core::attention::multi_head_attention;
@@ -26,11 +27,7 @@ impl GeGlu {
 impl Module for GeGlu {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let _enter = self.span.enter();
-        let projected = self.proj.forward(xs)?;
-        let half = projected.dim(D::Minus1)? / 2;
-        let hidden_states = projected.narrow(D::Minus1, 0, half)?.contiguous()?;
-        let gate = projected.narrow(D::Minus1, half, half)?.contiguous()?;
-        hidden_states * gate.gelu_erf()?
+        sdmesh_core::activation::geglu(&self.proj.forward(xs)?)
     }
 }
 

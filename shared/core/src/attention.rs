@@ -194,28 +194,9 @@ fn softmax_in_place(row: &mut [f32]) {
         acc.iter().fold(rest, |a, &x| f(a, x))
     };
     let max = lanes(row, f32::NEG_INFINITY, f32::max);
-    row.iter_mut().for_each(|x| *x = exp_nonpositive(*x - max));
+    row.iter_mut().for_each(|x| *x = crate::fast_math::exp_nonpositive(*x - max));
     let inv = 1.0 / lanes(row, 0.0, |a, x| a + x);
     row.iter_mut().for_each(|x| *x *= inv);
-}
-
-/// e^x for x <= 0 within 3 ulp (e^-87.3 and below give ~1e-38, not 0): e^x = 2^i · e^f with
-/// i = round(x·log2 e) and f = x - i·ln 2 (ln 2 in two parts, so f is exact; |f| <= ln2 / 2), e^f
-/// by its Taylor polynomial to degree 7 (truncation under 6e-9). Straight-line float
-/// arithmetic the compiler vectorises, unlike libm's exp.
-#[inline(always)]
-fn exp_nonpositive(x: f32) -> f32 {
-    const ROUND: f32 = 12_582_912.0; // 1.5 · 2^23: adding and subtracting it rounds to an integer
-    const LN2_HI: f32 = 0.693_359_4; // 0.693359375, exact in 9 bits
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    let x = x.max(-87.3);
-    let i = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
-    let f = (x - i * LN2_HI) - i * LN2_LO;
-    let p = 1.0
-        + f * (1.0
-            + f * (0.5
-                + f * (1.0 / 6.0 + f * (1.0 / 24.0 + f * (1.0 / 120.0 + f * (1.0 / 720.0 + f * (1.0 / 5040.0)))))));
-    p * f32::from_bits(((i as i32 + 127) as u32) << 23)
 }
 
 fn attention_block(query: &Tensor, key: &Tensor, value: &Tensor, scale: f64, upcast: bool) -> Result<Tensor> {
@@ -287,19 +268,6 @@ mod tests {
         }
     }
 
-    /// The CPU path's exp against libm's, over the whole range it is used on.
-    #[test]
-    fn fast_exp_is_within_three_ulp() {
-        let mut x = 0f32;
-        while x > -87.0 {
-            let (approx, exact) = (exp_nonpositive(x), x.exp());
-            assert!((approx - exact).abs() <= 3.0 * exact * f32::EPSILON, "exp({x}) = {approx}, not {exact}");
-            x -= 0.0137;
-        }
-        assert!(exp_nonpositive(-200.0) < 1e-37 && exp_nonpositive(f32::NEG_INFINITY) < 1e-37);
-    }
-
-    /// The CPU path against candle's ops, with several query blocks, odd lengths and v wider than q.
     #[test]
     fn cpu_path_matches_candles_ops() {
         let draw = |seed: u64, shape: &[usize]| crate::torch_rng::randn_tensor(seed, shape, &Device::Cpu).unwrap();

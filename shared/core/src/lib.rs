@@ -2,6 +2,7 @@
 //! type and its gRPC mapping, model-folder loading, the model worker thread, and serving
 //! (health, reflection, shutdown).
 
+pub mod activation;
 pub mod attention;
 pub mod batch;
 pub mod blocks;
@@ -10,6 +11,7 @@ pub mod client;
 pub mod conv;
 mod cpu_gemm;
 mod error;
+mod fast_math;
 pub mod images;
 pub mod model_dir;
 pub mod norm;

@@ -95,7 +95,8 @@ impl Conv3x3 {
         let (storage, layout) = x.storage_and_layout();
         let Storage::Cpu(cpu) = &*storage else { candle_core::bail!("Conv3x3: the shifted path is CPU-only") };
         let input = &cpu.as_slice::<f32>()?[layout.start_offset()..][..b * c_in * h * w];
-        let out = shifted_conv3x3(input, (b, c_in, h, w), taps, self.c_out, self.bias_f32.as_deref());
+        let tile = column_tile(self.c_out, h, w);
+        let out = shifted_conv3x3(input, (b, c_in, h, w), taps, self.c_out, self.bias_f32.as_deref(), tile);
         Tensor::from_vec(out, (b, self.c_out, h, w), &Device::Cpu)
     }
 }
@@ -122,31 +123,28 @@ impl Module for Conv3x3 {
 /// 128 K elements measured within 5% of each other on the SD shapes, 64 K the slowest).
 const TILE_ACC_ELEMENTS: usize = 32 * 1024;
 
-/// The shifted-GEMM 3x3 convolution (stride 1, zero padding 1) of `input` (NCHW `dims`,
-/// contiguous) with `taps` ([9][c_out][c_in]) plus `bias`: [b, c_out, h, w].
-///
-/// Large maps are cut into tiles of output columns, each run through all nine taps by one
-/// thread while its accumulator sits in L2: a whole-map accumulator (34 MB for the VAE's
-/// 128-channel 256x256 layers) would stream through memory nine times. Small maps (fewer tiles
-/// than two per thread) take one multi-threaded GEMM per tap over the whole map. The tiling
-/// depends on the map's shape alone, so batching cannot change an image's result.
-fn shifted_conv3x3(
-    input: &[f32],
-    (b, c_in, h, w): (usize, usize, usize, usize),
-    taps: &[f32],
-    c_out: usize,
-    bias: Option<&[f32]>,
-) -> Vec<f32> {
+/// The output columns per tile of the shifted path for `c_out` channels over an h x w map
+/// (of the `h * (w + 2)`; all of them when there would be fewer than two tiles per thread).
+/// It depends on the map's shape alone, so batching cannot change an image's result.
+fn column_tile(c_out: usize, h: usize, w: usize) -> usize {
     let columns = h * (w + 2);
-    let threads = candle_core::utils::get_num_threads();
     let tile = (TILE_ACC_ELEMENTS / c_out).max(64).next_multiple_of(16);
-    let tile = if columns.div_ceil(tile) < 2 * threads { columns } else { tile };
-    shifted_conv3x3_tiled(input, (b, c_in, h, w), taps, c_out, bias, tile)
+    if columns.div_ceil(tile) < 2 * candle_core::utils::get_num_threads() {
+        columns
+    } else {
+        tile
+    }
 }
 
-/// [`shifted_conv3x3`] with `tile` output columns per tile (of the `h * (w + 2)`; all of them:
-/// one multi-threaded GEMM per tap).
-fn shifted_conv3x3_tiled(
+/// The shifted-GEMM 3x3 convolution (stride 1, zero padding 1) of `input` (NCHW `dims`,
+/// contiguous) with `taps` ([9][c_out][c_in]) plus `bias`: [b, c_out, h, w], computed `tile`
+/// output columns at a time (of the `h * (w + 2)`).
+///
+/// Large maps are cut into tiles, each run through all nine taps by one thread while its
+/// accumulator sits in L2: a whole-map accumulator (34 MB for the VAE's 128-channel 256x256
+/// layers) would stream through memory nine times. With one tile (small maps), each tap is
+/// one multi-threaded GEMM over the whole map.
+fn shifted_conv3x3(
     input: &[f32],
     (b, c_in, h, w): (usize, usize, usize, usize),
     taps: &[f32],
@@ -264,7 +262,7 @@ mod tests {
         let input = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let (taps, bias) = (conv.taps.as_deref().unwrap(), conv.bias_f32.as_deref());
         for tile in [16, 37, w + 2, 64, h * (w + 2)] {
-            let out = shifted_conv3x3_tiled(&input, (b, 24, h, w), taps, 40, bias, tile);
+            let out = shifted_conv3x3(&input, (b, 24, h, w), taps, 40, bias, tile);
             let out = Tensor::from_vec(out, (b, 40, h, w), &Device::Cpu).unwrap();
             let diff = max_diff(&out, &expected);
             assert!(diff <= 1e-5 * scale, "tile {tile}: {diff:e} at scale {scale}");

@@ -221,8 +221,8 @@ fn group_norm_f32(
     let mut out = vec![0f32; input.len()];
     out.par_chunks_mut(per_group).zip(input.par_chunks(per_group)).enumerate().for_each(|(chunk, (out, x))| {
         let n = x.len() as f64;
-        let mean = x.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
-        let var = x.iter().map(|&v| (f64::from(v) - mean).powi(2)).sum::<f64>() / n;
+        let mean = lane_sum(x, f64::from) / n;
+        let var = lane_sum(x, |v| (f64::from(v) - mean).powi(2)) / n;
         let inv_std = 1.0 / (var + eps).sqrt();
         let first_channel = chunk % groups * (channels / groups);
         for (c, (out, x)) in out.chunks_mut(spatial).zip(x.chunks(spatial)).enumerate() {
@@ -232,8 +232,7 @@ fn group_norm_f32(
             let (scale, shift) = (scale as f32, shift as f32);
             if silu {
                 for (o, &v) in out.iter_mut().zip(x) {
-                    let y = v * scale + shift;
-                    *o = y / (1.0 + (-y).exp());
+                    *o = crate::fast_math::silu(v * scale + shift);
                 }
             } else {
                 for (o, &v) in out.iter_mut().zip(x) {
@@ -243,6 +242,20 @@ fn group_norm_f32(
         }
     });
     out
+}
+
+/// The sum of `f(x)` over `x` in f64, in eight interleaved partial sums (a fixed order the
+/// compiler can vectorise; one running sum waits on each add's latency).
+fn lane_sum(x: &[f32], f: impl Fn(f32) -> f64) -> f64 {
+    let mut lanes = [0f64; 8];
+    let chunks = x.chunks_exact(8);
+    let rest: f64 = chunks.remainder().iter().map(|&v| f(v)).sum();
+    for chunk in chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane += f(v);
+        }
+    }
+    lanes.iter().sum::<f64>() + rest
 }
 
 #[cfg(test)]

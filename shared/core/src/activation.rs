@@ -43,13 +43,13 @@ pub fn geglu(projected: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::{max_abs, max_diff, randn};
 
     /// The fused pass against candle's ops (exact erf GELU) on contiguous and strided inputs,
     /// at activation scales; odd widths are refused.
     #[test]
     fn geglu_matches_candles_ops() {
-        let draw =
-            |seed, shape: &[usize]| (crate::torch_rng::randn_tensor(seed, shape, &Device::Cpu).unwrap() * 3.0).unwrap();
+        let draw = |seed, shape: &[usize]| (randn(seed, shape) * 3.0).unwrap();
         for projected in [draw(1, &[2, 37, 2 * 40]), draw(2, &[3, 80, 5]).transpose(1, 2).unwrap(), draw(3, &[1, 2])] {
             let half = projected.dim(D::Minus1).unwrap() / 2;
             let hidden = projected.narrow(D::Minus1, 0, half).unwrap();
@@ -57,8 +57,8 @@ mod tests {
             let expected = (hidden * gate.gelu_erf().unwrap()).unwrap();
             let actual = geglu(&projected).unwrap();
             assert_eq!(actual.dims(), expected.dims());
-            let diff = (&actual - &expected).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-            let scale = expected.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let diff = max_diff(&actual, &expected);
+            let scale = max_abs(&expected);
             assert!(diff <= 1e-6 * scale, "{:?}: {diff:e} at scale {scale}", projected.dims());
         }
         assert!(geglu(&draw(4, &[2, 3])).is_err());

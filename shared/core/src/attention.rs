@@ -4,6 +4,8 @@
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn as nn;
 
+use crate::fast_math::{exp_nonpositive, lane_fold};
+
 /// Most attention-score elements materialised at once. A 768x768 image at batch 8 has
 /// 8 x 5 heads x 9216 x 9216 = 3.4e9 scores in its first blocks; past 2^31 elements cuBLAS
 /// fails, and the memory is gigabytes. 2^27 (512 MiB in f32) keeps chunks large enough that
@@ -179,23 +181,12 @@ fn cpu_f32_attention(query: &Tensor, key: &Tensor, value: &Tensor, heads: usize,
     Ok(Some(Tensor::from_vec(out, (batch, q_len, inner_v), &Device::Cpu)?))
 }
 
-/// softmax over one row of scores. The max and the sum run over 8 lanes, which the compiler
-/// vectorises (one running f32 sum it may not reorder, so would not).
+/// softmax over one row of scores; the max and the sum in [`lane_fold`]'s eight lanes.
 fn softmax_in_place(row: &mut [f32]) {
-    let lanes = |row: &[f32], init: f32, f: fn(f32, f32) -> f32| {
-        let mut acc = [init; 8];
-        let chunks = row.chunks_exact(8);
-        let rest = chunks.remainder().iter().fold(init, |a, &x| f(a, x));
-        for chunk in chunks {
-            for (a, &x) in acc.iter_mut().zip(chunk) {
-                *a = f(*a, x);
-            }
-        }
-        acc.iter().fold(rest, |a, &x| f(a, x))
-    };
-    let max = lanes(row, f32::NEG_INFINITY, f32::max);
-    row.iter_mut().for_each(|x| *x = crate::fast_math::exp_nonpositive(*x - max));
-    let inv = 1.0 / lanes(row, 0.0, |a, x| a + x);
+    let max = lane_fold(row, f32::NEG_INFINITY, f32::max, f32::max);
+    row.iter_mut().for_each(|x| *x = exp_nonpositive(*x - max));
+    let sum = lane_fold(row, 0.0, |a, x| a + x, |a, b| a + b);
+    let inv = 1.0 / sum;
     row.iter_mut().for_each(|x| *x *= inv);
 }
 
@@ -216,13 +207,11 @@ fn attention_block(query: &Tensor, key: &Tensor, value: &Tensor, scale: f64, upc
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use crate::test_support::{max_diff, randn};
 
     fn qkv(rows: usize, q_len: usize, kv_len: usize, dtype: DType) -> (Tensor, Tensor, Tensor) {
         // Seeded, so a failure reproduces.
-        let r = |seed: u64, n: usize| {
-            crate::torch_rng::randn_tensor(seed, &[rows, n, 8], &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
-        };
+        let r = |seed: u64, n: usize| randn(seed, &[rows, n, 8]).to_dtype(dtype).unwrap();
         (r(1, q_len), r(2, kv_len), r(3, kv_len))
     }
 
@@ -235,16 +224,7 @@ mod tests {
         // 2 rows per chunk; then 7 query tokens per chunk (one row's scores exceed the budget).
         for budget in [2 * 40 * 24, 7 * 24, 1] {
             let chunked = attention(&q, &k, &v, 0.3, false, budget).unwrap();
-            let err = (&chunked - &whole)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .to_dtype(DType::F32)
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let err = max_diff(&chunked, &whole);
             // A few f16 ulps: one-token chunks take another matmul kernel.
             assert!(err <= 4e-3, "budget {budget}: max abs error {err:e}");
         }
@@ -253,8 +233,7 @@ mod tests {
     /// Heads laid side by side in the projections give, head by head, plain softmax(q kᵀ) v.
     #[test]
     fn multi_head_attention_is_attention_per_head() {
-        let draw =
-            |seed: u64, len: usize| crate::torch_rng::randn_tensor(seed, &[2, len, 3 * 8], &Device::Cpu).unwrap();
+        let draw = |seed: u64, len: usize| randn(seed, &[2, len, 3 * 8]);
         // 150 query tokens: several of the CPU path's 64-token blocks, the last one short.
         let (q, k, v) = (draw(4, 150), draw(5, 7), draw(6, 7));
         let out = multi_head_attention(&q, &k, &v, 3, 0.4, false).unwrap();
@@ -263,19 +242,18 @@ mod tests {
             let part = |t: &Tensor| t.narrow(2, head * 8, 8).unwrap().contiguous().unwrap();
             let scores = (part(&q).matmul(&part(&k).t().unwrap()).unwrap() * 0.4).unwrap();
             let expected = nn::ops::softmax_last_dim(&scores).unwrap().matmul(&part(&v)).unwrap();
-            let err = (part(&out) - expected).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let err = max_diff(&part(&out), &expected);
             assert!(err <= 1e-6, "head {head}: max abs error {err:e}");
         }
     }
 
     #[test]
     fn cpu_path_matches_candles_ops() {
-        let draw = |seed: u64, shape: &[usize]| crate::torch_rng::randn_tensor(seed, shape, &Device::Cpu).unwrap();
-        let (q, k, v) = (draw(7, &[3, 150, 16]), draw(8, &[3, 77, 16]), draw(9, &[3, 77, 24]));
+        let (q, k, v) = (randn(7, &[3, 150, 16]), randn(8, &[3, 77, 16]), randn(9, &[3, 77, 24]));
         let fast = attention(&q, &k, &v, 0.3, false, MAX_SCORE_ELEMENTS).unwrap();
         let scores = (q.matmul(&k.t().unwrap()).unwrap() * 0.3).unwrap();
         let expected = nn::ops::softmax_last_dim(&scores).unwrap().matmul(&v).unwrap();
-        let err = (fast - expected).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let err = max_diff(&fast, &expected);
         assert!(err <= 1e-5, "max abs error {err:e}");
     }
 

@@ -245,11 +245,8 @@ impl Upsample2D {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::{max_abs, max_diff, randn};
     use candle_core::{DType, Device};
-
-    fn randn(seed: u64, shape: &[usize]) -> Tensor {
-        crate::torch_rng::randn_tensor(seed, shape, &Device::Cpu).unwrap()
-    }
 
     fn conv(c_in: usize, c_out: usize, kernel: usize, config: nn::Conv2dConfig, bias: bool) -> Conv2d {
         let mut tensors = std::collections::HashMap::new();
@@ -267,10 +264,6 @@ mod tests {
         }
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
-    }
-
     /// A 1x1 convolution as matrix products gives candle's convolution up to f32 rounding,
     /// with and without bias, on contiguous and strided inputs; an image's result is the same
     /// bits alone or in a batch. Other convolutions keep candle's kernel.
@@ -284,7 +277,7 @@ mod tests {
                     let expected = conv.inner.forward(&x).unwrap();
                     let actual = conv.one_by_one(&x).unwrap().expect("the 1x1 path");
                     assert_eq!(actual.dims(), expected.dims());
-                    let scale = expected.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1.0);
+                    let scale = max_abs(&expected).max(1.0);
                     let diff = max_diff(&actual, &expected);
                     assert!(diff <= 1e-5 * scale, "{c_in}->{c_out} {b}x{h}x{w}: {diff:e}");
                     for i in 0..b {

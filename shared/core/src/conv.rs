@@ -213,20 +213,12 @@ fn shifted_conv3x3(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Seeded standard normal draws, so a failure reproduces.
-    fn randn(seed: u64, shape: &[usize]) -> Tensor {
-        crate::torch_rng::randn_tensor(seed, shape, &Device::Cpu).unwrap()
-    }
+    use crate::test_support::{max_abs, max_diff, randn};
 
     fn conv(c_in: usize, c_out: usize, bias: bool) -> Conv3x3 {
         let w = (randn(1, &[c_out, c_in, 3, 3]) * 0.2).unwrap();
         let b = bias.then(|| (randn(2, &[c_out]) * 0.2).unwrap());
         Conv3x3::from_conv(nn::Conv2d::new(w, b, nn::Conv2dConfig { padding: 1, ..Default::default() })).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
     }
 
     /// Both CPU paths give candle's convolution up to f32 rounding, at every map shape
@@ -244,7 +236,7 @@ mod tests {
                 let actual = conv.forward(&x).unwrap();
                 assert_eq!(actual.dims(), expected.dims());
                 let diff = max_diff(&actual, &expected);
-                let scale = expected.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1.0);
+                let scale = max_abs(&expected).max(1.0);
                 assert!(diff <= 1e-5 * scale, "{c_in}->{c_out} {b}x{h}x{w}: {diff:e} at scale {scale}");
             }
         }
@@ -258,7 +250,7 @@ mod tests {
         let (b, h, w) = (2, 9, 13);
         let x = randn(7, &[b, 24, h, w]);
         let expected = conv.inner.forward(&x).unwrap();
-        let scale = expected.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1.0);
+        let scale = max_abs(&expected).max(1.0);
         let input = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let (taps, bias) = (conv.taps.as_deref().unwrap(), conv.bias_f32.as_deref());
         for tile in [16, 37, w + 2, 64, h * (w + 2)] {

@@ -56,6 +56,23 @@ pub(crate) fn silu(y: f32) -> f32 {
     y * if y >= 0.0 { sigmoid_abs } else { e * sigmoid_abs }
 }
 
+/// Folds `x` in eight interleaved lanes (element i into lane i mod 8, the last x.len() mod 8
+/// into a tail), then merges the tail and the lanes in order: a fixed order the compiler
+/// vectorises, where one running accumulator would wait on each step's latency (and a float
+/// sum may not be reordered).
+#[inline(always)]
+pub(crate) fn lane_fold<A: Copy>(x: &[f32], init: A, step: impl Fn(A, f32) -> A, merge: impl Fn(A, A) -> A) -> A {
+    let mut lanes = [init; 8];
+    let chunks = x.chunks_exact(8);
+    let tail = chunks.remainder().iter().fold(init, |a, &v| step(a, v));
+    for chunk in chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane = step(*lane, v);
+        }
+    }
+    lanes.into_iter().fold(tail, merge)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,6 +17,8 @@ pub mod model_dir;
 pub mod norm;
 pub mod serve;
 pub mod telemetry;
+#[cfg(test)]
+mod test_support;
 pub mod torch_rng;
 mod traits;
 mod worker;

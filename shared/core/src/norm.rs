@@ -13,6 +13,8 @@
 use candle_core::{DType, Device, Module, Result, Storage, Tensor};
 use candle_nn as nn;
 
+use crate::fast_math::lane_fold;
+
 #[derive(Debug, Clone)]
 pub struct GroupNorm {
     inner: nn::GroupNorm,
@@ -221,8 +223,9 @@ fn group_norm_f32(
     let mut out = vec![0f32; input.len()];
     out.par_chunks_mut(per_group).zip(input.par_chunks(per_group)).enumerate().for_each(|(chunk, (out, x))| {
         let n = x.len() as f64;
-        let mean = lane_sum(x, f64::from) / n;
-        let var = lane_sum(x, |v| (f64::from(v) - mean).powi(2)) / n;
+        // f64 sums in lane_fold's eight lanes.
+        let mean = lane_fold(x, 0.0, |a, v| a + f64::from(v), |a, b| a + b) / n;
+        let var = lane_fold(x, 0.0, |a, v| a + (f64::from(v) - mean).powi(2), |a, b| a + b) / n;
         let inv_std = 1.0 / (var + eps).sqrt();
         let first_channel = chunk % groups * (channels / groups);
         for (c, (out, x)) in out.chunks_mut(spatial).zip(x.chunks(spatial)).enumerate() {
@@ -244,28 +247,10 @@ fn group_norm_f32(
     out
 }
 
-/// The sum of `f(x)` over `x` in f64, in eight interleaved partial sums (a fixed order the
-/// compiler can vectorise; one running sum waits on each add's latency).
-fn lane_sum(x: &[f32], f: impl Fn(f32) -> f64) -> f64 {
-    let mut lanes = [0f64; 8];
-    let chunks = x.chunks_exact(8);
-    let rest: f64 = chunks.remainder().iter().map(|&v| f(v)).sum();
-    for chunk in chunks {
-        for (lane, &v) in lanes.iter_mut().zip(chunk) {
-            *lane += f(v);
-        }
-    }
-    lanes.iter().sum::<f64>() + rest
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Seeded standard normal draws, so a failure reproduces.
-    fn randn(seed: u64, shape: &[usize]) -> Tensor {
-        crate::torch_rng::randn_tensor(seed, shape, &Device::Cpu).unwrap()
-    }
+    use crate::test_support::{max_diff, randn};
 
     fn norm(groups: usize, channels: usize) -> GroupNorm {
         let varmap = nn::VarMap::new();
@@ -277,10 +262,6 @@ mod tests {
         let affine_f32 = Some((weight.to_vec1::<f32>().unwrap(), bias.to_vec1::<f32>().unwrap()));
         let inner = nn::GroupNorm::new(weight.clone(), bias.clone(), channels, groups, 1e-6).unwrap();
         GroupNorm { inner, affine: (weight, bias), affine_f32, ..g }
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
     }
 
     /// The fused path gives candle's GroupNorm (and SiLU after it) up to f32 rounding, for

@@ -21,9 +21,8 @@
 //! the computation is the same.
 
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{
-    Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig, GroupNorm, LayerNorm, Linear, VarBuilder,
-};
+use candle_nn::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig, GroupNorm, LayerNorm, VarBuilder};
+use sdmesh_core::linear::{linear, linear_b, Linear};
 use serde::Deserialize;
 
 // ---------------------------------------------------------------------------------------------
@@ -651,13 +650,13 @@ impl VitLayer {
         let att = vb.pp("attention.attention");
         Ok(Self {
             norm1: candle_nn::layer_norm(d, c.layer_norm_eps, vb.pp("layernorm_before"))?,
-            query: candle_nn::linear_b(d, d, c.qkv_bias, att.pp("query"))?,
-            key: candle_nn::linear_b(d, d, c.qkv_bias, att.pp("key"))?,
-            value: candle_nn::linear_b(d, d, c.qkv_bias, att.pp("value"))?,
-            out: candle_nn::linear(d, d, vb.pp("attention.output.dense"))?,
+            query: linear_b(d, d, c.qkv_bias, att.pp("query"))?,
+            key: linear_b(d, d, c.qkv_bias, att.pp("key"))?,
+            value: linear_b(d, d, c.qkv_bias, att.pp("value"))?,
+            out: linear(d, d, vb.pp("attention.output.dense"))?,
             norm2: candle_nn::layer_norm(d, c.layer_norm_eps, vb.pp("layernorm_after"))?,
-            fc1: candle_nn::linear(d, c.intermediate_size, vb.pp("intermediate.dense"))?,
-            fc2: candle_nn::linear(c.intermediate_size, d, vb.pp("output.dense"))?,
+            fc1: linear(d, c.intermediate_size, vb.pp("intermediate.dense"))?,
+            fc2: linear(c.intermediate_size, d, vb.pp("output.dense"))?,
             heads: c.num_attention_heads,
         })
     }
@@ -713,7 +712,7 @@ impl Reassemble {
             Resize::Down(candle_nn::conv2d(ch, ch, 3, cfg, layer.pp("resize"))?)
         };
         Ok(Self {
-            readout: candle_nn::linear(2 * d, d, vb.pp(format!("readout_projects.{i}.0")))?,
+            readout: linear(2 * d, d, vb.pp(format!("readout_projects.{i}.0")))?,
             projection: candle_nn::conv2d(d, ch, 1, Default::default(), layer.pp("projection"))?,
             resize,
         })

@@ -4,7 +4,8 @@
 //! Any batch size; the causal mask is the only mask (SD pipelines pass no attention mask).
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, LayerNormConfig, Linear, VarBuilder};
+use candle_nn::{embedding, layer_norm, Embedding, LayerNorm, LayerNormConfig, VarBuilder};
+use sdmesh_core::linear::{linear, Linear};
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Deserialize)]

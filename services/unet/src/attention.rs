@@ -9,16 +9,17 @@ use candle_core::{Result, Tensor};
 use candle_nn as nn;
 use candle_nn::Module;
 use sdmesh_core::attention::multi_head_attention;
+use sdmesh_core::linear::{linear, linear_no_bias, Linear};
 
 #[derive(Debug)]
 struct GeGlu {
-    proj: nn::Linear,
+    proj: Linear,
     span: tracing::Span,
 }
 
 impl GeGlu {
     fn new(vs: nn::VarBuilder, dim_in: usize, dim_out: usize) -> Result<Self> {
-        let proj = nn::linear(dim_in, dim_out * 2, vs.pp("proj"))?;
+        let proj = linear(dim_in, dim_out * 2, vs.pp("proj"))?;
         let span = tracing::span!(tracing::Level::TRACE, "geglu");
         Ok(Self { proj, span })
     }
@@ -35,7 +36,7 @@ impl Module for GeGlu {
 #[derive(Debug)]
 struct FeedForward {
     project_in: GeGlu,
-    linear: nn::Linear,
+    linear: Linear,
     span: tracing::Span,
 }
 
@@ -49,7 +50,7 @@ impl FeedForward {
         let dim_out = dim_out.unwrap_or(dim);
         let vs = vs.pp("net");
         let project_in = GeGlu::new(vs.pp("0"), dim, inner_dim)?;
-        let linear = nn::linear(inner_dim, dim_out, vs.pp("2"))?;
+        let linear = linear(inner_dim, dim_out, vs.pp("2"))?;
         let span = tracing::span!(tracing::Level::TRACE, "ff");
         Ok(Self { project_in, linear, span })
     }
@@ -65,10 +66,10 @@ impl Module for FeedForward {
 
 #[derive(Debug)]
 pub struct CrossAttention {
-    to_q: nn::Linear,
-    to_k: nn::Linear,
-    to_v: nn::Linear,
-    to_out: nn::Linear,
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
     heads: usize,
     scale: f64,
     /// Scores (q·k) in f32 even when the model runs in f16/bf16 (diffusers' `upcast_attention`).
@@ -89,10 +90,10 @@ impl CrossAttention {
         let inner_dim = dim_head * heads;
         let context_dim = context_dim.unwrap_or(query_dim);
         let scale = 1.0 / f64::sqrt(dim_head as f64);
-        let to_q = nn::linear_no_bias(query_dim, inner_dim, vs.pp("to_q"))?;
-        let to_k = nn::linear_no_bias(context_dim, inner_dim, vs.pp("to_k"))?;
-        let to_v = nn::linear_no_bias(context_dim, inner_dim, vs.pp("to_v"))?;
-        let to_out = nn::linear(inner_dim, query_dim, vs.pp("to_out.0"))?;
+        let to_q = linear_no_bias(query_dim, inner_dim, vs.pp("to_q"))?;
+        let to_k = linear_no_bias(context_dim, inner_dim, vs.pp("to_k"))?;
+        let to_v = linear_no_bias(context_dim, inner_dim, vs.pp("to_v"))?;
+        let to_out = linear(inner_dim, query_dim, vs.pp("to_out.0"))?;
         let span = tracing::span!(tracing::Level::TRACE, "xa");
         let span_attn = tracing::span!(tracing::Level::TRACE, "xa-attn");
         Ok(Self { to_q, to_k, to_v, to_out, heads, scale, upcast, span, span_attn })
@@ -183,7 +184,7 @@ impl Default for SpatialTransformerConfig {
 #[derive(Debug)]
 enum Proj {
     Conv2d(nn::Conv2d),
-    Linear(nn::Linear),
+    Linear(Linear),
 }
 
 // Aka Transformer2DModel
@@ -209,7 +210,7 @@ impl SpatialTransformer {
         let inner_dim = n_heads * d_head;
         let norm = sdmesh_core::norm::GroupNorm::new(config.num_groups, in_channels, 1e-6, vs.pp("norm"))?;
         let proj_in = if config.use_linear_projection {
-            Proj::Linear(nn::linear(in_channels, inner_dim, vs.pp("proj_in"))?)
+            Proj::Linear(linear(in_channels, inner_dim, vs.pp("proj_in"))?)
         } else {
             Proj::Conv2d(nn::conv2d(in_channels, inner_dim, 1, Default::default(), vs.pp("proj_in"))?)
         };
@@ -220,7 +221,7 @@ impl SpatialTransformer {
             transformer_blocks.push(tb)
         }
         let proj_out = if config.use_linear_projection {
-            Proj::Linear(nn::linear(in_channels, inner_dim, vs.pp("proj_out"))?)
+            Proj::Linear(linear(in_channels, inner_dim, vs.pp("proj_out"))?)
         } else {
             Proj::Conv2d(nn::conv2d(inner_dim, in_channels, 1, Default::default(), vs.pp("proj_out"))?)
         };

@@ -14,6 +14,7 @@ use candle_transformers::models::stable_diffusion::embeddings::Timesteps;
 use candle_transformers::models::stable_diffusion::unet_2d::{BlockConfig, UNet2DConditionModelConfig};
 use sdmesh_core::blocks::per_row;
 use sdmesh_core::conv::Conv3x3;
+use sdmesh_core::linear::{linear, Linear};
 use sdmesh_core::norm::GroupNorm;
 
 /// What the SD 2 x4 upscaler's UNet adds to candle's configuration.
@@ -33,8 +34,8 @@ pub struct UnetExtras {
 /// linear_1, SiLU, linear_2 (candle's keeps its layers private).
 #[derive(Debug)]
 struct TimestepEmbedding {
-    linear_1: nn::Linear,
-    linear_2: nn::Linear,
+    linear_1: Linear,
+    linear_2: Linear,
 }
 
 #[derive(Debug)]
@@ -92,8 +93,8 @@ impl UNet2DConditionModel {
 
         let time_proj = Timesteps::new(b_channels, config.flip_sin_to_cos, config.freq_shift);
         let time_embedding = TimestepEmbedding {
-            linear_1: nn::linear(b_channels, time_embed_dim, vs.pp("time_embedding").pp("linear_1"))?,
-            linear_2: nn::linear(time_embed_dim, time_embed_dim, vs.pp("time_embedding").pp("linear_2"))?,
+            linear_1: linear(b_channels, time_embed_dim, vs.pp("time_embedding").pp("linear_1"))?,
+            linear_2: linear(time_embed_dim, time_embed_dim, vs.pp("time_embedding").pp("linear_2"))?,
         };
         let class_embedding = match extras.num_class_embeds {
             Some(n) => Some(nn::embedding(n, time_embed_dim, vs.pp("class_embedding"))?),

@@ -11,6 +11,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn as nn;
 use sdmesh_core::attention::multi_head_attention;
 use sdmesh_core::blocks::{Downsample2D, ResnetBlock2D, ResnetBlock2DConfig, Upsample2D};
+use sdmesh_core::linear::{linear, Linear};
 
 #[derive(Debug, Clone, Copy)]
 pub struct UNetMidBlock2DConfig {
@@ -103,10 +104,10 @@ impl Default for AttentionBlockConfig {
 #[derive(Debug)]
 pub struct AttentionBlock {
     group_norm: sdmesh_core::norm::GroupNorm,
-    query: nn::Linear,
-    key: nn::Linear,
-    value: nn::Linear,
-    proj_attn: nn::Linear,
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    proj_attn: Linear,
     channels: usize,
     num_heads: usize,
     span: tracing::Span,
@@ -118,13 +119,13 @@ pub struct AttentionBlock {
 // Linear layer may use a different dimension for the weight in the linear, which is
 // incompatible with the current implementation of the nn::linear constructor.
 // This is a workaround to handle the different dimensions.
-fn get_qkv_linear(channels: usize, vs: nn::VarBuilder) -> Result<nn::Linear> {
+fn get_qkv_linear(channels: usize, vs: nn::VarBuilder) -> Result<Linear> {
     match vs.get((channels, channels), "weight") {
-        Ok(_) => nn::linear(channels, channels, vs),
+        Ok(_) => linear(channels, channels, vs),
         Err(_) => {
             let weight = vs.get((channels, channels, 1, 1), "weight")?.reshape((channels, channels))?;
             let bias = vs.get((channels,), "bias")?;
-            Ok(nn::Linear::new(weight, Some(bias)))
+            Linear::new(weight, Some(bias))
         }
     }
 }

@@ -4,6 +4,7 @@
 //! GroupNorm + SiLU is [`GroupNorm::forward_silu`] (fast CPU paths), and the time-embedding projection runs one row at a time (see [`per_row`]).
 
 use crate::conv::Conv3x3;
+use crate::linear::{linear, Linear};
 use crate::norm::GroupNorm;
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn as nn;
@@ -69,7 +70,7 @@ impl Module for Conv2d {
 /// kernel by the number of rows, so a row's result would otherwise depend on how many other
 /// rows (other jobs' steps) share the batch; row by row, a step gives the same bits alone
 /// and in any batch. These matmuls are tiny next to the convolutions.
-pub fn per_row(linear: &nn::Linear, xs: &Tensor) -> Result<Tensor> {
+pub fn per_row(linear: &Linear, xs: &Tensor) -> Result<Tensor> {
     let rows = xs.dim(0)?;
     if rows == 1 {
         return linear.forward(xs);
@@ -118,7 +119,7 @@ pub struct ResnetBlock2D {
     conv1: Conv3x3,
     norm2: GroupNorm,
     conv2: Conv3x3,
-    time_emb_proj: Option<nn::Linear>,
+    time_emb_proj: Option<Linear>,
     conv_shortcut: Option<Conv2d>,
     span: tracing::Span,
     config: ResnetBlock2DConfig,
@@ -141,7 +142,7 @@ impl ResnetBlock2D {
         };
         let time_emb_proj = match config.temb_channels {
             None => None,
-            Some(temb_channels) => Some(nn::linear(temb_channels, out_channels, vs.pp("time_emb_proj"))?),
+            Some(temb_channels) => Some(linear(temb_channels, out_channels, vs.pp("time_emb_proj"))?),
         };
         let span = tracing::span!(tracing::Level::TRACE, "resnet2d");
         Ok(Self { norm1, conv1, norm2, conv2, time_emb_proj, span, config, conv_shortcut })

@@ -26,11 +26,38 @@ impl<'a> View<'a> {
     }
 }
 
+/// The most products one `gemm` call sums per element. `gemm` cuts longer sums into blocks whose
+/// size depends on m and n too (k.min(512) when both are at most 64, else k over as many blocks
+/// of at least 512 as it takes); handing it at most this many keeps each block whole, so an
+/// element's value depends on k alone, never on how callers split m or n (batching, tiling,
+/// threads).
+const K_BLOCK: usize = 512;
+
 /// `dst [m, n] = scale · lhs [m, k] @ rhs [k, n]`, plus the old `dst` when `accumulate`; `dst`
 /// row-major with rows `dst_row_stride` apart. `parallel`: use candle's thread count (else one
-/// thread, for callers that are parallel themselves).
-#[allow(unsafe_code)]
+/// thread, for callers that are parallel themselves). Each element's sum is the same bits
+/// whatever m, n and `parallel` are: blocks of at most `K_BLOCK` products, in order.
 pub(crate) fn gemm(
+    (dst, dst_row_stride): (&mut [f32], usize),
+    lhs: View,
+    rhs: View,
+    (m, n, k): (usize, usize, usize),
+    scale: f32,
+    accumulate: bool,
+    parallel: bool,
+) {
+    let blocks = k.div_ceil(K_BLOCK).max(1);
+    let block = k.div_ceil(blocks);
+    for first in (0..k.max(1)).step_by(block.max(1)) {
+        let depth = block.min(k - first);
+        let lhs = View { data: &lhs.data[(first * lhs.col_stride).min(lhs.data.len())..], ..lhs };
+        let rhs = View { data: &rhs.data[(first * rhs.row_stride).min(rhs.data.len())..], ..rhs };
+        gemm_block((dst, dst_row_stride), lhs, rhs, (m, n, depth), scale, accumulate || first > 0, parallel);
+    }
+}
+
+#[allow(unsafe_code)]
+fn gemm_block(
     (dst, dst_row_stride): (&mut [f32], usize),
     lhs: View,
     rhs: View,

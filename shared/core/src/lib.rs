@@ -13,6 +13,7 @@ mod cpu_gemm;
 mod error;
 mod fast_math;
 pub mod images;
+pub mod linear;
 pub mod model_dir;
 pub mod norm;
 pub mod serve;

@@ -1,7 +1,8 @@
 //! The building blocks the SD UNet and VAE share: a fork of candle-transformers 0.11.1
 //! `stable_diffusion::{resnet, unet_2d_blocks}` (MIT/Apache-2.0, by the candle authors): the
 //! ResNet block and the up/down samplers. Changes: 3x3 convolutions are [`Conv3x3`] and
-//! GroupNorm + SiLU is [`GroupNorm::forward_silu`] (fast CPU paths), and the time-embedding projection runs one row at a time (see [`per_row`]).
+//! GroupNorm + SiLU is [`GroupNorm::forward_silu`] (fast CPU paths; the samplers' stride-2
+//! convolutions too), and the time-embedding projection runs one row at a time (see [`per_row`]).
 
 use crate::conv::Conv3x3;
 use crate::linear::{linear, Linear};
@@ -171,7 +172,7 @@ impl ResnetBlock2D {
 /// 2x2 average pool without a convolution.
 #[derive(Debug)]
 pub struct Downsample2D {
-    conv: Option<Conv2d>,
+    conv: Option<Conv3x3>,
     padding: usize,
     span: tracing::Span,
 }
@@ -186,8 +187,7 @@ impl Downsample2D {
     ) -> Result<Self> {
         let conv = if use_conv {
             let config = nn::Conv2dConfig { stride: 2, padding, ..Default::default() };
-            let conv = Conv2d::new(in_channels, out_channels, 3, config, vs.pp("conv"))?;
-            Some(conv)
+            Some(Conv3x3::from_conv(nn::conv2d(in_channels, out_channels, 3, config, vs.pp("conv"))?)?)
         } else {
             None
         };

@@ -1,5 +1,5 @@
-//! 3x3 convolutions (stride 1, padding 1), the bulk of the UNet's and the VAE's work, made fast
-//! on the CPU.
+//! 3x3 convolutions (stride 1, padding 1; and stride 2, the samplers'), the bulk of the UNet's
+//! and the VAE's work, made fast on the CPU.
 //!
 //! candle 0.11's CPU kernel builds im2col tiles of 512 output pixels with scattered writes and
 //! runs a GEMM per tile; it reaches 30-120 GFLOP/s on the SD shapes (2-core EPYC,
@@ -13,6 +13,8 @@
 //!   candle's; 2x on the VAE's 128-channel 256x256 layers).
 //! - **One GEMM over the batch** (maps of at most 16 pixels, the deepest UNet levels of small
 //!   images): the batch's im2col columns side by side, so the GEMM is not starved of columns.
+//! - **Stride 2** (the down-samplers): the padded image split into its four row/column phases,
+//!   so each tap is again a shifted GEMM, on one phase (see [`Planes`]); 2-3.8x candle's.
 //!
 //! Each image's output depends on that image and the map size alone, never on the batch, so
 //! batching jobs cannot change a result. Other devices and dtypes use candle's kernel.
@@ -38,6 +40,9 @@ pub struct Conv3x3 {
     bias_f32: Option<Vec<f32>>,
     c_in: usize,
     c_out: usize,
+    /// 1 (with padding 1) or 2 (with padding 0 or 1).
+    stride: usize,
+    padding: usize,
     span: tracing::Span,
 }
 
@@ -48,11 +53,16 @@ impl Conv3x3 {
         Self::from_conv(nn::conv2d(in_channels, out_channels, 3, config, vs)?)
     }
 
-    /// Wraps a loaded 3x3, stride-1, padding-1 convolution.
+    /// Wraps a loaded 3x3 convolution: stride 1 with padding 1, or stride 2 (the samplers) with
+    /// padding 0 or 1.
     pub fn from_conv(inner: nn::Conv2d) -> Result<Self> {
         let (c_out, c_in, kh, kw) = inner.weight().dims4()?;
         let config = inner.config();
-        if (kh, kw) != (3, 3) || config.padding != 1 || config.stride != 1 || config.dilation != 1 || config.groups != 1
+        let (stride, padding) = (config.stride, config.padding);
+        if (kh, kw) != (3, 3)
+            || !matches!((stride, padding), (1, 1) | (2, 0) | (2, 1))
+            || config.dilation != 1
+            || config.groups != 1
         {
             candle_core::bail!("Conv3x3: a {kh}x{kw} convolution with {config:?}");
         }
@@ -66,7 +76,7 @@ impl Conv3x3 {
             (None, None)
         };
         let span = tracing::span!(tracing::Level::TRACE, "conv3x3");
-        Ok(Self { inner, weight_2d, taps, bias, bias_f32, c_in, c_out, span })
+        Ok(Self { inner, weight_2d, taps, bias, bias_f32, c_in, c_out, stride, padding, span })
     }
 
     fn one_gemm(&self, x: &Tensor) -> Result<Tensor> {
@@ -95,9 +105,10 @@ impl Conv3x3 {
         let (storage, layout) = x.storage_and_layout();
         let Storage::Cpu(cpu) = &*storage else { candle_core::bail!("Conv3x3: the shifted path is CPU-only") };
         let input = &cpu.as_slice::<f32>()?[layout.start_offset()..][..b * c_in * h * w];
-        let tile = column_tile(self.c_out, h, w);
-        let out = shifted_conv3x3(input, (b, c_in, h, w), taps, self.c_out, self.bias_f32.as_deref(), tile);
-        Tensor::from_vec(out, (b, self.c_out, h, w), &Device::Cpu)
+        let planes = Planes::new((h, w), self.stride, self.padding);
+        let tile = column_tile(self.c_out, planes.columns());
+        let out = shifted_conv3x3(input, (b, c_in, h, w), &planes, taps, self.c_out, self.bias_f32.as_deref(), tile);
+        Tensor::from_vec(out, (b, self.c_out, planes.out_h, planes.out_w), &Device::Cpu)
     }
 }
 
@@ -108,8 +119,17 @@ impl Module for Conv3x3 {
         if c_in != self.c_in {
             candle_core::bail!("Conv3x3: input has {c_in} channels, the weights {}", self.c_in);
         }
+        if h.min(w) + 2 * self.padding < 3 {
+            // candle's kernel would underflow its output size.
+            candle_core::bail!("Conv3x3: a {h}x{w} map with padding {} is smaller than the kernel", self.padding);
+        }
         match &self.taps {
-            Some(_) if x.dtype() == DType::F32 && x.device().is_cpu() && h * w <= ONE_GEMM_MAX_PIXELS => {
+            Some(_)
+                if x.dtype() == DType::F32
+                    && x.device().is_cpu()
+                    && self.stride == 1
+                    && h * w <= ONE_GEMM_MAX_PIXELS =>
+            {
                 self.one_gemm(x)
             }
             Some(taps) if x.dtype() == DType::F32 && x.device().is_cpu() => self.shifted(x, taps),
@@ -123,11 +143,10 @@ impl Module for Conv3x3 {
 /// 128 K elements measured within 5% of each other on the SD shapes, 64 K the slowest).
 const TILE_ACC_ELEMENTS: usize = 32 * 1024;
 
-/// The output columns per tile of the shifted path for `c_out` channels over an h x w map
-/// (of the `h * (w + 2)`; all of them when there would be fewer than two tiles per thread).
-/// It depends on the map's shape alone, so batching cannot change an image's result.
-fn column_tile(c_out: usize, h: usize, w: usize) -> usize {
-    let columns = h * (w + 2);
+/// The output columns per tile of the shifted path for `c_out` channels over a map's `columns`
+/// (all of them when there would be fewer than two tiles per thread). It depends on the map's
+/// shape alone, so batching cannot change an image's result.
+fn column_tile(c_out: usize, columns: usize) -> usize {
     let tile = (TILE_ACC_ELEMENTS / c_out).max(64).next_multiple_of(16);
     if columns.div_ceil(tile) < 2 * candle_core::utils::get_num_threads() {
         columns
@@ -136,9 +155,67 @@ fn column_tile(c_out: usize, h: usize, w: usize) -> usize {
     }
 }
 
-/// The shifted-GEMM 3x3 convolution (stride 1, zero padding 1) of `input` (NCHW `dims`,
-/// contiguous) with `taps` ([9][c_out][c_in]) plus `bias`: [b, c_out, h, w], computed `tile`
-/// output columns at a time (of the `h * (w + 2)`).
+/// How the shifted path lays an image out so that each of the nine taps is one GEMM on a
+/// strided view: `channel` floats per input channel, tap t's input for output column j
+/// (j = y * row + x, for x < out_w; the rest of each row is dropped) at `offsets[t] + j`.
+///
+/// - Stride 1 (padding 1): the zero-padded image, (h + 2) x (w + 2); tap (kh, kw) is the
+///   image shifted by kh rows and kw columns.
+/// - Stride 2: the zero-padded image split into its four phases (even/odd rows x even/odd
+///   columns), each (out_h + 1) x (out_w + 1); tap (kh, kw) reads phase (kh % 2, kw % 2)
+///   shifted by kh / 2 rows and kw / 2 columns. No im2col, no wasted columns but one per row.
+#[derive(Debug, Clone, PartialEq)]
+struct Planes {
+    stride: usize,
+    padding: usize,
+    out_h: usize,
+    out_w: usize,
+    row: usize,
+    /// Floats per phase plane (the whole padded image at stride 1).
+    plane: usize,
+    channel: usize,
+    offsets: [usize; 9],
+}
+
+impl Planes {
+    /// For an h x w input (`h + 2 * padding >= 3`, likewise w).
+    fn new((h, w): (usize, usize), stride: usize, padding: usize) -> Self {
+        let (out_h, out_w) = ((h + 2 * padding - 3) / stride + 1, (w + 2 * padding - 3) / stride + 1);
+        let row = out_w + 3 - stride; // 2 dropped columns at stride 1, 1 at stride 2
+        let plane = (out_h + 3 - stride) * row;
+        let phases = stride * stride;
+        let offsets = std::array::from_fn(|tap| {
+            let (kh, kw) = (tap / 3, tap % 3);
+            (kh % stride * stride + kw % stride) * plane + kh / stride * row + kw / stride
+        });
+        Self { stride, padding, out_h, out_w, row, plane, channel: phases * plane, offsets }
+    }
+
+    fn columns(&self) -> usize {
+        self.out_h * self.row
+    }
+
+    /// Writes one channel's h x w input into its `channel` floats (zero where nothing lands).
+    fn fill(&self, dst: &mut [f32], src: &[f32], w: usize) {
+        let (stride, padding) = (self.stride, self.padding);
+        for (y, src) in src.chunks(w).enumerate() {
+            let y = y + padding;
+            let dst_row = (y % stride * stride) * self.plane + y / stride * self.row;
+            if stride == 1 {
+                dst[dst_row + padding..][..w].copy_from_slice(src);
+                continue;
+            }
+            for (x, &v) in src.iter().enumerate() {
+                let x = x + padding;
+                dst[dst_row + x % 2 * self.plane + x / 2] = v;
+            }
+        }
+    }
+}
+
+/// The shifted-GEMM 3x3 convolution of `input` (NCHW `dims`, contiguous) laid out as `planes`
+/// say, with `taps` ([9][c_out][c_in]) plus `bias`: [b, c_out, out_h, out_w], computed `tile`
+/// output columns at a time (of `planes.columns()`).
 ///
 /// Large maps are cut into tiles, each run through all nine taps by one thread while its
 /// accumulator sits in L2: a whole-map accumulator (34 MB for the VAE's 128-channel 256x256
@@ -147,37 +224,36 @@ fn column_tile(c_out: usize, h: usize, w: usize) -> usize {
 fn shifted_conv3x3(
     input: &[f32],
     (b, c_in, h, w): (usize, usize, usize, usize),
+    planes: &Planes,
     taps: &[f32],
     c_out: usize,
     bias: Option<&[f32]>,
     tile: usize,
 ) -> Vec<f32> {
     use rayon::prelude::*;
-    let (hp, wp) = (h + 2, w + 2);
-    let plane = hp * wp;
-    let columns = h * wp;
+    let (out_h, out_w, row, channel) = (planes.out_h, planes.out_w, planes.row, planes.channel);
+    let columns = planes.columns();
     let tiles = columns.div_ceil(tile);
-    // The last tap's view of the last channel reads 2 elements past the padded planes.
-    let mut padded = vec![0f32; c_in * plane + 2];
+    // The last tap's view of the last channel reads up to 2 elements past the planes (into
+    // columns that are dropped).
+    let mut padded = vec![0f32; c_in * channel + 2];
     // Tile-major: tile t holds columns t * tile .. as a [c_out, tile] matrix.
     let mut acc = vec![0f32; tiles * c_out * tile];
-    let mut out = vec![0f32; b * c_out * h * w];
-    for (image, out) in out.chunks_mut(c_out * h * w).enumerate() {
+    let mut out = vec![0f32; b * c_out * out_h * out_w];
+    for (image, out) in out.chunks_mut(c_out * out_h * out_w).enumerate() {
         let input = &input[image * c_in * h * w..][..c_in * h * w];
-        padded[..c_in * plane].par_chunks_mut(plane).zip(input.par_chunks(h * w)).for_each(|(dst, src)| {
-            for (dst, src) in dst[wp + 1..].chunks_mut(wp).zip(src.chunks(w)) {
-                dst[..w].copy_from_slice(src);
-            }
-        });
+        padded[..c_in * channel]
+            .par_chunks_mut(channel)
+            .zip(input.par_chunks(h * w))
+            .for_each(|(dst, src)| planes.fill(dst, src, w));
         let run_tile = |(t, acc): (usize, &mut [f32]), parallel: bool| {
             let first = t * tile;
             let width = tile.min(columns - first);
-            for tap in 0..9 {
-                let offset = (tap / 3) * wp + tap % 3;
+            for (tap, &offset) in planes.offsets.iter().enumerate() {
                 gemm(
                     (acc, tile),
                     View::rows(&taps[tap * c_out * c_in..][..c_out * c_in], c_in),
-                    View::rows(&padded[offset + first..], plane),
+                    View::rows(&padded[offset + first..], channel),
                     (c_out, width, c_in),
                     1.0,
                     tap > 0,
@@ -190,14 +266,14 @@ fn shifted_conv3x3(
         } else {
             acc.par_chunks_mut(c_out * tile).enumerate().for_each(|tile_acc| run_tile(tile_acc, false));
         }
-        // Drop the two wrapped columns per row and add the bias.
-        out.par_chunks_mut(h * w).enumerate().for_each(|(o, out)| {
+        // Drop the columns past out_w in each row and add the bias.
+        out.par_chunks_mut(out_h * out_w).enumerate().for_each(|(o, out)| {
             let add = bias.map_or(0.0, |b| b[o]);
-            for (y, dst) in out.chunks_mut(w).enumerate() {
-                let (mut column, mut done) = (y * wp, 0);
-                while done < w {
+            for (y, dst) in out.chunks_mut(out_w).enumerate() {
+                let (mut column, mut done) = (y * row, 0);
+                while done < out_w {
                     let (t, within) = (column / tile, column % tile);
-                    let len = (tile - within).min(w - done);
+                    let len = (tile - within).min(out_w - done);
                     let src = &acc[(t * c_out + o) * tile + within..][..len];
                     for (d, s) in dst[done..done + len].iter_mut().zip(src) {
                         *d = s + add;
@@ -253,8 +329,9 @@ mod tests {
         let scale = max_abs(&expected).max(1.0);
         let input = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let (taps, bias) = (conv.taps.as_deref().unwrap(), conv.bias_f32.as_deref());
+        let planes = Planes::new((h, w), 1, 1);
         for tile in [16, 37, w + 2, 64, h * (w + 2)] {
-            let out = shifted_conv3x3(&input, (b, 24, h, w), taps, 40, bias, tile);
+            let out = shifted_conv3x3(&input, (b, 24, h, w), &planes, taps, 40, bias, tile);
             let out = Tensor::from_vec(out, (b, 40, h, w), &Device::Cpu).unwrap();
             let diff = max_diff(&out, &expected);
             assert!(diff <= 1e-5 * scale, "tile {tile}: {diff:e} at scale {scale}");
@@ -273,6 +350,53 @@ mod tests {
                 assert_eq!(max_diff(&alone, &together.narrow(0, i, 1).unwrap()), 0.0, "{h}x{w} image {i}");
             }
         }
+    }
+
+    fn conv_with(c_in: usize, c_out: usize, stride: usize, padding: usize) -> Conv3x3 {
+        let w = (randn(8, &[c_out, c_in, 3, 3]) * 0.2).unwrap();
+        let b = (randn(9, &[c_out]) * 0.2).unwrap();
+        let config = nn::Conv2dConfig { stride, padding, ..Default::default() };
+        Conv3x3::from_conv(nn::Conv2d::new(w, Some(b), config)).unwrap()
+    }
+
+    /// Stride 2 (the samplers), with padding 1 (UNet) and 0 (VAE, after its own right/bottom
+    /// pad): candle's convolution up to f32 rounding at even, odd, square and thin maps, tiled
+    /// or not; each image's output is the same bits alone or in a batch; maps smaller than the
+    /// kernel are an error.
+    #[test]
+    fn stride_two_matches_candles_convolution() {
+        for padding in [0, 1] {
+            let conv = conv_with(12, 20, 2, padding);
+            assert!(Conv3x3::from_conv(nn::Conv2d::new(
+                conv.inner.weight().clone(),
+                None,
+                nn::Conv2dConfig { stride: 2, padding: 2, ..Default::default() }
+            ))
+            .is_err());
+            for (b, h, w) in [(2, 8, 8), (1, 9, 7), (3, 4, 13), (1, 3, 3), (2, 17, 3), (1, 33, 32)] {
+                let x = randn(11, &[b, 12, h, w]);
+                let expected = conv.inner.forward(&x).unwrap();
+                let actual = conv.forward(&x).unwrap();
+                assert_eq!(actual.dims(), expected.dims(), "padding {padding}, {h}x{w}");
+                let scale = max_abs(&expected).max(1.0);
+                let diff = max_diff(&actual, &expected);
+                assert!(diff <= 1e-5 * scale, "padding {padding}, {b}x{h}x{w}: {diff:e} at scale {scale}");
+                let planes = Planes::new((h, w), 2, padding);
+                let input = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let (taps, bias) = (conv.taps.as_deref().unwrap(), conv.bias_f32.as_deref());
+                for tile in [7, planes.row, planes.columns()] {
+                    let out = shifted_conv3x3(&input, (b, 12, h, w), &planes, taps, 20, bias, tile);
+                    let out = Tensor::from_vec(out, expected.dims(), &Device::Cpu).unwrap();
+                    assert!(max_diff(&out, &expected) <= 1e-5 * scale, "tile {tile}, {h}x{w}");
+                }
+                for i in 0..b {
+                    let alone = conv.forward(&x.narrow(0, i, 1).unwrap()).unwrap();
+                    assert_eq!(max_diff(&alone, &actual.narrow(0, i, 1).unwrap()), 0.0, "{h}x{w} image {i}");
+                }
+            }
+        }
+        let error = conv_with(3, 4, 2, 0).forward(&randn(12, &[1, 3, 2, 5])).unwrap_err();
+        assert!(error.to_string().contains("smaller than the kernel"), "{error}");
     }
 
     /// A strided (non-contiguous) input is handled, and other dtypes use candle's kernel.

@@ -14,7 +14,7 @@
 //! - **One GEMM over the batch** (maps of at most 16 pixels, the deepest UNet levels of small
 //!   images): the batch's im2col columns side by side, so the GEMM is not starved of columns.
 //! - **Stride 2** (the down-samplers): the padded image split into its four row/column phases,
-//!   so each tap is again a shifted GEMM, on one phase (see [`Planes`]); 2-3.8x candle's.
+//!   so each tap is again a shifted GEMM, on one phase (see `Planes`); 2-3.8x candle's.
 //!
 //! Each image's output depends on that image and the map size alone, never on the batch, so
 //! batching jobs cannot change a result. Other devices and dtypes use candle's kernel.

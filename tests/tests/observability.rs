@@ -356,7 +356,9 @@ async fn services_expose_prometheus_metrics() {
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
 
     let denoise = 2.0 * steps as f64;
-    let checks: Vec<(&Service, &str, Vec<(&str, &[(&str, &str)], f64)>)> = vec![
+    // (service, its name, [(metric, labels, the least value)])
+    type Expected<'a> = Vec<(&'a str, &'a [(&'a str, &'a str)], f64)>;
+    let checks: Vec<(&Service, &str, Expected)> = vec![
         (
             &mesh.unet,
             "unet",

@@ -256,8 +256,11 @@ mod tests {
         }
     }
 
+    /// Every batch's values, in the order the batches ran.
+    type Batches = Arc<Mutex<Vec<Vec<i32>>>>;
+
     /// A worker whose first batch blocks until released, recording every batch's values.
-    fn gated(max_rows: usize) -> (BatchWorker<Req, i32>, std::sync::mpsc::Sender<()>, Arc<Mutex<Vec<Vec<i32>>>>) {
+    fn gated(max_rows: usize) -> (BatchWorker<Req, i32>, std::sync::mpsc::Sender<()>, Batches) {
         let (gate_tx, gate_rx) = std::sync::mpsc::channel::<()>();
         let batches = Arc::new(Mutex::new(Vec::new()));
         let seen = batches.clone();

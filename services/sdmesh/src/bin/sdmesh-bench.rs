@@ -200,7 +200,7 @@ mod profile {
             .into_iter()
             .map(|(k, (d, n))| (k, d, n))
             .collect();
-        rows.sort_by(|a, b| b.1.cmp(&a.1));
+        rows.sort_by_key(|row| std::cmp::Reverse(row.1));
         rows
     }
 

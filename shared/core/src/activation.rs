@@ -29,15 +29,19 @@ pub fn geglu(projected: &Tensor) -> Result<Tensor> {
         let Storage::Cpu(cpu) = &*storage else { candle_core::bail!("geglu: not a CPU tensor") };
         let input = &cpu.as_slice::<f32>()?[layout.start_offset()..][..projected.elem_count()];
         if half > 0 {
-            out.par_chunks_mut(half).zip(input.par_chunks(width)).for_each(|(out, row)| {
-                let (hidden, gate) = row.split_at(half);
-                for ((o, h), g) in out.iter_mut().zip(hidden).zip(gate) {
-                    *o = h * crate::fast_math::gelu_erf(*g);
-                }
-            });
+            out.par_chunks_mut(half).zip(input.par_chunks(width)).for_each(|(out, row)| geglu_row(out, row));
         }
     }
     Tensor::from_vec(out, out_dims, &Device::Cpu)
+}
+
+/// hidden · GELU(gate) for one row, [hidden | gate] -> out.
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512dq+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn geglu_row(out: &mut [f32], row: &[f32]) {
+    let (hidden, gate) = row.split_at(out.len());
+    for ((o, h), g) in out.iter_mut().zip(hidden).zip(gate) {
+        *o = h * crate::fast_math::gelu_erf(*g);
+    }
 }
 
 #[cfg(test)]

@@ -132,9 +132,10 @@ const CPU_QUERY_BLOCK: usize = 64;
 
 /// The CPU f32 path, over [batch, tokens, heads · head_dim] with the heads side by side (as
 /// the projections give them; `heads` = 1 for rows already split): for each (image, block of
-/// 64 query tokens), in parallel, and each head, the scores q·kᵀ·scale (one GEMM on strided
-/// views into a scratch buffer), their softmax in place, then one GEMM with v written straight
-/// into the head's columns of the output. candle's ops write the whole score matrix to memory
+/// 64 query tokens), in parallel, and each head, the scores q·kᵀ·scale (one GEMM on a strided
+/// view of q and the image's kᵀ, into a scratch buffer), their exponentials in place, then one
+/// GEMM with v written straight into the head's columns of the output, scaled by the softmax's
+/// 1 / sum there (dv values a row, not kv_len). candle's ops write the whole score matrix to memory
 /// and read it back twice, its softmax calls libm's exp per element, and the heads would be
 /// transposed to rows and back; at 1024 tokens this path takes under half their time. A
 /// block's result does not depend on the other images, so batching changes nothing.
@@ -164,30 +165,58 @@ fn cpu_f32_attention(query: &Tensor, key: &Tensor, value: &Tensor, heads: usize,
         let k = &k[image * kv_len * inner..][..kv_len * inner];
         let v = &v[image * kv_len * inner_v..][..kv_len * inner_v];
         let q = &q[image * q_len * inner..][..q_len * inner];
+        // kᵀ per head, [heads][d][kv_len] row-major, once for all query blocks: gemm's AVX-512
+        // kernels are slow on a transposed right-hand side with few rows on the left.
+        let mut k_t = vec![0f32; kv_len * inner];
+        k_t.par_chunks_mut(d * kv_len).enumerate().for_each(|(head, k_t)| {
+            for (j, k_row) in k.chunks(inner).enumerate() {
+                for (i, &x) in k_row[head * d..][..d].iter().enumerate() {
+                    k_t[i * kv_len + j] = x;
+                }
+            }
+        });
         image_out.par_chunks_mut(CPU_QUERY_BLOCK * inner_v).enumerate().for_each(|(block, block_out)| {
             let n = block_out.len() / inner_v;
             let q_block = &q[block * CPU_QUERY_BLOCK * inner..][..n * inner];
             let mut scores = vec![0f32; n * kv_len];
+            let mut inv_sums = vec![0f32; n];
             for head in 0..heads {
                 let (q_head, k_head) =
-                    (View::rows(&q_block[head * d..], inner), View::transposed(&k[head * d..], inner));
+                    (View::rows(&q_block[head * d..], inner), View::rows(&k_t[head * d * kv_len..], kv_len));
                 gemm((&mut scores, kv_len), q_head, k_head, (n, kv_len, d), scale as f32, false, false);
-                scores.chunks_mut(kv_len).for_each(softmax_in_place);
+                for (row, inv_sum) in scores.chunks_mut(kv_len).zip(&mut inv_sums) {
+                    *inv_sum = exp_shifted_in_place(row);
+                }
                 let (p, v_head) = (View::rows(&scores, kv_len), View::rows(&v[head * dv..], inner_v));
                 gemm((&mut block_out[head * dv..], inner_v), p, v_head, (n, dv, kv_len), 1.0, false, false);
+                // The softmax's normalisation, on the dv outputs instead of the kv_len scores.
+                for (row, &inv_sum) in block_out.chunks_mut(inner_v).zip(&inv_sums) {
+                    row[head * dv..][..dv].iter_mut().for_each(|x| *x *= inv_sum);
+                }
             }
         });
     });
     Ok(Some(Tensor::from_vec(out, (batch, q_len, inner_v), &Device::Cpu)?))
 }
 
-/// softmax over one row of scores; the max and the sum in [`lane_fold`]'s eight lanes.
-fn softmax_in_place(row: &mut [f32]) {
+/// The unnormalised softmax of one row of scores in place, e^(x - max), and 1 / its sum: two
+/// passes (the max, then the exp and the sum together in eight lanes, in `lane_fold`'s order).
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512dq+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn exp_shifted_in_place(row: &mut [f32]) -> f32 {
     let max = lane_fold(row, f32::NEG_INFINITY, f32::max, f32::max);
-    row.iter_mut().for_each(|x| *x = exp_nonpositive(*x - max));
-    let sum = lane_fold(row, 0.0, |a, x| a + x, |a, b| a + b);
-    let inv = 1.0 / sum;
-    row.iter_mut().for_each(|x| *x *= inv);
+    let mut lanes = [0f32; 8];
+    let mut chunks = row.chunks_exact_mut(8);
+    for chunk in &mut chunks {
+        for (lane, x) in lanes.iter_mut().zip(chunk) {
+            *x = exp_nonpositive(*x - max);
+            *lane += *x;
+        }
+    }
+    let tail = chunks.into_remainder().iter_mut().fold(0.0, |sum, x| {
+        *x = exp_nonpositive(*x - max);
+        sum + *x
+    });
+    1.0 / lanes.into_iter().fold(tail, |a, b| a + b)
 }
 
 fn attention_block(query: &Tensor, key: &Tensor, value: &Tensor, scale: f64, upcast: bool) -> Result<Tensor> {

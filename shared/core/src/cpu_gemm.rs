@@ -16,11 +16,6 @@ impl<'a> View<'a> {
         Self { data, row_stride, col_stride: 1 }
     }
 
-    /// The transpose of a row-major matrix whose rows start `row_stride` elements apart.
-    pub fn transposed(data: &'a [f32], row_stride: usize) -> Self {
-        Self { data, row_stride: 1, col_stride: row_stride }
-    }
-
     fn fits(&self, rows: usize, cols: usize) -> bool {
         rows == 0 || cols == 0 || (rows - 1) * self.row_stride + (cols - 1) * self.col_stride < self.data.len()
     }

@@ -222,29 +222,37 @@ fn group_norm_f32(
     let per_group = channels / groups * spatial;
     let mut out = vec![0f32; input.len()];
     out.par_chunks_mut(per_group).zip(input.par_chunks(per_group)).enumerate().for_each(|(chunk, (out, x))| {
-        let n = x.len() as f64;
-        // f64 sums in lane_fold's eight lanes.
-        let mean = lane_fold(x, 0.0, |a, v| a + f64::from(v), |a, b| a + b) / n;
-        let var = lane_fold(x, 0.0, |a, v| a + (f64::from(v) - mean).powi(2), |a, b| a + b) / n;
-        let inv_std = 1.0 / (var + eps).sqrt();
         let first_channel = chunk % groups * (channels / groups);
-        for (c, (out, x)) in out.chunks_mut(spatial).zip(x.chunks(spatial)).enumerate() {
-            // y = (x - mean) * inv_std * w + b = x * scale + shift
-            let scale = inv_std * f64::from(weight[first_channel + c]);
-            let shift = f64::from(bias[first_channel + c]) - mean * scale;
-            let (scale, shift) = (scale as f32, shift as f32);
-            if silu {
-                for (o, &v) in out.iter_mut().zip(x) {
-                    *o = crate::fast_math::silu(v * scale + shift);
-                }
-            } else {
-                for (o, &v) in out.iter_mut().zip(x) {
-                    *o = v * scale + shift;
-                }
-            }
-        }
+        let (weight, bias) = (&weight[first_channel..], &bias[first_channel..]);
+        normalize_group(out, x, spatial, eps, (weight, bias), silu)
     });
     out
+}
+
+/// One group of `spatial`-long channels, `x` -> `out`: its mean and variance, then each
+/// channel's affine (`weight`, `bias` from the group's first channel), then SiLU if `silu`.
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512dq+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn normalize_group(out: &mut [f32], x: &[f32], spatial: usize, eps: f64, (weight, bias): (&[f32], &[f32]), silu: bool) {
+    let n = x.len() as f64;
+    // f64 sums in lane_fold's eight lanes.
+    let mean = lane_fold(x, 0.0, |a, v| a + f64::from(v), |a, b| a + b) / n;
+    let var = lane_fold(x, 0.0, |a, v| a + (f64::from(v) - mean).powi(2), |a, b| a + b) / n;
+    let inv_std = 1.0 / (var + eps).sqrt();
+    for (c, (out, x)) in out.chunks_mut(spatial).zip(x.chunks(spatial)).enumerate() {
+        // y = (x - mean) * inv_std * w + b = x * scale + shift
+        let scale = inv_std * f64::from(weight[c]);
+        let shift = f64::from(bias[c]) - mean * scale;
+        let (scale, shift) = (scale as f32, shift as f32);
+        if silu {
+            for (o, &v) in out.iter_mut().zip(x) {
+                *o = crate::fast_math::silu(v * scale + shift);
+            }
+        } else {
+            for (o, &v) in out.iter_mut().zip(x) {
+                *o = v * scale + shift;
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -244,6 +244,26 @@ mod tests {
         (r(1, q_len), r(2, kv_len), r(3, kv_len))
     }
 
+    /// The run-time-dispatched softmax pass (AVX-512 or AVX2 where the CPU has them) gives the
+    /// bits of the same arithmetic compiled here for the baseline target, element by element.
+    #[test]
+    fn dispatched_exp_pass_has_the_baseline_bits() {
+        let row = randn(4, &[1000]).flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let row: Vec<f32> = row.iter().map(|x| x * 30.0).collect();
+        let mut dispatched = row.clone();
+        let inv_sum = exp_shifted_in_place(&mut dispatched);
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let baseline: Vec<f32> = row.iter().map(|&x| exp_nonpositive(x - max)).collect();
+        let (lanes, tail) = baseline.split_at(baseline.len() / 8 * 8);
+        let mut sums = [0f32; 8];
+        for chunk in lanes.chunks(8) {
+            sums.iter_mut().zip(chunk).for_each(|(s, x)| *s += x);
+        }
+        let sum = sums.into_iter().fold(tail.iter().sum::<f32>(), |a, b| a + b);
+        assert_eq!(dispatched, baseline);
+        assert_eq!(inv_sum, 1.0 / sum);
+    }
+
     /// Splitting by rows and by query tokens gives what the one-block computation gives.
     #[test]
     fn chunked_attention_matches_one_block() {

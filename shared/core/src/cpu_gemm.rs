@@ -32,6 +32,7 @@ const K_BLOCK: usize = 512;
 /// row-major with rows `dst_row_stride` apart. `parallel`: use candle's thread count (else one
 /// thread, for callers that are parallel themselves). Each element's sum is the same bits
 /// whatever m, n and `parallel` are: blocks of at most `K_BLOCK` products, in order.
+#[allow(unsafe_code)]
 pub(crate) fn gemm(
     (dst, dst_row_stride): (&mut [f32], usize),
     lhs: View,
@@ -41,55 +42,49 @@ pub(crate) fn gemm(
     accumulate: bool,
     parallel: bool,
 ) {
-    let blocks = k.div_ceil(K_BLOCK).max(1);
-    let block = k.div_ceil(blocks);
-    for first in (0..k.max(1)).step_by(block.max(1)) {
-        let depth = block.min(k - first);
-        let lhs = View { data: &lhs.data[(first * lhs.col_stride).min(lhs.data.len())..], ..lhs };
-        let rhs = View { data: &rhs.data[(first * rhs.row_stride).min(rhs.data.len())..], ..rhs };
-        gemm_block((dst, dst_row_stride), lhs, rhs, (m, n, depth), scale, accumulate || first > 0, parallel);
-    }
-}
-
-#[allow(unsafe_code)]
-fn gemm_block(
-    (dst, dst_row_stride): (&mut [f32], usize),
-    lhs: View,
-    rhs: View,
-    (m, n, k): (usize, usize, usize),
-    scale: f32,
-    accumulate: bool,
-    parallel: bool,
-) {
-    // Every element gemm touches lies within these bounds: checked, so the unsafe call below
-    // reads and writes only inside the slices.
+    // Every element gemm touches lies within these bounds: checked, so the unsafe calls below
+    // read and write only inside the slices.
     assert!(View::rows(dst, dst_row_stride).fits(m, n), "gemm: dst too short");
     assert!(lhs.fits(m, k) && rhs.fits(k, n), "gemm: lhs or rhs too short");
+    if m == 0 || n == 0 {
+        return; // no dst element (and the views may be empty)
+    }
     let threads = if parallel { candle_core::utils::get_num_threads() } else { 1 };
     let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-    // SAFETY: dst, lhs and rhs are addressed as [row * row_stride + col * col_stride] within
-    // their slices (asserted above); dst does not alias lhs or rhs (a &mut and two & borrows).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_row_stride as isize,
-            accumulate,
-            lhs.data.as_ptr(),
-            lhs.col_stride as isize,
-            lhs.row_stride as isize,
-            rhs.data.as_ptr(),
-            rhs.col_stride as isize,
-            rhs.row_stride as isize,
-            1.0,
-            scale,
-            false,
-            false,
-            false,
-            parallelism,
-        )
+    let block = k.div_ceil(k.div_ceil(K_BLOCK).max(1)).max(1);
+    let mut first = 0;
+    loop {
+        let depth = block.min(k - first);
+        // SAFETY: dst, lhs and rhs are addressed as [row * row_stride + col * col_stride]
+        // within their slices (asserted above for the whole of k; this block's columns of lhs
+        // and rows of rhs are a part of it); dst does not alias lhs or rhs (a &mut and two &
+        // borrows).
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                depth,
+                dst.as_mut_ptr(),
+                1,
+                dst_row_stride as isize,
+                accumulate || first > 0,
+                lhs.data.as_ptr().add(first * lhs.col_stride),
+                lhs.col_stride as isize,
+                lhs.row_stride as isize,
+                rhs.data.as_ptr().add(first * rhs.row_stride),
+                rhs.col_stride as isize,
+                rhs.row_stride as isize,
+                1.0,
+                scale,
+                false,
+                false,
+                false,
+                parallelism,
+            )
+        }
+        first += depth;
+        if first >= k {
+            break;
+        }
     }
 }

@@ -1,6 +1,6 @@
 //! GEGLU, the gate of the UNet transformers' feed-forward layers.
 
-use candle_core::{DType, Device, Result, Storage, Tensor, D};
+use candle_core::{DType, Device, Result, Tensor, D};
 
 /// `hidden · GELU(gate)` for `projected = [hidden | gate]` along the last dimension, with the
 /// exact (erf) GELU as diffusers has it.
@@ -24,23 +24,20 @@ pub fn geglu(projected: &Tensor) -> Result<Tensor> {
     let mut out_dims = projected.dims().to_vec();
     *out_dims.last_mut().expect("a last dimension") = half;
     let mut out = vec![0f32; projected.elem_count() / 2];
-    {
-        let (storage, layout) = projected.storage_and_layout();
-        let Storage::Cpu(cpu) = &*storage else { candle_core::bail!("geglu: not a CPU tensor") };
-        let input = &cpu.as_slice::<f32>()?[layout.start_offset()..][..projected.elem_count()];
-        if half > 0 {
-            out.par_chunks_mut(half).zip(input.par_chunks(width)).for_each(|(out, row)| geglu_row(out, row));
-        }
+    if half > 0 {
+        let input = crate::cpu_gemm::cpu_f32(&projected)?;
+        out.par_chunks_mut(half).zip(input.par_chunks(width)).for_each(|(out, row)| geglu_row(out, row));
     }
     Tensor::from_vec(out, out_dims, &Device::Cpu)
 }
 
-/// hidden · GELU(gate) for one row, [hidden | gate] -> out.
-#[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512dq+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn geglu_row(out: &mut [f32], row: &[f32]) {
-    let (hidden, gate) = row.split_at(out.len());
-    for ((o, h), g) in out.iter_mut().zip(hidden).zip(gate) {
-        *o = h * crate::fast_math::gelu_erf(*g);
+crate::fast_math::simd_kernel! {
+    /// hidden · GELU(gate) for one row, [hidden | gate] -> out.
+    fn geglu_row(out: &mut [f32], row: &[f32]) {
+        let (hidden, gate) = row.split_at(out.len());
+        for ((o, h), g) in out.iter_mut().zip(hidden).zip(gate) {
+            *o = h * crate::fast_math::gelu_erf(*g);
+        }
     }
 }
 

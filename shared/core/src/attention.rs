@@ -140,26 +140,16 @@ const CPU_QUERY_BLOCK: usize = 64;
 /// transposed to rows and back; at 1024 tokens this path takes under half their time. A
 /// block's result does not depend on the other images, so batching changes nothing.
 fn cpu_f32_attention(query: &Tensor, key: &Tensor, value: &Tensor, heads: usize, scale: f64) -> Result<Option<Tensor>> {
-    use crate::cpu_gemm::{gemm, View};
+    use crate::cpu_gemm::{cpu_f32, gemm, View};
     use rayon::prelude::*;
-    if !query.device().is_cpu() || [query, key, value].iter().any(|t| t.dtype() != DType::F32) {
+    if [query, key, value].iter().any(|t| !t.device().is_cpu() || t.dtype() != DType::F32) {
         return Ok(None);
     }
     let (batch, q_len, inner) = query.dims3()?;
     let (kv_len, inner_v) = (key.dim(1)?, value.dim(2)?);
     let (d, dv) = (inner / heads, inner_v / heads);
     let (query, key, value) = (query.contiguous()?, key.contiguous()?, value.contiguous()?);
-    let (q_storage, q_layout) = query.storage_and_layout();
-    let (k_storage, k_layout) = key.storage_and_layout();
-    let (v_storage, v_layout) = value.storage_and_layout();
-    let (candle_core::Storage::Cpu(q), candle_core::Storage::Cpu(k), candle_core::Storage::Cpu(v)) =
-        (&*q_storage, &*k_storage, &*v_storage)
-    else {
-        return Ok(None);
-    };
-    let q = &q.as_slice::<f32>()?[q_layout.start_offset()..][..batch * q_len * inner];
-    let k = &k.as_slice::<f32>()?[k_layout.start_offset()..][..batch * kv_len * inner];
-    let v = &v.as_slice::<f32>()?[v_layout.start_offset()..][..batch * kv_len * inner_v];
+    let (q, k, v) = (cpu_f32(&query)?, cpu_f32(&key)?, cpu_f32(&value)?);
     let mut out = vec![0f32; batch * q_len * inner_v];
     out.par_chunks_mut(q_len * inner_v).enumerate().for_each(|(image, image_out)| {
         let k = &k[image * kv_len * inner..][..kv_len * inner];
@@ -199,24 +189,25 @@ fn cpu_f32_attention(query: &Tensor, key: &Tensor, value: &Tensor, heads: usize,
     Ok(Some(Tensor::from_vec(out, (batch, q_len, inner_v), &Device::Cpu)?))
 }
 
-/// The unnormalised softmax of one row of scores in place, e^(x - max), and 1 / its sum: two
-/// passes (the max, then the exp and the sum together in eight lanes, in `lane_fold`'s order).
-#[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512dq+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn exp_shifted_in_place(row: &mut [f32]) -> f32 {
-    let max = lane_fold(row, f32::NEG_INFINITY, f32::max, f32::max);
-    let mut lanes = [0f32; 8];
-    let mut chunks = row.chunks_exact_mut(8);
-    for chunk in &mut chunks {
-        for (lane, x) in lanes.iter_mut().zip(chunk) {
-            *x = exp_nonpositive(*x - max);
-            *lane += *x;
+crate::fast_math::simd_kernel! {
+    /// The unnormalised softmax of one row of scores in place, e^(x - max), and 1 / its sum: two
+    /// passes (the max, then the exp and the sum together in eight lanes, in `lane_fold`'s order).
+    fn exp_shifted_in_place(row: &mut [f32]) -> f32 {
+        let max = lane_fold(row, f32::NEG_INFINITY, f32::max, f32::max);
+        let mut lanes = [0f32; 8];
+        let mut chunks = row.chunks_exact_mut(8);
+        for chunk in &mut chunks {
+            for (lane, x) in lanes.iter_mut().zip(chunk) {
+                *x = exp_nonpositive(*x - max);
+                *lane += *x;
+            }
         }
+        let tail = chunks.into_remainder().iter_mut().fold(0.0, |sum, x| {
+            *x = exp_nonpositive(*x - max);
+            sum + *x
+        });
+        1.0 / lanes.into_iter().fold(tail, |a, b| a + b)
     }
-    let tail = chunks.into_remainder().iter_mut().fold(0.0, |sum, x| {
-        *x = exp_nonpositive(*x - max);
-        sum + *x
-    });
-    1.0 / lanes.into_iter().fold(tail, |a, b| a + b)
 }
 
 fn attention_block(query: &Tensor, key: &Tensor, value: &Tensor, scale: f64, upcast: bool) -> Result<Tensor> {

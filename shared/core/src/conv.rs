@@ -19,10 +19,10 @@
 //! Each image's output depends on that image and the map size alone, never on the batch, so
 //! batching jobs cannot change a result. Other devices and dtypes use candle's kernel.
 
-use candle_core::{DType, Device, Module, Result, Storage, Tensor, D};
+use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn as nn;
 
-use crate::cpu_gemm::{gemm, View};
+use crate::cpu_gemm::{cpu_f32, gemm, View};
 
 /// Feature maps of at most this many pixels take the one-GEMM path.
 const ONE_GEMM_MAX_PIXELS: usize = 16;
@@ -102,12 +102,10 @@ impl Conv3x3 {
     fn shifted(&self, x: &Tensor, taps: &[f32]) -> Result<Tensor> {
         let (b, c_in, h, w) = x.dims4()?;
         let x = x.contiguous()?;
-        let (storage, layout) = x.storage_and_layout();
-        let Storage::Cpu(cpu) = &*storage else { candle_core::bail!("Conv3x3: the shifted path is CPU-only") };
-        let input = &cpu.as_slice::<f32>()?[layout.start_offset()..][..b * c_in * h * w];
+        let input = cpu_f32(&x)?;
         let planes = Planes::new((h, w), self.stride, self.padding);
         let tile = column_tile(self.c_out, planes.columns());
-        let out = shifted_conv3x3(input, (b, c_in, h, w), &planes, taps, self.c_out, self.bias_f32.as_deref(), tile);
+        let out = shifted_conv3x3(&input, (b, c_in, h, w), &planes, taps, self.c_out, self.bias_f32.as_deref(), tile);
         Tensor::from_vec(out, (b, self.c_out, planes.out_h, planes.out_w), &Device::Cpu)
     }
 }

@@ -1,23 +1,52 @@
 //! f32 matrix products on the CPU with the `gemm` crate (candle's own CPU GEMM), on strided
 //! views of slices, for the kernels candle's ops would spend copies or passes on (the 3x3
-//! convolutions, attention). The one `unsafe` call sits here, behind bounds checks.
+//! convolutions, attention, linear layers), and the f32 values of a CPU tensor they read. The
+//! one `unsafe` call sits here, behind bounds checks.
 
-/// `rows x cols` f32 values at `data[r * row_stride + c * col_stride]`.
+use candle_core::{Result, Storage, StorageRef, Tensor};
+
+/// The f32 values of a contiguous CPU tensor, read in place (the guard holds the tensor's
+/// storage for reading while they are in use).
+pub(crate) struct CpuF32<'a> {
+    storage: StorageRef<'a>,
+    range: std::ops::Range<usize>,
+}
+
+/// `t`'s values, or an error if it is not a contiguous f32 CPU tensor.
+pub(crate) fn cpu_f32(t: &Tensor) -> Result<CpuF32<'_>> {
+    let (storage, layout) = t.storage_and_layout();
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("a contiguous tensor expected, not one of stride {:?}", layout.stride())
+    };
+    let Storage::Cpu(cpu) = &*storage else { candle_core::bail!("a CPU tensor expected, not {:?}", t.device()) };
+    cpu.as_slice::<f32>()?;
+    Ok(CpuF32 { storage, range: start..end })
+}
+
+impl std::ops::Deref for CpuF32<'_> {
+    type Target = [f32];
+
+    fn deref(&self) -> &[f32] {
+        let Storage::Cpu(cpu) = &*self.storage else { unreachable!("checked by cpu_f32") };
+        &cpu.as_slice::<f32>().expect("checked by cpu_f32")[self.range.clone()]
+    }
+}
+
+/// `rows x cols` f32 values at `data[r * row_stride + c]`: a row-major matrix whose rows start
+/// `row_stride` elements apart.
 #[derive(Clone, Copy)]
 pub(crate) struct View<'a> {
     pub data: &'a [f32],
     pub row_stride: usize,
-    pub col_stride: usize,
 }
 
 impl<'a> View<'a> {
-    /// A row-major matrix whose rows start `row_stride` elements apart.
     pub fn rows(data: &'a [f32], row_stride: usize) -> Self {
-        Self { data, row_stride, col_stride: 1 }
+        Self { data, row_stride }
     }
 
     fn fits(&self, rows: usize, cols: usize) -> bool {
-        rows == 0 || cols == 0 || (rows - 1) * self.row_stride + (cols - 1) * self.col_stride < self.data.len()
+        rows == 0 || cols == 0 || (rows - 1) * self.row_stride + cols - 1 < self.data.len()
     }
 }
 
@@ -55,8 +84,8 @@ pub(crate) fn gemm(
     let mut first = 0;
     loop {
         let depth = block.min(k - first);
-        // SAFETY: dst, lhs and rhs are addressed as [row * row_stride + col * col_stride]
-        // within their slices (asserted above for the whole of k; this block's columns of lhs
+        // SAFETY: dst, lhs and rhs are addressed as [row * row_stride + col] within their
+        // slices (asserted above for the whole of k; this block's columns of lhs
         // and rows of rhs are a part of it); dst does not alias lhs or rhs (a &mut and two &
         // borrows).
         unsafe {
@@ -68,11 +97,11 @@ pub(crate) fn gemm(
                 1,
                 dst_row_stride as isize,
                 accumulate || first > 0,
-                lhs.data.as_ptr().add(first * lhs.col_stride),
-                lhs.col_stride as isize,
+                lhs.data.as_ptr().add(first),
+                1,
                 lhs.row_stride as isize,
                 rhs.data.as_ptr().add(first * rhs.row_stride),
-                rhs.col_stride as isize,
+                1,
                 rhs.row_stride as isize,
                 1.0,
                 scale,

@@ -2,10 +2,21 @@
 //! arithmetic the compiler vectorises (libm's `expf` and candle's f64 `erf` are calls per
 //! element).
 //!
-//! A portable build compiles them for SSE2 alone; the loops that call them are
-//! `#[multiversion(targets(...SIMD_TARGETS...))]`, compiled again for AVX-512 and AVX2 + FMA
-//! and picked at run time (the same bits on every target: no reassociation, and FMA is never
-//! contracted implicitly in Rust).
+//! A portable build compiles them for SSE2 alone; the loops that call them are declared in
+//! [`simd_kernel!`], which compiles them again for AVX-512 and AVX2 + FMA and picks one at run
+//! time (the same bits on every target: no reassociation, and FMA is never contracted
+//! implicitly in Rust).
+
+/// Declares functions compiled for AVX-512 and for AVX2 + FMA besides the portable build, the
+/// best the CPU runs picked at run time (`multiversion`). Its own `"simd"` target list stops at
+/// AVX2.
+macro_rules! simd_kernel {
+    ($($function:item)*) => {$(
+        #[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512dq+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+        $function
+    )*};
+}
+pub(crate) use simd_kernel;
 
 /// e^x for x <= 0 within 3 ulp (e^-87.3 and below give ~1e-38, not 0): e^x = 2^i · e^f with
 /// i = round(x·log2 e) and f = x - i·ln 2 (ln 2 in two parts, so f is exact; |f| <= ln2 / 2), e^f

@@ -13,10 +13,10 @@
 //! n are; one row goes through `gemm`'s matrix-vector path, so callers whose row count can be
 //! one use [`crate::blocks::per_row`]).
 
-use candle_core::{DType, Device, Module, Result, Storage, Tensor};
+use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn as nn;
 
-use crate::cpu_gemm::{gemm, View};
+use crate::cpu_gemm::{cpu_f32, gemm, View};
 
 #[derive(Debug, Clone)]
 pub struct Linear {
@@ -91,12 +91,8 @@ impl Linear {
             Some(bias) => bias.repeat(rows),
             None => vec![0f32; rows * n],
         };
-        {
-            let (storage, layout) = x.storage_and_layout();
-            let Storage::Cpu(cpu) = &*storage else { candle_core::bail!("Linear: the f32 path is CPU-only") };
-            let input = &cpu.as_slice::<f32>()?[layout.start_offset()..][..rows * k];
-            gemm((&mut out, n), View::rows(input, k), View::rows(weight_t, n), (rows, n, k), 1.0, bias.is_some(), true);
-        }
+        let input = cpu_f32(&x)?;
+        gemm((&mut out, n), View::rows(&input, k), View::rows(weight_t, n), (rows, n, k), 1.0, bias.is_some(), true);
         let mut dims = x.dims().to_vec();
         *dims.last_mut().expect("at least one dim") = n;
         Tensor::from_vec(out, dims, &Device::Cpu)

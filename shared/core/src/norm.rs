@@ -10,7 +10,7 @@
 //! (kernels/group_norm.cu; statistics in f32), unless SDMESH_CUDA_GROUP_NORM=0. Other
 //! devices and dtypes use candle's ops.
 
-use candle_core::{DType, Device, Module, Result, Storage, Tensor};
+use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn as nn;
 
 use crate::fast_math::lane_fold;
@@ -72,10 +72,14 @@ impl GroupNorm {
         let dims = x.dims().to_vec();
         let spatial: usize = dims[2..].iter().product();
         let x = x.contiguous()?;
-        let (storage, layout) = x.storage_and_layout();
-        let Storage::Cpu(cpu) = &*storage else { return Ok(None) };
-        let input = &cpu.as_slice::<f32>()?[layout.start_offset()..][..x.elem_count()];
-        let out = group_norm_f32(input, (self.channels, spatial), self.groups, self.eps, (weight, bias), silu);
+        let out = group_norm_f32(
+            &crate::cpu_gemm::cpu_f32(&x)?,
+            (self.channels, spatial),
+            self.groups,
+            self.eps,
+            (weight, bias),
+            silu,
+        );
         Ok(Some(Tensor::from_vec(out, dims, &Device::Cpu)?))
     }
 }
@@ -229,27 +233,35 @@ fn group_norm_f32(
     out
 }
 
-/// One group of `spatial`-long channels, `x` -> `out`: its mean and variance, then each
-/// channel's affine (`weight`, `bias` from the group's first channel), then SiLU if `silu`.
-#[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512dq+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn normalize_group(out: &mut [f32], x: &[f32], spatial: usize, eps: f64, (weight, bias): (&[f32], &[f32]), silu: bool) {
-    let n = x.len() as f64;
-    // f64 sums in lane_fold's eight lanes.
-    let mean = lane_fold(x, 0.0, |a, v| a + f64::from(v), |a, b| a + b) / n;
-    let var = lane_fold(x, 0.0, |a, v| a + (f64::from(v) - mean).powi(2), |a, b| a + b) / n;
-    let inv_std = 1.0 / (var + eps).sqrt();
-    for (c, (out, x)) in out.chunks_mut(spatial).zip(x.chunks(spatial)).enumerate() {
-        // y = (x - mean) * inv_std * w + b = x * scale + shift
-        let scale = inv_std * f64::from(weight[c]);
-        let shift = f64::from(bias[c]) - mean * scale;
-        let (scale, shift) = (scale as f32, shift as f32);
-        if silu {
-            for (o, &v) in out.iter_mut().zip(x) {
-                *o = crate::fast_math::silu(v * scale + shift);
-            }
-        } else {
-            for (o, &v) in out.iter_mut().zip(x) {
-                *o = v * scale + shift;
+crate::fast_math::simd_kernel! {
+    /// One group of `spatial`-long channels, `x` -> `out`: its mean and variance, then each
+    /// channel's affine (`weight`, `bias` from the group's first channel), then SiLU if `silu`.
+    fn normalize_group(
+        out: &mut [f32],
+        x: &[f32],
+        spatial: usize,
+        eps: f64,
+        (weight, bias): (&[f32], &[f32]),
+        silu: bool,
+    ) {
+        let n = x.len() as f64;
+        // f64 sums in lane_fold's eight lanes.
+        let mean = lane_fold(x, 0.0, |a, v| a + f64::from(v), |a, b| a + b) / n;
+        let var = lane_fold(x, 0.0, |a, v| a + (f64::from(v) - mean).powi(2), |a, b| a + b) / n;
+        let inv_std = 1.0 / (var + eps).sqrt();
+        for (c, (out, x)) in out.chunks_mut(spatial).zip(x.chunks(spatial)).enumerate() {
+            // y = (x - mean) * inv_std * w + b = x * scale + shift
+            let scale = inv_std * f64::from(weight[c]);
+            let shift = f64::from(bias[c]) - mean * scale;
+            let (scale, shift) = (scale as f32, shift as f32);
+            if silu {
+                for (o, &v) in out.iter_mut().zip(x) {
+                    *o = crate::fast_math::silu(v * scale + shift);
+                }
+            } else {
+                for (o, &v) in out.iter_mut().zip(x) {
+                    *o = v * scale + shift;
+                }
             }
         }
     }

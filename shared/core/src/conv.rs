@@ -146,7 +146,7 @@ const TILE_ACC_ELEMENTS: usize = 32 * 1024;
 /// shape alone, so batching cannot change an image's result.
 fn column_tile(c_out: usize, columns: usize) -> usize {
     let tile = (TILE_ACC_ELEMENTS / c_out).max(64).next_multiple_of(16);
-    if columns.div_ceil(tile) < 2 * candle_core::utils::get_num_threads() {
+    if columns.div_ceil(tile) < 2 * crate::cpu_gemm::cpu_threads() {
         columns
     } else {
         tile

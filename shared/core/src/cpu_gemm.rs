@@ -32,6 +32,13 @@ impl std::ops::Deref for CpuF32<'_> {
     }
 }
 
+/// The threads the CPU kernels split work over: candle's count, read once. (candle re-reads
+/// it on every call, and without `RAYON_NUM_THREADS` that parses /proc/cpuinfo each time.)
+pub(crate) fn cpu_threads() -> usize {
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(candle_core::utils::get_num_threads)
+}
+
 /// `rows x cols` f32 values at `data[r * row_stride + c]`: a row-major matrix whose rows start
 /// `row_stride` elements apart.
 #[derive(Clone, Copy)]
@@ -78,7 +85,7 @@ pub(crate) fn gemm(
     if m == 0 || n == 0 {
         return; // no dst element (and the views may be empty)
     }
-    let threads = if parallel { candle_core::utils::get_num_threads() } else { 1 };
+    let threads = if parallel { cpu_threads() } else { 1 };
     let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     let block = k.div_ceil(k.div_ceil(K_BLOCK).max(1)).max(1);
     let mut first = 0;

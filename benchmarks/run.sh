@@ -32,7 +32,7 @@ full=$MODELS/sd21-full-arch
 steps=10; [ -n "$QUICK" ] && steps=4
 
 # 1. mesh vs in-process
-$bench overhead --model $tiny --size 64 --steps 20 --jobs 10 >> "$out"
+$bench overhead --model $tiny --size 64 --steps 20 --jobs 20 >> "$out"
 $bench overhead --model $medium --size 256 --steps $steps --jobs 3 >> "$out"
 # 2. throughput, batching on and off (128 px keeps 16 concurrent jobs within minutes on a CPU)
 $bench throughput --model $medium --size 128 --steps 5 --concurrency 1,2,4,8,16 >> "$out"

@@ -25,11 +25,12 @@ if agree:
 over = [l for l in lines if l.get("bench") == "overhead"]
 if over:
     print("## 1. Mesh (gRPC over loopback) vs in-process, same jobs\n")
-    print("| model | size | steps | mesh s/job | in-process s/job | overhead ms/step | ratio |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| model | size | steps | mesh s/job | in-process s/job | overhead ms/step (median pair) | mean | ratio |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for l in over:
         print(f"| {l['model']} | {l['size']} | {l['steps']} | {l['mesh_s_per_job']:.3f} | "
-              f"{l['in_process_s_per_job']:.3f} | {l['overhead_ms_per_step']:+.2f} | {l['ratio']:.3f} |")
+              f"{l['in_process_s_per_job']:.3f} | {l['overhead_ms_per_step']:+.2f} | "
+              f"{l.get('mean_overhead_ms_per_step', l['overhead_ms_per_step']):+.2f} | {l['ratio']:.3f} |")
     print()
 
 thr = [l for l in lines if l.get("bench") == "throughput"]

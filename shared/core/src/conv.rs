@@ -29,21 +29,27 @@ const ONE_GEMM_MAX_PIXELS: usize = 16;
 
 #[derive(Debug, Clone)]
 pub struct Conv3x3 {
-    /// candle's convolution (and the weights as loaded).
-    inner: nn::Conv2d,
-    /// [c_out, c_in * 9], rows in the im2col column order (channel, then kernel row, column).
-    weight_2d: Tensor,
-    /// The weights as nine [c_out, c_in] matrices, one per tap (row-major taps), when the
-    /// model is f32 on the CPU.
-    taps: Option<Vec<f32>>,
-    bias: Option<Tensor>,
-    bias_f32: Option<Vec<f32>>,
+    weights: Weights,
     c_in: usize,
     c_out: usize,
     /// 1 (with padding 1) or 2 (with padding 0 or 1).
     stride: usize,
     padding: usize,
     span: tracing::Span,
+}
+
+/// The weights, held once: in the CPU paths' layout when the model is f32 on the CPU (candle's
+/// copy is dropped), else as candle's convolution.
+#[derive(Debug, Clone)]
+enum Weights {
+    /// `weight`: [c_out, 9 * c_in], each row tap-major (tap = 3 * kh + kw, then the input
+    /// channel), so tap t is the [c_out, c_in] matrix at column t * c_in (rows 9 * c_in apart)
+    /// and the one-GEMM path's columns are (tap, channel) too.
+    CpuF32 {
+        weight: Vec<f32>,
+        bias: Option<Vec<f32>>,
+    },
+    Candle(nn::Conv2d),
 }
 
 impl Conv3x3 {
@@ -55,9 +61,9 @@ impl Conv3x3 {
 
     /// Wraps a loaded 3x3 convolution: stride 1 with padding 1, or stride 2 (the samplers) with
     /// padding 0 or 1.
-    pub fn from_conv(inner: nn::Conv2d) -> Result<Self> {
-        let (c_out, c_in, kh, kw) = inner.weight().dims4()?;
-        let config = inner.config();
+    pub fn from_conv(conv: nn::Conv2d) -> Result<Self> {
+        let (c_out, c_in, kh, kw) = conv.weight().dims4()?;
+        let config = conv.config();
         let (stride, padding) = (config.stride, config.padding);
         if (kh, kw) != (3, 3)
             || !matches!((stride, padding), (1, 1) | (2, 0) | (2, 1))
@@ -66,22 +72,23 @@ impl Conv3x3 {
         {
             candle_core::bail!("Conv3x3: a {kh}x{kw} convolution with {config:?}");
         }
-        let weight_2d = inner.weight().reshape((c_out, c_in * 9))?;
-        let bias = inner.bias().cloned();
-        let cpu_f32 = inner.weight().device().is_cpu() && inner.weight().dtype() == DType::F32;
-        let (taps, bias_f32) = if cpu_f32 {
-            let taps = inner.weight().permute((2, 3, 0, 1))?.flatten_all()?.to_vec1::<f32>()?;
-            (Some(taps), bias.as_ref().map(|b| b.to_vec1::<f32>()).transpose()?)
+        let weights = if conv.weight().device().is_cpu() && conv.weight().dtype() == DType::F32 {
+            // [c_out, c_in, kh, kw] -> [c_out, kh, kw, c_in]
+            let weight = conv.weight().permute((0, 2, 3, 1))?.flatten_all()?.to_vec1::<f32>()?;
+            let bias = conv.bias().map(|b| b.to_vec1::<f32>()).transpose()?;
+            Weights::CpuF32 { weight, bias }
         } else {
-            (None, None)
+            Weights::Candle(conv)
         };
         let span = tracing::span!(tracing::Level::TRACE, "conv3x3");
-        Ok(Self { inner, weight_2d, taps, bias, bias_f32, c_in, c_out, stride, padding, span })
+        Ok(Self { weights, c_in, c_out, stride, padding, span })
     }
 
-    fn one_gemm(&self, x: &Tensor) -> Result<Tensor> {
+    /// The one-GEMM path: the batch's im2col columns [9 * c_in, b * h * w] (tap, channel)
+    /// side by side, one product with `weight`, `bias` its starting value.
+    fn one_gemm(&self, x: &Tensor, weight: &[f32], bias: Option<&[f32]>) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
-        let c_out = self.c_out;
+        let (c_out, n) = (self.c_out, b * h * w);
         let padded = x.pad_with_zeros(D::Minus1, 1, 1)?.pad_with_zeros(D::Minus2, 1, 1)?;
         let mut taps = Vec::with_capacity(9);
         for kh in 0..3 {
@@ -89,23 +96,35 @@ impl Conv3x3 {
                 taps.push(padded.narrow(2, kh, h)?.narrow(3, kw, w)?);
             }
         }
-        // [B, C, 9, H, W] -> [C, 9, B, H, W] -> [C * 9, B * H * W]
-        let columns = Tensor::stack(&taps, 2)?.permute((1, 2, 0, 3, 4))?.contiguous()?.reshape((c * 9, b * h * w))?;
-        let out = self.weight_2d.matmul(&columns)?.reshape((c_out, b, h, w))?.permute((1, 0, 2, 3))?;
-        match &self.bias {
-            Some(bias) => out.broadcast_add(&bias.reshape((1, c_out, 1, 1))?),
-            None => out.contiguous(),
+        // [B, 9, C, H, W] -> [9, C, B, H, W] -> [9 * C, B * H * W]
+        let columns = Tensor::stack(&taps, 1)?.permute((1, 2, 0, 3, 4))?.contiguous()?;
+        let columns = cpu_f32(&columns)?;
+        let mut out = vec![0f32; c_out * n];
+        if let Some(bias) = bias {
+            for (row, &b) in out.chunks_mut(n).zip(bias) {
+                row.fill(b);
+            }
         }
+        gemm(
+            (&mut out, n),
+            View::rows(weight, 9 * c),
+            View::rows(&columns, n),
+            (c_out, n, 9 * c),
+            1.0,
+            bias.is_some(),
+            true,
+        );
+        Tensor::from_vec(out, (c_out, b, h, w), &Device::Cpu)?.permute((1, 0, 2, 3))?.contiguous()
     }
 
-    /// The shifted-GEMM path; `taps` are this convolution's [9, c_out, c_in] f32 weights.
-    fn shifted(&self, x: &Tensor, taps: &[f32]) -> Result<Tensor> {
+    /// The shifted-GEMM path.
+    fn shifted(&self, x: &Tensor, weight: &[f32], bias: Option<&[f32]>) -> Result<Tensor> {
         let (b, c_in, h, w) = x.dims4()?;
         let x = x.contiguous()?;
         let input = cpu_f32(&x)?;
         let planes = Planes::new((h, w), self.stride, self.padding);
         let tile = column_tile(self.c_out, planes.columns());
-        let out = shifted_conv3x3(&input, (b, c_in, h, w), &planes, taps, self.c_out, self.bias_f32.as_deref(), tile);
+        let out = shifted_conv3x3(&input, (b, c_in, h, w), &planes, weight, self.c_out, bias, tile);
         Tensor::from_vec(out, (b, self.c_out, planes.out_h, planes.out_w), &Device::Cpu)
     }
 }
@@ -121,17 +140,15 @@ impl Module for Conv3x3 {
             // candle's kernel would underflow its output size.
             candle_core::bail!("Conv3x3: a {h}x{w} map with padding {} is smaller than the kernel", self.padding);
         }
-        match &self.taps {
-            Some(_)
-                if x.dtype() == DType::F32
-                    && x.device().is_cpu()
-                    && self.stride == 1
-                    && h * w <= ONE_GEMM_MAX_PIXELS =>
-            {
-                self.one_gemm(x)
+        match &self.weights {
+            Weights::Candle(conv) => conv.forward(x),
+            Weights::CpuF32 { .. } if x.dtype() != DType::F32 || !x.device().is_cpu() => {
+                candle_core::bail!("Conv3x3: f32 CPU weights, a {:?} input on {:?}", x.dtype(), x.device())
             }
-            Some(taps) if x.dtype() == DType::F32 && x.device().is_cpu() => self.shifted(x, taps),
-            _ => self.inner.forward(x),
+            Weights::CpuF32 { weight, bias } if self.stride == 1 && h * w <= ONE_GEMM_MAX_PIXELS => {
+                self.one_gemm(x, weight, bias.as_deref())
+            }
+            Weights::CpuF32 { weight, bias } => self.shifted(x, weight, bias.as_deref()),
         }
     }
 }
@@ -212,7 +229,7 @@ impl Planes {
 }
 
 /// The shifted-GEMM 3x3 convolution of `input` (NCHW `dims`, contiguous) laid out as `planes`
-/// say, with `taps` ([9][c_out][c_in]) plus `bias`: [b, c_out, out_h, out_w], computed `tile`
+/// say, with `weight` ([c_out, 9 * c_in], tap-major rows) plus `bias`: [b, c_out, out_h, out_w], computed `tile`
 /// output columns at a time (of `planes.columns()`).
 ///
 /// Large maps are cut into tiles, each run through all nine taps by one thread while its
@@ -223,7 +240,7 @@ fn shifted_conv3x3(
     input: &[f32],
     (b, c_in, h, w): (usize, usize, usize, usize),
     planes: &Planes,
-    taps: &[f32],
+    weight: &[f32],
     c_out: usize,
     bias: Option<&[f32]>,
     tile: usize,
@@ -250,7 +267,7 @@ fn shifted_conv3x3(
             for (tap, &offset) in planes.offsets.iter().enumerate() {
                 gemm(
                     (acc, tile),
-                    View::rows(&taps[tap * c_out * c_in..][..c_out * c_in], c_in),
+                    View::rows(&weight[tap * c_in..], 9 * c_in),
                     View::rows(&padded[offset + first..], channel),
                     (c_out, width, c_in),
                     1.0,
@@ -289,10 +306,20 @@ mod tests {
     use super::*;
     use crate::test_support::{max_abs, max_diff, randn};
 
-    fn conv(c_in: usize, c_out: usize, bias: bool) -> Conv3x3 {
+    /// Ours and candle's convolution, with the same random weights.
+    fn conv(c_in: usize, c_out: usize, bias: bool) -> (Conv3x3, nn::Conv2d) {
         let w = (randn(1, &[c_out, c_in, 3, 3]) * 0.2).unwrap();
         let b = bias.then(|| (randn(2, &[c_out]) * 0.2).unwrap());
-        Conv3x3::from_conv(nn::Conv2d::new(w, b, nn::Conv2dConfig { padding: 1, ..Default::default() })).unwrap()
+        let candle = nn::Conv2d::new(w, b, nn::Conv2dConfig { padding: 1, ..Default::default() });
+        (Conv3x3::from_conv(candle.clone()).unwrap(), candle)
+    }
+
+    /// The CPU paths' weights and bias.
+    fn cpu_weights(conv: &Conv3x3) -> (&[f32], Option<&[f32]>) {
+        match &conv.weights {
+            Weights::CpuF32 { weight, bias } => (weight, bias.as_deref()),
+            Weights::Candle(_) => panic!("an f32 CPU convolution keeps candle's weights"),
+        }
     }
 
     /// Both CPU paths give candle's convolution up to f32 rounding, at every map shape
@@ -302,11 +329,11 @@ mod tests {
     #[test]
     fn cpu_paths_match_candles_convolution() {
         for (seed, (c_in, c_out, bias)) in [(24, 40, true), (5, 3, false), (1, 7, true)].into_iter().enumerate() {
-            let conv = conv(c_in, c_out, bias);
+            let (conv, candle) = conv(c_in, c_out, bias);
             for (b, h, w) in [(1, 4, 4), (3, 2, 2), (2, 1, 3), (5, 4, 2), (1, 5, 4), (2, 7, 1), (3, 9, 13), (1, 32, 32)]
             {
                 let x = randn(10 + seed as u64, &[b, c_in, h, w]);
-                let expected = conv.inner.forward(&x).unwrap();
+                let expected = candle.forward(&x).unwrap();
                 let actual = conv.forward(&x).unwrap();
                 assert_eq!(actual.dims(), expected.dims());
                 let diff = max_diff(&actual, &expected);
@@ -320,16 +347,16 @@ mod tests {
     /// that cut rows anywhere, a short last tile, one tile per row, one tile for all.
     #[test]
     fn tiling_the_shifted_path_keeps_the_result() {
-        let conv = conv(24, 40, true);
+        let (conv, candle) = conv(24, 40, true);
         let (b, h, w) = (2, 9, 13);
         let x = randn(7, &[b, 24, h, w]);
-        let expected = conv.inner.forward(&x).unwrap();
+        let expected = candle.forward(&x).unwrap();
         let scale = max_abs(&expected).max(1.0);
         let input = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let (taps, bias) = (conv.taps.as_deref().unwrap(), conv.bias_f32.as_deref());
+        let (weight, bias) = cpu_weights(&conv);
         let planes = Planes::new((h, w), 1, 1);
         for tile in [16, 37, w + 2, 64, h * (w + 2)] {
-            let out = shifted_conv3x3(&input, (b, 24, h, w), &planes, taps, 40, bias, tile);
+            let out = shifted_conv3x3(&input, (b, 24, h, w), &planes, weight, 40, bias, tile);
             let out = Tensor::from_vec(out, (b, 40, h, w), &Device::Cpu).unwrap();
             let diff = max_diff(&out, &expected);
             assert!(diff <= 1e-5 * scale, "tile {tile}: {diff:e} at scale {scale}");
@@ -339,7 +366,7 @@ mod tests {
     /// An image's output is the same bits alone or in any batch, on either path.
     #[test]
     fn an_images_output_does_not_depend_on_its_batch() {
-        let conv = conv(16, 8, true);
+        let (conv, _) = conv(16, 8, true);
         for (h, w) in [(4, 4), (12, 10)] {
             let batch = randn(3, &[4, 16, h, w]);
             let together = conv.forward(&batch).unwrap();
@@ -350,11 +377,12 @@ mod tests {
         }
     }
 
-    fn conv_with(c_in: usize, c_out: usize, stride: usize, padding: usize) -> Conv3x3 {
+    fn conv_with(c_in: usize, c_out: usize, stride: usize, padding: usize) -> (Conv3x3, nn::Conv2d) {
         let w = (randn(8, &[c_out, c_in, 3, 3]) * 0.2).unwrap();
         let b = (randn(9, &[c_out]) * 0.2).unwrap();
         let config = nn::Conv2dConfig { stride, padding, ..Default::default() };
-        Conv3x3::from_conv(nn::Conv2d::new(w, Some(b), config)).unwrap()
+        let candle = nn::Conv2d::new(w, Some(b), config);
+        (Conv3x3::from_conv(candle.clone()).unwrap(), candle)
     }
 
     /// Stride 2 (the samplers), with padding 1 (UNet) and 0 (VAE, after its own right/bottom
@@ -364,16 +392,16 @@ mod tests {
     #[test]
     fn stride_two_matches_candles_convolution() {
         for padding in [0, 1] {
-            let conv = conv_with(12, 20, 2, padding);
+            let (conv, candle) = conv_with(12, 20, 2, padding);
             assert!(Conv3x3::from_conv(nn::Conv2d::new(
-                conv.inner.weight().clone(),
+                candle.weight().clone(),
                 None,
                 nn::Conv2dConfig { stride: 2, padding: 2, ..Default::default() }
             ))
             .is_err());
             for (b, h, w) in [(2, 8, 8), (1, 9, 7), (3, 4, 13), (1, 3, 3), (2, 17, 3), (1, 33, 32)] {
                 let x = randn(11, &[b, 12, h, w]);
-                let expected = conv.inner.forward(&x).unwrap();
+                let expected = candle.forward(&x).unwrap();
                 let actual = conv.forward(&x).unwrap();
                 assert_eq!(actual.dims(), expected.dims(), "padding {padding}, {h}x{w}");
                 let scale = max_abs(&expected).max(1.0);
@@ -381,9 +409,9 @@ mod tests {
                 assert!(diff <= 1e-5 * scale, "padding {padding}, {b}x{h}x{w}: {diff:e} at scale {scale}");
                 let planes = Planes::new((h, w), 2, padding);
                 let input = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                let (taps, bias) = (conv.taps.as_deref().unwrap(), conv.bias_f32.as_deref());
+                let (weight, bias) = cpu_weights(&conv);
                 for tile in [7, planes.row, planes.columns()] {
-                    let out = shifted_conv3x3(&input, (b, 12, h, w), &planes, taps, 20, bias, tile);
+                    let out = shifted_conv3x3(&input, (b, 12, h, w), &planes, weight, 20, bias, tile);
                     let out = Tensor::from_vec(out, expected.dims(), &Device::Cpu).unwrap();
                     assert!(max_diff(&out, &expected) <= 1e-5 * scale, "tile {tile}, {h}x{w}");
                 }
@@ -393,25 +421,27 @@ mod tests {
                 }
             }
         }
-        let error = conv_with(3, 4, 2, 0).forward(&randn(12, &[1, 3, 2, 5])).unwrap_err();
+        let error = conv_with(3, 4, 2, 0).0.forward(&randn(12, &[1, 3, 2, 5])).unwrap_err();
         assert!(error.to_string().contains("smaller than the kernel"), "{error}");
     }
 
-    /// A strided (non-contiguous) input is handled, and other dtypes use candle's kernel.
+    /// A strided (non-contiguous) input is handled; other dtypes keep candle's weights and
+    /// kernel; an input of another dtype than f32 weights is an error, not a crash.
     #[test]
     fn strided_inputs_and_other_dtypes() {
-        let conv = conv(6, 4, true);
+        let (conv, candle) = conv(6, 4, true);
         let x = randn(4, &[2, 6, 9, 7]);
         let transposed = x.transpose(2, 3).unwrap();
-        let diff = max_diff(
-            &conv.forward(&transposed).unwrap(),
-            &conv.inner.forward(&transposed.contiguous().unwrap()).unwrap(),
-        );
+        let diff =
+            max_diff(&conv.forward(&transposed).unwrap(), &candle.forward(&transposed.contiguous().unwrap()).unwrap());
         assert!(diff < 1e-5, "strided input: {diff}");
-        let half = conv.inner.weight().to_dtype(DType::F16).unwrap();
-        let conv16 = Conv3x3::from_conv(nn::Conv2d::new(half, None, *conv.inner.config())).unwrap();
-        assert!(conv16.taps.is_none());
-        let out = conv16.forward(&x.to_dtype(DType::F16).unwrap()).unwrap();
+        let half = candle.weight().to_dtype(DType::F16).unwrap();
+        let conv16 = Conv3x3::from_conv(nn::Conv2d::new(half, None, *candle.config())).unwrap();
+        assert!(matches!(conv16.weights, Weights::Candle(_)));
+        let x16 = x.to_dtype(DType::F16).unwrap();
+        let out = conv16.forward(&x16).unwrap();
         assert_eq!(out.dtype(), DType::F16);
+        let error = conv.forward(&x16).unwrap_err();
+        assert!(error.to_string().contains("f32 CPU weights"), "{error}");
     }
 }

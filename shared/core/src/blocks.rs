@@ -155,16 +155,18 @@ impl ResnetBlock2D {
             Some(conv_shortcut) => conv_shortcut.forward(xs)?,
             None => xs.clone(),
         };
-        let xs = self.conv1.forward(&self.norm1.forward_silu(xs)?)?;
-        let xs = match (temb, &self.time_emb_proj) {
-            (Some(temb), Some(time_emb_proj)) => per_row(time_emb_proj, &nn::ops::silu(temb)?)?
-                .unsqueeze(D::Minus1)?
-                .unsqueeze(D::Minus1)?
-                .broadcast_add(&xs)?,
-            _ => xs,
+        // The time embedding and the skip connection are added in the convolutions' output
+        // passes.
+        let time = match (temb, &self.time_emb_proj) {
+            (Some(temb), Some(time_emb_proj)) => Some(per_row(time_emb_proj, &nn::ops::silu(temb)?)?),
+            _ => None,
         };
-        let xs = self.conv2.forward(&self.norm2.forward_silu(&xs)?)?;
-        (shortcut_xs + xs)? / self.config.output_scale_factor
+        let xs = self.conv1.forward_add(&self.norm1.forward_silu(xs)?, time.as_ref(), None)?;
+        let xs = self.conv2.forward_add(&self.norm2.forward_silu(&xs)?, None, Some(&shortcut_xs))?;
+        match self.config.output_scale_factor {
+            1.0 => Ok(xs),
+            scale => xs / scale,
+        }
     }
 }
 
@@ -232,14 +234,12 @@ impl Upsample2D {
 impl Upsample2D {
     pub fn forward(&self, xs: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
         let _enter = self.span.enter();
-        let xs = match size {
-            None => {
-                let (_bsize, _channels, h, w) = xs.dims4()?;
-                xs.upsample_nearest2d(2 * h, 2 * w)?
-            }
-            Some((h, w)) => xs.upsample_nearest2d(h, w)?,
-        };
-        self.conv.forward(&xs)
+        let (_, _, h, w) = xs.dims4()?;
+        match size {
+            None => self.conv.forward_upsampled(xs),
+            Some(size) if size == (2 * h, 2 * w) => self.conv.forward_upsampled(xs),
+            Some((h, w)) => self.conv.forward(&xs.upsample_nearest2d(h, w)?),
+        }
     }
 }
 

@@ -117,39 +117,118 @@ impl Conv3x3 {
         Tensor::from_vec(out, (c_out, b, h, w), &Device::Cpu)?.permute((1, 0, 2, 3))?.contiguous()
     }
 
-    /// The shifted-GEMM path.
-    fn shifted(&self, x: &Tensor, weight: &[f32], bias: Option<&[f32]>) -> Result<Tensor> {
+    /// The shifted-GEMM path; `upsample`: `x` is the half-size input, doubled (nearest) on the
+    /// way into the padded planes.
+    fn shifted(&self, x: &Tensor, upsample: bool, weight: &[f32], adds: Adds<'_>) -> Result<Tensor> {
         let (b, c_in, h, w) = x.dims4()?;
         let x = x.contiguous()?;
         let input = cpu_f32(&x)?;
-        let planes = Planes::new((h, w), self.stride, self.padding);
+        let planes = match upsample {
+            true => Planes::upsampled((h, w)),
+            false => Planes::new((h, w), self.stride, self.padding),
+        };
+        let (out_h, out_w) = (planes.out_h, planes.out_w);
         let tile = column_tile(self.c_out, planes.columns());
-        let out = shifted_conv3x3(&input, (b, c_in, h, w), &planes, weight, self.c_out, bias, tile);
-        Tensor::from_vec(out, (b, self.c_out, planes.out_h, planes.out_w), &Device::Cpu)
+        // The tensors the output pass adds, checked against the output's shape.
+        let per_channel = adds.per_channel.map(|t| t.contiguous()).transpose()?;
+        let residual = adds.residual.map(|t| t.contiguous()).transpose()?;
+        if let Some(t) = &per_channel {
+            if t.dims() != [b, self.c_out] || t.dtype() != DType::F32 {
+                candle_core::bail!(
+                    "Conv3x3: a per-channel addition of {:?} {:?} to [{b}, {}]",
+                    t.dtype(),
+                    t.dims(),
+                    self.c_out
+                )
+            }
+        }
+        if let Some(t) = &residual {
+            if t.dims() != [b, self.c_out, out_h, out_w] || t.dtype() != DType::F32 {
+                candle_core::bail!(
+                    "Conv3x3: a residual of {:?} {:?} to [{b}, {}, {out_h}, {out_w}]",
+                    t.dtype(),
+                    t.dims(),
+                    self.c_out
+                )
+            }
+        }
+        let per_channel = per_channel.as_ref().map(cpu_f32).transpose()?;
+        let residual = residual.as_ref().map(cpu_f32).transpose()?;
+        let epilogue = Epilogue { bias: adds.bias, per_channel: per_channel.as_deref(), residual: residual.as_deref() };
+        let out = shifted_conv3x3(&input, (b, c_in, h, w), &planes, weight, self.c_out, epilogue, tile);
+        Tensor::from_vec(out, (b, self.c_out, out_h, out_w), &Device::Cpu)
     }
-}
 
-impl Module for Conv3x3 {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// `conv(x) + per_channel + residual`, the additions done in the convolution's output
+    /// pass on the CPU paths (a ResNet block's time embedding and skip connection: two passes
+    /// over the activation saved). `per_channel`: [b, c_out], broadcast over the map;
+    /// `residual`: the output's shape. The same values as the separate additions, in the same
+    /// order.
+    pub fn forward_add(&self, x: &Tensor, per_channel: Option<&Tensor>, residual: Option<&Tensor>) -> Result<Tensor> {
+        self.run(x, false, per_channel, residual)
+    }
+
+    /// `conv(upsample_nearest2d(x, 2h, 2w))`, the upsampling done while the CPU path pads its
+    /// input (no 4x-size intermediate tensor). Bitwise the same as the two steps.
+    pub fn forward_upsampled(&self, x: &Tensor) -> Result<Tensor> {
+        self.run(x, true, None, None)
+    }
+
+    fn run(
+        &self,
+        x: &Tensor,
+        upsample: bool,
+        per_channel: Option<&Tensor>,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let _enter = self.span.enter();
         let (_, c_in, h, w) = x.dims4()?;
         if c_in != self.c_in {
             candle_core::bail!("Conv3x3: input has {c_in} channels, the weights {}", self.c_in);
         }
+        let (h, w) = if upsample { (2 * h, 2 * w) } else { (h, w) };
+        if upsample && self.stride != 1 {
+            candle_core::bail!("Conv3x3: upsampling into a stride-{} convolution", self.stride);
+        }
         if h.min(w) + 2 * self.padding < 3 {
             // candle's kernel would underflow its output size.
             candle_core::bail!("Conv3x3: a {h}x{w} map with padding {} is smaller than the kernel", self.padding);
         }
-        match &self.weights {
-            Weights::Candle(conv) => conv.forward(x),
+        let upsampled = |x: &Tensor| if upsample { x.upsample_nearest2d(h, w) } else { Ok(x.clone()) };
+        let out = match &self.weights {
+            Weights::Candle(conv) => conv.forward(&upsampled(x)?)?,
             Weights::CpuF32 { .. } if x.dtype() != DType::F32 || !x.device().is_cpu() => {
                 candle_core::bail!("Conv3x3: f32 CPU weights, a {:?} input on {:?}", x.dtype(), x.device())
             }
             Weights::CpuF32 { weight, bias } if self.stride == 1 && h * w <= ONE_GEMM_MAX_PIXELS => {
-                self.one_gemm(x, weight, bias.as_deref())
+                self.one_gemm(&upsampled(x)?, weight, bias.as_deref())?
             }
-            Weights::CpuF32 { weight, bias } => self.shifted(x, weight, bias.as_deref()),
+            Weights::CpuF32 { weight, bias } => {
+                return self.shifted(x, upsample, weight, Adds { bias: bias.as_deref(), per_channel, residual })
+            }
+        };
+        // The paths without an output pass of their own add as candle ops.
+        let out = match per_channel {
+            Some(t) => out.broadcast_add(&t.unsqueeze(D::Minus1)?.unsqueeze(D::Minus1)?)?,
+            None => out,
+        };
+        match residual {
+            Some(t) => out + t,
+            None => Ok(out),
         }
+    }
+}
+
+/// The bias and the tensors `Conv3x3::run` adds to its output.
+struct Adds<'a> {
+    bias: Option<&'a [f32]>,
+    per_channel: Option<&'a Tensor>,
+    residual: Option<&'a Tensor>,
+}
+
+impl Module for Conv3x3 {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.run(x, false, None, None)
     }
 }
 
@@ -183,6 +262,9 @@ fn column_tile(c_out: usize, columns: usize) -> usize {
 struct Planes {
     stride: usize,
     padding: usize,
+    /// The input is the half-size image, each pixel written to a 2x2 block (nearest
+    /// upsampling; stride 1 only).
+    upsample: bool,
     out_h: usize,
     out_w: usize,
     row: usize,
@@ -203,7 +285,12 @@ impl Planes {
             let (kh, kw) = (tap / 3, tap % 3);
             (kh % stride * stride + kw % stride) * plane + kh / stride * row + kw / stride
         });
-        Self { stride, padding, out_h, out_w, row, plane, channel: phases * plane, offsets }
+        Self { stride, padding, upsample: false, out_h, out_w, row, plane, channel: phases * plane, offsets }
+    }
+
+    /// Stride 1, padding 1 over the nearest 2x upsampling of an h x w input.
+    fn upsampled((h, w): (usize, usize)) -> Self {
+        Self { upsample: true, ..Self::new((2 * h, 2 * w), 1, 1) }
     }
 
     fn columns(&self) -> usize {
@@ -213,6 +300,16 @@ impl Planes {
     /// Writes one channel's h x w input into its `channel` floats (zero where nothing lands).
     fn fill(&self, dst: &mut [f32], src: &[f32], w: usize) {
         let (stride, padding) = (self.stride, self.padding);
+        if self.upsample {
+            for (y, src) in src.chunks(w).enumerate() {
+                let top = (2 * y + 1) * self.row + 1;
+                for (pair, &v) in dst[top..][..2 * w].chunks_exact_mut(2).zip(src) {
+                    pair.fill(v);
+                }
+                dst.copy_within(top..top + 2 * w, top + self.row);
+            }
+            return;
+        }
         for (y, src) in src.chunks(w).enumerate() {
             let y = y + padding;
             let dst_row = (y % stride * stride) * self.plane + y / stride * self.row;
@@ -228,9 +325,19 @@ impl Planes {
     }
 }
 
+/// What the shifted path's output pass adds to each element, in this order (the reference's):
+/// the bias [c_out], a value per image and channel [b, c_out], a residual [b, c_out, out_h,
+/// out_w].
+#[derive(Clone, Copy, Default)]
+struct Epilogue<'a> {
+    bias: Option<&'a [f32]>,
+    per_channel: Option<&'a [f32]>,
+    residual: Option<&'a [f32]>,
+}
+
 /// The shifted-GEMM 3x3 convolution of `input` (NCHW `dims`, contiguous) laid out as `planes`
-/// say, with `weight` ([c_out, 9 * c_in], tap-major rows) plus `bias`: [b, c_out, out_h, out_w], computed `tile`
-/// output columns at a time (of `planes.columns()`).
+/// say, with `weight` ([c_out, 9 * c_in], tap-major rows), plus `epilogue`'s additions:
+/// [b, c_out, out_h, out_w], computed `tile` output columns at a time (of `planes.columns()`).
 ///
 /// Large maps are cut into tiles, each run through all nine taps by one thread while its
 /// accumulator sits in L2: a whole-map accumulator (34 MB for the VAE's 128-channel 256x256
@@ -242,7 +349,7 @@ fn shifted_conv3x3(
     planes: &Planes,
     weight: &[f32],
     c_out: usize,
-    bias: Option<&[f32]>,
+    epilogue: Epilogue<'_>,
     tile: usize,
 ) -> Vec<f32> {
     use rayon::prelude::*;
@@ -281,17 +388,27 @@ fn shifted_conv3x3(
         } else {
             acc.par_chunks_mut(c_out * tile).enumerate().for_each(|tile_acc| run_tile(tile_acc, false));
         }
-        // Drop the columns past out_w in each row and add the bias.
+        // Drop the columns past out_w in each row and add the bias (and the rest).
         out.par_chunks_mut(out_h * out_w).enumerate().for_each(|(o, out)| {
-            let add = bias.map_or(0.0, |b| b[o]);
+            let add = epilogue.bias.map_or(0.0, |b| b[o]);
+            let channel = image * c_out + o;
+            let per_channel = epilogue.per_channel.map(|p| p[channel]);
+            let residual = epilogue.residual.map(|r| &r[channel * out_h * out_w..][..out_h * out_w]);
             for (y, dst) in out.chunks_mut(out_w).enumerate() {
                 let (mut column, mut done) = (y * row, 0);
                 while done < out_w {
                     let (t, within) = (column / tile, column % tile);
                     let len = (tile - within).min(out_w - done);
                     let src = &acc[(t * c_out + o) * tile + within..][..len];
-                    for (d, s) in dst[done..done + len].iter_mut().zip(src) {
+                    let dst = &mut dst[done..done + len];
+                    for (d, s) in dst.iter_mut().zip(src) {
                         *d = s + add;
+                    }
+                    if let Some(p) = per_channel {
+                        dst.iter_mut().for_each(|d| *d += p);
+                    }
+                    if let Some(r) = residual {
+                        dst.iter_mut().zip(&r[y * out_w + done..]).for_each(|(d, r)| *d += r);
                     }
                     (column, done) = (column + len, done + len);
                 }
@@ -356,7 +473,15 @@ mod tests {
         let (weight, bias) = cpu_weights(&conv);
         let planes = Planes::new((h, w), 1, 1);
         for tile in [16, 37, w + 2, 64, h * (w + 2)] {
-            let out = shifted_conv3x3(&input, (b, 24, h, w), &planes, weight, 40, bias, tile);
+            let out = shifted_conv3x3(
+                &input,
+                (b, 24, h, w),
+                &planes,
+                weight,
+                40,
+                Epilogue { bias, ..Default::default() },
+                tile,
+            );
             let out = Tensor::from_vec(out, (b, 40, h, w), &Device::Cpu).unwrap();
             let diff = max_diff(&out, &expected);
             assert!(diff <= 1e-5 * scale, "tile {tile}: {diff:e} at scale {scale}");
@@ -411,7 +536,15 @@ mod tests {
                 let input = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
                 let (weight, bias) = cpu_weights(&conv);
                 for tile in [7, planes.row, planes.columns()] {
-                    let out = shifted_conv3x3(&input, (b, 12, h, w), &planes, weight, 20, bias, tile);
+                    let out = shifted_conv3x3(
+                        &input,
+                        (b, 12, h, w),
+                        &planes,
+                        weight,
+                        20,
+                        Epilogue { bias, ..Default::default() },
+                        tile,
+                    );
                     let out = Tensor::from_vec(out, expected.dims(), &Device::Cpu).unwrap();
                     assert!(max_diff(&out, &expected) <= 1e-5 * scale, "tile {tile}, {h}x{w}");
                 }
@@ -423,6 +556,51 @@ mod tests {
         }
         let error = conv_with(3, 4, 2, 0).0.forward(&randn(12, &[1, 3, 2, 5])).unwrap_err();
         assert!(error.to_string().contains("smaller than the kernel"), "{error}");
+    }
+
+    /// The fused additions give the same bits as the separate candle ops, on both CPU paths,
+    /// at stride 1 and 2, tiled or not; shapes that do not match are errors.
+    #[test]
+    fn fused_additions_are_the_separate_ops() {
+        let (conv, _) = conv(16, 24, true);
+        let (down, _) = conv_with(16, 24, 2, 1);
+        for (conv, (b, h, w)) in [(&conv, (2, 4, 4)), (&conv, (3, 9, 13)), (&conv, (1, 96, 80)), (&down, (2, 17, 10))] {
+            let x = randn(21, &[b, 16, h, w]);
+            let plain = conv.forward(&x).unwrap();
+            let (_, _, oh, ow) = plain.dims4().unwrap();
+            let per_channel = randn(22, &[b, 24]);
+            let residual = randn(23, &[b, 24, oh, ow]);
+            let expected = plain.broadcast_add(&per_channel.unsqueeze(2).unwrap().unsqueeze(3).unwrap()).unwrap();
+            let expected = (expected + &residual).unwrap();
+            let fused = conv.forward_add(&x, Some(&per_channel), Some(&residual)).unwrap();
+            assert_eq!(max_diff(&fused, &expected), 0.0, "{b}x{h}x{w}");
+            let only_residual = conv.forward_add(&x, None, Some(&residual)).unwrap();
+            assert_eq!(max_diff(&only_residual, &(&plain + &residual).unwrap()), 0.0, "{b}x{h}x{w}");
+            // A strided residual is read in its logical order.
+            let transposed = residual.transpose(2, 3).unwrap().contiguous().unwrap().transpose(2, 3).unwrap();
+            let strided = conv.forward_add(&x, None, Some(&transposed)).unwrap();
+            assert_eq!(max_diff(&strided, &only_residual), 0.0, "{b}x{h}x{w}");
+        }
+        let x = randn(24, &[2, 16, 9, 9]);
+        assert!(conv.forward_add(&x, Some(&randn(25, &[2, 23])), None).is_err());
+        assert!(conv.forward_add(&x, None, Some(&randn(26, &[2, 24, 9, 8]))).is_err());
+    }
+
+    /// Upsampling while padding gives the same bits as upsampling first, on both paths;
+    /// a stride-2 convolution refuses it.
+    #[test]
+    fn fused_upsampling_is_upsample_then_convolve() {
+        let (conv, _) = conv(8, 12, true);
+        for (b, h, w) in [(2, 2, 2), (1, 3, 5), (2, 16, 9), (1, 40, 33)] {
+            let x = randn(31, &[b, 8, h, w]);
+            let expected = conv.forward(&x.upsample_nearest2d(2 * h, 2 * w).unwrap()).unwrap();
+            let fused = conv.forward_upsampled(&x).unwrap();
+            assert_eq!(fused.dims(), expected.dims());
+            assert_eq!(max_diff(&fused, &expected), 0.0, "{b}x{h}x{w}");
+        }
+        let (down, _) = conv_with(8, 12, 2, 1);
+        let error = down.forward_upsampled(&randn(32, &[1, 8, 6, 6])).unwrap_err();
+        assert!(error.to_string().contains("upsampling into a stride-2"), "{error}");
     }
 
     /// A strided (non-contiguous) input is handled; other dtypes keep candle's weights and

@@ -21,7 +21,8 @@
 //! the computation is the same.
 
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig, GroupNorm, LayerNorm, VarBuilder};
+use candle_nn::{Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig, GroupNorm, LayerNorm, VarBuilder};
+use sdmesh_core::blocks::Conv2d;
 use sdmesh_core::linear::{linear, linear_b, Linear};
 use serde::Deserialize;
 
@@ -590,7 +591,7 @@ impl HybridEmbeddings {
         let patch = c.patch();
         let feature_dim = c.backbone_featmap_shape[1];
         Ok(Self {
-            projection: candle_nn::conv2d(feature_dim, c.hidden_size, 1, Default::default(), vb.pp("projection"))?,
+            projection: Conv2d::new(feature_dim, c.hidden_size, 1, Default::default(), vb.pp("projection"))?,
             cls_token: vb.get((1, 1, c.hidden_size), "cls_token")?,
             position_embeddings: vb.get((1, (ih / patch) * (iw / patch) + 1, c.hidden_size), "position_embeddings")?,
             patch,
@@ -709,11 +710,11 @@ impl Reassemble {
             Resize::Same
         } else {
             let cfg = Conv2dConfig { padding: 1, stride: (1.0 / factor) as usize, ..Default::default() };
-            Resize::Down(candle_nn::conv2d(ch, ch, 3, cfg, layer.pp("resize"))?)
+            Resize::Down(Conv2d::new(ch, ch, 3, cfg, layer.pp("resize"))?)
         };
         Ok(Self {
             readout: linear(2 * d, d, vb.pp(format!("readout_projects.{i}.0")))?,
-            projection: candle_nn::conv2d(d, ch, 1, Default::default(), layer.pp("projection"))?,
+            projection: Conv2d::new(d, ch, 1, Default::default(), layer.pp("projection"))?,
             resize,
         })
     }
@@ -746,9 +747,9 @@ impl ResidualUnit {
         let cfg = Conv2dConfig { padding: 1, ..Default::default() };
         let conv = |name: &str| {
             if bias {
-                candle_nn::conv2d(ch, ch, 3, cfg, vb.pp(name))
+                Conv2d::new(ch, ch, 3, cfg, vb.pp(name))
             } else {
-                candle_nn::conv2d_no_bias(ch, ch, 3, cfg, vb.pp(name))
+                Conv2d::from_conv(candle_nn::conv2d_no_bias(ch, ch, 3, cfg, vb.pp(name))?)
             }
         };
         Ok(Self { conv1: conv("convolution1")?, conv2: conv("convolution2")? })
@@ -775,7 +776,7 @@ impl FusionLayer {
         Ok(Self {
             residual1: ResidualUnit::new(vb.pp("residual_layer1"), ch, bias)?,
             residual2: ResidualUnit::new(vb.pp("residual_layer2"), ch, bias)?,
-            projection: candle_nn::conv2d(ch, ch, 1, Default::default(), vb.pp("projection"))?,
+            projection: Conv2d::new(ch, ch, 1, Default::default(), vb.pp("projection"))?,
         })
     }
 
@@ -806,13 +807,12 @@ impl DepthHead {
     fn new(vb: VarBuilder, c: &DptConfig) -> Result<Self> {
         let f = c.fusion_hidden_size;
         let pad1 = Conv2dConfig { padding: 1, ..Default::default() };
-        let projection =
-            if c.add_projection { Some(candle_nn::conv2d(f, f, 3, pad1, vb.pp("projection"))?) } else { None };
+        let projection = if c.add_projection { Some(Conv2d::new(f, f, 3, pad1, vb.pp("projection"))?) } else { None };
         Ok(Self {
             projection,
-            conv1: candle_nn::conv2d(f, f / 2, 3, pad1, vb.pp("head.0"))?,
-            conv2: candle_nn::conv2d(f / 2, 32, 3, pad1, vb.pp("head.2"))?,
-            conv3: candle_nn::conv2d(32, 1, 1, Default::default(), vb.pp("head.4"))?,
+            conv1: Conv2d::new(f, f / 2, 3, pad1, vb.pp("head.0"))?,
+            conv2: Conv2d::new(f / 2, 32, 3, pad1, vb.pp("head.2"))?,
+            conv3: Conv2d::new(32, 1, 1, Default::default(), vb.pp("head.4"))?,
         })
     }
 }
@@ -889,7 +889,9 @@ impl DptDepth {
             .neck_hidden_sizes
             .iter()
             .enumerate()
-            .map(|(i, &ch)| candle_nn::conv2d_no_bias(ch, f, 3, pad1, neck.pp(format!("convs.{i}"))))
+            .map(|(i, &ch)| {
+                Conv2d::from_conv(candle_nn::conv2d_no_bias(ch, f, 3, pad1, neck.pp(format!("convs.{i}")))?)
+            })
             .collect::<Result<_>>()?;
         let bias = c.use_bias_in_fusion_residual.unwrap_or(!c.use_batch_norm_in_fusion_residual.unwrap_or(false));
         let fusion = (0..c.neck_hidden_sizes.len())

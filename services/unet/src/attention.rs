@@ -9,6 +9,7 @@ use candle_core::{Result, Tensor};
 use candle_nn as nn;
 use candle_nn::Module;
 use sdmesh_core::attention::multi_head_attention;
+use sdmesh_core::blocks::Conv2d;
 use sdmesh_core::linear::{linear, linear_no_bias, Linear};
 
 #[derive(Debug)]
@@ -183,7 +184,7 @@ impl Default for SpatialTransformerConfig {
 
 #[derive(Debug)]
 enum Proj {
-    Conv2d(nn::Conv2d),
+    Conv2d(Conv2d),
     Linear(Linear),
 }
 
@@ -212,7 +213,7 @@ impl SpatialTransformer {
         let proj_in = if config.use_linear_projection {
             Proj::Linear(linear(in_channels, inner_dim, vs.pp("proj_in"))?)
         } else {
-            Proj::Conv2d(nn::conv2d(in_channels, inner_dim, 1, Default::default(), vs.pp("proj_in"))?)
+            Proj::Conv2d(Conv2d::new(in_channels, inner_dim, 1, Default::default(), vs.pp("proj_in"))?)
         };
         let mut transformer_blocks = vec![];
         let vs_tb = vs.pp("transformer_blocks");
@@ -223,7 +224,7 @@ impl SpatialTransformer {
         let proj_out = if config.use_linear_projection {
             Proj::Linear(linear(in_channels, inner_dim, vs.pp("proj_out"))?)
         } else {
-            Proj::Conv2d(nn::conv2d(inner_dim, in_channels, 1, Default::default(), vs.pp("proj_out"))?)
+            Proj::Conv2d(Conv2d::new(inner_dim, in_channels, 1, Default::default(), vs.pp("proj_out"))?)
         };
         let span = tracing::span!(tracing::Level::TRACE, "spatial-transformer");
         Ok(Self { norm, proj_in, transformer_blocks, proj_out, span, config })

@@ -15,6 +15,7 @@ use crate::blocks::{
 use candle_core::{Result, Tensor};
 use candle_nn as nn;
 use candle_nn::Module;
+use sdmesh_core::blocks::Conv2d;
 use sdmesh_core::conv::Conv3x3;
 use sdmesh_core::norm::GroupNorm;
 
@@ -215,8 +216,8 @@ impl DiagonalGaussianDistribution {
 pub struct AutoEncoderKL {
     encoder: Encoder,
     decoder: Decoder,
-    quant_conv: Option<nn::Conv2d>,
-    post_quant_conv: Option<nn::Conv2d>,
+    quant_conv: Option<Conv2d>,
+    post_quant_conv: Option<Conv2d>,
     pub config: AutoEncoderKLConfig,
 }
 
@@ -245,14 +246,14 @@ impl AutoEncoderKL {
 
         let quant_conv = {
             if config.use_quant_conv {
-                Some(nn::conv2d(2 * latent_channels, 2 * latent_channels, 1, conv_cfg, vs.pp("quant_conv"))?)
+                Some(Conv2d::new(2 * latent_channels, 2 * latent_channels, 1, conv_cfg, vs.pp("quant_conv"))?)
             } else {
                 None
             }
         };
         let post_quant_conv = {
             if config.use_post_quant_conv {
-                Some(nn::conv2d(latent_channels, latent_channels, 1, conv_cfg, vs.pp("post_quant_conv"))?)
+                Some(Conv2d::new(latent_channels, latent_channels, 1, conv_cfg, vs.pp("post_quant_conv"))?)
             } else {
                 None
             }

@@ -5,17 +5,34 @@
 //! convolutions too), and the time-embedding projection runs one row at a time (see [`per_row`]).
 
 use crate::conv::Conv3x3;
+use crate::cpu_gemm::{cpu_f32, gemm, View};
 use crate::linear::{linear, Linear};
 use crate::norm::GroupNorm;
-use candle_core::{Module, Result, Tensor, D};
+use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn as nn;
 
-/// A convolution with a `conv2d` tracing span, as candle-transformers' `with_tracing` wraps
-/// them (the benchmark's profile reads the spans).
+/// A convolution of any shape on the fastest path this crate has for it, with a `conv2d`
+/// tracing span as candle-transformers' `with_tracing` wraps them (the benchmark's profile
+/// reads the spans).
 #[derive(Debug, Clone)]
 pub struct Conv2d {
-    inner: nn::Conv2d,
+    weights: ConvWeights,
     span: tracing::Span,
+}
+
+#[derive(Debug, Clone)]
+enum ConvWeights {
+    /// A 1x1 convolution (stride 1, no padding, one group) of an f32 CPU model: `weight`
+    /// [c_out, c_in], one matrix product per image, `W @ x [c_in, h * w]`, the bias its
+    /// starting value. candle's convolution kernel spends an im2col pass on it and ran it at
+    /// 40 GFLOP/s (the VAE's 512 -> 256 and 256 -> 128 shortcuts at 128 and 256 px took 213 ms
+    /// of a 256 px decode). Every image is its own product of one shape, so its result does not
+    /// depend on the batch.
+    OneByOneCpuF32 { weight: Vec<f32>, bias: Option<Vec<f32>>, c_in: usize, c_out: usize },
+    /// A 3x3 convolution [`Conv3x3`] takes.
+    ThreeByThree(Conv3x3),
+    /// Any other convolution: candle's.
+    Candle(nn::Conv2d),
 }
 
 impl Conv2d {
@@ -26,44 +43,59 @@ impl Conv2d {
         config: nn::Conv2dConfig,
         vs: nn::VarBuilder,
     ) -> Result<Self> {
-        let inner = nn::conv2d(in_channels, out_channels, kernel, config, vs)?;
-        Ok(Self { inner, span: tracing::span!(tracing::Level::TRACE, "conv2d") })
+        Self::from_conv(nn::conv2d(in_channels, out_channels, kernel, config, vs)?)
     }
-}
 
-impl Conv2d {
-    /// A 1x1 convolution (stride 1, no padding) as one matrix product per image,
-    /// `W [c_out, c_in] @ x [c_in, h * w]`: candle's convolution kernel spends an im2col pass on
-    /// it and ran it at 40 GFLOP/s (the VAE's 512 -> 256 and 256 -> 128 shortcuts at 128 and
-    /// 256 px took 213 ms of a 256 px decode). Every image is its own product of one shape, so
-    /// its result does not depend on the batch.
-    fn one_by_one(&self, xs: &Tensor) -> Result<Option<Tensor>> {
-        let (c_out, c_in, kh, kw) = self.inner.weight().dims4()?;
-        let config = self.inner.config();
-        if (kh, kw) != (1, 1) || config.padding != 0 || config.stride != 1 || config.groups != 1 {
-            return Ok(None);
+    /// Wraps a loaded convolution: a 1x1 one of an f32 CPU model takes the matrix-product
+    /// path (and drops candle's copy of the weights), a 3x3 one [`Conv3x3`]'s.
+    pub fn from_conv(conv: nn::Conv2d) -> Result<Self> {
+        if Conv3x3::supports(&conv) {
+            let weights = ConvWeights::ThreeByThree(Conv3x3::from_conv(conv)?);
+            return Ok(Self { weights, span: tracing::span!(tracing::Level::TRACE, "conv2d") });
         }
-        let (b, c, h, w) = xs.dims4()?;
-        if c != c_in {
-            candle_core::bail!("Conv2d: input has {c} channels, the weights {c_in}");
-        }
-        let weight = self.inner.weight().reshape((1, c_out, c_in))?.broadcast_as((b, c_out, c_in))?;
-        let out = weight.matmul(&xs.reshape((b, c_in, h * w))?)?;
-        let out = match self.inner.bias() {
-            Some(bias) => out.broadcast_add(&bias.reshape((1, c_out, 1))?)?,
-            None => out,
+        let (c_out, c_in, kh, kw) = conv.weight().dims4()?;
+        let config = conv.config();
+        let one_by_one = (kh, kw) == (1, 1) && config.padding == 0 && config.stride == 1 && config.groups == 1;
+        let weights = if one_by_one && conv.weight().device().is_cpu() && conv.weight().dtype() == DType::F32 {
+            let weight = conv.weight().flatten_all()?.to_vec1::<f32>()?;
+            let bias = conv.bias().map(|b| b.to_vec1::<f32>()).transpose()?;
+            ConvWeights::OneByOneCpuF32 { weight, bias, c_in, c_out }
+        } else {
+            ConvWeights::Candle(conv)
         };
-        Ok(Some(out.reshape((b, c_out, h, w))?))
+        Ok(Self { weights, span: tracing::span!(tracing::Level::TRACE, "conv2d") })
     }
 }
 
 impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let _enter = self.span.enter();
-        match self.one_by_one(xs)? {
-            Some(out) => Ok(out),
-            None => self.inner.forward(xs),
+        let (weight, bias, c_in, c_out) = match &self.weights {
+            ConvWeights::Candle(conv) => return conv.forward(xs),
+            ConvWeights::ThreeByThree(conv) => return conv.forward(xs),
+            ConvWeights::OneByOneCpuF32 { weight, bias, c_in, c_out } => (weight, bias, *c_in, *c_out),
+        };
+        let (b, c, h, w) = xs.dims4()?;
+        if c != c_in {
+            candle_core::bail!("Conv2d: input has {c} channels, the weights {c_in}");
         }
+        if xs.dtype() != DType::F32 || !xs.device().is_cpu() {
+            candle_core::bail!("Conv2d: f32 CPU weights, a {:?} input on {:?}", xs.dtype(), xs.device())
+        }
+        let xs = xs.contiguous()?;
+        let input = cpu_f32(&xs)?;
+        let pixels = h * w;
+        let mut out = vec![0f32; b * c_out * pixels];
+        for (image, out) in input.chunks(c_in * pixels).zip(out.chunks_mut(c_out * pixels)) {
+            if let Some(bias) = bias {
+                for (row, &b) in out.chunks_mut(pixels).zip(bias) {
+                    row.fill(b);
+                }
+            }
+            let (lhs, rhs) = (View::rows(weight, c_in), View::rows(image, pixels));
+            gemm((out, pixels), lhs, rhs, (c_out, pixels, c_in), 1.0, bias.is_some(), true);
+        }
+        Tensor::from_vec(out, (b, c_out, h, w), &Device::Cpu)
     }
 }
 
@@ -247,36 +279,28 @@ impl Upsample2D {
 mod tests {
     use super::*;
     use crate::test_support::{max_abs, max_diff, randn};
-    use candle_core::{DType, Device};
 
-    fn conv(c_in: usize, c_out: usize, kernel: usize, config: nn::Conv2dConfig, bias: bool) -> Conv2d {
-        let mut tensors = std::collections::HashMap::new();
-        tensors.insert("weight".to_string(), randn(1, &[c_out, c_in, kernel, kernel]));
-        if bias {
-            tensors.insert("bias".to_string(), randn(2, &[c_out]));
-        }
-        let vs = nn::VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
-        match bias {
-            true => Conv2d::new(c_in, c_out, kernel, config, vs).unwrap(),
-            false => Conv2d {
-                inner: nn::conv2d_no_bias(c_in, c_out, kernel, config, vs).unwrap(),
-                span: tracing::Span::none(),
-            },
-        }
+    /// Ours and candle's convolution, with the same random weights.
+    fn conv(c_in: usize, c_out: usize, kernel: usize, config: nn::Conv2dConfig, bias: bool) -> (Conv2d, nn::Conv2d) {
+        let weight = randn(1, &[c_out, c_in, kernel, kernel]);
+        let candle = nn::Conv2d::new(weight, bias.then(|| randn(2, &[c_out])), config);
+        (Conv2d::from_conv(candle.clone()).unwrap(), candle)
     }
 
     /// A 1x1 convolution as matrix products gives candle's convolution up to f32 rounding,
     /// with and without bias, on contiguous and strided inputs; an image's result is the same
-    /// bits alone or in a batch. Other convolutions keep candle's kernel.
+    /// bits alone or in a batch. 3x3 convolutions take `Conv3x3`; other convolutions, dtypes
+    /// and devices keep candle's kernel; a wrong input is an error.
     #[test]
     fn one_by_one_convolutions_match_candles() {
         for (c_in, c_out, bias) in [(24, 40, true), (7, 3, false)] {
-            let conv = conv(c_in, c_out, 1, Default::default(), bias);
+            let (conv, candle) = conv(c_in, c_out, 1, Default::default(), bias);
+            assert!(matches!(conv.weights, ConvWeights::OneByOneCpuF32 { .. }));
             for (b, h, w) in [(1, 1, 1), (3, 5, 7), (2, 16, 16)] {
                 let x = randn(3, &[b, c_in, h, w]);
                 for x in [x.clone(), x.transpose(2, 3).unwrap()] {
-                    let expected = conv.inner.forward(&x).unwrap();
-                    let actual = conv.one_by_one(&x).unwrap().expect("the 1x1 path");
+                    let expected = candle.forward(&x).unwrap();
+                    let actual = conv.forward(&x).unwrap();
                     assert_eq!(actual.dims(), expected.dims());
                     let scale = max_abs(&expected).max(1.0);
                     let diff = max_diff(&actual, &expected);
@@ -287,10 +311,22 @@ mod tests {
                     }
                 }
             }
+            assert!(conv.forward(&randn(5, &[1, c_in + 1, 2, 2])).is_err());
+            assert!(conv.forward(&randn(5, &[1, c_in, 2, 2]).to_dtype(DType::F16).unwrap()).is_err());
         }
-        let strided = conv(4, 6, 1, nn::Conv2dConfig { stride: 2, ..Default::default() }, true);
-        assert!(strided.one_by_one(&randn(4, &[1, 4, 6, 6])).unwrap().is_none());
-        let three = conv(4, 6, 3, nn::Conv2dConfig { padding: 1, ..Default::default() }, true);
-        assert!(three.one_by_one(&randn(4, &[1, 4, 6, 6])).unwrap().is_none());
+        let (strided, _) = conv(4, 6, 1, nn::Conv2dConfig { stride: 2, ..Default::default() }, true);
+        assert!(matches!(strided.weights, ConvWeights::Candle(_)));
+        let (three, candle) = conv(4, 6, 3, nn::Conv2dConfig { padding: 1, ..Default::default() }, true);
+        assert!(matches!(three.weights, ConvWeights::ThreeByThree(_)));
+        let x = randn(7, &[2, 4, 6, 5]);
+        assert!(max_diff(&three.forward(&x).unwrap(), &candle.forward(&x).unwrap()) < 1e-5);
+        let (dilated, _) = conv(4, 6, 3, nn::Conv2dConfig { padding: 2, dilation: 2, ..Default::default() }, true);
+        assert!(matches!(dilated.weights, ConvWeights::Candle(_)));
+        let half = Conv2d::from_conv(nn::Conv2d::new(
+            randn(6, &[6, 4, 1, 1]).to_dtype(DType::F16).unwrap(),
+            None,
+            Default::default(),
+        ));
+        assert!(matches!(half.unwrap().weights, ConvWeights::Candle(_)));
     }
 }

@@ -59,17 +59,22 @@ impl Conv3x3 {
         Self::from_conv(nn::conv2d(in_channels, out_channels, 3, config, vs)?)
     }
 
-    /// Wraps a loaded 3x3 convolution: stride 1 with padding 1, or stride 2 (the samplers) with
-    /// padding 0 or 1.
+    /// Whether `conv` is one this type takes: 3x3, stride 1 with padding 1, or stride 2 (the
+    /// samplers) with padding 0 or 1; no dilation, one group.
+    pub fn supports(conv: &nn::Conv2d) -> bool {
+        let c = conv.config();
+        conv.weight().dims().get(2..) == Some(&[3, 3][..])
+            && matches!((c.stride, c.padding), (1, 1) | (2, 0) | (2, 1))
+            && c.dilation == 1
+            && c.groups == 1
+    }
+
+    /// Wraps a loaded 3x3 convolution that [`Conv3x3::supports`].
     pub fn from_conv(conv: nn::Conv2d) -> Result<Self> {
         let (c_out, c_in, kh, kw) = conv.weight().dims4()?;
         let config = conv.config();
         let (stride, padding) = (config.stride, config.padding);
-        if (kh, kw) != (3, 3)
-            || !matches!((stride, padding), (1, 1) | (2, 0) | (2, 1))
-            || config.dilation != 1
-            || config.groups != 1
-        {
+        if !Self::supports(&conv) {
             candle_core::bail!("Conv3x3: a {kh}x{kw} convolution with {config:?}");
         }
         let weights = if conv.weight().device().is_cpu() && conv.weight().dtype() == DType::F32 {

@@ -676,7 +676,7 @@ impl Module for VitLayer {
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, d))?;
         let x = (self.out.forward(&ctx)? + x)?;
-        let h = self.fc1.forward(&self.norm2.forward(&x)?)?.gelu_erf()?;
+        let h = sdmesh_core::activation::gelu_erf(&self.fc1.forward(&self.norm2.forward(&x)?)?)?;
         self.fc2.forward(&h)? + x
     }
 }
@@ -725,7 +725,7 @@ impl Reassemble {
         let x = tokens.narrow(1, 1, n - 1)?;
         // readout "project": concat [token, cls] per token, Linear(2d, d), GELU.
         let x = Tensor::cat(&[x.clone(), cls.expand((b, n - 1, d))?], 2)?;
-        let x = self.readout.forward(&x)?.gelu_erf()?;
+        let x = sdmesh_core::activation::gelu_erf(&self.readout.forward(&x)?)?;
         let x = x.transpose(1, 2)?.reshape((b, d, gh, gw))?;
         let x = self.projection.forward(&x)?;
         match &self.resize {

@@ -51,7 +51,7 @@ impl Activation {
     fn forward(self, xs: &Tensor) -> Result<Tensor> {
         match self {
             Self::QuickGelu => xs * candle_nn::ops::sigmoid(&(xs * 1.702)?)?,
-            Self::GeluErf => xs.gelu_erf(),
+            Self::GeluErf => sdmesh_core::activation::gelu_erf(xs),
             Self::GeluTanh => xs.gelu(),
         }
     }

@@ -2,7 +2,9 @@
 //! `stable_diffusion::{resnet, unet_2d_blocks}` (MIT/Apache-2.0, by the candle authors): the
 //! ResNet block and the up/down samplers. Changes: 3x3 convolutions are [`Conv3x3`] and
 //! GroupNorm + SiLU is [`GroupNorm::forward_silu`] (fast CPU paths; the samplers' stride-2
-//! convolutions too), and the time-embedding projection runs one row at a time (see [`per_row`]).
+//! convolutions too), the block's additions and the upsampling happen inside the convolutions'
+//! passes, 1x1 convolutions are matrix products ([`Conv2d`]), and the time-embedding projection
+//! runs one row at a time (see [`per_row`]).
 
 use crate::conv::Conv3x3;
 use crate::cpu_gemm::{cpu_f32, gemm, View};

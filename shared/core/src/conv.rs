@@ -16,8 +16,14 @@
 //! - **Stride 2** (the down-samplers): the padded image split into its four row/column phases,
 //!   so each tap is again a shifted GEMM, on one phase (see `Planes`); 2-3.8x candle's.
 //!
+//! - **Additions and upsampling in the same passes** (`forward_add`, `forward_upsampled`): a
+//!   ResNet block's time embedding and skip connection are added while the output is written,
+//!   and a 2x nearest upsampling is done while the input is padded, saving a pass (and, for
+//!   the upsampling, a 4x-size tensor) each; same bits as the separate ops.
+//!
 //! Each image's output depends on that image and the map size alone, never on the batch, so
-//! batching jobs cannot change a result. Other devices and dtypes use candle's kernel.
+//! batching jobs cannot change a result. The weights are held once, in the CPU paths' layout
+//! for an f32 CPU model. Other devices and dtypes use candle's kernel.
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn as nn;

@@ -442,12 +442,14 @@ mod tests {
         (Conv3x3::from_conv(candle.clone()).unwrap(), candle)
     }
 
-    /// The CPU paths' weights and bias.
-    fn cpu_weights(conv: &Conv3x3) -> (&[f32], Option<&[f32]>) {
-        match &conv.weights {
-            Weights::CpuF32 { weight, bias } => (weight, bias.as_deref()),
-            Weights::Candle(_) => panic!("an f32 CPU convolution keeps candle's weights"),
-        }
+    /// `conv` of `x` on the shifted path laid out as `planes`, `tile` output columns at a time.
+    fn shifted_with_tile(conv: &Conv3x3, x: &Tensor, planes: &Planes, tile: usize) -> Tensor {
+        let Weights::CpuF32 { weight, bias } = &conv.weights else { panic!("an f32 CPU convolution keeps candle's") };
+        let input = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let epilogue = Epilogue { bias: bias.as_deref(), ..Default::default() };
+        let out = shifted_conv3x3(&input, x.dims4().unwrap(), planes, weight, conv.c_out, epilogue, tile);
+        let b = x.dim(0).unwrap();
+        Tensor::from_vec(out, (b, conv.c_out, planes.out_h, planes.out_w), &Device::Cpu).unwrap()
     }
 
     /// Both CPU paths give candle's convolution up to f32 rounding, at every map shape
@@ -480,20 +482,9 @@ mod tests {
         let x = randn(7, &[b, 24, h, w]);
         let expected = candle.forward(&x).unwrap();
         let scale = max_abs(&expected).max(1.0);
-        let input = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let (weight, bias) = cpu_weights(&conv);
         let planes = Planes::new((h, w), 1, 1);
         for tile in [16, 37, w + 2, 64, h * (w + 2)] {
-            let out = shifted_conv3x3(
-                &input,
-                (b, 24, h, w),
-                &planes,
-                weight,
-                40,
-                Epilogue { bias, ..Default::default() },
-                tile,
-            );
-            let out = Tensor::from_vec(out, (b, 40, h, w), &Device::Cpu).unwrap();
+            let out = shifted_with_tile(&conv, &x, &planes, tile);
             let diff = max_diff(&out, &expected);
             assert!(diff <= 1e-5 * scale, "tile {tile}: {diff:e} at scale {scale}");
         }
@@ -544,19 +535,8 @@ mod tests {
                 let diff = max_diff(&actual, &expected);
                 assert!(diff <= 1e-5 * scale, "padding {padding}, {b}x{h}x{w}: {diff:e} at scale {scale}");
                 let planes = Planes::new((h, w), 2, padding);
-                let input = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                let (weight, bias) = cpu_weights(&conv);
                 for tile in [7, planes.row, planes.columns()] {
-                    let out = shifted_conv3x3(
-                        &input,
-                        (b, 12, h, w),
-                        &planes,
-                        weight,
-                        20,
-                        Epilogue { bias, ..Default::default() },
-                        tile,
-                    );
-                    let out = Tensor::from_vec(out, expected.dims(), &Device::Cpu).unwrap();
+                    let out = shifted_with_tile(&conv, &x, &planes, tile);
                     assert!(max_diff(&out, &expected) <= 1e-5 * scale, "tile {tile}, {h}x{w}");
                 }
                 for i in 0..b {

@@ -1,7 +1,7 @@
 //! GEGLU, the gate of the UNet transformers' feed-forward layers, and the exact (erf) GELU of
 //! OpenCLIP's and DPT's MLPs.
 
-use candle_core::{DType, Device, Result, Tensor, D};
+use candle_core::{Device, Result, Tensor, D};
 
 /// `hidden · GELU(gate)` for `projected = [hidden | gate]` along the last dimension, with the
 /// exact (erf) GELU as diffusers has it.
@@ -15,7 +15,7 @@ pub fn geglu(projected: &Tensor) -> Result<Tensor> {
         candle_core::bail!("geglu: the projection's last dimension ({width}) is odd");
     }
     let half = width / 2;
-    if projected.dtype() != DType::F32 || !projected.device().is_cpu() {
+    if !crate::cpu_gemm::is_cpu_f32(projected) {
         let hidden = projected.narrow(D::Minus1, 0, half)?.contiguous()?;
         let gate = projected.narrow(D::Minus1, half, half)?.contiguous()?;
         return hidden * gate.gelu_erf()?;
@@ -37,7 +37,7 @@ pub fn geglu(projected: &Tensor) -> Result<Tensor> {
 /// which cost 3-5% of the SD 2.x text encoder (23 layers of 77 x 4096 per prompt).
 /// Other devices and dtypes use candle's op.
 pub fn gelu_erf(xs: &Tensor) -> Result<Tensor> {
-    if xs.dtype() != DType::F32 || !xs.device().is_cpu() {
+    if !crate::cpu_gemm::is_cpu_f32(xs) {
         return xs.gelu_erf();
     }
     use rayon::prelude::*;
@@ -46,7 +46,6 @@ pub fn gelu_erf(xs: &Tensor) -> Result<Tensor> {
     let mut out = vec![0f32; input.len()];
     // Chunks of 16 Ki elements: enough work per task, and the same values whatever the split.
     out.par_chunks_mut(1 << 14).zip(input.par_chunks(1 << 14)).for_each(|(out, x)| gelu_chunk(out, x));
-    drop(input);
     Tensor::from_vec(out, xs.dims(), &Device::Cpu)
 }
 
@@ -73,6 +72,7 @@ crate::fast_math::simd_kernel! {
 mod tests {
     use super::*;
     use crate::test_support::{max_abs, max_diff, randn};
+    use candle_core::DType;
 
     /// The fused pass against candle's ops (exact erf GELU) on contiguous and strided inputs,
     /// at activation scales; odd widths are refused.

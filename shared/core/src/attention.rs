@@ -140,9 +140,9 @@ const CPU_QUERY_BLOCK: usize = 64;
 /// transposed to rows and back; at 1024 tokens this path takes under half their time. A
 /// block's result does not depend on the other images, so batching changes nothing.
 fn cpu_f32_attention(query: &Tensor, key: &Tensor, value: &Tensor, heads: usize, scale: f64) -> Result<Option<Tensor>> {
-    use crate::cpu_gemm::{cpu_f32, gemm, View};
+    use crate::cpu_gemm::{cpu_f32, gemm, is_cpu_f32, View};
     use rayon::prelude::*;
-    if [query, key, value].iter().any(|t| !t.device().is_cpu() || t.dtype() != DType::F32) {
+    if ![query, key, value].into_iter().all(is_cpu_f32) {
         return Ok(None);
     }
     let (batch, q_len, inner) = query.dims3()?;

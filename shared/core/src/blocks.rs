@@ -7,10 +7,10 @@
 //! runs one row at a time (see [`per_row`]).
 
 use crate::conv::Conv3x3;
-use crate::cpu_gemm::{cpu_f32, gemm, View};
+use crate::cpu_gemm::{cpu_f32, gemm_row_bias, is_cpu_f32, View};
 use crate::linear::{linear, Linear};
 use crate::norm::GroupNorm;
-use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_core::{Device, Module, Result, Tensor, D};
 use candle_nn as nn;
 
 /// A convolution of any shape on the fastest path this crate has for it, with a `conv2d`
@@ -58,7 +58,7 @@ impl Conv2d {
         let (c_out, c_in, kh, kw) = conv.weight().dims4()?;
         let config = conv.config();
         let one_by_one = (kh, kw) == (1, 1) && config.padding == 0 && config.stride == 1 && config.groups == 1;
-        let weights = if one_by_one && conv.weight().device().is_cpu() && conv.weight().dtype() == DType::F32 {
+        let weights = if one_by_one && is_cpu_f32(conv.weight()) {
             let weight = conv.weight().flatten_all()?.to_vec1::<f32>()?;
             let bias = conv.bias().map(|b| b.to_vec1::<f32>()).transpose()?;
             ConvWeights::OneByOneCpuF32 { weight, bias, c_in, c_out }
@@ -81,7 +81,7 @@ impl Module for Conv2d {
         if c != c_in {
             candle_core::bail!("Conv2d: input has {c} channels, the weights {c_in}");
         }
-        if xs.dtype() != DType::F32 || !xs.device().is_cpu() {
+        if !is_cpu_f32(xs) {
             candle_core::bail!("Conv2d: f32 CPU weights, a {:?} input on {:?}", xs.dtype(), xs.device())
         }
         let xs = xs.contiguous()?;
@@ -89,13 +89,8 @@ impl Module for Conv2d {
         let pixels = h * w;
         let mut out = vec![0f32; b * c_out * pixels];
         for (image, out) in input.chunks(c_in * pixels).zip(out.chunks_mut(c_out * pixels)) {
-            if let Some(bias) = bias {
-                for (row, &b) in out.chunks_mut(pixels).zip(bias) {
-                    row.fill(b);
-                }
-            }
             let (lhs, rhs) = (View::rows(weight, c_in), View::rows(image, pixels));
-            gemm((out, pixels), lhs, rhs, (c_out, pixels, c_in), 1.0, bias.is_some(), true);
+            gemm_row_bias(out, lhs, rhs, (c_out, pixels, c_in), bias.as_deref());
         }
         Tensor::from_vec(out, (b, c_out, h, w), &Device::Cpu)
     }
@@ -281,6 +276,7 @@ impl Upsample2D {
 mod tests {
     use super::*;
     use crate::test_support::{max_abs, max_diff, randn};
+    use candle_core::DType;
 
     /// Ours and candle's convolution, with the same random weights.
     fn conv(c_in: usize, c_out: usize, kernel: usize, config: nn::Conv2dConfig, bias: bool) -> (Conv2d, nn::Conv2d) {

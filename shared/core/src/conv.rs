@@ -28,7 +28,7 @@
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn as nn;
 
-use crate::cpu_gemm::{cpu_f32, gemm, View};
+use crate::cpu_gemm::{cpu_f32, gemm, gemm_row_bias, is_cpu_f32, View};
 
 /// Feature maps of at most this many pixels take the one-GEMM path.
 const ONE_GEMM_MAX_PIXELS: usize = 16;
@@ -83,7 +83,7 @@ impl Conv3x3 {
         if !Self::supports(&conv) {
             candle_core::bail!("Conv3x3: a {kh}x{kw} convolution with {config:?}");
         }
-        let weights = if conv.weight().device().is_cpu() && conv.weight().dtype() == DType::F32 {
+        let weights = if is_cpu_f32(conv.weight()) {
             // [c_out, c_in, kh, kw] -> [c_out, kh, kw, c_in]
             let weight = conv.weight().permute((0, 2, 3, 1))?.flatten_all()?.to_vec1::<f32>()?;
             let bias = conv.bias().map(|b| b.to_vec1::<f32>()).transpose()?;
@@ -111,20 +111,7 @@ impl Conv3x3 {
         let columns = Tensor::stack(&taps, 1)?.permute((1, 2, 0, 3, 4))?.contiguous()?;
         let columns = cpu_f32(&columns)?;
         let mut out = vec![0f32; c_out * n];
-        if let Some(bias) = bias {
-            for (row, &b) in out.chunks_mut(n).zip(bias) {
-                row.fill(b);
-            }
-        }
-        gemm(
-            (&mut out, n),
-            View::rows(weight, 9 * c),
-            View::rows(&columns, n),
-            (c_out, n, 9 * c),
-            1.0,
-            bias.is_some(),
-            true,
-        );
+        gemm_row_bias(&mut out, View::rows(weight, 9 * c), View::rows(&columns, n), (c_out, n, 9 * c), bias);
         Tensor::from_vec(out, (c_out, b, h, w), &Device::Cpu)?.permute((1, 0, 2, 3))?.contiguous()
     }
 
@@ -208,7 +195,7 @@ impl Conv3x3 {
         let upsampled = |x: &Tensor| if upsample { x.upsample_nearest2d(h, w) } else { Ok(x.clone()) };
         let out = match &self.weights {
             Weights::Candle(conv) => conv.forward(&upsampled(x)?)?,
-            Weights::CpuF32 { .. } if x.dtype() != DType::F32 || !x.device().is_cpu() => {
+            Weights::CpuF32 { .. } if !is_cpu_f32(x) => {
                 candle_core::bail!("Conv3x3: f32 CPU weights, a {:?} input on {:?}", x.dtype(), x.device())
             }
             Weights::CpuF32 { weight, bias } if self.stride == 1 && h * w <= ONE_GEMM_MAX_PIXELS => {

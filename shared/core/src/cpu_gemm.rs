@@ -12,6 +12,12 @@ pub(crate) struct CpuF32<'a> {
     range: std::ops::Range<usize>,
 }
 
+/// Whether `t` is an f32 tensor on the CPU: what the CPU kernels here take (the layers keep
+/// their weights in these kernels' layouts exactly then, and use candle's ops otherwise).
+pub(crate) fn is_cpu_f32(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == candle_core::DType::F32
+}
+
 /// `t`'s values, or an error if it is not a contiguous f32 CPU tensor.
 pub(crate) fn cpu_f32(t: &Tensor) -> Result<CpuF32<'_>> {
     let (storage, layout) = t.storage_and_layout();
@@ -63,6 +69,23 @@ impl<'a> View<'a> {
 /// element's value depends on k alone, never on how callers split m or n (batching, tiling,
 /// threads).
 const K_BLOCK: usize = 512;
+
+/// `dst [m, n] = weight [m, k] @ columns [k, n] + bias[row]` (`dst` rows n apart): a
+/// convolution's weights times its input columns, the bias the sum's starting value.
+pub(crate) fn gemm_row_bias(
+    dst: &mut [f32],
+    weight: View,
+    columns: View,
+    (m, n, k): (usize, usize, usize),
+    bias: Option<&[f32]>,
+) {
+    if let Some(bias) = bias {
+        for (row, &b) in dst.chunks_mut(n).zip(bias) {
+            row.fill(b);
+        }
+    }
+    gemm((dst, n), weight, columns, (m, n, k), 1.0, bias.is_some(), true);
+}
 
 /// `dst [m, n] = scale · lhs [m, k] @ rhs [k, n]`, plus the old `dst` when `accumulate`; `dst`
 /// row-major with rows `dst_row_stride` apart. `parallel`: use candle's thread count (else one

@@ -13,10 +13,10 @@
 //! n are; one row goes through `gemm`'s matrix-vector path, so callers whose row count can be
 //! one use [`crate::blocks::per_row`]).
 
-use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::{Device, Module, Result, Tensor};
 use candle_nn as nn;
 
-use crate::cpu_gemm::{cpu_f32, gemm, View};
+use crate::cpu_gemm::{cpu_f32, gemm, is_cpu_f32, View};
 
 #[derive(Debug, Clone)]
 pub struct Linear {
@@ -65,7 +65,7 @@ impl Linear {
             }
         }
         let weight = inner.weight();
-        let weights = if weight.device().is_cpu() && weight.dtype() == DType::F32 {
+        let weights = if is_cpu_f32(weight) {
             let weight_t = weight.t()?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
             let bias = inner.bias().map(|b| b.to_vec1::<f32>()).transpose()?;
             Weights::CpuF32 { weight_t, bias }
@@ -102,7 +102,7 @@ impl Linear {
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match &self.weights {
-            Weights::CpuF32 { weight_t, bias } if x.dtype() == DType::F32 && x.device().is_cpu() => {
+            Weights::CpuF32 { weight_t, bias } if is_cpu_f32(x) => {
                 let features = x.dims().last().copied().unwrap_or(0);
                 if x.rank() == 0 || features != self.in_features {
                     candle_core::bail!("Linear: input {:?} for {} input features", x.dims(), self.in_features);
@@ -121,6 +121,7 @@ impl Module for Linear {
 mod tests {
     use super::*;
     use crate::test_support::{max_abs, max_diff, randn};
+    use candle_core::DType;
 
     fn layers(in_features: usize, out_features: usize) -> [(nn::Linear, Linear); 2] {
         let weight = (randn(1, &[out_features, in_features]) * 0.1).unwrap();

@@ -10,7 +10,7 @@
 //! (kernels/group_norm.cu; statistics in f32), unless SDMESH_CUDA_GROUP_NORM=0. Other
 //! devices and dtypes use candle's ops.
 
-use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::{Device, Module, Result, Tensor};
 use candle_nn as nn;
 
 use crate::fast_math::lane_fold;
@@ -37,7 +37,7 @@ impl GroupNorm {
         }
         let weight = vs.get_with_hints(channels, "weight", nn::Init::Const(1.))?;
         let bias = vs.get_with_hints(channels, "bias", nn::Init::Const(0.))?;
-        let affine_f32 = if weight.device().is_cpu() && weight.dtype() == DType::F32 {
+        let affine_f32 = if crate::cpu_gemm::is_cpu_f32(&weight) {
             Some((weight.to_vec1::<f32>()?, bias.to_vec1::<f32>()?))
         } else {
             None
@@ -66,7 +66,7 @@ impl GroupNorm {
             return Ok(Some(x.contiguous()?.apply_op3_no_bwd(weight, bias, &op)?));
         }
         let Some((weight, bias)) = &self.affine_f32 else { return Ok(None) };
-        if x.dtype() != DType::F32 || !x.device().is_cpu() || x.rank() < 3 || x.dim(1)? != self.channels {
+        if !crate::cpu_gemm::is_cpu_f32(x) || x.rank() < 3 || x.dim(1)? != self.channels {
             return Ok(None);
         }
         let dims = x.dims().to_vec();
@@ -271,6 +271,7 @@ crate::fast_math::simd_kernel! {
 mod tests {
     use super::*;
     use crate::test_support::{max_diff, randn};
+    use candle_core::DType;
 
     fn norm(groups: usize, channels: usize) -> GroupNorm {
         let varmap = nn::VarMap::new();

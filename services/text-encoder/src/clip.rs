@@ -3,7 +3,7 @@
 //! GELU) load with the same code. Returns the last hidden state after the final layer norm.
 //! Any batch size; the causal mask is the only mask (SD pipelines pass no attention mask).
 
-use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{embedding, layer_norm, Embedding, LayerNorm, LayerNormConfig, VarBuilder};
 use sdmesh_core::linear::{linear, Linear};
 use serde::Deserialize;
@@ -58,36 +58,35 @@ impl Activation {
 }
 
 struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// q_proj, k_proj and v_proj as one projection to [q | k | v] (one GEMM, not three).
+    qkv: Linear,
     out: Linear,
     heads: usize,
-    head_dim: usize,
+    hidden: usize,
 }
 
 impl Attention {
     fn new(vb: VarBuilder, c: &ClipTextConfig) -> Result<Self> {
         let d = c.hidden_size;
+        let (mut weights, mut biases) = (Vec::new(), Vec::new());
+        for name in ["q_proj", "k_proj", "v_proj"] {
+            weights.push(vb.pp(name).get((d, d), "weight")?);
+            biases.push(vb.pp(name).get(d, "bias")?);
+        }
         Ok(Self {
-            q: linear(d, d, vb.pp("q_proj"))?,
-            k: linear(d, d, vb.pp("k_proj"))?,
-            v: linear(d, d, vb.pp("v_proj"))?,
+            qkv: Linear::new(Tensor::cat(&weights, 0)?, Some(Tensor::cat(&biases, 0)?))?,
             out: linear(d, d, vb.pp("out_proj"))?,
             heads: c.num_attention_heads,
-            head_dim: d / c.num_attention_heads,
+            hidden: d,
         })
     }
 
-    fn forward(&self, xs: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let (b, t, d) = xs.dims3()?;
-        let split = |x: Tensor| x.reshape((b, t, self.heads, self.head_dim))?.transpose(1, 2)?.contiguous();
-        let q = split((self.q.forward(xs)? * (self.head_dim as f64).powf(-0.5))?)?;
-        let k = split(self.k.forward(xs)?)?;
-        let v = split(self.v.forward(xs)?)?;
-        let scores = q.matmul(&k.t()?)?.broadcast_add(mask)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let ys = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let d = self.hidden;
+        let qkv = self.qkv.forward(xs)?;
+        let (q, k, v) = (qkv.narrow(2, 0, d)?, qkv.narrow(2, d, d)?, qkv.narrow(2, 2 * d, d)?);
+        let scale = ((d / self.heads) as f64).powf(-0.5);
+        let ys = sdmesh_core::attention::causal_self_attention(&q, &k, &v, self.heads, scale)?;
         self.out.forward(&ys)
     }
 }
@@ -102,8 +101,8 @@ struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    fn forward(&self, xs: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let xs = (xs + self.attn.forward(&self.norm1.forward(xs)?, mask)?)?;
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let xs = (xs + self.attn.forward(&self.norm1.forward(xs)?)?)?;
         let h = self.fc2.forward(&self.act.forward(&self.fc1.forward(&self.norm2.forward(&xs)?)?)?)?;
         xs + h
     }
@@ -174,17 +173,9 @@ impl ClipTextModel {
         let positions = Tensor::arange(0u32, seq as u32, device)?;
         let mut xs =
             self.token_embedding.forward(input_ids)?.broadcast_add(&self.position_embedding.forward(&positions)?)?;
-        let mask = causal_mask(seq, xs.dtype(), device)?;
         for layer in &self.layers {
-            xs = layer.forward(&xs, &mask)?;
+            xs = layer.forward(&xs)?;
         }
         self.final_norm.forward(&xs)?.to_dtype(DType::F32)
     }
-}
-
-/// [1, 1, seq, seq] with -inf above the diagonal, broadcast over batch and heads.
-fn causal_mask(seq: usize, dtype: DType, device: &Device) -> Result<Tensor> {
-    let mask: Vec<f32> =
-        (0..seq).flat_map(|i| (0..seq).map(move |j| if j > i { f32::NEG_INFINITY } else { 0. })).collect();
-    Tensor::from_vec(mask, (1, 1, seq, seq), device)?.to_dtype(dtype)
 }

@@ -28,7 +28,7 @@ pub fn attention(
     upcast: bool,
     max_scores: usize,
 ) -> Result<Tensor> {
-    if let Some(out) = cpu_f32_attention(query, key, value, 1, scale)? {
+    if let Some(out) = cpu_f32_attention(query, key, value, 1, scale, false)? {
         return Ok(out);
     }
     let (rows, q_len, _) = query.dims3()?;
@@ -79,7 +79,7 @@ pub fn multi_head_attention(
     scale: f64,
     upcast: bool,
 ) -> Result<Tensor> {
-    if let Some(out) = cpu_f32_attention(query, key, value, heads, scale)? {
+    if let Some(out) = cpu_f32_attention(query, key, value, heads, scale, false)? {
         return Ok(out);
     }
     let (batch, q_len, inner) = query.dims3()?;
@@ -107,6 +107,33 @@ pub fn multi_head_attention(
         MAX_SCORE_ELEMENTS,
     )?;
     out.reshape((batch, heads, q_len, head_dim))?.transpose(1, 2)?.reshape((batch, q_len, inner))
+}
+
+/// Causal self-attention (token i attends to tokens 0..=i: CLIP's text transformer) over
+/// per-token projections laid out as [`multi_head_attention`] takes them; query, key and value
+/// may be column ranges of one fused projection [batch, tokens, 3 · heads · head_dim]. On the
+/// CPU in f32 the blocked kernel skips the masked scores; elsewhere candle's ops add a -inf
+/// mask, with the softmax in f32 for f16/bf16 models.
+pub fn causal_self_attention(query: &Tensor, key: &Tensor, value: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+    let (batch, tokens, inner) = query.dims3()?;
+    if key.dim(1)? != tokens || value.dim(1)? != tokens {
+        candle_core::bail!("causal self-attention: {tokens} query tokens, {} key tokens", key.dim(1)?);
+    }
+    if let Some(out) = cpu_f32_attention(query, key, value, heads, scale, true)? {
+        return Ok(out);
+    }
+    let head_dim = inner / heads;
+    let to_rows = |t: &Tensor| -> Result<Tensor> {
+        t.reshape((batch, tokens, heads, head_dim))?.transpose(1, 2)?.contiguous()
+    };
+    let (q, k, v) = (to_rows(query)?, to_rows(key)?, to_rows(value)?);
+    let mask: Vec<f32> = (0..tokens)
+        .flat_map(|i| (0..tokens).map(move |j| if j > i { f32::NEG_INFINITY } else { 0. }))
+        .collect();
+    let mask = Tensor::from_vec(mask, (1, 1, tokens, tokens), query.device())?;
+    let scores = (q.matmul(&k.t()?)?.to_dtype(DType::F32)? * scale)?.broadcast_add(&mask)?;
+    let probs = nn::ops::softmax_last_dim(&scores)?.to_dtype(query.dtype())?;
+    probs.matmul(&v)?.transpose(1, 2)?.reshape((batch, tokens, inner))
 }
 
 /// Whether [`multi_head_attention`] may use flash attention: a build with the `flash-attn`
@@ -138,9 +165,17 @@ const CPU_QUERY_BLOCK: usize = 64;
 /// 1 / sum there (dv values a row, not kv_len). candle's ops write the whole score matrix to memory
 /// and read it back twice, its softmax calls libm's exp per element, and the heads would be
 /// transposed to rows and back; at 1024 tokens this path takes under half their time. A
-/// block's result does not depend on the other images, so batching changes nothing.
-fn cpu_f32_attention(query: &Tensor, key: &Tensor, value: &Tensor, heads: usize, scale: f64) -> Result<Option<Tensor>> {
-    use crate::cpu_gemm::{cpu_f32, gemm, is_cpu_f32, View};
+/// block's result does not depend on the other images, so batching changes nothing. `causal`:
+/// query token t attends to keys 0..=t only (queries and keys the same tokens).
+fn cpu_f32_attention(
+    query: &Tensor,
+    key: &Tensor,
+    value: &Tensor,
+    heads: usize,
+    scale: f64,
+    causal: bool,
+) -> Result<Option<Tensor>> {
+    use crate::cpu_gemm::{cpu_f32_rows, gemm, is_cpu_f32, row_stride, View};
     use rayon::prelude::*;
     if ![query, key, value].into_iter().all(is_cpu_f32) {
         return Ok(None);
@@ -148,18 +183,30 @@ fn cpu_f32_attention(query: &Tensor, key: &Tensor, value: &Tensor, heads: usize,
     let (batch, q_len, inner) = query.dims3()?;
     let (kv_len, inner_v) = (key.dim(1)?, value.dim(2)?);
     let (d, dv) = (inner / heads, inner_v / heads);
-    let (query, key, value) = (query.contiguous()?, key.contiguous()?, value.contiguous()?);
-    let (q, k, v) = (cpu_f32(&query)?, cpu_f32(&key)?, cpu_f32(&value)?);
+    // Rows are read where they lie, `*_stride` apart (wider than a row for one part of a fused
+    // projection); other layouts are copied first.
+    let evenly = |t: &Tensor| if row_stride(t).is_some() { Ok(t.clone()) } else { t.contiguous() };
+    let (query, key, value) = (evenly(query)?, evenly(key)?, evenly(value)?);
+    let ((q, q_stride), (k, k_stride), (v, v_stride)) =
+        (cpu_f32_rows(&query)?, cpu_f32_rows(&key)?, cpu_f32_rows(&value)?);
+    // An image's `len` rows of a matrix whose rows lie `stride` apart.
+    let image_rows = |image: usize, len: usize, stride: usize, width: usize| -> std::ops::Range<usize> {
+        let start = image * len * stride;
+        start..start + (len - 1) * stride + width
+    };
     let mut out = vec![0f32; batch * q_len * inner_v];
+    if q_len == 0 || kv_len == 0 {
+        return Ok(Some(Tensor::from_vec(out, (batch, q_len, inner_v), &Device::Cpu)?));
+    }
     out.par_chunks_mut(q_len * inner_v).enumerate().for_each(|(image, image_out)| {
-        let k = &k[image * kv_len * inner..][..kv_len * inner];
-        let v = &v[image * kv_len * inner_v..][..kv_len * inner_v];
-        let q = &q[image * q_len * inner..][..q_len * inner];
+        let k = &k[image_rows(image, kv_len, k_stride, inner)];
+        let v = &v[image_rows(image, kv_len, v_stride, inner_v)];
+        let q = &q[image_rows(image, q_len, q_stride, inner)];
         // kᵀ per head, [heads][d][kv_len] row-major, once for all query blocks: gemm's AVX-512
         // kernels are slow on a transposed right-hand side with few rows on the left.
         let mut k_t = vec![0f32; kv_len * inner];
         k_t.par_chunks_mut(d * kv_len).enumerate().for_each(|(head, k_t)| {
-            for (j, k_row) in k.chunks(inner).enumerate() {
+            for (j, k_row) in k.chunks(k_stride).enumerate() {
                 for (i, &x) in k_row[head * d..][..d].iter().enumerate() {
                     k_t[i * kv_len + j] = x;
                 }
@@ -167,17 +214,22 @@ fn cpu_f32_attention(query: &Tensor, key: &Tensor, value: &Tensor, heads: usize,
         });
         image_out.par_chunks_mut(CPU_QUERY_BLOCK * inner_v).enumerate().for_each(|(block, block_out)| {
             let n = block_out.len() / inner_v;
-            let q_block = &q[block * CPU_QUERY_BLOCK * inner..][..n * inner];
+            let first_query = block * CPU_QUERY_BLOCK;
+            let q_block = &q[first_query * q_stride..];
             let mut scores = vec![0f32; n * kv_len];
             let mut inv_sums = vec![0f32; n];
             for head in 0..heads {
                 let (q_head, k_head) =
-                    (View::rows(&q_block[head * d..], inner), View::rows(&k_t[head * d * kv_len..], kv_len));
+                    (View::rows(&q_block[head * d..], q_stride), View::rows(&k_t[head * d * kv_len..], kv_len));
                 gemm((&mut scores, kv_len), q_head, k_head, (n, kv_len, d), scale as f32, false, false);
-                for (row, inv_sum) in scores.chunks_mut(kv_len).zip(&mut inv_sums) {
-                    *inv_sum = exp_shifted_in_place(row);
+                for (i, (row, inv_sum)) in scores.chunks_mut(kv_len).zip(&mut inv_sums).enumerate() {
+                    // Causal: query token t sees keys 0..=t; the rest weigh exactly 0.
+                    let seen = if causal { (first_query + i + 1).min(kv_len) } else { kv_len };
+                    let (kept, masked) = row.split_at_mut(seen);
+                    *inv_sum = exp_shifted_in_place(kept);
+                    masked.fill(0.0);
                 }
-                let (p, v_head) = (View::rows(&scores, kv_len), View::rows(&v[head * dv..], inner_v));
+                let (p, v_head) = (View::rows(&scores, kv_len), View::rows(&v[head * dv..], v_stride));
                 gemm((&mut block_out[head * dv..], inner_v), p, v_head, (n, dv, kv_len), 1.0, false, false);
                 // The softmax's normalisation, on the dv outputs instead of the kv_len scores.
                 for (row, &inv_sum) in block_out.chunks_mut(inner_v).zip(&inv_sums) {
@@ -285,6 +337,60 @@ mod tests {
             let err = max_diff(&part(&out), &expected);
             assert!(err <= 1e-6, "head {head}: max abs error {err:e}");
         }
+    }
+
+    /// softmax(q kᵀ · scale + causal mask) v per head, with candle's ops.
+    fn causal_reference(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Tensor {
+        let (_, tokens, inner) = q.dims3().unwrap();
+        let d = inner / heads;
+        let mask: Vec<f32> =
+            (0..tokens).flat_map(|i| (0..tokens).map(move |j| if j > i { f32::NEG_INFINITY } else { 0. })).collect();
+        let mask = Tensor::from_vec(mask, (tokens, tokens), &Device::Cpu).unwrap();
+        let per_head: Vec<Tensor> = (0..heads)
+            .map(|h| {
+                let part = |t: &Tensor| t.narrow(2, h * d, d).unwrap().contiguous().unwrap();
+                let scores = (part(q).matmul(&part(k).t().unwrap()).unwrap() * scale).unwrap();
+                let probs = nn::ops::softmax_last_dim(&scores.broadcast_add(&mask).unwrap()).unwrap();
+                probs.matmul(&part(v)).unwrap()
+            })
+            .collect();
+        Tensor::cat(&per_head, 2).unwrap()
+    }
+
+    /// The CPU kernel's causal mode, on q, k and v given as column ranges of one fused
+    /// projection (read in place), is per-head masked softmax attention, gives the bits it gives
+    /// on contiguous copies, and matches the candle-ops path other devices and dtypes take.
+    #[test]
+    fn causal_self_attention_masks_later_tokens() {
+        // 77 tokens: a full 64-query block and a short one, as CLIP's text transformer has.
+        let (heads, d, tokens) = (3, 8, 77);
+        let qkv = randn(11, &[2, tokens, 3 * heads * d]);
+        let part = |i: usize| qkv.narrow(2, i * heads * d, heads * d).unwrap();
+        let (q, k, v) = (part(0), part(1), part(2));
+        assert!(!q.is_contiguous(), "the test must cover rows read in place");
+        let out = causal_self_attention(&q, &k, &v, heads, 0.35).unwrap();
+        let expected = causal_reference(&q, &k, &v, heads, 0.35);
+        let err = max_diff(&out, &expected);
+        assert!(err <= 1e-6, "max abs error {err:e}");
+
+        let copy = |t: &Tensor| t.contiguous().unwrap();
+        let from_copies = causal_self_attention(&copy(&q), &copy(&k), &copy(&v), heads, 0.35).unwrap();
+        assert_eq!(max_diff(&out, &from_copies), 0.0, "strided and contiguous inputs give the same bits");
+
+        // The first token sees only itself: its output is its own value.
+        let first = out.narrow(1, 0, 1).unwrap();
+        assert_eq!(max_diff(&first, &v.narrow(1, 0, 1).unwrap()), 0.0);
+
+        let half = |t: &Tensor| t.to_dtype(DType::F16).unwrap();
+        let other_path = causal_self_attention(&half(&q), &half(&k), &half(&v), heads, 0.35).unwrap();
+        let err = max_diff(&other_path.to_dtype(DType::F32).unwrap(), &expected);
+        assert!(err <= 5e-3, "f16 (candle's ops): max abs error {err:e}");
+    }
+
+    #[test]
+    fn causal_self_attention_needs_as_many_keys_as_queries() {
+        let (q, k) = (randn(12, &[1, 5, 8]), randn(13, &[1, 6, 8]));
+        assert!(causal_self_attention(&q, &k, &k, 1, 1.0).is_err());
     }
 
     #[test]

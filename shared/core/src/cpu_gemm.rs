@@ -29,6 +29,47 @@ pub(crate) fn cpu_f32(t: &Tensor) -> Result<CpuF32<'_>> {
     Ok(CpuF32 { storage, range: start..end })
 }
 
+/// The stride between `t`'s rows (its last dimension) when they lie evenly apart with unit
+/// column stride: a contiguous tensor, or a column range of one (a part of a fused projection).
+pub(crate) fn row_stride(t: &Tensor) -> Option<usize> {
+    let layout = t.layout();
+    let (dims, strides) = (layout.dims(), layout.stride());
+    let (&cols, leading) = dims.split_last()?;
+    if cols > 1 && strides[leading.len()] != 1 {
+        return None;
+    }
+    // The leading dimensions, innermost first, must flatten to one run of rows.
+    let (mut step, mut span) = (None, 1);
+    for (&dim, &stride) in leading.iter().zip(strides).rev().filter(|(&dim, _)| dim > 1) {
+        match step {
+            None => step = Some(stride),
+            Some(s) if stride == s * span => {}
+            Some(_) => return None,
+        }
+        span *= dim;
+    }
+    let stride = step.unwrap_or(cols);
+    (stride >= cols).then_some(stride)
+}
+
+/// `t`'s values from its first element to its last, read in place, and the stride between its
+/// rows: for an f32 CPU tensor whose rows lie evenly apart ([`row_stride`]); an error otherwise.
+pub(crate) fn cpu_f32_rows(t: &Tensor) -> Result<(CpuF32<'_>, usize)> {
+    let Some(stride) = row_stride(t) else {
+        candle_core::bail!("rows evenly apart expected, not strides {:?}", t.stride())
+    };
+    let (storage, layout) = t.storage_and_layout();
+    let cols = t.dims().last().copied().unwrap_or(1);
+    let rows = t.elem_count().checked_div(cols).unwrap_or(0);
+    let len = if rows == 0 || cols == 0 { 0 } else { (rows - 1) * stride + cols };
+    let start = layout.start_offset();
+    let Storage::Cpu(cpu) = &*storage else { candle_core::bail!("a CPU tensor expected, not {:?}", t.device()) };
+    if cpu.as_slice::<f32>()?.len() < start + len {
+        candle_core::bail!("rows past the end of the tensor's storage");
+    }
+    Ok((CpuF32 { storage, range: start..start + len }, stride))
+}
+
 impl std::ops::Deref for CpuF32<'_> {
     type Target = [f32];
 
@@ -145,5 +186,26 @@ pub(crate) fn gemm(
         if first >= k {
             break;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::randn;
+
+    #[test]
+    fn row_stride_finds_evenly_spaced_rows() {
+        let t = randn(1, &[2, 5, 12]);
+        assert_eq!(row_stride(&t), Some(12));
+        assert_eq!(row_stride(&t.narrow(2, 4, 4).unwrap()), Some(12), "a column range of each row");
+        assert_eq!(row_stride(&t.narrow(1, 1, 3).unwrap()), None, "rows of two images not one run");
+        assert_eq!(row_stride(&t.narrow(0, 1, 1).unwrap().narrow(1, 1, 3).unwrap()), Some(12), "one image");
+        assert_eq!(row_stride(&t.transpose(1, 2).unwrap()), None, "columns not unit-strided");
+        let columns = t.narrow(2, 4, 4).unwrap();
+        let (values, stride) = cpu_f32_rows(&columns).unwrap();
+        let all = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(stride, 12);
+        assert_eq!(&values[..], &all[4..4 + 9 * 12 + 4]);
     }
 }

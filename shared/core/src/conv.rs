@@ -11,6 +11,11 @@
 //!   straight on a strided view of the padded image, accumulated in place; the two wrapped
 //!   columns per row are then dropped. No im2col; 110-180 GFLOP/s on the same shapes (1.2-4x
 //!   candle's; 2x on the VAE's 128-channel 256x256 layers).
+//!   On x86-64 CPUs with AVX-512, the nine taps' sum is instead one register-tiled kernel
+//!   (`conv_direct`: 8 channels x 48 columns in registers through all taps and channels) where
+//!   at least 80% of its work is useful: 1.05-1.2x the GEMMs at 64-640 channels (the GEMMs
+//!   pack and re-accumulate nine times). The padded planes and the sums are kept by the
+//!   calling thread between calls (`Scratch`): fresh buffers cost a page fault per 4 KiB.
 //! - **One GEMM over the batch** (maps of at most 16 pixels, the deepest UNet levels of small
 //!   images): the batch's im2col columns side by side, so the GEMM is not starved of columns.
 //! - **Stride 2** (the down-samplers): the padded image split into its four row/column phases,
@@ -126,7 +131,7 @@ impl Conv3x3 {
             false => Planes::new((h, w), self.stride, self.padding),
         };
         let (out_h, out_w) = (planes.out_h, planes.out_w);
-        let tile = column_tile(self.c_out, planes.columns());
+        let kernel = Kernel::for_shape(&planes, self.c_out);
         // The tensors the output pass adds, checked against the output's shape.
         let per_channel = adds.per_channel.map(|t| t.contiguous()).transpose()?;
         let residual = adds.residual.map(|t| t.contiguous()).transpose()?;
@@ -153,7 +158,7 @@ impl Conv3x3 {
         let per_channel = per_channel.as_ref().map(cpu_f32).transpose()?;
         let residual = residual.as_ref().map(cpu_f32).transpose()?;
         let epilogue = Epilogue { bias: adds.bias, per_channel: per_channel.as_deref(), residual: residual.as_deref() };
-        let out = shifted_conv3x3(&input, (b, c_in, h, w), &planes, weight, self.c_out, epilogue, tile);
+        let out = shifted_conv3x3(&input, (b, c_in, h, w), &planes, weight, self.c_out, epilogue, kernel);
         Tensor::from_vec(out, (b, self.c_out, out_h, out_w), &Device::Cpu)
     }
 
@@ -333,14 +338,68 @@ struct Epilogue<'a> {
     residual: Option<&'a [f32]>,
 }
 
-/// The shifted-GEMM 3x3 convolution of `input` (NCHW `dims`, contiguous) laid out as `planes`
+/// How the shifted path computes the sum over the nine taps.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Kernel {
+    /// `conv_direct`'s register-tiled kernel (x86-64 with AVX-512), `tile` output columns (a
+    /// multiple of 48) per unit of work.
+    Direct { tile: usize },
+    /// Nine GEMMs (one per tap) accumulated in place, `tile` output columns at a time: large
+    /// maps are cut into tiles, each run through all nine taps by one thread while its
+    /// accumulator sits in L2 (a whole-map accumulator, 34 MB for the VAE's 128-channel
+    /// 256x256 layers, would stream through memory nine times). With one tile (small maps),
+    /// each tap is one multi-threaded GEMM over the whole map.
+    Gemms { tile: usize },
+}
+
+impl Kernel {
+    /// The direct kernel where the CPU has it and at least 80% of the work it would do is
+    /// useful: it computes whole blocks of 8 channels and 48 columns, so a map of 8x8 (96
+    /// columns computed for 64 pixels) or a 4-channel output runs faster as GEMMs. (2-core EPYC,
+    /// `conv_shift`: 1280 channels at 8x8, 158 GFLOP/s as GEMMs, 141 direct; at 16x16, 173 and
+    /// 194.) The choice depends on the map's shape and the channels alone, never the batch.
+    fn for_shape(planes: &Planes, c_out: usize) -> Self {
+        use crate::conv_direct::{available, COLUMNS, ROWS};
+        let computed = planes.columns().next_multiple_of(COLUMNS) * c_out.next_multiple_of(ROWS);
+        if available() && 5 * planes.out_h * planes.out_w * c_out >= 4 * computed {
+            Kernel::Direct { tile: DIRECT_TILE }
+        } else {
+            Kernel::Gemms { tile: column_tile(c_out, planes.columns()) }
+        }
+    }
+}
+
+/// Where the kernels leave an image's sums: column tiles of `tile` columns, each holding its
+/// `groups` blocks of `group_rows` output channels as [group_rows, tile] matrices.
+struct AccLayout {
+    tile: usize,
+    group_rows: usize,
+    groups: usize,
+}
+
+impl AccLayout {
+    fn block(&self) -> usize {
+        self.group_rows * self.tile
+    }
+
+    /// The index of output channel `o`'s sum for `column`, and how many columns follow it
+    /// contiguously (to the end of its tile).
+    fn at(&self, o: usize, column: usize) -> (usize, usize) {
+        let (t, within) = (column / self.tile, column % self.tile);
+        let (group, row) = (o / self.group_rows, o % self.group_rows);
+        (((t * self.groups + group) * self.group_rows + row) * self.tile + within, self.tile - within)
+    }
+}
+
+/// Output columns per unit of work of the direct kernel (four kernel calls): a unit's input
+/// columns, for all input channels, stay in L2 while it runs (363 KB at 128 channels of a
+/// 256-wide map), and the VAE's largest layers still split into hundreds of units.
+const DIRECT_TILE: usize = 4 * crate::conv_direct::COLUMNS;
+
+/// The shifted 3x3 convolution of `input` (NCHW `dims`, contiguous) laid out as `planes`
 /// say, with `weight` ([c_out, 9 * c_in], tap-major rows), plus `epilogue`'s additions:
-/// [b, c_out, out_h, out_w], computed `tile` output columns at a time (of `planes.columns()`).
-///
-/// Large maps are cut into tiles, each run through all nine taps by one thread while its
-/// accumulator sits in L2: a whole-map accumulator (34 MB for the VAE's 128-channel 256x256
-/// layers) would stream through memory nine times. With one tile (small maps), each tap is
-/// one multi-threaded GEMM over the whole map.
+/// [b, c_out, out_h, out_w].
+#[allow(clippy::too_many_arguments)]
 fn shifted_conv3x3(
     input: &[f32],
     (b, c_in, h, w): (usize, usize, usize, usize),
@@ -348,17 +407,39 @@ fn shifted_conv3x3(
     weight: &[f32],
     c_out: usize,
     epilogue: Epilogue<'_>,
-    tile: usize,
+    kernel: Kernel,
 ) -> Vec<f32> {
+    use crate::conv_direct::{COLUMNS, ROWS};
     use rayon::prelude::*;
     let (out_h, out_w, row, channel) = (planes.out_h, planes.out_w, planes.row, planes.channel);
     let columns = planes.columns();
-    let tiles = columns.div_ceil(tile);
-    // The last tap's view of the last channel reads up to 2 elements past the planes (into
-    // columns that are dropped).
-    let mut padded = vec![0f32; c_in * channel + 2];
-    // Tile-major: tile t holds columns t * tile .. as a [c_out, tile] matrix.
-    let mut acc = vec![0f32; tiles * c_out * tile];
+    let (layout, computed) = match kernel {
+        // The direct kernel computes whole 48-column groups (the extra ones are dropped with
+        // the wrapped columns) and blocks of 8 channels.
+        Kernel::Direct { tile } => {
+            let computed = columns.next_multiple_of(COLUMNS);
+            (AccLayout { tile: tile.min(computed), group_rows: ROWS, groups: c_out.div_ceil(ROWS) }, computed)
+        }
+        Kernel::Gemms { tile } => (AccLayout { tile, group_rows: c_out, groups: 1 }, columns),
+    };
+    let tiles = computed.div_ceil(layout.tile);
+    // The last tap's view of the last channel reads past the planes (into columns that are
+    // dropped): 2 elements for the GEMMs, up to the rounded-up column count for the direct
+    // kernel.
+    let reach = planes.offsets.iter().max().copied().unwrap_or(0);
+    let padded_len = (c_in * channel + 2).max((c_in.max(1) - 1) * channel + reach + computed);
+    let mut scratch = Scratch::take();
+    let (padded, acc) = scratch.buffers(padded_len, (planes, c_in), tiles * layout.groups * layout.block());
+    // The direct kernel reads 8 weight rows; a last, partial block reads them from a copy
+    // padded with zero rows.
+    let partial = c_out % ROWS;
+    let last_rows: Vec<f32> = if matches!(kernel, Kernel::Direct { .. }) && partial > 0 {
+        let mut rows = weight[(c_out - partial) * 9 * c_in..].to_vec();
+        rows.resize(ROWS * 9 * c_in, 0.0);
+        rows
+    } else {
+        Vec::new()
+    };
     let mut out = vec![0f32; b * c_out * out_h * out_w];
     for (image, out) in out.chunks_mut(c_out * out_h * out_w).enumerate() {
         let input = &input[image * c_in * h * w..][..c_in * h * w];
@@ -366,25 +447,40 @@ fn shifted_conv3x3(
             .par_chunks_mut(channel)
             .zip(input.par_chunks(h * w))
             .for_each(|(dst, src)| planes.fill(dst, src, w));
-        let run_tile = |(t, acc): (usize, &mut [f32]), parallel: bool| {
-            let first = t * tile;
-            let width = tile.min(columns - first);
-            for (tap, &offset) in planes.offsets.iter().enumerate() {
-                gemm(
-                    (acc, tile),
-                    View::rows(&weight[tap * c_in..], 9 * c_in),
-                    View::rows(&padded[offset + first..], channel),
-                    (c_out, width, c_in),
-                    1.0,
-                    tap > 0,
-                    parallel,
-                );
+        match kernel {
+            Kernel::Direct { .. } => acc.par_chunks_mut(layout.block()).enumerate().for_each(|(unit, block)| {
+                let (t, group) = (unit / layout.groups, unit % layout.groups);
+                let first = t * layout.tile;
+                let width = layout.tile.min(computed - first);
+                let rows = match group * ROWS + ROWS > c_out {
+                    true => &last_rows[..],
+                    false => &weight[group * ROWS * 9 * c_in..],
+                };
+                let input = &padded[first..];
+                crate::conv_direct::block((block, layout.tile), width, (rows, 9 * c_in), input, channel, &planes.offsets, c_in);
+            }),
+            Kernel::Gemms { tile } => {
+                let run_tile = |(t, acc): (usize, &mut [f32]), parallel: bool| {
+                    let first = t * tile;
+                    let width = tile.min(columns - first);
+                    for (tap, &offset) in planes.offsets.iter().enumerate() {
+                        gemm(
+                            (acc, tile),
+                            View::rows(&weight[tap * c_in..], 9 * c_in),
+                            View::rows(&padded[offset + first..], channel),
+                            (c_out, width, c_in),
+                            1.0,
+                            tap > 0,
+                            parallel,
+                        );
+                    }
+                };
+                if tiles == 1 {
+                    run_tile((0, &mut acc[..]), true);
+                } else {
+                    acc.par_chunks_mut(c_out * tile).enumerate().for_each(|tile_acc| run_tile(tile_acc, false));
+                }
             }
-        };
-        if tiles == 1 {
-            run_tile((0, &mut acc), true);
-        } else {
-            acc.par_chunks_mut(c_out * tile).enumerate().for_each(|tile_acc| run_tile(tile_acc, false));
         }
         // Drop the columns past out_w in each row and add the bias (and the rest).
         out.par_chunks_mut(out_h * out_w).enumerate().for_each(|(o, out)| {
@@ -395,9 +491,9 @@ fn shifted_conv3x3(
             for (y, dst) in out.chunks_mut(out_w).enumerate() {
                 let (mut column, mut done) = (y * row, 0);
                 while done < out_w {
-                    let (t, within) = (column / tile, column % tile);
-                    let len = (tile - within).min(out_w - done);
-                    let src = &acc[(t * c_out + o) * tile + within..][..len];
+                    let (start, run) = layout.at(o, column);
+                    let len = run.min(out_w - done);
+                    let src = &acc[start..][..len];
                     let dst = &mut dst[done..done + len];
                     for (d, s) in dst.iter_mut().zip(src) {
                         *d = s + add;
@@ -413,7 +509,66 @@ fn shifted_conv3x3(
             }
         });
     }
+    scratch.give_back();
     out
+}
+
+/// The shifted path's two large buffers (the padded input planes and the sums), kept by each
+/// thread between calls: fresh ones every call cost a page fault per 4 KiB (the VAE's
+/// 128-channel 256x256 layers allocate 67 MB a call; on this VM the faults took about as long
+/// as the arithmetic's last 15%). Buffers over `SCRATCH_KEPT_BYTES` are freed after the call.
+#[derive(Default)]
+struct Scratch {
+    padded: Vec<f32>,
+    /// The layout whose zero padding `padded` holds: the same layout only rewrites the pixels.
+    padded_for: Option<(Planes, usize)>,
+    acc: Vec<f32>,
+}
+
+/// The most bytes a thread keeps in each scratch buffer between calls.
+const SCRATCH_KEPT_BYTES: usize = 128 << 20;
+
+thread_local! {
+    static SCRATCH: std::cell::Cell<Scratch> = std::cell::Cell::new(Scratch::default());
+}
+
+impl Scratch {
+    fn take() -> Self {
+        SCRATCH.with(|s| s.take())
+    }
+
+    fn give_back(mut self) {
+        for buffer in [&mut self.padded, &mut self.acc] {
+            if buffer.capacity() * 4 > SCRATCH_KEPT_BYTES {
+                *buffer = Vec::new();
+            }
+        }
+        if self.padded.is_empty() {
+            self.padded_for = None;
+        }
+        SCRATCH.with(|s| s.set(self));
+    }
+
+    /// The padded planes, `padded_len` floats, zero wherever `fill` does not write for
+    /// `layout` (planes, input channels); and `acc_len` floats of any value for the sums (the
+    /// kernels overwrite them).
+    fn buffers(
+        &mut self,
+        padded_len: usize,
+        (planes, c_in): (&Planes, usize),
+        acc_len: usize,
+    ) -> (&mut [f32], &mut [f32]) {
+        let layout = Some((planes.clone(), c_in));
+        if self.padded_for != layout || self.padded.len() != padded_len {
+            self.padded.clear();
+            self.padded.resize(padded_len, 0.0);
+            self.padded_for = layout;
+        }
+        if self.acc.len() < acc_len {
+            self.acc.resize(acc_len, 0.0);
+        }
+        (&mut self.padded, &mut self.acc[..acc_len])
+    }
 }
 
 #[cfg(test)]
@@ -429,12 +584,17 @@ mod tests {
         (Conv3x3::from_conv(candle.clone()).unwrap(), candle)
     }
 
-    /// `conv` of `x` on the shifted path laid out as `planes`, `tile` output columns at a time.
+    /// `conv` of `x` on the shifted GEMMs laid out as `planes`, `tile` output columns at a time.
     fn shifted_with_tile(conv: &Conv3x3, x: &Tensor, planes: &Planes, tile: usize) -> Tensor {
+        shifted_with(conv, x, planes, Kernel::Gemms { tile })
+    }
+
+    /// `conv` of `x` on the shifted path laid out as `planes`, with `kernel`.
+    fn shifted_with(conv: &Conv3x3, x: &Tensor, planes: &Planes, kernel: Kernel) -> Tensor {
         let Weights::CpuF32 { weight, bias } = &conv.weights else { panic!("an f32 CPU convolution keeps candle's") };
         let input = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let epilogue = Epilogue { bias: bias.as_deref(), ..Default::default() };
-        let out = shifted_conv3x3(&input, x.dims4().unwrap(), planes, weight, conv.c_out, epilogue, tile);
+        let out = shifted_conv3x3(&input, x.dims4().unwrap(), planes, weight, conv.c_out, epilogue, kernel);
         let b = x.dim(0).unwrap();
         Tensor::from_vec(out, (b, conv.c_out, planes.out_h, planes.out_w), &Device::Cpu).unwrap()
     }
@@ -475,6 +635,48 @@ mod tests {
             let diff = max_diff(&out, &expected);
             assert!(diff <= 1e-5 * scale, "tile {tile}: {diff:e} at scale {scale}");
         }
+    }
+
+    /// Where the CPU has AVX-512, the direct kernel gives candle's convolution up to f32
+    /// rounding at stride 1 and 2, with channel counts off its 8-row blocks and maps off its
+    /// 48-column groups, and the same bits at any tiling of its work (one chain of
+    /// multiply-adds per element); the layers run it where `Kernel::for_shape` says, and the
+    /// shifted GEMMs elsewhere (and on CPUs without AVX-512).
+    #[test]
+    fn the_direct_kernel_matches_candle_at_any_tiling() {
+        let available = crate::conv_direct::available();
+        #[cfg(target_arch = "x86_64")]
+        if std::env::var("SDMESH_CONV_DIRECT").is_err() {
+            assert_eq!(available, std::arch::is_x86_feature_detected!("avx512f"));
+        }
+        let mut layers_on_direct = 0;
+        for (c_in, c_out, stride, padding) in [(24, 40, 1, 1), (5, 3, 1, 1), (17, 13, 2, 1), (9, 8, 2, 0)] {
+            let (conv, candle) = conv_with(c_in, c_out, stride, padding);
+            for (b, h, w) in [(2, 9, 13), (1, 5, 4), (1, 40, 33), (2, 3, 70)] {
+                let x = randn(40, &[b, c_in, h, w]);
+                let expected = candle.forward(&x).unwrap();
+                let scale = max_abs(&expected).max(1.0);
+                let actual = conv.forward(&x).unwrap();
+                let case = format!("{c_in}->{c_out} stride {stride} {b}x{h}x{w}");
+                let planes = Planes::new((h, w), stride, padding);
+                let chosen = Kernel::for_shape(&planes, c_out);
+                let on_chosen = shifted_with(&conv, &x, &planes, chosen);
+                assert_eq!(max_diff(&actual, &on_chosen), 0.0, "{case}: the layer runs {chosen:?}");
+                if !available {
+                    assert!(matches!(chosen, Kernel::Gemms { .. }), "{case}");
+                    continue;
+                }
+                layers_on_direct += matches!(chosen, Kernel::Direct { .. }) as usize;
+                let direct = shifted_with(&conv, &x, &planes, Kernel::Direct { tile: DIRECT_TILE });
+                let diff = max_diff(&direct, &expected);
+                assert!(diff <= 1e-5 * scale, "{case}: {diff:e} at scale {scale}");
+                for tile in [48, 96, 480] {
+                    let tiled = shifted_with(&conv, &x, &planes, Kernel::Direct { tile });
+                    assert_eq!(max_diff(&tiled, &direct), 0.0, "{case}, tile {tile}");
+                }
+            }
+        }
+        assert!(!available || layers_on_direct >= 4, "only {layers_on_direct} cases ran the direct kernel");
     }
 
     /// An image's output is the same bits alone or in any batch, on either path.

@@ -9,6 +9,7 @@ pub mod blocks;
 pub mod byte_lru;
 pub mod client;
 pub mod conv;
+mod conv_direct;
 mod cpu_gemm;
 mod error;
 mod fast_math;

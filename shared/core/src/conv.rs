@@ -14,8 +14,10 @@
 //!   On x86-64 CPUs with AVX-512, the nine taps' sum is instead one register-tiled kernel
 //!   (`conv_direct`: 8 channels x 48 columns in registers through all taps and channels) where
 //!   at least 80% of its work is useful: 1.05-1.2x the GEMMs at 64-640 channels (the GEMMs
-//!   pack and re-accumulate nine times). The padded planes and the sums are kept by the
-//!   calling thread between calls (`Scratch`): fresh buffers cost a page fault per 4 KiB.
+//!   pack and re-accumulate nine times). Its units write their sums, plus the additions,
+//!   straight to the output (no image-sized buffer of sums: 300 MB at the VAE's 768x768
+//!   layers). The padded planes (and the GEMMs' sums) are kept by the calling thread between
+//!   calls (`Scratch`): fresh buffers cost a page fault per 4 KiB.
 //! - **One GEMM over the batch** (maps of at most 16 pixels, the deepest UNet levels of small
 //!   images): the batch's im2col columns side by side, so the GEMM is not starved of columns.
 //! - **Stride 2** (the down-samplers): the padded image split into its four row/column phases,
@@ -369,36 +371,21 @@ impl Kernel {
     }
 }
 
-/// Where the kernels leave an image's sums: column tiles of `tile` columns, each holding its
-/// `groups` blocks of `group_rows` output channels as [group_rows, tile] matrices.
-struct AccLayout {
-    tile: usize,
-    group_rows: usize,
-    groups: usize,
-}
-
-impl AccLayout {
-    fn block(&self) -> usize {
-        self.group_rows * self.tile
-    }
-
-    /// The index of output channel `o`'s sum for `column`, and how many columns follow it
-    /// contiguously (to the end of its tile).
-    fn at(&self, o: usize, column: usize) -> (usize, usize) {
-        let (t, within) = (column / self.tile, column % self.tile);
-        let (group, row) = (o / self.group_rows, o % self.group_rows);
-        (((t * self.groups + group) * self.group_rows + row) * self.tile + within, self.tile - within)
-    }
-}
-
-/// Output columns per unit of work of the direct kernel (four kernel calls): a unit's input
-/// columns, for all input channels, stay in L2 while it runs (363 KB at 128 channels of a
-/// 256-wide map), and the VAE's largest layers still split into hundreds of units.
+/// Output columns per unit of work of the direct kernel (four kernel calls; a unit is these
+/// columns for 8 channels): a unit's input columns, for all input channels, stay in L2 while
+/// it runs (363 KB at 128 channels of a 256-wide map), and the VAE's largest layers still
+/// split into thousands of units. The kernel's results do not depend on the tiling.
 const DIRECT_TILE: usize = 4 * crate::conv_direct::COLUMNS;
 
 /// The shifted 3x3 convolution of `input` (NCHW `dims`, contiguous) laid out as `planes`
 /// say, with `weight` ([c_out, 9 * c_in], tap-major rows), plus `epilogue`'s additions:
 /// [b, c_out, out_h, out_w].
+///
+/// The direct kernel's units (a tile of columns, 8 channels) each own a run of output pixels
+/// in each of their channels (the valid columns of a tile land on one contiguous run of a
+/// channel's pixels): a unit's sums go from a small buffer straight to the output with the
+/// additions, while still in cache. The GEMMs' tiles are summed into one buffer for the image
+/// first, then written out.
 #[allow(clippy::too_many_arguments)]
 fn shifted_conv3x3(
     input: &[f32],
@@ -412,24 +399,25 @@ fn shifted_conv3x3(
     use crate::conv_direct::{COLUMNS, ROWS};
     use rayon::prelude::*;
     let (out_h, out_w, row, channel) = (planes.out_h, planes.out_w, planes.row, planes.channel);
+    let pixels = out_h * out_w;
     let columns = planes.columns();
-    let (layout, computed) = match kernel {
-        // The direct kernel computes whole 48-column groups (the extra ones are dropped with
-        // the wrapped columns) and blocks of 8 channels.
-        Kernel::Direct { tile } => {
-            let computed = columns.next_multiple_of(COLUMNS);
-            (AccLayout { tile: tile.min(computed), group_rows: ROWS, groups: c_out.div_ceil(ROWS) }, computed)
-        }
-        Kernel::Gemms { tile } => (AccLayout { tile, group_rows: c_out, groups: 1 }, columns),
+    // The direct kernel computes whole 48-column groups (the extra ones are dropped with the
+    // wrapped columns) and blocks of 8 channels.
+    let computed = match kernel {
+        Kernel::Direct { .. } => columns.next_multiple_of(COLUMNS),
+        Kernel::Gemms { .. } => columns,
     };
-    let tiles = computed.div_ceil(layout.tile);
+    let acc_len = match kernel {
+        Kernel::Direct { .. } => 0,
+        Kernel::Gemms { tile } => columns.div_ceil(tile) * c_out * tile,
+    };
     // The last tap's view of the last channel reads past the planes (into columns that are
     // dropped): 2 elements for the GEMMs, up to the rounded-up column count for the direct
     // kernel.
     let reach = planes.offsets.iter().max().copied().unwrap_or(0);
     let padded_len = (c_in * channel + 2).max((c_in.max(1) - 1) * channel + reach + computed);
     let mut scratch = Scratch::take();
-    let (padded, acc) = scratch.buffers(padded_len, (planes, c_in), tiles * layout.groups * layout.block());
+    let (padded, acc) = scratch.buffers(padded_len, (planes, c_in), acc_len);
     // The direct kernel reads 8 weight rows; a last, partial block reads them from a copy
     // padded with zero rows.
     let partial = c_out % ROWS;
@@ -440,26 +428,59 @@ fn shifted_conv3x3(
     } else {
         Vec::new()
     };
-    let mut out = vec![0f32; b * c_out * out_h * out_w];
-    for (image, out) in out.chunks_mut(c_out * out_h * out_w).enumerate() {
+    // The pixel a column of the padded grid lands on, or the next one if it is dropped.
+    let pixel_at = |column: usize| (column / row) * out_w + (column % row).min(out_w);
+    let mut out = vec![0f32; b * c_out * pixels];
+    for (image, out) in out.chunks_mut(c_out * pixels).enumerate() {
         let input = &input[image * c_in * h * w..][..c_in * h * w];
         padded[..c_in * channel]
             .par_chunks_mut(channel)
             .zip(input.par_chunks(h * w))
             .for_each(|(dst, src)| planes.fill(dst, src, w));
+        // Channel o's additions: the bias, its per-image value, its residual plane.
+        let additions = |o: usize| {
+            let channel = image * c_out + o;
+            let bias = epilogue.bias.map_or(0.0, |b| b[o]);
+            let residual = epilogue.residual.map(|r| &r[channel * pixels..][..pixels]);
+            (bias, epilogue.per_channel.map(|p| p[channel]), residual)
+        };
         match kernel {
-            Kernel::Direct { .. } => acc.par_chunks_mut(layout.block()).enumerate().for_each(|(unit, block)| {
-                let (t, group) = (unit / layout.groups, unit % layout.groups);
-                let first = t * layout.tile;
-                let width = layout.tile.min(computed - first);
-                let rows = match group * ROWS + ROWS > c_out {
-                    true => &last_rows[..],
-                    false => &weight[group * ROWS * 9 * c_in..],
-                };
-                let input = &padded[first..];
-                crate::conv_direct::block((block, layout.tile), width, (rows, 9 * c_in), input, channel, &planes.offsets, c_in);
-            }),
+            Kernel::Direct { tile } => {
+                let tile = tile.min(computed);
+                let (tiles, groups) = (computed.div_ceil(tile), c_out.div_ceil(ROWS));
+                // Each tile's run of pixels in each channel plane, by unit (tile, block of 8
+                // channels).
+                let bounds: Vec<usize> = (0..=tiles).map(|t| pixel_at((t * tile).min(columns))).collect();
+                let mut units: Vec<Vec<&mut [f32]>> = (0..tiles * groups).map(|_| Vec::with_capacity(ROWS)).collect();
+                for (o, plane) in out.chunks_mut(pixels).enumerate() {
+                    let mut rest = plane;
+                    for t in 0..tiles {
+                        let (run, tail) = std::mem::take(&mut rest).split_at_mut(bounds[t + 1] - bounds[t]);
+                        units[t * groups + o / ROWS].push(run);
+                        rest = tail;
+                    }
+                }
+                units.into_par_iter().enumerate().for_each(|(unit, mut runs)| {
+                    let (t, group) = (unit / groups, unit % groups);
+                    let first = t * tile;
+                    let width = tile.min(computed - first);
+                    let rows = match group * ROWS + ROWS > c_out {
+                        true => &last_rows[..],
+                        false => &weight[group * ROWS * 9 * c_in..],
+                    };
+                    let mut sums = vec![0f32; ROWS * width];
+                    let input = &padded[first..];
+                    crate::conv_direct::block((&mut sums, width), width, (rows, 9 * c_in), input, channel, &planes.offsets, c_in);
+                    let end = (first + width).min(columns);
+                    for (r, (sums, run)) in sums.chunks(width).zip(runs.iter_mut()).enumerate() {
+                        let (bias, per_channel, residual) = additions(group * ROWS + r);
+                        let residual = residual.map(|r| &r[bounds[t]..bounds[t + 1]]);
+                        write_valid_columns(run, sums, (first, end), planes, (bias, per_channel, residual));
+                    }
+                });
+            }
             Kernel::Gemms { tile } => {
+                let tiles = columns.div_ceil(tile);
                 let run_tile = |(t, acc): (usize, &mut [f32]), parallel: bool| {
                     let first = t * tile;
                     let width = tile.min(columns - first);
@@ -480,42 +501,63 @@ fn shifted_conv3x3(
                 } else {
                     acc.par_chunks_mut(c_out * tile).enumerate().for_each(|tile_acc| run_tile(tile_acc, false));
                 }
+                // Tile t holds columns t * tile .. as a [c_out, tile] matrix.
+                let acc = &acc[..];
+                out.par_chunks_mut(pixels).enumerate().for_each(|(o, out)| {
+                    let (bias, per_channel, residual) = additions(o);
+                    for t in 0..tiles {
+                        let (first, end) = (t * tile, ((t + 1) * tile).min(columns));
+                        let (from, to) = (pixel_at(first), pixel_at(end));
+                        let sums = &acc[(t * c_out + o) * tile..][..end - first];
+                        let residual = residual.map(|r| &r[from..to]);
+                        write_valid_columns(&mut out[from..to], sums, (first, end), planes, (bias, per_channel, residual));
+                    }
+                });
             }
         }
-        // Drop the columns past out_w in each row and add the bias (and the rest).
-        out.par_chunks_mut(out_h * out_w).enumerate().for_each(|(o, out)| {
-            let add = epilogue.bias.map_or(0.0, |b| b[o]);
-            let channel = image * c_out + o;
-            let per_channel = epilogue.per_channel.map(|p| p[channel]);
-            let residual = epilogue.residual.map(|r| &r[channel * out_h * out_w..][..out_h * out_w]);
-            for (y, dst) in out.chunks_mut(out_w).enumerate() {
-                let (mut column, mut done) = (y * row, 0);
-                while done < out_w {
-                    let (start, run) = layout.at(o, column);
-                    let len = run.min(out_w - done);
-                    let src = &acc[start..][..len];
-                    let dst = &mut dst[done..done + len];
-                    for (d, s) in dst.iter_mut().zip(src) {
-                        *d = s + add;
-                    }
-                    if let Some(p) = per_channel {
-                        dst.iter_mut().for_each(|d| *d += p);
-                    }
-                    if let Some(r) = residual {
-                        dst.iter_mut().zip(&r[y * out_w + done..]).for_each(|(d, r)| *d += r);
-                    }
-                    (column, done) = (column + len, done + len);
-                }
-            }
-        });
     }
     scratch.give_back();
     out
 }
 
-/// The shifted path's two large buffers (the padded input planes and the sums), kept by each
-/// thread between calls: fresh ones every call cost a page fault per 4 KiB (the VAE's
-/// 128-channel 256x256 layers allocate 67 MB a call; on this VM the faults took about as long
+/// Writes one channel's sums for the padded-grid columns `first..end` (`sums[0]` is column
+/// `first`) to the pixels they land on (`dst`, and `residual`, start at column `first`'s
+/// pixel), dropping the wrapped columns and adding the bias, the per-channel value and the
+/// residual in the reference's order.
+fn write_valid_columns(
+    dst: &mut [f32],
+    sums: &[f32],
+    (first, end): (usize, usize),
+    planes: &Planes,
+    (bias, per_channel, residual): (f32, Option<f32>, Option<&[f32]>),
+) {
+    let (row, out_w) = (planes.row, planes.out_w);
+    let (mut column, mut done) = (first, 0);
+    while column < end {
+        let x = column % row;
+        let len = out_w.saturating_sub(x).min(end - column);
+        if len > 0 {
+            let src = &sums[column - first..][..len];
+            let dst = &mut dst[done..done + len];
+            for (d, s) in dst.iter_mut().zip(src) {
+                *d = s + bias;
+            }
+            if let Some(p) = per_channel {
+                dst.iter_mut().for_each(|d| *d += p);
+            }
+            if let Some(r) = residual {
+                dst.iter_mut().zip(&r[done..]).for_each(|(d, r)| *d += r);
+            }
+            done += len;
+        }
+        // On to the next row's first column.
+        column += row - x;
+    }
+}
+
+/// The shifted path's large buffers (the padded input planes, and the GEMMs' sums), kept by
+/// each thread between calls: fresh ones every call cost a page fault per 4 KiB (the VAE's
+/// 128-channel 256x256 layers allocated 67 MB a call; on this VM the faults took about as long
 /// as the arithmetic's last 15%). Buffers over `SCRATCH_KEPT_BYTES` are freed after the call.
 #[derive(Default)]
 struct Scratch {

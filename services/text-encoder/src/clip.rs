@@ -81,12 +81,13 @@ impl Attention {
         })
     }
 
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+    /// `mask`: [`sdmesh_core::attention::causal_mask`] of the tokens (used off the CPU f32 path).
+    fn forward(&self, xs: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let d = self.hidden;
         let qkv = self.qkv.forward(xs)?;
         let (q, k, v) = (qkv.narrow(2, 0, d)?, qkv.narrow(2, d, d)?, qkv.narrow(2, 2 * d, d)?);
         let scale = ((d / self.heads) as f64).powf(-0.5);
-        let ys = sdmesh_core::attention::causal_self_attention(&q, &k, &v, self.heads, scale)?;
+        let ys = sdmesh_core::attention::causal_self_attention(&q, &k, &v, self.heads, scale, mask)?;
         self.out.forward(&ys)
     }
 }
@@ -101,8 +102,8 @@ struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let xs = (xs + self.attn.forward(&self.norm1.forward(xs)?)?)?;
+    fn forward(&self, xs: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let xs = (xs + self.attn.forward(&self.norm1.forward(xs)?, mask)?)?;
         let h = self.fc2.forward(&self.act.forward(&self.fc1.forward(&self.norm2.forward(&xs)?)?)?)?;
         xs + h
     }
@@ -173,8 +174,10 @@ impl ClipTextModel {
         let positions = Tensor::arange(0u32, seq as u32, device)?;
         let mut xs =
             self.token_embedding.forward(input_ids)?.broadcast_add(&self.position_embedding.forward(&positions)?)?;
+        // One mask for all layers (on a GPU, one copy from the host per forward pass).
+        let mask = sdmesh_core::attention::causal_mask(seq, device)?;
         for layer in &self.layers {
-            xs = layer.forward(&xs)?;
+            xs = layer.forward(&xs, &mask)?;
         }
         self.final_norm.forward(&xs)?.to_dtype(DType::F32)
     }

@@ -109,12 +109,29 @@ pub fn multi_head_attention(
     out.reshape((batch, heads, q_len, head_dim))?.transpose(1, 2)?.reshape((batch, q_len, inner))
 }
 
+/// The additive causal mask [1, 1, tokens, tokens], f32: 0 on and below the diagonal, -inf
+/// above. [`causal_self_attention`] adds it to the scores off the CPU f32 path; a model builds
+/// it once per forward pass (off the CPU that is a copy from the host) for all its layers.
+pub fn causal_mask(tokens: usize, device: &Device) -> Result<Tensor> {
+    let mask: Vec<f32> =
+        (0..tokens).flat_map(|i| (0..tokens).map(move |j| if j > i { f32::NEG_INFINITY } else { 0. })).collect();
+    Tensor::from_vec(mask, (1, 1, tokens, tokens), device)
+}
+
 /// Causal self-attention (token i attends to tokens 0..=i: CLIP's text transformer) over
 /// per-token projections laid out as [`multi_head_attention`] takes them; query, key and value
 /// may be column ranges of one fused projection [batch, tokens, 3 · heads · head_dim]. On the
-/// CPU in f32 the blocked kernel skips the masked scores; elsewhere candle's ops add a -inf
-/// mask, with the softmax in f32 for f16/bf16 models.
-pub fn causal_self_attention(query: &Tensor, key: &Tensor, value: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+/// CPU in f32 the blocked kernel skips the masked scores; elsewhere candle's ops add `mask`
+/// ([`causal_mask`] of the tokens, on the same device), with the softmax in f32 for f16/bf16
+/// models.
+pub fn causal_self_attention(
+    query: &Tensor,
+    key: &Tensor,
+    value: &Tensor,
+    heads: usize,
+    scale: f64,
+    mask: &Tensor,
+) -> Result<Tensor> {
     let (batch, tokens, inner) = query.dims3()?;
     if key.dim(1)? != tokens || value.dim(1)? != tokens {
         candle_core::bail!("causal self-attention: {tokens} query tokens, {} key tokens", key.dim(1)?);
@@ -123,15 +140,10 @@ pub fn causal_self_attention(query: &Tensor, key: &Tensor, value: &Tensor, heads
         return Ok(out);
     }
     let head_dim = inner / heads;
-    let to_rows = |t: &Tensor| -> Result<Tensor> {
-        t.reshape((batch, tokens, heads, head_dim))?.transpose(1, 2)?.contiguous()
-    };
+    let to_rows =
+        |t: &Tensor| -> Result<Tensor> { t.reshape((batch, tokens, heads, head_dim))?.transpose(1, 2)?.contiguous() };
     let (q, k, v) = (to_rows(query)?, to_rows(key)?, to_rows(value)?);
-    let mask: Vec<f32> = (0..tokens)
-        .flat_map(|i| (0..tokens).map(move |j| if j > i { f32::NEG_INFINITY } else { 0. }))
-        .collect();
-    let mask = Tensor::from_vec(mask, (1, 1, tokens, tokens), query.device())?;
-    let scores = (q.matmul(&k.t()?)?.to_dtype(DType::F32)? * scale)?.broadcast_add(&mask)?;
+    let scores = (q.matmul(&k.t()?)?.to_dtype(DType::F32)? * scale)?.broadcast_add(mask)?;
     let probs = nn::ops::softmax_last_dim(&scores)?.to_dtype(query.dtype())?;
     probs.matmul(&v)?.transpose(1, 2)?.reshape((batch, tokens, inner))
 }
@@ -368,13 +380,14 @@ mod tests {
         let part = |i: usize| qkv.narrow(2, i * heads * d, heads * d).unwrap();
         let (q, k, v) = (part(0), part(1), part(2));
         assert!(!q.is_contiguous(), "the test must cover rows read in place");
-        let out = causal_self_attention(&q, &k, &v, heads, 0.35).unwrap();
+        let mask = causal_mask(tokens, &Device::Cpu).unwrap();
+        let out = causal_self_attention(&q, &k, &v, heads, 0.35, &mask).unwrap();
         let expected = causal_reference(&q, &k, &v, heads, 0.35);
         let err = max_diff(&out, &expected);
         assert!(err <= 1e-6, "max abs error {err:e}");
 
         let copy = |t: &Tensor| t.contiguous().unwrap();
-        let from_copies = causal_self_attention(&copy(&q), &copy(&k), &copy(&v), heads, 0.35).unwrap();
+        let from_copies = causal_self_attention(&copy(&q), &copy(&k), &copy(&v), heads, 0.35, &mask).unwrap();
         assert_eq!(max_diff(&out, &from_copies), 0.0, "strided and contiguous inputs give the same bits");
 
         // The first token sees only itself: its output is its own value.
@@ -382,7 +395,7 @@ mod tests {
         assert_eq!(max_diff(&first, &v.narrow(1, 0, 1).unwrap()), 0.0);
 
         let half = |t: &Tensor| t.to_dtype(DType::F16).unwrap();
-        let other_path = causal_self_attention(&half(&q), &half(&k), &half(&v), heads, 0.35).unwrap();
+        let other_path = causal_self_attention(&half(&q), &half(&k), &half(&v), heads, 0.35, &mask).unwrap();
         let err = max_diff(&other_path.to_dtype(DType::F32).unwrap(), &expected);
         assert!(err <= 5e-3, "f16 (candle's ops): max abs error {err:e}");
     }
@@ -390,7 +403,7 @@ mod tests {
     #[test]
     fn causal_self_attention_needs_as_many_keys_as_queries() {
         let (q, k) = (randn(12, &[1, 5, 8]), randn(13, &[1, 6, 8]));
-        assert!(causal_self_attention(&q, &k, &k, 1, 1.0).is_err());
+        assert!(causal_self_attention(&q, &k, &k, 1, 1.0, &causal_mask(5, &Device::Cpu).unwrap()).is_err());
     }
 
     #[test]

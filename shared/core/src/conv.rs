@@ -57,7 +57,8 @@ pub struct Conv3x3 {
 enum Weights {
     /// `weight`: [c_out, 9 * c_in], each row tap-major (tap = 3 * kh + kw, then the input
     /// channel), so tap t is the [c_out, c_in] matrix at column t * c_in (rows 9 * c_in apart)
-    /// and the one-GEMM path's columns are (tap, channel) too.
+    /// and the one-GEMM path's columns are (tap, channel) too; then zero rows up to a multiple
+    /// of 8 (the direct kernel's blocks).
     CpuF32 {
         weight: Vec<f32>,
         bias: Option<Vec<f32>>,
@@ -92,7 +93,9 @@ impl Conv3x3 {
         }
         let weights = if is_cpu_f32(conv.weight()) {
             // [c_out, c_in, kh, kw] -> [c_out, kh, kw, c_in]
-            let weight = conv.weight().permute((0, 2, 3, 1))?.flatten_all()?.to_vec1::<f32>()?;
+            let mut weight = conv.weight().permute((0, 2, 3, 1))?.flatten_all()?.to_vec1::<f32>()?;
+            // The direct kernel reads whole blocks of 8 output channels: zero rows complete the last.
+            weight.resize(c_out.next_multiple_of(crate::conv_direct::ROWS) * 9 * c_in, 0.0);
             let bias = conv.bias().map(|b| b.to_vec1::<f32>()).transpose()?;
             Weights::CpuF32 { weight, bias }
         } else {
@@ -378,8 +381,8 @@ impl Kernel {
 const DIRECT_TILE: usize = 4 * crate::conv_direct::COLUMNS;
 
 /// The shifted 3x3 convolution of `input` (NCHW `dims`, contiguous) laid out as `planes`
-/// say, with `weight` ([c_out, 9 * c_in], tap-major rows), plus `epilogue`'s additions:
-/// [b, c_out, out_h, out_w].
+/// say, with `weight` ([c_out, 9 * c_in], tap-major rows, zero rows up to a multiple of 8),
+/// plus `epilogue`'s additions: [b, c_out, out_h, out_w].
 ///
 /// The direct kernel's units (a tile of columns, 8 channels) each own a run of output pixels
 /// in each of their channels (the valid columns of a tile land on one contiguous run of a
@@ -418,16 +421,6 @@ fn shifted_conv3x3(
     let padded_len = (c_in * channel + 2).max((c_in.max(1) - 1) * channel + reach + computed);
     let mut scratch = Scratch::take();
     let (padded, acc) = scratch.buffers(padded_len, (planes, c_in), acc_len);
-    // The direct kernel reads 8 weight rows; a last, partial block reads them from a copy
-    // padded with zero rows.
-    let partial = c_out % ROWS;
-    let last_rows: Vec<f32> = if matches!(kernel, Kernel::Direct { .. }) && partial > 0 {
-        let mut rows = weight[(c_out - partial) * 9 * c_in..].to_vec();
-        rows.resize(ROWS * 9 * c_in, 0.0);
-        rows
-    } else {
-        Vec::new()
-    };
     // The pixel a column of the padded grid lands on, or the next one if it is dropped.
     let pixel_at = |column: usize| (column / row) * out_w + (column % row).min(out_w);
     let mut out = vec![0f32; b * c_out * pixels];
@@ -464,13 +457,19 @@ fn shifted_conv3x3(
                     let (t, group) = (unit / groups, unit % groups);
                     let first = t * tile;
                     let width = tile.min(computed - first);
-                    let rows = match group * ROWS + ROWS > c_out {
-                        true => &last_rows[..],
-                        false => &weight[group * ROWS * 9 * c_in..],
-                    };
+                    // A last, partial block reads the zero rows that complete the weights.
+                    let rows = &weight[group * ROWS * 9 * c_in..];
                     let mut sums = vec![0f32; ROWS * width];
                     let input = &padded[first..];
-                    crate::conv_direct::block((&mut sums, width), width, (rows, 9 * c_in), input, channel, &planes.offsets, c_in);
+                    crate::conv_direct::block(
+                        (&mut sums, width),
+                        width,
+                        (rows, 9 * c_in),
+                        input,
+                        channel,
+                        &planes.offsets,
+                        c_in,
+                    );
                     let end = (first + width).min(columns);
                     for (r, (sums, run)) in sums.chunks(width).zip(runs.iter_mut()).enumerate() {
                         let (bias, per_channel, residual) = additions(group * ROWS + r);
@@ -510,7 +509,13 @@ fn shifted_conv3x3(
                         let (from, to) = (pixel_at(first), pixel_at(end));
                         let sums = &acc[(t * c_out + o) * tile..][..end - first];
                         let residual = residual.map(|r| &r[from..to]);
-                        write_valid_columns(&mut out[from..to], sums, (first, end), planes, (bias, per_channel, residual));
+                        write_valid_columns(
+                            &mut out[from..to],
+                            sums,
+                            (first, end),
+                            planes,
+                            (bias, per_channel, residual),
+                        );
                     }
                 });
             }
@@ -584,9 +589,6 @@ impl Scratch {
             if buffer.capacity() * 4 > SCRATCH_KEPT_BYTES {
                 *buffer = Vec::new();
             }
-        }
-        if self.padded.is_empty() {
-            self.padded_for = None;
         }
         SCRATCH.with(|s| s.set(self));
     }

@@ -5,7 +5,7 @@
 
 use candle_core::{Result, Storage, StorageRef, Tensor};
 
-/// The f32 values of a contiguous CPU tensor, read in place (the guard holds the tensor's
+/// f32 values of a CPU tensor (a range of its storage), read in place (the guard holds the tensor's
 /// storage for reading while they are in use).
 pub(crate) struct CpuF32<'a> {
     storage: StorageRef<'a>,
@@ -20,13 +20,20 @@ pub(crate) fn is_cpu_f32(t: &Tensor) -> bool {
 
 /// `t`'s values, or an error if it is not a contiguous f32 CPU tensor.
 pub(crate) fn cpu_f32(t: &Tensor) -> Result<CpuF32<'_>> {
-    let (storage, layout) = t.storage_and_layout();
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("a contiguous tensor expected, not one of stride {:?}", layout.stride())
+    let Some((start, end)) = t.layout().contiguous_offsets() else {
+        candle_core::bail!("a contiguous tensor expected, not one of stride {:?}", t.stride())
     };
+    in_storage(t, start..end)
+}
+
+/// The `range` of `t`'s f32 CPU storage, read in place (checked to lie within it).
+fn in_storage(t: &Tensor, range: std::ops::Range<usize>) -> Result<CpuF32<'_>> {
+    let (storage, _) = t.storage_and_layout();
     let Storage::Cpu(cpu) = &*storage else { candle_core::bail!("a CPU tensor expected, not {:?}", t.device()) };
-    cpu.as_slice::<f32>()?;
-    Ok(CpuF32 { storage, range: start..end })
+    if cpu.as_slice::<f32>()?.len() < range.end {
+        candle_core::bail!("values past the end of the tensor's storage");
+    }
+    Ok(CpuF32 { storage, range })
 }
 
 /// The stride between `t`'s rows (its last dimension) when they lie evenly apart with unit
@@ -58,16 +65,11 @@ pub(crate) fn cpu_f32_rows(t: &Tensor) -> Result<(CpuF32<'_>, usize)> {
     let Some(stride) = row_stride(t) else {
         candle_core::bail!("rows evenly apart expected, not strides {:?}", t.stride())
     };
-    let (storage, layout) = t.storage_and_layout();
     let cols = t.dims().last().copied().unwrap_or(1);
     let rows = t.elem_count().checked_div(cols).unwrap_or(0);
     let len = if rows == 0 || cols == 0 { 0 } else { (rows - 1) * stride + cols };
-    let start = layout.start_offset();
-    let Storage::Cpu(cpu) = &*storage else { candle_core::bail!("a CPU tensor expected, not {:?}", t.device()) };
-    if cpu.as_slice::<f32>()?.len() < start + len {
-        candle_core::bail!("rows past the end of the tensor's storage");
-    }
-    Ok((CpuF32 { storage, range: start..start + len }, stride))
+    let start = t.layout().start_offset();
+    Ok((in_storage(t, start..start + len)?, stride))
 }
 
 impl std::ops::Deref for CpuF32<'_> {

@@ -18,6 +18,11 @@
 //!   straight to the output (no image-sized buffer of sums: 300 MB at the VAE's 768x768
 //!   layers). The padded planes (and the GEMMs' sums) are kept by the calling thread between
 //!   calls (`Scratch`): fresh buffers cost a page fault per 4 KiB.
+//! - **Winograd F(2x2, 3x3)** (`conv_winograd`, AVX-512; stride 1 on even maps, the UNet's and
+//!   VAE's bulk): 2x2 output tiles from 4x4 input patches with 2.25x fewer multiply-adds, on
+//!   the same padded planes. 1.3-1.85x the direct kernel from 32x32 maps up (`conv_shift`),
+//!   about even at 16x16, where its 48-tile groups are a third empty. Its weights (16/9 the
+//!   size) are made the first time a layer runs it.
 //! - **One GEMM over the batch** (maps of at most 16 pixels, the deepest UNet levels of small
 //!   images): the batch's im2col columns side by side, so the GEMM is not starved of columns.
 //! - **Stride 2** (the down-samplers): the padded image split into its four row/column phases,
@@ -29,8 +34,9 @@
 //!   the upsampling, a 4x-size tensor) each; same bits as the separate ops.
 //!
 //! Each image's output depends on that image and the map size alone, never on the batch, so
-//! batching jobs cannot change a result. The weights are held once, in the CPU paths' layout
-//! for an f32 CPU model. Other devices and dtypes use candle's kernel.
+//! batching jobs cannot change a result. An f32 CPU model holds its weights in the CPU paths'
+//! layout (candle's copy is dropped), plus the Winograd kernel's for the layers that run it.
+//! Other devices and dtypes use candle's kernel.
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn as nn;
@@ -62,6 +68,10 @@ enum Weights {
     CpuF32 {
         weight: Vec<f32>,
         bias: Option<Vec<f32>>,
+        /// The Winograd kernel's weights (`conv_winograd::transform_weights`, 16/9 the size of
+        /// `weight`), made the first time the layer runs on it: layers whose maps never suit
+        /// it (the deepest levels of small images, the samplers) do not hold them.
+        winograd: std::sync::OnceLock<Vec<f32>>,
     },
     Candle(nn::Conv2d),
 }
@@ -97,7 +107,7 @@ impl Conv3x3 {
             // The direct kernel reads whole blocks of 8 output channels: zero rows complete the last.
             weight.resize(c_out.next_multiple_of(crate::conv_direct::ROWS) * 9 * c_in, 0.0);
             let bias = conv.bias().map(|b| b.to_vec1::<f32>()).transpose()?;
-            Weights::CpuF32 { weight, bias }
+            Weights::CpuF32 { weight, bias, winograd: std::sync::OnceLock::new() }
         } else {
             Weights::Candle(conv)
         };
@@ -127,7 +137,10 @@ impl Conv3x3 {
 
     /// The shifted-GEMM path; `upsample`: `x` is the half-size input, doubled (nearest) on the
     /// way into the padded planes.
-    fn shifted(&self, x: &Tensor, upsample: bool, weight: &[f32], adds: Adds<'_>) -> Result<Tensor> {
+    fn shifted(&self, x: &Tensor, upsample: bool, weights: &Weights, adds: Adds<'_>) -> Result<Tensor> {
+        let Weights::CpuF32 { weight, winograd, .. } = weights else {
+            candle_core::bail!("Conv3x3: the shifted path on candle's weights")
+        };
         let (b, c_in, h, w) = x.dims4()?;
         let x = x.contiguous()?;
         let input = cpu_f32(&x)?;
@@ -163,7 +176,14 @@ impl Conv3x3 {
         let per_channel = per_channel.as_ref().map(cpu_f32).transpose()?;
         let residual = residual.as_ref().map(cpu_f32).transpose()?;
         let epilogue = Epilogue { bias: adds.bias, per_channel: per_channel.as_deref(), residual: residual.as_deref() };
-        let out = shifted_conv3x3(&input, (b, c_in, h, w), &planes, weight, self.c_out, epilogue, kernel);
+        let winograd = match kernel {
+            Kernel::Winograd { .. } => {
+                Some(&winograd.get_or_init(|| crate::conv_winograd::transform_weights(weight, c_in, self.c_out))[..])
+            }
+            _ => None,
+        };
+        let weights = (&weight[..], winograd);
+        let out = shifted_conv3x3(&input, (b, c_in, h, w), &planes, weights, self.c_out, epilogue, kernel);
         Tensor::from_vec(out, (b, self.c_out, out_h, out_w), &Device::Cpu)
     }
 
@@ -208,11 +228,11 @@ impl Conv3x3 {
             Weights::CpuF32 { .. } if !is_cpu_f32(x) => {
                 candle_core::bail!("Conv3x3: f32 CPU weights, a {:?} input on {:?}", x.dtype(), x.device())
             }
-            Weights::CpuF32 { weight, bias } if self.stride == 1 && h * w <= ONE_GEMM_MAX_PIXELS => {
+            Weights::CpuF32 { weight, bias, .. } if self.stride == 1 && h * w <= ONE_GEMM_MAX_PIXELS => {
                 self.one_gemm(&upsampled(x)?, weight, bias.as_deref())?
             }
-            Weights::CpuF32 { weight, bias } => {
-                return self.shifted(x, upsample, weight, Adds { bias: bias.as_deref(), per_channel, residual })
+            weights @ Weights::CpuF32 { bias, .. } => {
+                return self.shifted(x, upsample, weights, Adds { bias: bias.as_deref(), per_channel, residual })
             }
         };
         // The paths without an output pass of their own add as candle ops.
@@ -355,16 +375,40 @@ enum Kernel {
     /// 256x256 layers, would stream through memory nine times). With one tile (small maps),
     /// each tap is one multi-threaded GEMM over the whole map.
     Gemms { tile: usize },
+    /// `conv_winograd`'s F(2x2, 3x3) (x86-64 with AVX-512; stride 1, even maps), in bands of
+    /// `rows` rows of 2x2 tiles.
+    Winograd { rows: usize },
 }
 
+/// The least share of useful work at which a layer runs the Winograd kernel (it pads each
+/// band to whole groups of 48 tiles, and the output channels to blocks of 8). It does 2.25x
+/// fewer multiply-adds than the direct kernel: at 67% (16x16 maps) the two are even (2-core
+/// EPYC, `conv_shift`: 256 channels, batch 2, 3.7 and 3.9 ms; 640 channels 19.6 and 16.2).
+/// A 4-channel output (50%) stays on the direct kernel.
+const WINOGRAD_MIN_USEFUL: f64 = 0.6;
+
 impl Kernel {
-    /// The direct kernel where the CPU has it and at least 80% of the work it would do is
-    /// useful: it computes whole blocks of 8 channels and 48 columns, so a map of 8x8 (96
-    /// columns computed for 64 pixels) or a 4-channel output runs faster as GEMMs. (2-core EPYC,
-    /// `conv_shift`: 1280 channels at 8x8, 158 GFLOP/s as GEMMs, 141 direct; at 16x16, 173 and
-    /// 194.) The choice depends on the map's shape and the channels alone, never the batch.
+    /// Where the CPU has AVX-512: the Winograd kernel for stride-1 even maps where at least
+    /// `WINOGRAD_MIN_USEFUL` of its work is useful; else the direct kernel where at least 80%
+    /// of the work it would do is useful: it computes whole blocks of 8 channels and 48
+    /// columns, so a map of 8x8 (96 columns computed for 64 pixels) or a 4-channel output runs
+    /// faster as GEMMs. (2-core EPYC, `conv_shift`: 1280 channels at 8x8, 158 GFLOP/s as GEMMs,
+    /// 141 direct; at 16x16, 173 and 194.) The choice depends on the map's shape and the
+    /// channels alone, never the batch.
     fn for_shape(planes: &Planes, c_out: usize) -> Self {
         use crate::conv_direct::{available, COLUMNS, ROWS};
+        let (tiles_x, tiles_y) = (planes.out_w / 2, planes.out_h / 2);
+        if planes.stride == 1
+            && planes.out_h.is_multiple_of(2)
+            && planes.out_w.is_multiple_of(2)
+            && crate::conv_winograd::available()
+        {
+            let rows = crate::conv_winograd::band_rows(tiles_x, tiles_y);
+            let channels = c_out as f64 / c_out.next_multiple_of(crate::conv_winograd::ROWS) as f64;
+            if crate::conv_winograd::useful_share(tiles_x, tiles_y, rows) * channels >= WINOGRAD_MIN_USEFUL {
+                return Kernel::Winograd { rows };
+            }
+        }
         let computed = planes.columns().next_multiple_of(COLUMNS) * c_out.next_multiple_of(ROWS);
         if available() && 5 * planes.out_h * planes.out_w * c_out >= 4 * computed {
             Kernel::Direct { tile: DIRECT_TILE }
@@ -381,8 +425,9 @@ impl Kernel {
 const DIRECT_TILE: usize = 4 * crate::conv_direct::COLUMNS;
 
 /// The shifted 3x3 convolution of `input` (NCHW `dims`, contiguous) laid out as `planes`
-/// say, with `weight` ([c_out, 9 * c_in], tap-major rows, zero rows up to a multiple of 8),
-/// plus `epilogue`'s additions: [b, c_out, out_h, out_w].
+/// say, with `weight` ([c_out, 9 * c_in], tap-major rows, zero rows up to a multiple of 8;
+/// and the Winograd kernel's, which `Kernel::Winograd` needs), plus `epilogue`'s additions:
+/// [b, c_out, out_h, out_w].
 ///
 /// The direct kernel's units (a tile of columns, 8 channels) each own a run of output pixels
 /// in each of their channels (the valid columns of a tile land on one contiguous run of a
@@ -394,7 +439,7 @@ fn shifted_conv3x3(
     input: &[f32],
     (b, c_in, h, w): (usize, usize, usize, usize),
     planes: &Planes,
-    weight: &[f32],
+    (weight, winograd): (&[f32], Option<&[f32]>),
     c_out: usize,
     epilogue: Epilogue<'_>,
     kernel: Kernel,
@@ -408,10 +453,10 @@ fn shifted_conv3x3(
     // wrapped columns) and blocks of 8 channels.
     let computed = match kernel {
         Kernel::Direct { .. } => columns.next_multiple_of(COLUMNS),
-        Kernel::Gemms { .. } => columns,
+        Kernel::Gemms { .. } | Kernel::Winograd { .. } => columns,
     };
     let acc_len = match kernel {
-        Kernel::Direct { .. } => 0,
+        Kernel::Direct { .. } | Kernel::Winograd { .. } => 0,
         Kernel::Gemms { tile } => columns.div_ceil(tile) * c_out * tile,
     };
     // The last tap's view of the last channel reads past the planes (into columns that are
@@ -476,6 +521,34 @@ fn shifted_conv3x3(
                         let residual = residual.map(|r| &r[bounds[t]..bounds[t + 1]]);
                         write_valid_columns(run, sums, (first, end), planes, (bias, per_channel, residual));
                     }
+                });
+            }
+            Kernel::Winograd { rows } => {
+                let winograd = winograd.expect("the Winograd kernel's weights");
+                let (tiles_x, tiles_y) = (out_w / 2, out_h / 2);
+                // Band k owns rows 2 * k * rows .. of every output channel.
+                let band_pixels = 2 * rows * out_w;
+                let mut bands: Vec<Vec<&mut [f32]>> =
+                    (0..tiles_y.div_ceil(rows)).map(|_| Vec::with_capacity(c_out)).collect();
+                for plane in out.chunks_mut(pixels) {
+                    for (band, run) in bands.iter_mut().zip(plane.chunks_mut(band_pixels)) {
+                        band.push(run);
+                    }
+                }
+                let padded = &padded[..];
+                bands.into_par_iter().enumerate().for_each(|(band, mut runs)| {
+                    let (ty0, ty1) = (band * rows, ((band + 1) * rows).min(tiles_y));
+                    crate::conv_winograd::band(
+                        (padded, channel, row),
+                        (ty0, ty1),
+                        tiles_x,
+                        (winograd, c_in),
+                        &mut runs,
+                        |o| {
+                            let (bias, per_channel, residual) = additions(o);
+                            (bias, per_channel, residual.map(|r| &r[ty0 * 2 * out_w..ty1 * 2 * out_w]))
+                        },
+                    );
                 });
             }
             Kernel::Gemms { tile } => {
@@ -635,10 +708,14 @@ mod tests {
 
     /// `conv` of `x` on the shifted path laid out as `planes`, with `kernel`.
     fn shifted_with(conv: &Conv3x3, x: &Tensor, planes: &Planes, kernel: Kernel) -> Tensor {
-        let Weights::CpuF32 { weight, bias } = &conv.weights else { panic!("an f32 CPU convolution keeps candle's") };
+        let Weights::CpuF32 { weight, bias, .. } = &conv.weights else {
+            panic!("an f32 CPU convolution keeps candle's")
+        };
         let input = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let epilogue = Epilogue { bias: bias.as_deref(), ..Default::default() };
-        let out = shifted_conv3x3(&input, x.dims4().unwrap(), planes, weight, conv.c_out, epilogue, kernel);
+        let winograd = crate::conv_winograd::transform_weights(weight, conv.c_in, conv.c_out);
+        let weights = (&weight[..], Some(&winograd[..]));
+        let out = shifted_conv3x3(&input, x.dims4().unwrap(), planes, weights, conv.c_out, epilogue, kernel);
         let b = x.dim(0).unwrap();
         Tensor::from_vec(out, (b, conv.c_out, planes.out_h, planes.out_w), &Device::Cpu).unwrap()
     }
@@ -721,6 +798,49 @@ mod tests {
             }
         }
         assert!(!available || layers_on_direct >= 4, "only {layers_on_direct} cases ran the direct kernel");
+    }
+
+    /// Where the CPU has AVX-512, the Winograd kernel gives candle's convolution up to f32
+    /// rounding on even maps (tile rows shorter than its 16-tile vectors, a vector and a tail,
+    /// several vectors; channel counts off its 8-channel blocks and 64-channel chunks), and the
+    /// same bits in any bands; the layers run it where `Kernel::for_shape` says.
+    #[test]
+    fn the_winograd_kernel_matches_candle_in_any_bands() {
+        let available = crate::conv_winograd::available();
+        #[cfg(target_arch = "x86_64")]
+        if std::env::var("SDMESH_CONV_WINOGRAD").is_err() {
+            assert_eq!(available, std::arch::is_x86_feature_detected!("avx512f"));
+        }
+        let mut layers_on_winograd = 0;
+        for (c_in, c_out) in [(24, 40), (5, 3), (70, 130)] {
+            let (conv, candle) = conv_with(c_in, c_out, 1, 1);
+            for (b, h, w) in [(2, 10, 12), (1, 6, 40), (1, 34, 70), (2, 2, 2)] {
+                let x = randn(50, &[b, c_in, h, w]);
+                let expected = candle.forward(&x).unwrap();
+                let scale = max_abs(&expected).max(1.0);
+                let actual = conv.forward(&x).unwrap();
+                let case = format!("{c_in}->{c_out} {b}x{h}x{w}");
+                let planes = Planes::new((h, w), 1, 1);
+                let chosen = Kernel::for_shape(&planes, c_out);
+                if h * w > ONE_GEMM_MAX_PIXELS {
+                    let on_chosen = shifted_with(&conv, &x, &planes, chosen);
+                    assert_eq!(max_diff(&actual, &on_chosen), 0.0, "{case}: the layer runs {chosen:?}");
+                }
+                if !available {
+                    assert!(!matches!(chosen, Kernel::Winograd { .. }), "{case}");
+                    continue;
+                }
+                layers_on_winograd += matches!(chosen, Kernel::Winograd { .. }) as usize;
+                let winograd = shifted_with(&conv, &x, &planes, Kernel::Winograd { rows: 1 });
+                let diff = max_diff(&winograd, &expected);
+                assert!(diff <= 1e-5 * scale, "{case}: {diff:e} at scale {scale}");
+                for rows in [2, 3, h / 2] {
+                    let banded = shifted_with(&conv, &x, &planes, Kernel::Winograd { rows });
+                    assert_eq!(max_diff(&banded, &winograd), 0.0, "{case}, {rows} rows");
+                }
+            }
+        }
+        assert!(!available || layers_on_winograd >= 4, "only {layers_on_winograd} cases ran the Winograd kernel");
     }
 
     /// An image's output is the same bits alone or in any batch, on either path.

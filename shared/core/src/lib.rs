@@ -10,6 +10,7 @@ pub mod byte_lru;
 pub mod client;
 pub mod conv;
 mod conv_direct;
+mod conv_winograd;
 mod cpu_gemm;
 mod error;
 mod fast_math;

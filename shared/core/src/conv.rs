@@ -20,9 +20,10 @@
 //!   calls (`Scratch`): fresh buffers cost a page fault per 4 KiB.
 //! - **Winograd F(2x2, 3x3)** (`conv_winograd`, AVX-512; stride 1 on even maps, the UNet's and
 //!   VAE's bulk): 2x2 output tiles from 4x4 input patches with 2.25x fewer multiply-adds, on
-//!   the same padded planes. 1.3-1.85x the direct kernel from 32x32 maps up (`conv_shift`),
-//!   about even at 16x16, where its 48-tile groups are a third empty. Its weights (16/9 the
-//!   size) are made the first time a layer runs it.
+//!   the same padded planes. Its bands run over the batch's tiles, one image after another, so
+//!   a guided step's small maps still fill its 48-tile groups. 1.4-1.9x the direct kernel or
+//!   the GEMMs on the SD shapes from 8x8 maps (batch 2) to 256x256 (`conv_shift`). Its
+//!   weights (16/9 the size) are made the first time a layer runs it.
 //! - **One GEMM over the batch** (maps of at most 16 pixels, the deepest UNet levels of small
 //!   images): the batch's im2col columns side by side, so the GEMM is not starved of columns.
 //! - **Stride 2** (the down-samplers): the padded image split into its four row/column phases,
@@ -376,16 +377,23 @@ enum Kernel {
     /// each tap is one multi-threaded GEMM over the whole map.
     Gemms { tile: usize },
     /// `conv_winograd`'s F(2x2, 3x3) (x86-64 with AVX-512; stride 1, even maps), in bands of
-    /// `rows` rows of 2x2 tiles.
-    Winograd { rows: usize },
+    /// `rows` rows of 2x2 tiles (by default `conv_winograd::band_rows` for the batch).
+    Winograd { rows: Option<usize> },
 }
 
 /// The least share of useful work at which a layer runs the Winograd kernel (it pads each
 /// band to whole groups of 48 tiles, and the output channels to blocks of 8). It does 2.25x
-/// fewer multiply-adds than the direct kernel: at 67% (16x16 maps) the two are even (2-core
-/// EPYC, `conv_shift`: 256 channels, batch 2, 3.7 and 3.9 ms; 640 channels 19.6 and 16.2).
+/// fewer multiply-adds than the direct kernel, so it is ahead at 67% (an 8x8 map, two
+/// images: 2-core EPYC, `conv_shift`, 1280 channels 23.4-24.7 -> 14.5-15.0 ms on the GEMMs).
 /// A 4-channel output (50%) stays on the direct kernel.
 const WINOGRAD_MIN_USEFUL: f64 = 0.6;
+
+/// The batch on which `Kernel::for_shape` judges the Winograd kernel's useful share: its bands
+/// run over the batch's tiles, one image after another, so a guided UNet step (two images, or
+/// more when jobs are batched) fills the 48-tile groups that one small map leaves a third
+/// full. A single image of an 8x8 map (an unguided job alone) then runs it at a third useful
+/// work: slower than the GEMMs (1280 channels 11.8 -> 14.3 ms), the same results.
+const WINOGRAD_JUDGED_IMAGES: usize = 2;
 
 impl Kernel {
     /// Where the CPU has AVX-512: the Winograd kernel for stride-1 even maps where at least
@@ -397,16 +405,14 @@ impl Kernel {
     /// channels alone, never the batch.
     fn for_shape(planes: &Planes, c_out: usize) -> Self {
         use crate::conv_direct::{available, COLUMNS, ROWS};
-        let (tiles_x, tiles_y) = (planes.out_w / 2, planes.out_h / 2);
-        if planes.stride == 1
-            && planes.out_h.is_multiple_of(2)
-            && planes.out_w.is_multiple_of(2)
-            && crate::conv_winograd::available()
-        {
+        let even = planes.out_h.is_multiple_of(2) && planes.out_w.is_multiple_of(2);
+        if planes.stride == 1 && even && crate::conv_winograd::available() {
+            // Judged on two images, a guided UNet step's batch (never on the actual batch).
+            let (tiles_x, tiles_y) = (planes.out_w / 2, WINOGRAD_JUDGED_IMAGES * planes.out_h / 2);
             let rows = crate::conv_winograd::band_rows(tiles_x, tiles_y);
             let channels = c_out as f64 / c_out.next_multiple_of(crate::conv_winograd::ROWS) as f64;
             if crate::conv_winograd::useful_share(tiles_x, tiles_y, rows) * channels >= WINOGRAD_MIN_USEFUL {
-                return Kernel::Winograd { rows };
+                return Kernel::Winograd { rows: None };
             }
         }
         let computed = planes.columns().next_multiple_of(COLUMNS) * c_out.next_multiple_of(ROWS);
@@ -446,6 +452,10 @@ fn shifted_conv3x3(
 ) -> Vec<f32> {
     use crate::conv_direct::{COLUMNS, ROWS};
     use rayon::prelude::*;
+    if let Kernel::Winograd { rows } = kernel {
+        let winograd = winograd.expect("the Winograd kernel's weights");
+        return winograd_conv3x3(input, (b, c_in, h, w), planes, (winograd, c_out), epilogue, rows);
+    }
     let (out_h, out_w, row, channel) = (planes.out_h, planes.out_w, planes.row, planes.channel);
     let pixels = out_h * out_w;
     let columns = planes.columns();
@@ -523,34 +533,7 @@ fn shifted_conv3x3(
                     }
                 });
             }
-            Kernel::Winograd { rows } => {
-                let winograd = winograd.expect("the Winograd kernel's weights");
-                let (tiles_x, tiles_y) = (out_w / 2, out_h / 2);
-                // Band k owns rows 2 * k * rows .. of every output channel.
-                let band_pixels = 2 * rows * out_w;
-                let mut bands: Vec<Vec<&mut [f32]>> =
-                    (0..tiles_y.div_ceil(rows)).map(|_| Vec::with_capacity(c_out)).collect();
-                for plane in out.chunks_mut(pixels) {
-                    for (band, run) in bands.iter_mut().zip(plane.chunks_mut(band_pixels)) {
-                        band.push(run);
-                    }
-                }
-                let padded = &padded[..];
-                bands.into_par_iter().enumerate().for_each(|(band, mut runs)| {
-                    let (ty0, ty1) = (band * rows, ((band + 1) * rows).min(tiles_y));
-                    crate::conv_winograd::band(
-                        (padded, channel, row),
-                        (ty0, ty1),
-                        tiles_x,
-                        (winograd, c_in),
-                        &mut runs,
-                        |o| {
-                            let (bias, per_channel, residual) = additions(o);
-                            (bias, per_channel, residual.map(|r| &r[ty0 * 2 * out_w..ty1 * 2 * out_w]))
-                        },
-                    );
-                });
-            }
+            Kernel::Winograd { .. } => unreachable!("the Winograd kernel runs the whole batch at once"),
             Kernel::Gemms { tile } => {
                 let tiles = columns.div_ceil(tile);
                 let run_tile = |(t, acc): (usize, &mut [f32]), parallel: bool| {
@@ -594,6 +577,74 @@ fn shifted_conv3x3(
             }
         }
     }
+    scratch.give_back();
+    out
+}
+
+/// The Winograd path of [`shifted_conv3x3`] (stride 1, even maps): all images padded at once,
+/// then bands of `rows` tile rows (`None`: `conv_winograd::band_rows`) over the batch's tile
+/// rows, one image after another. A band with few tiles is also split by output channels,
+/// so that every thread has work. Each tile's result is the same in any band and split.
+fn winograd_conv3x3(
+    input: &[f32],
+    (b, c_in, h, w): (usize, usize, usize, usize),
+    planes: &Planes,
+    (winograd, c_out): (&[f32], usize),
+    epilogue: Epilogue<'_>,
+    rows: Option<usize>,
+) -> Vec<f32> {
+    use crate::conv_winograd::{band, band_rows, Segment, ROWS};
+    use rayon::prelude::*;
+    let (out_h, out_w, channel) = (planes.out_h, planes.out_w, planes.channel);
+    let pixels = out_h * out_w;
+    let (tiles_x, tiles_y) = (out_w / 2, out_h / 2);
+    let all_rows = b * tiles_y;
+    let rows = rows.unwrap_or_else(|| band_rows(tiles_x, all_rows)).max(1);
+    let bands = all_rows.div_ceil(rows);
+    // Channel splits (whole blocks of 8) so that there are at least two units per thread.
+    let blocks = c_out.div_ceil(ROWS);
+    let splits = (2 * crate::cpu_gemm::cpu_threads()).div_ceil(bands.max(1)).clamp(1, blocks.max(1));
+    let split_channels = blocks.div_ceil(splits) * ROWS;
+    let splits = c_out.div_ceil(split_channels).max(1);
+    let image_len = c_in * channel;
+    let mut scratch = Scratch::take();
+    let (padded, _) = scratch.buffers(b * image_len, (planes, c_in), 0);
+    padded.par_chunks_mut(channel).zip(input.par_chunks(h * w)).for_each(|(dst, src)| planes.fill(dst, src, w));
+    let padded = &padded[..];
+    let mut out = vec![0f32; b * c_out * pixels];
+    // Unit (band k, split j): the segments of band k, with the runs of split j's channels.
+    let mut units: Vec<Vec<Segment>> = (0..bands * splits).map(|_| Vec::new()).collect();
+    for (image, out) in out.chunks_mut(c_out * pixels).enumerate() {
+        let (first, last) = (image * tiles_y, (image + 1) * tiles_y);
+        let in_image = first / rows..last.div_ceil(rows);
+        for k in in_image.clone() {
+            let tile_rows = ((k * rows).max(first) - first, ((k + 1) * rows).min(last) - first);
+            for j in 0..splits {
+                let padded = &padded[image * image_len..][..image_len];
+                let runs = Vec::with_capacity(split_channels);
+                units[k * splits + j].push(Segment { image, padded, tile_rows, runs });
+            }
+        }
+        for (o, plane) in out.chunks_mut(pixels).enumerate() {
+            let mut rest = plane;
+            for k in in_image.clone() {
+                let segment = units[k * splits + o / split_channels].last_mut().expect("the image's segment");
+                let (ty0, ty1) = segment.tile_rows;
+                let (run, tail) = std::mem::take(&mut rest).split_at_mut(2 * (ty1 - ty0) * out_w);
+                segment.runs.push(run);
+                rest = tail;
+            }
+        }
+    }
+    let additions = |image: usize, o: usize| {
+        let channel = image * c_out + o;
+        let residual = epilogue.residual.map(|r| &r[channel * pixels..][..pixels]);
+        (epilogue.bias.map_or(0.0, |b| b[o]), epilogue.per_channel.map(|p| p[channel]), residual)
+    };
+    units.into_par_iter().enumerate().for_each(|(unit, mut segments)| {
+        let first = unit % splits * split_channels;
+        band(&mut segments, first, (channel, planes.row), tiles_x, (winograd, c_in, c_out), additions);
+    });
     scratch.give_back();
     out
 }
@@ -831,11 +882,11 @@ mod tests {
                     continue;
                 }
                 layers_on_winograd += matches!(chosen, Kernel::Winograd { .. }) as usize;
-                let winograd = shifted_with(&conv, &x, &planes, Kernel::Winograd { rows: 1 });
+                let winograd = shifted_with(&conv, &x, &planes, Kernel::Winograd { rows: Some(1) });
                 let diff = max_diff(&winograd, &expected);
                 assert!(diff <= 1e-5 * scale, "{case}: {diff:e} at scale {scale}");
-                for rows in [2, 3, h / 2] {
-                    let banded = shifted_with(&conv, &x, &planes, Kernel::Winograd { rows });
+                for rows in [2, 3, h / 2, b * h / 2] {
+                    let banded = shifted_with(&conv, &x, &planes, Kernel::Winograd { rows: Some(rows) });
                     assert_eq!(max_diff(&banded, &winograd), 0.0, "{case}, {rows} rows");
                 }
             }

@@ -3,7 +3,7 @@
 //! products per input and output channel instead of 36, 2.25x fewer multiply-adds than the
 //! direct kernel (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2015).
 //!
-//! For a band of tile rows of one image:
+//! For a band of tile rows (of one image, or of several one after another):
 //! 1. each input channel's 4x4 patches are transformed (`B^T d B`, additions only) into 16
 //!    matrices `V[ξ]` [c_in, tiles];
 //! 2. 16 products `M[ξ] = U[ξ] V[ξ]` ([c_out, c_in] x [c_in, tiles]) on a register-tiled
@@ -14,8 +14,8 @@
 //!
 //! Each output element is a fixed sequence of operations on its own patch (the products sum
 //! over the input channels in order), whatever the band, threads or batch: an image's result
-//! depends on the weights and its own pixels alone. The transforms' vector and scalar code do
-//! the same operations in the same order.
+//! depends on the weights and its own pixels alone. (The transforms' scalar code, for CPUs
+//! without AVX-512, where the layers do not run this kernel, spells out the same operations.)
 //!
 //! Its rounding differs from the direct sum: the transforms add and subtract up to 16 inputs
 //! before the products and 9 products after them. On the SD shapes the difference from
@@ -43,10 +43,10 @@ pub(crate) fn available() -> bool {
     cpu && crate::switched_on(&ENABLED, "SDMESH_CONV_WINOGRAD")
 }
 
-/// The tile rows per band for a map of `tiles_x` x `tiles_y` tiles: the count that wastes
-/// the fewest of the product kernel's 48-tile groups (a band is padded to whole groups),
-/// fewer rows on a tie, at most `MAX_BAND_TILES` tiles (or one row). It depends on the map
-/// alone.
+/// The tile rows per band for `tiles_y` rows of `tiles_x` tiles (a batch's, one image after
+/// another): the count that wastes the fewest of the product kernel's 48-tile groups (a band
+/// is padded to whole groups), fewer rows on a tie, at most `MAX_BAND_TILES` tiles (or one
+/// row). Each tile's result is the same in any band.
 pub(crate) fn band_rows(tiles_x: usize, tiles_y: usize) -> usize {
     let most = (MAX_BAND_TILES / tiles_x).clamp(1, tiles_y.max(1));
     (1..=most)
@@ -60,7 +60,7 @@ pub(crate) fn band_rows(tiles_x: usize, tiles_y: usize) -> usize {
         .unwrap_or(1)
 }
 
-/// The share of the product kernel's work that is useful on a map of `tiles_x` x `tiles_y`
+/// The share of the product kernel's work that is useful on `tiles_y` rows of `tiles_x`
 /// tiles in bands of `rows` rows.
 pub(crate) fn useful_share(tiles_x: usize, tiles_y: usize, rows: usize) -> f64 {
     let full = tiles_y / rows;
@@ -96,74 +96,111 @@ pub(crate) fn transform_weights(weight: &[f32], c_in: usize, c_out: usize) -> Ve
     u
 }
 
-/// One channel's additions: the bias, a per-image value, and the residual over the band's
-/// output rows (the run's shape), added in that order.
+/// One channel's additions: the bias, a per-image value, and the residual (the channel's
+/// whole output plane), added in that order.
 pub(crate) type Additions<'a> = (f32, Option<f32>, Option<&'a [f32]>);
 
-/// The convolution over tile rows `ty0..ty1` of one image.
+/// A band's tile rows in one image: bands run over the batch's tile rows one image after
+/// another, so on small maps one band holds several images' tiles (the product kernel's
+/// 48-tile groups stay full) while each tile's result stays its own.
+pub(crate) struct Segment<'s> {
+    pub image: usize,
+    /// The image's `c_in` zero-padded planes (see [`band`]).
+    pub padded: &'s [f32],
+    /// Its tile rows `ty0..ty1`.
+    pub tile_rows: (usize, usize),
+    /// Rows `2 * ty0 .. 2 * ty1` of this image's output channels `first..`, the band's
+    /// channels (see [`band`]).
+    pub runs: Vec<&'s mut [f32]>,
+}
+
+/// The convolution over one band (its `segments`, one after another) for the output
+/// channels `first..first + runs` (`first` a multiple of 8): bands with few tiles are split by
+/// channels too, so that every thread has work.
 ///
-/// `padded`: the image's `c_in` zero-padded planes, `channel` floats apart, each rows of
-/// `row = w + 2` floats (w = 2 * tiles_x, the output width) with one zero row and column
-/// before the pixels, and at least `2 * ty1 + 2` rows. `u`: [`transform_weights`] for
-/// `c_out` channels. `runs[o]`: output channel o's rows `2 * ty0 .. 2 * ty1`, `additions(o)`
-/// what to add to them. Panics where [`available`] is false or a slice is too short.
+/// Each segment's `padded`: its image's `c_in` zero-padded planes, `channel` floats apart,
+/// each rows of `row = w + 2` floats (w = 2 * tiles_x, the output width) with one zero row and
+/// column before the pixels, and at least `2 * ty1 + 2` rows. `u`: [`transform_weights`] for
+/// `c_out` channels. `additions(image, o)`: what to add to output channel o of the image.
+/// Panics where [`available`] is false or a slice is too short.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn band<'a>(
-    (padded, channel, row): (&[f32], usize, usize),
-    (ty0, ty1): (usize, usize),
+    segments: &mut [Segment<'_>],
+    first: usize,
+    (channel, row): (usize, usize),
     tiles_x: usize,
-    (u, c_in): (&[f32], usize),
-    runs: &mut [&mut [f32]],
-    additions: impl Fn(usize) -> Additions<'a>,
+    (u, c_in, c_out): (&[f32], usize, usize),
+    additions: impl Fn(usize, usize) -> Additions<'a>,
 ) {
     assert!(available(), "the Winograd 3x3 kernel needs AVX-512F");
-    let (w, c_out) = (2 * tiles_x, runs.len());
+    let w = 2 * tiles_x;
+    let count = segments.first().map_or(0, |s| s.runs.len());
     let blocks = c_out.div_ceil(ROWS);
     assert_eq!(row, w + 2, "Winograd 3x3: rows of {row} floats for a {w}-wide map");
-    assert!(channel >= (2 * ty1 + 2) * row, "Winograd 3x3: planes too short");
-    assert!(c_in == 0 || padded.len() >= (c_in - 1) * channel + (2 * ty1 + 2) * row, "Winograd 3x3: input too short");
+    assert!(first.is_multiple_of(ROWS) && first + count <= c_out, "Winograd 3x3: channels {first}.. of {c_out}");
     assert!(u.len() >= 16 * blocks * ROWS * c_in, "Winograd 3x3: weights too short");
-    let tiles = (ty1 - ty0) * tiles_x;
+    for segment in segments.iter() {
+        let (ty0, ty1) = segment.tile_rows;
+        assert!(ty0 <= ty1 && channel >= (2 * ty1 + 2) * row, "Winograd 3x3: planes too short");
+        assert!(
+            c_in == 0 || segment.padded.len() >= (c_in - 1) * channel + (2 * ty1 + 2) * row,
+            "Winograd 3x3: input too short"
+        );
+        assert_eq!(segment.runs.len(), count, "Winograd 3x3: segments with different channels");
+    }
+    // Where each segment's tiles start in the band.
+    let starts: Vec<usize> = segments
+        .iter()
+        .scan(0, |at, s| {
+            let start = *at;
+            *at += (s.tile_rows.1 - s.tile_rows.0) * tiles_x;
+            Some(start)
+        })
+        .collect();
+    let tiles: usize = segments.iter().map(|s| (s.tile_rows.1 - s.tile_rows.0) * tiles_x).sum();
     let stride = tiles.next_multiple_of(GROUP);
     BUFFERS.with(|buffers| {
         let (mut v, mut m) = buffers.take();
-        // V[ξ][ci][tile]; the tiles past the band's stay zero (their products are dropped).
-        v.clear();
+        // V[ξ][ci][tile]; the tiles past the band's are zeroed (their products are dropped).
         v.resize(16 * c_in * stride, 0.0);
         m.resize(16 * CHUNK * stride, 0.0);
+        for row in v[..16 * c_in * stride].chunks_exact_mut(stride) {
+            row[tiles..].fill(0.0);
+        }
         {
             let mut planes = v.chunks_exact_mut((c_in * stride).max(1));
             let mut v: [&mut [f32]; 16] = std::array::from_fn(|_| planes.next().unwrap_or_default());
-            for ci in 0..c_in {
-                let plane = &padded[ci * channel..];
-                for ty in ty0..ty1 {
-                    let rows: [&[f32]; 4] = std::array::from_fn(|k| &plane[(2 * ty + k) * row..][..row]);
-                    let at = ci * stride + (ty - ty0) * tiles_x;
-                    let mut at_row = v.iter_mut();
+            for (segment, &start) in segments.iter().zip(&starts) {
+                let (ty0, ty1) = segment.tile_rows;
+                let tiles = (ty1 - ty0) * tiles_x;
+                for ci in 0..c_in {
+                    let at = ci * stride + start;
+                    let mut rows = v.iter_mut();
                     let mut dst: [&mut [f32]; 16] =
-                        std::array::from_fn(|_| &mut at_row.next().expect("16 matrices")[at..at + tiles_x]);
-                    transform_input(rows, &mut dst);
+                        std::array::from_fn(|_| &mut rows.next().expect("16 matrices")[at..at + tiles]);
+                    transform_input(&segment.padded[ci * channel..][..channel], row, (ty0, ty1), &mut dst);
                 }
             }
         }
-        for first in (0..c_out).step_by(CHUNK) {
-            let count = CHUNK.min(c_out - first);
+        for chunk in (first..first + count).step_by(CHUNK) {
+            let chunk_count = CHUNK.min(first + count - chunk);
             for xi in 0..16 {
-                for block in 0..count.div_ceil(ROWS) {
-                    let weights = &u[((xi * blocks + first / ROWS + block) * c_in) * ROWS..][..c_in * ROWS];
+                for block in 0..chunk_count.div_ceil(ROWS) {
+                    let weights = &u[((xi * blocks + chunk / ROWS + block) * c_in) * ROWS..][..c_in * ROWS];
                     let inputs = &v[xi * c_in * stride..][..c_in * stride];
                     let sums = &mut m[(xi * CHUNK + block * ROWS) * stride..][..ROWS * stride];
                     products(sums, weights, inputs, stride, c_in);
                 }
             }
-            for o in first..first + count {
-                let sums: [&[f32]; 16] = std::array::from_fn(|xi| &m[(xi * CHUNK + o - first) * stride..][..stride]);
-                let (bias, per_channel, residual) = additions(o);
-                for ty in 0..ty1 - ty0 {
-                    let q: [&[f32]; 16] = std::array::from_fn(|xi| &sums[xi][ty * tiles_x..][..tiles_x]);
-                    let (top, bottom) = runs[o][2 * ty * w..][..2 * w].split_at_mut(w);
-                    let residual = residual.map(|r| r[2 * ty * w..][..2 * w].split_at(w));
-                    transform_output(&q, [top, bottom], (bias, per_channel, residual));
+            for (segment, &start) in segments.iter_mut().zip(&starts) {
+                let (ty0, ty1) = segment.tile_rows;
+                for o in chunk..chunk + chunk_count {
+                    let sums: [&[f32]; 16] =
+                        std::array::from_fn(|xi| &m[(xi * CHUNK + o - chunk) * stride + start..][..stride - start]);
+                    let (bias, per_channel, residual) = additions(segment.image, o);
+                    let residual = residual.map(|r| &r[2 * ty0 * w..2 * ty1 * w]);
+                    let run = &mut segment.runs[o - first];
+                    transform_output(&sums, (ty1 - ty0, tiles_x), run, (bias, per_channel, residual));
                 }
             }
         }
@@ -192,93 +229,96 @@ fn products(sums: &mut [f32], weights: &[f32], inputs: &[f32], stride: usize, c_
     }
 }
 
-/// `B^T d B` for each tile of one tile row: `rows`, the four padded input rows the row's
-/// patches span; `dst[ξ][k]`, element ξ (4 * i + j) of tile k's transform.
-fn transform_input(rows: [&[f32]; 4], dst: &mut [&mut [f32]; 16]) {
-    let tiles = dst[0].len();
-    assert!(dst.iter().all(|d| d.len() == tiles), "Winograd input: rows of tiles of unequal lengths");
-    assert!(rows.iter().all(|r| r.len() >= 2 * tiles + 2), "Winograd input: patch rows too short");
-    let mut k = 0;
+/// `B^T d B` for each tile of tile rows `ty0..ty1` of one input channel: `plane`, its padded
+/// plane (rows of `row` = 2 * tiles_x + 2 floats); `dst[ξ][t]`, element ξ (4 * i + j) of tile
+/// t's transform, t counted from the first tile of row ty0.
+fn transform_input(plane: &[f32], row: usize, (ty0, ty1): (usize, usize), dst: &mut [&mut [f32]; 16]) {
+    let tiles_x = (row - 2) / 2;
+    let tiles = (ty1 - ty0) * tiles_x;
+    assert!(row >= 2 && row.is_multiple_of(2), "Winograd input: rows of {row} floats");
+    assert!(dst.iter().all(|d| d.len() == tiles), "Winograd input: {tiles} tiles to write");
+    assert!(plane.len() >= (2 * ty1 + 2) * row, "Winograd input: plane too short");
     #[cfg(target_arch = "x86_64")]
-    if tiles >= 16 {
-        // SAFETY: AVX-512F is present (checked by `band`); tiles k..k + 16 read row elements
-        // up to 2 * k + 33 < 2 * tiles + 2 = the rows' length (sliced so by `band`), and
-        // write dst[..][k..k + 16].
+    {
+        // SAFETY: AVX-512F is present (checked by `band`); tile row ty reads plane rows 2 * ty
+        // ..= 2 * ty + 3 (< 2 * ty1 + 2, asserted) at columns < row, and writes dst[..][(ty -
+        // ty0) * tiles_x..][..tiles_x] (asserted lengths); masked lanes are not touched.
         #[allow(unsafe_code)]
         unsafe {
-            while k + 16 <= tiles {
-                avx512::transform_input(rows, dst, k);
-                k += 16;
-            }
+            let dst = std::array::from_fn(|xi| dst[xi].as_mut_ptr());
+            avx512::transform_input(plane.as_ptr(), row, (ty0, ty1), dst)
         }
     }
-    for k in k..tiles {
-        let d = |i: usize, j: usize| rows[i][2 * k + j];
-        // B^T on the columns, then on the rows.
-        let w: [[f32; 4]; 4] = std::array::from_fn(|j| {
-            let (r0, r1, r2, r3) = (d(0, j), d(1, j), d(2, j), d(3, j));
-            [r0 - r2, r1 + r2, r2 - r1, r1 - r3]
-        });
-        for i in 0..4 {
-            let (d0, d1, d2, d3) = (w[0][i], w[1][i], w[2][i], w[3][i]);
-            for (j, value) in [d0 - d2, d1 + d2, d2 - d1, d1 - d3].into_iter().enumerate() {
-                dst[4 * i + j][k] = value;
+    #[cfg(not(target_arch = "x86_64"))]
+    for ty in ty0..ty1 {
+        for k in 0..tiles_x {
+            let d = |i: usize, j: usize| plane[(2 * ty + i) * row + 2 * k + j];
+            // B^T on the columns, then on the rows.
+            let w: [[f32; 4]; 4] = std::array::from_fn(|j| {
+                let (r0, r1, r2, r3) = (d(0, j), d(1, j), d(2, j), d(3, j));
+                [r0 - r2, r1 + r2, r2 - r1, r1 - r3]
+            });
+            for i in 0..4 {
+                let (d0, d1, d2, d3) = (w[0][i], w[1][i], w[2][i], w[3][i]);
+                for (j, value) in [d0 - d2, d1 + d2, d2 - d1, d1 - d3].into_iter().enumerate() {
+                    dst[4 * i + j][(ty - ty0) * tiles_x + k] = value;
+                }
             }
         }
     }
 }
 
-/// `A^T m A` for each tile of one tile row (`q[ξ][k]`, tile k's 16 products) to the two
-/// output rows, plus the additions (`residual`: the same two rows).
-fn transform_output(q: &[&[f32]; 16], [top, bottom]: [&mut [f32]; 2], additions: Additions2<'_>) {
-    let tiles = q[0].len();
-    assert!(q.iter().all(|q| q.len() == tiles), "Winograd output: products of unequal lengths");
-    let pixels = 2 * tiles;
-    assert!(top.len() >= pixels && bottom.len() >= pixels, "Winograd output: rows too short");
-    assert!(
-        additions.2.is_none_or(|(r0, r1)| r0.len() >= pixels && r1.len() >= pixels),
-        "Winograd output: residual too short"
-    );
-    let mut k = 0;
+/// `A^T m A` for each of `rows` rows of `tiles_x` tiles (`q[ξ][t]`, tile t's 16 products) to
+/// the output rows `run` (2 * rows rows of 2 * tiles_x pixels), plus the additions (the
+/// residual over the same rows).
+fn transform_output(q: &[&[f32]; 16], (rows, tiles_x): (usize, usize), run: &mut [f32], additions: Additions<'_>) {
+    let pixels = 4 * rows * tiles_x;
+    assert!(q.iter().all(|q| q.len() >= rows * tiles_x), "Winograd output: products too short");
+    assert!(run.len() >= pixels, "Winograd output: rows too short");
+    assert!(additions.2.is_none_or(|r| r.len() >= pixels), "Winograd output: residual too short");
     #[cfg(target_arch = "x86_64")]
-    if tiles >= 16 {
-        // SAFETY: AVX-512F is present (checked by `band`); tiles k..k + 16 read q[..][k..k +
-        // 16] and write (and read the residual at) pixels 2 * k..2 * k + 32 <= 2 * tiles =
-        // the rows' length.
+    {
+        // SAFETY: AVX-512F is present (checked by `band`); the reads of q (rows * tiles_x
+        // each) and the reads and writes of the rows (4 * rows * tiles_x pixels) lie within
+        // the asserted lengths; masked lanes are not touched.
         #[allow(unsafe_code)]
         unsafe {
-            while k + 16 <= tiles {
-                avx512::transform_output(q, [&mut *top, &mut *bottom], additions, k);
-                k += 16;
-            }
+            let q = std::array::from_fn(|xi| q[xi].as_ptr());
+            let (bias, per_channel, residual) = additions;
+            avx512::transform_output(
+                q,
+                (rows, tiles_x),
+                run.as_mut_ptr(),
+                (bias, per_channel, residual.map(<[f32]>::as_ptr)),
+            )
         }
     }
-    let (bias, per_channel, residual) = additions;
-    // k indexes the 16 product rows and places the pixels.
-    #[allow(clippy::needless_range_loop)]
-    for k in k..tiles {
-        let [[y00, y01], [y10, y11]] = untransform(std::array::from_fn(|xi| q[xi][k]));
-        for (dy, (row, pair)) in [(&mut *top, [y00, y01]), (&mut *bottom, [y10, y11])].into_iter().enumerate() {
-            for (dx, y) in pair.into_iter().enumerate() {
-                let x = 2 * k + dx;
-                let mut value = y + bias;
-                if let Some(p) = per_channel {
-                    value += p;
+    #[cfg(not(target_arch = "x86_64"))]
+    for ty in 0..rows {
+        let w = 2 * tiles_x;
+        for k in 0..tiles_x {
+            let [[y00, y01], [y10, y11]] = untransform(std::array::from_fn(|xi| q[xi][ty * tiles_x + k]));
+            for (dy, pair) in [[y00, y01], [y10, y11]].into_iter().enumerate() {
+                for (dx, y) in pair.into_iter().enumerate() {
+                    let at = (2 * ty + dy) * w + 2 * k + dx;
+                    let (bias, per_channel, residual) = additions;
+                    let mut value = y + bias;
+                    if let Some(p) = per_channel {
+                        value += p;
+                    }
+                    if let Some(r) = residual {
+                        value += r[at];
+                    }
+                    run[at] = value;
                 }
-                if let Some((r0, r1)) = residual {
-                    value += [r0, r1][dy][x];
-                }
-                row[x] = value;
             }
         }
     }
 }
-
-/// The additions with the residual split into the tile row's two output rows.
-type Additions2<'a> = (f32, Option<f32>, Option<(&'a [f32], &'a [f32])>);
 
 /// One tile's 2x2 outputs from its 16 products: A^T = [[1, 1, 1, 0], [0, 1, -1, -1]] on the
 /// columns, then on the rows.
+#[cfg(not(target_arch = "x86_64"))]
 fn untransform(m: [f32; 16]) -> [[f32; 2]; 2] {
     let s0: [f32; 4] = std::array::from_fn(|j| m[j] + m[4 + j] + m[8 + j]);
     let s1: [f32; 4] = std::array::from_fn(|j| m[4 + j] - m[8 + j] - m[12 + j]);
@@ -288,7 +328,7 @@ fn untransform(m: [f32; 16]) -> [[f32; 2]; 2] {
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 mod avx512 {
-    use super::{Additions2, GROUP, ROWS};
+    use super::{GROUP, ROWS};
     use std::arch::x86_64::*;
 
     const VECTORS: usize = GROUP / 16;
@@ -330,66 +370,119 @@ mod avx512 {
         _mm512_permutex2var_ps(a, index, b)
     }
 
-    /// Tiles k..k + 16 of [`super::transform_input`], the same operations in the same order.
+    /// The lanes below `count` (at most 16).
+    fn lanes(count: usize) -> __mmask16 {
+        if count >= 16 {
+            0xffff
+        } else {
+            ((1u32 << count) - 1) as __mmask16
+        }
+    }
+
+    /// [`super::transform_input`], 16 tiles of a row at a time (the last ones masked).
     ///
     /// # Safety
-    /// AVX-512F must be present; each row readable at 2 * k..2 * k + 34, each dst at
-    /// k..k + 16.
+    /// AVX-512F must be present; `plane` readable at rows 0..2 * ty1 + 2 of `row` floats, each
+    /// `dst[ξ]` writable at 0..(ty1 - ty0) * tiles_x.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn transform_input(rows: [&[f32]; 4], dst: &mut [&mut [f32]; 16], k: usize) {
-        // d[i][j]: element j of each tile's patch in row i.
-        let d: [[__m512; 4]; 4] = std::array::from_fn(|i| {
-            let p = rows[i].as_ptr().add(2 * k);
-            let (a, b) = (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)));
-            let (a2, b2) = (_mm512_loadu_ps(p.add(2)), _mm512_loadu_ps(p.add(18)));
-            [deinterleave(a, b, 0), deinterleave(a, b, 1), deinterleave(a2, b2, 0), deinterleave(a2, b2, 1)]
-        });
-        let w: [[__m512; 4]; 4] = std::array::from_fn(|j| {
-            let (r0, r1, r2, r3) = (d[0][j], d[1][j], d[2][j], d[3][j]);
-            [_mm512_sub_ps(r0, r2), _mm512_add_ps(r1, r2), _mm512_sub_ps(r2, r1), _mm512_sub_ps(r1, r3)]
-        });
-        for i in 0..4 {
-            let (d0, d1, d2, d3) = (w[0][i], w[1][i], w[2][i], w[3][i]);
-            let values = [_mm512_sub_ps(d0, d2), _mm512_add_ps(d1, d2), _mm512_sub_ps(d2, d1), _mm512_sub_ps(d1, d3)];
-            for (j, value) in values.into_iter().enumerate() {
-                _mm512_storeu_ps(dst[4 * i + j].as_mut_ptr().add(k), value);
+    pub(super) unsafe fn transform_input(
+        plane: *const f32,
+        row: usize,
+        (ty0, ty1): (usize, usize),
+        dst: [*mut f32; 16],
+    ) {
+        let tiles_x = (row - 2) / 2;
+        for ty in ty0..ty1 {
+            let top = plane.add(2 * ty * row);
+            let out = (ty - ty0) * tiles_x;
+            for k in (0..tiles_x).step_by(16) {
+                // Tile t < n reads columns 2 * (k + t) ..= 2 * (k + t) + 3: 2n + 2 floats.
+                let n = (tiles_x - k).min(16);
+                let (a_lanes, b_lanes) = (lanes(2 * n + 2), lanes((2 * n + 2).saturating_sub(16)));
+                let (a2_lanes, b2_lanes) = (lanes(2 * n), lanes((2 * n).saturating_sub(16)));
+                // d[i][j]: element j of each tile's patch in row i. (Loops, not closures: a
+                // closure does not inherit the function's target features.)
+                let mut d = [[_mm512_setzero_ps(); 4]; 4];
+                for (i, d) in d.iter_mut().enumerate() {
+                    let p = top.add(i * row + 2 * k);
+                    let (a, b) = (_mm512_maskz_loadu_ps(a_lanes, p), _mm512_maskz_loadu_ps(b_lanes, p.add(16)));
+                    let (a2, b2) =
+                        (_mm512_maskz_loadu_ps(a2_lanes, p.add(2)), _mm512_maskz_loadu_ps(b2_lanes, p.add(18)));
+                    *d = [
+                        deinterleave(a, b, 0),
+                        deinterleave(a, b, 1),
+                        deinterleave(a2, b2, 0),
+                        deinterleave(a2, b2, 1),
+                    ];
+                }
+                let mut w = [[_mm512_setzero_ps(); 4]; 4];
+                for (j, w) in w.iter_mut().enumerate() {
+                    let (r0, r1, r2, r3) = (d[0][j], d[1][j], d[2][j], d[3][j]);
+                    *w = [_mm512_sub_ps(r0, r2), _mm512_add_ps(r1, r2), _mm512_sub_ps(r2, r1), _mm512_sub_ps(r1, r3)];
+                }
+                for i in 0..4 {
+                    let (d0, d1, d2, d3) = (w[0][i], w[1][i], w[2][i], w[3][i]);
+                    let values =
+                        [_mm512_sub_ps(d0, d2), _mm512_add_ps(d1, d2), _mm512_sub_ps(d2, d1), _mm512_sub_ps(d1, d3)];
+                    for (j, value) in values.into_iter().enumerate() {
+                        _mm512_mask_storeu_ps(dst[4 * i + j].add(out + k), lanes(n), value);
+                    }
+                }
             }
         }
     }
 
-    /// Tiles k..k + 16 of [`super::transform_output`], the same operations in the same order.
+    /// [`super::transform_output`], 16 tiles of a row at a time (the last ones masked).
     ///
     /// # Safety
-    /// AVX-512F must be present; each q readable at k..k + 16; both rows (and the residual's)
-    /// at 2 * k..2 * k + 32.
+    /// AVX-512F must be present; each `q[ξ]` readable at 0..rows * tiles_x; `run` writable,
+    /// and `residual` readable, at 0..4 * rows * tiles_x.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn transform_output(
-        q: &[&[f32]; 16],
-        [top, bottom]: [&mut [f32]; 2],
-        (bias, per_channel, residual): Additions2<'_>,
-        k: usize,
+        q: [*const f32; 16],
+        (rows, tiles_x): (usize, usize),
+        run: *mut f32,
+        (bias, per_channel, residual): (f32, Option<f32>, Option<*const f32>),
     ) {
-        let m: [__m512; 16] = std::array::from_fn(|xi| _mm512_loadu_ps(q[xi].as_ptr().add(k)));
-        let s0: [__m512; 4] = std::array::from_fn(|j| _mm512_add_ps(_mm512_add_ps(m[j], m[4 + j]), m[8 + j]));
-        let s1: [__m512; 4] = std::array::from_fn(|j| _mm512_sub_ps(_mm512_sub_ps(m[4 + j], m[8 + j]), m[12 + j]));
-        let y = [
-            [_mm512_add_ps(_mm512_add_ps(s0[0], s0[1]), s0[2]), _mm512_sub_ps(_mm512_sub_ps(s0[1], s0[2]), s0[3])],
-            [_mm512_add_ps(_mm512_add_ps(s1[0], s1[1]), s1[2]), _mm512_sub_ps(_mm512_sub_ps(s1[1], s1[2]), s1[3])],
-        ];
+        let w = 2 * tiles_x;
         let low = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
         let high = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-        for (dy, row) in [top, bottom].into_iter().enumerate() {
-            let [even, odd] = y[dy];
-            for (half, index) in [low, high].into_iter().enumerate() {
-                let x = 2 * k + 16 * half;
-                let mut value = _mm512_add_ps(_mm512_permutex2var_ps(even, index, odd), _mm512_set1_ps(bias));
-                if let Some(p) = per_channel {
-                    value = _mm512_add_ps(value, _mm512_set1_ps(p));
+        for ty in 0..rows {
+            for k in (0..tiles_x).step_by(16) {
+                let n = (tiles_x - k).min(16);
+                let mut m = [_mm512_setzero_ps(); 16];
+                for (xi, m) in m.iter_mut().enumerate() {
+                    *m = _mm512_maskz_loadu_ps(lanes(n), q[xi].add(ty * tiles_x + k));
                 }
-                if let Some((r0, r1)) = residual {
-                    value = _mm512_add_ps(value, _mm512_loadu_ps([r0, r1][dy].as_ptr().add(x)));
+                let (mut s0, mut s1) = ([_mm512_setzero_ps(); 4], [_mm512_setzero_ps(); 4]);
+                for j in 0..4 {
+                    s0[j] = _mm512_add_ps(_mm512_add_ps(m[j], m[4 + j]), m[8 + j]);
+                    s1[j] = _mm512_sub_ps(_mm512_sub_ps(m[4 + j], m[8 + j]), m[12 + j]);
                 }
-                _mm512_storeu_ps(row.as_mut_ptr().add(x), value);
+                let y = [
+                    [
+                        _mm512_add_ps(_mm512_add_ps(s0[0], s0[1]), s0[2]),
+                        _mm512_sub_ps(_mm512_sub_ps(s0[1], s0[2]), s0[3]),
+                    ],
+                    [
+                        _mm512_add_ps(_mm512_add_ps(s1[0], s1[1]), s1[2]),
+                        _mm512_sub_ps(_mm512_sub_ps(s1[1], s1[2]), s1[3]),
+                    ],
+                ];
+                for (dy, [even, odd]) in y.into_iter().enumerate() {
+                    for (half, index) in [low, high].into_iter().enumerate() {
+                        let pixels = lanes((2 * n).saturating_sub(16 * half));
+                        let at = (2 * ty + dy) * w + 2 * k + 16 * half;
+                        let mut value = _mm512_add_ps(_mm512_permutex2var_ps(even, index, odd), _mm512_set1_ps(bias));
+                        if let Some(p) = per_channel {
+                            value = _mm512_add_ps(value, _mm512_set1_ps(p));
+                        }
+                        if let Some(r) = residual {
+                            value = _mm512_add_ps(value, _mm512_maskz_loadu_ps(pixels, r.add(at)));
+                        }
+                        _mm512_mask_storeu_ps(run.add(at), pixels, value);
+                    }
+                }
             }
         }
     }

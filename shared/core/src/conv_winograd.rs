@@ -14,8 +14,8 @@
 //!
 //! Each output element is a fixed sequence of operations on its own patch (the products sum
 //! over the input channels in order), whatever the band, threads or batch: an image's result
-//! depends on the weights and its own pixels alone. (The transforms' scalar code, for CPUs
-//! without AVX-512, where the layers do not run this kernel, spells out the same operations.)
+//! depends on the weights and its own pixels alone. (The transforms' scalar code, compiled off
+//! x86-64, where the layers do not run this kernel, spells out the same operations.)
 //!
 //! Its rounding differs from the direct sum: the transforms add and subtract up to 16 inputs
 //! before the products and 9 products after them. On the SD shapes the difference from

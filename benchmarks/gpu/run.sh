@@ -33,9 +33,9 @@ carry=benchmarks/gpu/carry
 dtype=${GPU_DTYPE:-f16}
 exec > >(tee -a "$log") 2>&1
 
-if [ -d "$carry/wheels" ]; then
-  "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    "$carry"/wheels/*.whl && export PYTHONPATH=/tmp/site || exit 1
+# diffusers, installed by prepare.sh and packed as a tar.xz (a third of the wheel's size).
+if [ -f "$carry/site.tar.xz" ]; then
+  mkdir -p /tmp/site && xz -dc "$carry/site.tar.xz" | tar -x -C /tmp/site && export PYTHONPATH=/tmp/site || exit 1
 fi
 # The CUDA 13 runtime libraries candle links (cublas, curand, nvrtc) from the image's wheels.
 cu13=$("$python" -c 'import os, nvidia; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))' 2>/dev/null)

@@ -409,7 +409,7 @@ impl Kernel {
         if planes.stride == 1 && even && crate::conv_winograd::available() {
             // Judged on two images, a guided UNet step's batch (never on the actual batch).
             let (tiles_x, tiles_y) = (planes.out_w / 2, WINOGRAD_JUDGED_IMAGES * planes.out_h / 2);
-            let rows = crate::conv_winograd::band_rows(tiles_x, tiles_y);
+            let rows = crate::conv_winograd::band_rows(tiles_x, tiles_y, crate::conv_winograd::MAX_BAND_TILES);
             let channels = c_out as f64 / c_out.next_multiple_of(crate::conv_winograd::ROWS) as f64;
             if crate::conv_winograd::useful_share(tiles_x, tiles_y, rows) * channels >= WINOGRAD_MIN_USEFUL {
                 return Kernel::Winograd { rows: None };
@@ -593,13 +593,13 @@ fn winograd_conv3x3(
     epilogue: Epilogue<'_>,
     rows: Option<usize>,
 ) -> Vec<f32> {
-    use crate::conv_winograd::{band, band_rows, Segment, ROWS};
+    use crate::conv_winograd::{band, band_rows, max_band_tiles, Segment, ROWS};
     use rayon::prelude::*;
     let (out_h, out_w, channel) = (planes.out_h, planes.out_w, planes.channel);
     let pixels = out_h * out_w;
     let (tiles_x, tiles_y) = (out_w / 2, out_h / 2);
     let all_rows = b * tiles_y;
-    let rows = rows.unwrap_or_else(|| band_rows(tiles_x, all_rows)).max(1);
+    let rows = rows.unwrap_or_else(|| band_rows(tiles_x, all_rows, max_band_tiles(c_in))).max(1);
     let bands = all_rows.div_ceil(rows);
     // Channel splits (whole blocks of 8) so that there are at least two units per thread.
     let blocks = c_out.div_ceil(ROWS);

@@ -30,7 +30,17 @@ const CHUNK: usize = 64;
 /// The most tiles in a band: its transformed input for 128 channels (3 MB) still streams
 /// well from L2/L3 through the 16 products; 2-core EPYC, 128 channels at 256x256, 1 thread:
 /// 144 tiles per band 85 ms of products, 384 tiles 78 ms.
-const MAX_BAND_TILES: usize = 384;
+pub(crate) const MAX_BAND_TILES: usize = 384;
+/// The most floats of transformed input a band holds (4 MB): fewer tiles per band at more
+/// input channels, so that a thread's buffers stay a few MB (1280 channels at 384 tiles
+/// would be 31 MB, kept by every thread).
+const BAND_INPUT_FLOATS: usize = 1 << 20;
+
+/// The most tiles in a band for `c_in` input channels: `MAX_BAND_TILES`, fewer where the
+/// transformed input would pass `BAND_INPUT_FLOATS`, but at least one 48-tile group.
+pub(crate) fn max_band_tiles(c_in: usize) -> usize {
+    (BAND_INPUT_FLOATS / (16 * c_in.max(1))).clamp(GROUP, MAX_BAND_TILES)
+}
 
 /// Whether the kernel can run here: an x86-64 CPU with AVX-512F, and SDMESH_CONV_WINOGRAD
 /// not set to 0 (for comparing with the direct kernel). Read once.
@@ -45,10 +55,10 @@ pub(crate) fn available() -> bool {
 
 /// The tile rows per band for `tiles_y` rows of `tiles_x` tiles (a batch's, one image after
 /// another): the count that wastes the fewest of the product kernel's 48-tile groups (a band
-/// is padded to whole groups), fewer rows on a tie, at most `MAX_BAND_TILES` tiles (or one
-/// row). Each tile's result is the same in any band.
-pub(crate) fn band_rows(tiles_x: usize, tiles_y: usize) -> usize {
-    let most = (MAX_BAND_TILES / tiles_x).clamp(1, tiles_y.max(1));
+/// is padded to whole groups), fewer rows on a tie, at most `most_tiles` tiles (or one row).
+/// Each tile's result is the same in any band.
+pub(crate) fn band_rows(tiles_x: usize, tiles_y: usize, most_tiles: usize) -> usize {
+    let most = (most_tiles / tiles_x).clamp(1, tiles_y.max(1));
     (1..=most)
         .min_by(|&a, &b| {
             let waste = |r: usize| {

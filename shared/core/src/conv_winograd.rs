@@ -79,30 +79,37 @@ pub(crate) fn useful_share(tiles_x: usize, tiles_y: usize, rows: usize) -> f64 {
     (tiles_x * tiles_y) as f64 / computed as f64
 }
 
-/// `U[ξ][block][ci][r] = (G g G^T)[ξ]` for output channel `block * 8 + r` (zero for the rows
+/// `U[block][ξ][ci][r] = (G g G^T)[ξ]` for output channel `block * 8 + r` (zero for the rows
 /// past `c_out`), from the tap-major weights [c_out, 9 * c_in] (tap = 3 * kh + kw, then the
-/// input channel).
+/// input channel). Blocks in parallel: a layer's first call makes these, and the full SD 2.1
+/// UNet has 58M (output, input) channel pairs to transform.
 pub(crate) fn transform_weights(weight: &[f32], c_in: usize, c_out: usize) -> Vec<f32> {
+    use rayon::prelude::*;
     let blocks = c_out.div_ceil(ROWS);
-    let mut u = vec![0f32; 16 * blocks * ROWS * c_in];
-    for o in 0..c_out {
-        for ci in 0..c_in {
-            let g = |kh: usize, kw: usize| weight[o * 9 * c_in + (3 * kh + kw) * c_in + ci];
-            // G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]]: rows, then columns.
-            let gg: [[f32; 3]; 4] = std::array::from_fn(|i| {
-                std::array::from_fn(|kw| {
-                    let (a, b, c) = (g(0, kw), g(1, kw), g(2, kw));
-                    [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c][i]
-                })
-            });
-            for (i, [a, b, c]) in gg.into_iter().enumerate() {
-                for (j, value) in [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c].into_iter().enumerate() {
-                    let xi = 4 * i + j;
-                    u[((xi * blocks + o / ROWS) * c_in + ci) * ROWS + o % ROWS] = value;
+    let mut u = vec![0f32; blocks * 16 * c_in * ROWS];
+    u.par_chunks_mut((16 * c_in * ROWS).max(1)).enumerate().for_each(|(block, u)| {
+        for o in block * ROWS..((block + 1) * ROWS).min(c_out) {
+            let r = o % ROWS;
+            let taps: [&[f32]; 9] = std::array::from_fn(|tap| &weight[o * 9 * c_in + tap * c_in..][..c_in]);
+            for ci in 0..c_in {
+                let g = |kh: usize, kw: usize| taps[3 * kh + kw][ci];
+                // G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]]: on the rows (kh),
+                // then on the columns (kw).
+                let mut gg = [[0f32; 3]; 4];
+                for (kw, column) in (0..3).map(|kw| (kw, [g(0, kw), g(1, kw), g(2, kw)])) {
+                    let [a, b, c] = column;
+                    for (i, value) in [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c].into_iter().enumerate() {
+                        gg[i][kw] = value;
+                    }
+                }
+                for (i, [a, b, c]) in gg.into_iter().enumerate() {
+                    for (j, value) in [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c].into_iter().enumerate() {
+                        u[((4 * i + j) * c_in + ci) * ROWS + r] = value;
+                    }
                 }
             }
         }
-    }
+    });
     u
 }
 
@@ -196,7 +203,7 @@ pub(crate) fn band<'a>(
             let chunk_count = CHUNK.min(first + count - chunk);
             for xi in 0..16 {
                 for block in 0..chunk_count.div_ceil(ROWS) {
-                    let weights = &u[((xi * blocks + chunk / ROWS + block) * c_in) * ROWS..][..c_in * ROWS];
+                    let weights = &u[(((chunk / ROWS + block) * 16 + xi) * c_in) * ROWS..][..c_in * ROWS];
                     let inputs = &v[xi * c_in * stride..][..c_in * stride];
                     let sums = &mut m[(xi * CHUNK + block * ROWS) * stride..][..ROWS * stride];
                     products(sums, weights, inputs, stride, c_in);

@@ -88,24 +88,38 @@ pub(crate) fn transform_weights(weight: &[f32], c_in: usize, c_out: usize) -> Ve
     let blocks = c_out.div_ceil(ROWS);
     let mut u = vec![0f32; blocks * 16 * c_in * ROWS];
     u.par_chunks_mut((16 * c_in * ROWS).max(1)).enumerate().for_each(|(block, u)| {
+        // One output channel at a time, each step over all input channels at once (vectorised
+        // loops over contiguous slices), then scattered to its row r of each 8-row group.
+        let mut gg = vec![0f32; 12 * c_in];
+        let mut values = vec![0f32; 16 * c_in];
         for o in block * ROWS..((block + 1) * ROWS).min(c_out) {
-            let r = o % ROWS;
             let taps: [&[f32]; 9] = std::array::from_fn(|tap| &weight[o * 9 * c_in + tap * c_in..][..c_in]);
-            for ci in 0..c_in {
-                let g = |kh: usize, kw: usize| taps[3 * kh + kw][ci];
-                // G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]]: on the rows (kh),
-                // then on the columns (kw).
-                let mut gg = [[0f32; 3]; 4];
-                for (kw, column) in (0..3).map(|kw| (kw, [g(0, kw), g(1, kw), g(2, kw)])) {
-                    let [a, b, c] = column;
-                    for (i, value) in [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c].into_iter().enumerate() {
-                        gg[i][kw] = value;
-                    }
+            // G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]]: on the rows (kh),
+            // gg[i][kw], then on the columns (kw), values[4 * i + j].
+            for kw in 0..3 {
+                let (a, b, c) = (taps[kw], taps[3 + kw], taps[6 + kw]);
+                let mut rows = gg.chunks_exact_mut(c_in).skip(kw).step_by(3);
+                let mut next = || rows.next().expect("4 rows of G g");
+                let (g0, g1, g2, g3) = (next(), next(), next(), next());
+                for ci in 0..c_in {
+                    let (a, b, c) = (a[ci], b[ci], c[ci]);
+                    (g0[ci], g1[ci], g2[ci], g3[ci]) = (a, 0.5 * (a + b + c), 0.5 * (a - b + c), c);
                 }
-                for (i, [a, b, c]) in gg.into_iter().enumerate() {
-                    for (j, value) in [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c].into_iter().enumerate() {
-                        u[((4 * i + j) * c_in + ci) * ROWS + r] = value;
-                    }
+            }
+            for (gg, values) in gg.chunks_exact(3 * c_in).zip(values.chunks_exact_mut(4 * c_in)) {
+                let (a, rest) = gg.split_at(c_in);
+                let (b, c) = rest.split_at(c_in);
+                let mut rows = values.chunks_exact_mut(c_in);
+                let mut next = || rows.next().expect("4 rows of G g G^T");
+                let (v0, v1, v2, v3) = (next(), next(), next(), next());
+                for ci in 0..c_in {
+                    let (a, b, c) = (a[ci], b[ci], c[ci]);
+                    (v0[ci], v1[ci], v2[ci], v3[ci]) = (a, 0.5 * (a + b + c), 0.5 * (a - b + c), c);
+                }
+            }
+            for (values, u) in values.chunks_exact(c_in).zip(u.chunks_exact_mut(c_in * ROWS)) {
+                for (value, u) in values.iter().zip(u.chunks_exact_mut(ROWS)) {
+                    u[o % ROWS] = *value;
                 }
             }
         }

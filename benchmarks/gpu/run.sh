@@ -6,7 +6,8 @@
 # its log to $OUT/gpu.log, and a failing stage does not stop the next):
 #   agreement  f16 and bf16 against the f32 CPU reference: components of the SD 2.1-768
 #              architecture at 768x768 (NaN check with upcast_attention), a whole 10-step job
-#              on the medium model
+#              on the medium model; flash attention or the GroupNorm kernel, if its check fails
+#              in the timed dtype (or never reports), is off for the later stages
 #   components candle vs diffusers, UNet step / text encoder / VAE decode, 512 and 768, f16;
 #              at 768 also with candle's own attention and GroupNorm (SDMESH_FLASH_ATTENTION=0
 #              SDMESH_CUDA_GROUP_NORM=0), to show what this project's kernels buy; and where the
@@ -71,7 +72,23 @@ dtypes=${GPU_AGREEMENT_DTYPES:-f16,bf16}
 for s in $stages; do case $s in
   agreement)
     stage agreement-$big_size 240 $bench agreement --model $big --size $big_size --steps 0 --device $device --dtypes $dtypes
-    stage agreement-job 120 $bench agreement --model $medium --size 256 --steps 10 --device $device --dtypes $dtypes ;;
+    stage agreement-job 120 $bench agreement --model $medium --size 256 --steps 10 --device $device --dtypes $dtypes
+    # A kernel of this project's whose check failed in the timed dtype, or never reported (a
+    # crash), is switched off for the stages that follow: one run still times the rest, and
+    # the JSON lines record which kernels ran (flash_attention, cuda_group_norm).
+    for kernel in attn:SDMESH_FLASH_ATTENTION groupnorm:SDMESH_CUDA_GROUP_NORM; do
+      prefix=${kernel%%:*} var=${kernel#*:}
+      verdict=$("$python" - "$results" "$prefix" "$dtype" <<'PY'
+import json, sys
+path, prefix, dtype = sys.argv[1:]
+lines = [json.loads(l) for l in open(path) if l.startswith("{")]
+checks = [l for l in lines if l.get("bench") == "agreement" and l.get("component", "").startswith(prefix + "_")
+          and l.get("dtype") == dtype]
+print("ok" if checks and all(l.get("ok") for l in checks) else "off")
+PY
+)
+      if [ "$verdict" != ok ]; then echo "== agreement: ${prefix}_* failed or did not report in $dtype: $var=0 from here on"; export "$var=0"; fi
+    done ;;
   components)
     for size in $sizes; do
       stage components-$size 120 $bench components --model $big --size $size --batch 2 --reps 10 --device $device --dtype $dtype

@@ -6,9 +6,9 @@
 //! For a band of tile rows (of one image, or of several one after another):
 //! 1. each input channel's 4x4 patches are transformed (`B^T d B`, additions only) into 16
 //!    matrices `V[ξ]` [c_in, tiles];
-//! 2. 16 products `M[ξ] = U[ξ] V[ξ]` ([c_out, c_in] x [c_in, tiles]) on a register-tiled
-//!    kernel (8 channels x 48 tiles in 24 vector registers), `U` the weights transformed once
-//!    (`G g G^T`);
+//! 2. 16 products `M[ξ] = U[ξ] V[ξ]` ([c_out, c_in] x [c_in, tiles]) on the direct kernel's
+//!    register tile (`conv_direct::block` with one tap: 8 channels x 48 tiles in 24 vector
+//!    registers), `U` the weights transformed once (`G g G^T`);
 //! 3. each channel's 16 values per tile are transformed back (`A^T M A`, additions only) to
 //!    its 2x2 pixels, and the bias and other additions are added on the way to the output.
 //!
@@ -24,10 +24,11 @@
 //! channels). F(4x4, 3x3), with 1.78x fewer products again, was 25-40x the direct kernel's
 //! error in an f32 check against f64 (1.2e-5 of the output's scale at 512 channels): not used.
 
-/// Output channels per block of the weights and of the product kernel.
-pub(crate) const ROWS: usize = 8;
-/// Tiles per product-kernel call: three vectors of 16.
-pub(crate) const GROUP: usize = 48;
+/// Output channels per block of the weights and of the product kernel (the direct kernel's
+/// rows).
+pub(crate) const ROWS: usize = crate::conv_direct::ROWS;
+/// Tiles per product-kernel call (the direct kernel's columns): three vectors of 16.
+pub(crate) const GROUP: usize = crate::conv_direct::COLUMNS;
 /// Output channels whose products are kept at once (the band's `M`).
 const CHUNK: usize = 64;
 /// The most tiles in a band: its transformed input for 128 channels (3 MB) still streams
@@ -49,11 +50,7 @@ pub(crate) fn max_band_tiles(c_in: usize) -> usize {
 /// not set to 0 (for comparing with the direct kernel). Read once.
 pub(crate) fn available() -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    #[cfg(target_arch = "x86_64")]
-    let cpu = std::arch::is_x86_feature_detected!("avx512f");
-    #[cfg(not(target_arch = "x86_64"))]
-    let cpu = false;
-    cpu && crate::switched_on(&ENABLED, "SDMESH_CONV_WINOGRAD")
+    crate::conv_direct::cpu_supported() && crate::switched_on(&ENABLED, "SDMESH_CONV_WINOGRAD")
 }
 
 /// The tile rows per band for `tiles_y` rows of `tiles_x` tiles (a batch's, one image after
@@ -82,7 +79,7 @@ pub(crate) fn useful_share(tiles_x: usize, tiles_y: usize, rows: usize) -> f64 {
     (tiles_x * tiles_y) as f64 / computed as f64
 }
 
-/// `U[block][ξ][ci][r] = (G g G^T)[ξ]` for output channel `block * 8 + r` (zero for the rows
+/// `U[block][ξ][r][ci] = (G g G^T)[ξ]` for output channel `block * 8 + r` (zero for the rows
 /// past `c_out`), from the tap-major weights [c_out, 9 * c_in] (tap = 3 * kh + kw, then the
 /// input channel). Blocks in parallel: a layer's first call makes these, and the full SD 2.1
 /// UNet has 58M (output, input) channel pairs to transform.
@@ -92,7 +89,7 @@ pub(crate) fn transform_weights(weight: &[f32], c_in: usize, c_out: usize) -> Ve
     let mut u = vec![0f32; blocks * 16 * c_in * ROWS];
     u.par_chunks_mut((16 * c_in * ROWS).max(1)).enumerate().for_each(|(block, u)| {
         // One output channel at a time, each step over all input channels at once (vectorised
-        // loops over contiguous slices), then scattered to its row r of each 8-row group.
+        // loops over contiguous slices), then copied to its row r of each ξ's 8 rows.
         let mut gg = vec![0f32; 12 * c_in];
         let mut values = vec![0f32; 16 * c_in];
         for o in block * ROWS..((block + 1) * ROWS).min(c_out) {
@@ -121,9 +118,7 @@ pub(crate) fn transform_weights(weight: &[f32], c_in: usize, c_out: usize) -> Ve
                 }
             }
             for (values, u) in values.chunks_exact(c_in).zip(u.chunks_exact_mut(c_in * ROWS)) {
-                for (value, u) in values.iter().zip(u.chunks_exact_mut(ROWS)) {
-                    u[o % ROWS] = *value;
-                }
+                u[o % ROWS * c_in..][..c_in].copy_from_slice(values);
             }
         }
     });
@@ -220,10 +215,11 @@ pub(crate) fn band<'a>(
             let chunk_count = CHUNK.min(first + count - chunk);
             for xi in 0..16 {
                 for block in 0..chunk_count.div_ceil(ROWS) {
-                    let weights = &u[(((chunk / ROWS + block) * 16 + xi) * c_in) * ROWS..][..c_in * ROWS];
+                    // M[ξ] rows = U[ξ] rows (c_in apart) x V[ξ]: one tap of the direct kernel.
+                    let weights = &u[(((chunk / ROWS + block) * 16 + xi) * ROWS) * c_in..][..ROWS * c_in];
                     let inputs = &v[xi * c_in * stride..][..c_in * stride];
                     let sums = &mut m[(xi * CHUNK + block * ROWS) * stride..][..ROWS * stride];
-                    products(sums, weights, inputs, stride, c_in);
+                    crate::conv_direct::block((sums, stride), stride, (weights, c_in), inputs, stride, &[0], c_in);
                 }
             }
             for (segment, &start) in segments.iter_mut().zip(&starts) {
@@ -245,22 +241,6 @@ pub(crate) fn band<'a>(
 thread_local! {
     /// Each thread's V and M buffers, kept between bands (a few MB).
     static BUFFERS: std::cell::Cell<(Vec<f32>, Vec<f32>)> = const { std::cell::Cell::new((Vec::new(), Vec::new())) };
-}
-
-/// `sums[r * stride + t] = Σ_ci weights[ci * 8 + r] · inputs[ci * stride + t]` for 8 rows
-/// and `stride` (a multiple of 48) tiles, summed in input-channel order.
-fn products(sums: &mut [f32], weights: &[f32], inputs: &[f32], stride: usize, c_in: usize) {
-    assert!(stride.is_multiple_of(GROUP) && sums.len() >= ROWS * stride, "Winograd products: sums too short");
-    assert!(weights.len() >= c_in * ROWS && inputs.len() >= c_in * stride, "Winograd products: inputs too short");
-    #[cfg(target_arch = "x86_64")]
-    for first in (0..stride).step_by(GROUP) {
-        // SAFETY: AVX-512F is present (checked by `band`); rows < 8, tiles first..first + 48
-        // <= stride and channels < c_in lie within the slices (asserted above).
-        #[allow(unsafe_code)]
-        unsafe {
-            avx512::products(sums.as_mut_ptr().add(first), stride, weights.as_ptr(), inputs.as_ptr().add(first), c_in)
-        }
-    }
 }
 
 /// `B^T d B` for each tile of tile rows `ty0..ty1` of one input channel: `plane`, its padded
@@ -362,37 +342,7 @@ fn untransform(m: [f32; 16]) -> [[f32; 2]; 2] {
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 mod avx512 {
-    use super::{GROUP, ROWS};
     use std::arch::x86_64::*;
-
-    const VECTORS: usize = GROUP / 16;
-    const _: () = assert!(VECTORS == 3, "the loads below are written out for three vectors");
-
-    /// 8 rows x 48 tiles of [`super::products`], the sums in registers.
-    ///
-    /// # Safety
-    /// AVX-512F must be present; `sums` writable at `r * stride + t`, `weights` readable at
-    /// `ci * 8 + r` and `inputs` at `ci * stride + t`, for r < 8, t < 48, ci < c_in.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn products(sums: *mut f32, stride: usize, weights: *const f32, inputs: *const f32, c_in: usize) {
-        let mut acc = [[_mm512_setzero_ps(); VECTORS]; ROWS];
-        for ci in 0..c_in {
-            let x = inputs.add(ci * stride);
-            let xs = [_mm512_loadu_ps(x), _mm512_loadu_ps(x.add(16)), _mm512_loadu_ps(x.add(32))];
-            let w = weights.add(ci * ROWS);
-            for (r, acc) in acc.iter_mut().enumerate() {
-                let w = _mm512_set1_ps(*w.add(r));
-                for v in 0..VECTORS {
-                    acc[v] = _mm512_fmadd_ps(w, xs[v], acc[v]);
-                }
-            }
-        }
-        for (r, acc) in acc.iter().enumerate() {
-            for (v, &sum) in acc.iter().enumerate() {
-                _mm512_storeu_ps(sums.add(r * stride + 16 * v), sum);
-            }
-        }
-    }
 
     /// Lanes 0..16 of the even (`odd` = 0) or odd elements of `a` then `b` (32 floats).
     #[target_feature(enable = "avx512f")]

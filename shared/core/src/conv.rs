@@ -138,10 +138,7 @@ impl Conv3x3 {
 
     /// The shifted-GEMM path; `upsample`: `x` is the half-size input, doubled (nearest) on the
     /// way into the padded planes.
-    fn shifted(&self, x: &Tensor, upsample: bool, weights: &Weights, adds: Adds<'_>) -> Result<Tensor> {
-        let Weights::CpuF32 { weight, winograd, .. } = weights else {
-            candle_core::bail!("Conv3x3: the shifted path on candle's weights")
-        };
+    fn shifted(&self, x: &Tensor, upsample: bool, adds: Adds<'_>) -> Result<Tensor> {
         let (b, c_in, h, w) = x.dims4()?;
         let x = x.contiguous()?;
         let input = cpu_f32(&x)?;
@@ -177,15 +174,31 @@ impl Conv3x3 {
         let per_channel = per_channel.as_ref().map(cpu_f32).transpose()?;
         let residual = residual.as_ref().map(cpu_f32).transpose()?;
         let epilogue = Epilogue { bias: adds.bias, per_channel: per_channel.as_deref(), residual: residual.as_deref() };
-        let winograd = match kernel {
-            Kernel::Winograd { .. } => {
-                Some(&winograd.get_or_init(|| crate::conv_winograd::transform_weights(weight, c_in, self.c_out))[..])
-            }
-            _ => None,
-        };
-        let weights = (&weight[..], winograd);
-        let out = shifted_conv3x3(&input, (b, c_in, h, w), &planes, weights, self.c_out, epilogue, kernel);
+        let out = self.convolve(&input, (b, c_in, h, w), &planes, epilogue, kernel)?;
         Tensor::from_vec(out, (b, self.c_out, out_h, out_w), &Device::Cpu)
+    }
+
+    /// `input` (NCHW `dims`, contiguous) laid out as `planes` say, convolved on `kernel`, plus
+    /// `epilogue`'s additions: [b, c_out, out_h, out_w]. The Winograd kernel's weights are made
+    /// on its first use and kept.
+    fn convolve(
+        &self,
+        input: &[f32],
+        dims: (usize, usize, usize, usize),
+        planes: &Planes,
+        epilogue: Epilogue<'_>,
+        kernel: Kernel,
+    ) -> Result<Vec<f32>> {
+        let Weights::CpuF32 { weight, winograd, .. } = &self.weights else {
+            candle_core::bail!("Conv3x3: the CPU paths on candle's weights")
+        };
+        Ok(match kernel {
+            Kernel::Taps(taps) => shifted_conv3x3(input, dims, planes, weight, self.c_out, epilogue, taps),
+            Kernel::Winograd { rows } => {
+                let u = winograd.get_or_init(|| crate::conv_winograd::transform_weights(weight, dims.1, self.c_out));
+                winograd_conv3x3(input, dims, planes, (u, self.c_out), epilogue, rows)
+            }
+        })
     }
 
     /// `conv(x) + per_channel + residual`, the additions done in the convolution's output
@@ -232,8 +245,8 @@ impl Conv3x3 {
             Weights::CpuF32 { weight, bias, .. } if self.stride == 1 && h * w <= ONE_GEMM_MAX_PIXELS => {
                 self.one_gemm(&upsampled(x)?, weight, bias.as_deref())?
             }
-            weights @ Weights::CpuF32 { bias, .. } => {
-                return self.shifted(x, upsample, weights, Adds { bias: bias.as_deref(), per_channel, residual })
+            Weights::CpuF32 { bias, .. } => {
+                return self.shifted(x, upsample, Adds { bias: bias.as_deref(), per_channel, residual })
             }
         };
         // The paths without an output pass of their own add as candle ops.
@@ -364,9 +377,35 @@ struct Epilogue<'a> {
     residual: Option<&'a [f32]>,
 }
 
-/// How the shifted path computes the sum over the nine taps.
+impl<'a> Epilogue<'a> {
+    /// Output channel `o` of `image`'s additions, for `c_out` channels of `pixels` pixels: its
+    /// bias, its per-image value, its residual plane.
+    fn for_channel(
+        &self,
+        (image, o): (usize, usize),
+        c_out: usize,
+        pixels: usize,
+    ) -> crate::conv_winograd::Additions<'a> {
+        let channel = image * c_out + o;
+        let residual = self.residual.map(|r| &r[channel * pixels..][..pixels]);
+        (self.bias.map_or(0.0, |b| b[o]), self.per_channel.map(|p| p[channel]), residual)
+    }
+}
+
+/// How a layer computes its convolution on the CPU (besides the one-GEMM path).
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Kernel {
+    /// The sum over the nine taps on the padded planes ([`shifted_conv3x3`]).
+    Taps(Taps),
+    /// `conv_winograd`'s F(2x2, 3x3) (x86-64 with AVX-512; stride 1, even maps), in bands of
+    /// `rows` rows of 2x2 tiles (by default `conv_winograd::band_rows` for the batch;
+    /// [`winograd_conv3x3`]).
+    Winograd { rows: Option<usize> },
+}
+
+/// How the shifted path computes the sum over the nine taps.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Taps {
     /// `conv_direct`'s register-tiled kernel (x86-64 with AVX-512), `tile` output columns (a
     /// multiple of 48) per unit of work.
     Direct { tile: usize },
@@ -376,9 +415,6 @@ enum Kernel {
     /// 256x256 layers, would stream through memory nine times). With one tile (small maps),
     /// each tap is one multi-threaded GEMM over the whole map.
     Gemms { tile: usize },
-    /// `conv_winograd`'s F(2x2, 3x3) (x86-64 with AVX-512; stride 1, even maps), in bands of
-    /// `rows` rows of 2x2 tiles (by default `conv_winograd::band_rows` for the batch).
-    Winograd { rows: Option<usize> },
 }
 
 /// The least share of useful work at which a layer runs the Winograd kernel (it pads each
@@ -417,9 +453,9 @@ impl Kernel {
         }
         let computed = planes.columns().next_multiple_of(COLUMNS) * c_out.next_multiple_of(ROWS);
         if available() && 5 * planes.out_h * planes.out_w * c_out >= 4 * computed {
-            Kernel::Direct { tile: DIRECT_TILE }
+            Kernel::Taps(Taps::Direct { tile: DIRECT_TILE })
         } else {
-            Kernel::Gemms { tile: column_tile(c_out, planes.columns()) }
+            Kernel::Taps(Taps::Gemms { tile: column_tile(c_out, planes.columns()) })
         }
     }
 }
@@ -431,43 +467,37 @@ impl Kernel {
 const DIRECT_TILE: usize = 4 * crate::conv_direct::COLUMNS;
 
 /// The shifted 3x3 convolution of `input` (NCHW `dims`, contiguous) laid out as `planes`
-/// say, with `weight` ([c_out, 9 * c_in], tap-major rows, zero rows up to a multiple of 8;
-/// and the Winograd kernel's, which `Kernel::Winograd` needs), plus `epilogue`'s additions:
-/// [b, c_out, out_h, out_w].
+/// say, with `weight` ([c_out, 9 * c_in], tap-major rows, zero rows up to a multiple of 8),
+/// plus `epilogue`'s additions: [b, c_out, out_h, out_w].
 ///
 /// The direct kernel's units (a tile of columns, 8 channels) each own a run of output pixels
 /// in each of their channels (the valid columns of a tile land on one contiguous run of a
 /// channel's pixels): a unit's sums go from a small buffer straight to the output with the
 /// additions, while still in cache. The GEMMs' tiles are summed into one buffer for the image
 /// first, then written out.
-#[allow(clippy::too_many_arguments)]
 fn shifted_conv3x3(
     input: &[f32],
     (b, c_in, h, w): (usize, usize, usize, usize),
     planes: &Planes,
-    (weight, winograd): (&[f32], Option<&[f32]>),
+    weight: &[f32],
     c_out: usize,
     epilogue: Epilogue<'_>,
-    kernel: Kernel,
+    kernel: Taps,
 ) -> Vec<f32> {
     use crate::conv_direct::{COLUMNS, ROWS};
     use rayon::prelude::*;
-    if let Kernel::Winograd { rows } = kernel {
-        let winograd = winograd.expect("the Winograd kernel's weights");
-        return winograd_conv3x3(input, (b, c_in, h, w), planes, (winograd, c_out), epilogue, rows);
-    }
     let (out_h, out_w, row, channel) = (planes.out_h, planes.out_w, planes.row, planes.channel);
     let pixels = out_h * out_w;
     let columns = planes.columns();
     // The direct kernel computes whole 48-column groups (the extra ones are dropped with the
     // wrapped columns) and blocks of 8 channels.
     let computed = match kernel {
-        Kernel::Direct { .. } => columns.next_multiple_of(COLUMNS),
-        Kernel::Gemms { .. } | Kernel::Winograd { .. } => columns,
+        Taps::Direct { .. } => columns.next_multiple_of(COLUMNS),
+        Taps::Gemms { .. } => columns,
     };
     let acc_len = match kernel {
-        Kernel::Direct { .. } | Kernel::Winograd { .. } => 0,
-        Kernel::Gemms { tile } => columns.div_ceil(tile) * c_out * tile,
+        Taps::Direct { .. } => 0,
+        Taps::Gemms { tile } => columns.div_ceil(tile) * c_out * tile,
     };
     // The last tap's view of the last channel reads past the planes (into columns that are
     // dropped): 2 elements for the GEMMs, up to the rounded-up column count for the direct
@@ -485,15 +515,9 @@ fn shifted_conv3x3(
             .par_chunks_mut(channel)
             .zip(input.par_chunks(h * w))
             .for_each(|(dst, src)| planes.fill(dst, src, w));
-        // Channel o's additions: the bias, its per-image value, its residual plane.
-        let additions = |o: usize| {
-            let channel = image * c_out + o;
-            let bias = epilogue.bias.map_or(0.0, |b| b[o]);
-            let residual = epilogue.residual.map(|r| &r[channel * pixels..][..pixels]);
-            (bias, epilogue.per_channel.map(|p| p[channel]), residual)
-        };
+        let additions = |o: usize| epilogue.for_channel((image, o), c_out, pixels);
         match kernel {
-            Kernel::Direct { tile } => {
+            Taps::Direct { tile } => {
                 let tile = tile.min(computed);
                 let (tiles, groups) = (computed.div_ceil(tile), c_out.div_ceil(ROWS));
                 // Each tile's run of pixels in each channel plane, by unit (tile, block of 8
@@ -533,8 +557,7 @@ fn shifted_conv3x3(
                     }
                 });
             }
-            Kernel::Winograd { .. } => unreachable!("the Winograd kernel runs the whole batch at once"),
-            Kernel::Gemms { tile } => {
+            Taps::Gemms { tile } => {
                 let tiles = columns.div_ceil(tile);
                 let run_tile = |(t, acc): (usize, &mut [f32]), parallel: bool| {
                     let first = t * tile;
@@ -581,7 +604,8 @@ fn shifted_conv3x3(
     out
 }
 
-/// The Winograd path of [`shifted_conv3x3`] (stride 1, even maps): all images padded at once,
+/// The Winograd kernel's convolution (stride 1, even maps; inputs and output as
+/// [`shifted_conv3x3`] takes and gives them): all images padded at once,
 /// then bands of `rows` tile rows (`None`: `conv_winograd::band_rows`) over the batch's tile
 /// rows, one image after another. A band with few tiles is also split by output channels,
 /// so that every thread has work. Each tile's result is the same in any band and split.
@@ -617,10 +641,10 @@ fn winograd_conv3x3(
     for (image, out) in out.chunks_mut(c_out * pixels).enumerate() {
         let (first, last) = (image * tiles_y, (image + 1) * tiles_y);
         let in_image = first / rows..last.div_ceil(rows);
+        let padded = &padded[image * image_len..][..image_len];
         for k in in_image.clone() {
             let tile_rows = ((k * rows).max(first) - first, ((k + 1) * rows).min(last) - first);
             for j in 0..splits {
-                let padded = &padded[image * image_len..][..image_len];
                 let runs = Vec::with_capacity(split_channels);
                 units[k * splits + j].push(Segment { image, padded, tile_rows, runs });
             }
@@ -636,11 +660,7 @@ fn winograd_conv3x3(
             }
         }
     }
-    let additions = |image: usize, o: usize| {
-        let channel = image * c_out + o;
-        let residual = epilogue.residual.map(|r| &r[channel * pixels..][..pixels]);
-        (epilogue.bias.map_or(0.0, |b| b[o]), epilogue.per_channel.map(|p| p[channel]), residual)
-    };
+    let additions = |image: usize, o: usize| epilogue.for_channel((image, o), c_out, pixels);
     units.into_par_iter().enumerate().for_each(|(unit, mut segments)| {
         let first = unit % splits * split_channels;
         band(&mut segments, first, (channel, planes.row), tiles_x, (winograd, c_in, c_out), additions);
@@ -754,19 +774,15 @@ mod tests {
 
     /// `conv` of `x` on the shifted GEMMs laid out as `planes`, `tile` output columns at a time.
     fn shifted_with_tile(conv: &Conv3x3, x: &Tensor, planes: &Planes, tile: usize) -> Tensor {
-        shifted_with(conv, x, planes, Kernel::Gemms { tile })
+        shifted_with(conv, x, planes, Kernel::Taps(Taps::Gemms { tile }))
     }
 
-    /// `conv` of `x` on the shifted path laid out as `planes`, with `kernel`.
+    /// `conv` of `x` laid out as `planes`, on `kernel`.
     fn shifted_with(conv: &Conv3x3, x: &Tensor, planes: &Planes, kernel: Kernel) -> Tensor {
-        let Weights::CpuF32 { weight, bias, .. } = &conv.weights else {
-            panic!("an f32 CPU convolution keeps candle's")
-        };
+        let Weights::CpuF32 { bias, .. } = &conv.weights else { panic!("an f32 CPU convolution keeps candle's") };
         let input = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let epilogue = Epilogue { bias: bias.as_deref(), ..Default::default() };
-        let winograd = crate::conv_winograd::transform_weights(weight, conv.c_in, conv.c_out);
-        let weights = (&weight[..], Some(&winograd[..]));
-        let out = shifted_conv3x3(&input, x.dims4().unwrap(), planes, weights, conv.c_out, epilogue, kernel);
+        let out = conv.convolve(&input, x.dims4().unwrap(), planes, epilogue, kernel).unwrap();
         let b = x.dim(0).unwrap();
         Tensor::from_vec(out, (b, conv.c_out, planes.out_h, planes.out_w), &Device::Cpu).unwrap()
     }
@@ -809,6 +825,16 @@ mod tests {
         }
     }
 
+    /// An AVX-512 kernel is on exactly where the CPU has AVX-512F, unless its `switch` is set.
+    fn assert_on_where_the_cpu_allows(available: bool, switch: &str) {
+        #[cfg(target_arch = "x86_64")]
+        if std::env::var(switch).is_err() {
+            assert_eq!(available, std::arch::is_x86_feature_detected!("avx512f"), "{switch}");
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        assert!(!available, "{switch}");
+    }
+
     /// Where the CPU has AVX-512, the direct kernel gives candle's convolution up to f32
     /// rounding at stride 1 and 2, with channel counts off its 8-row blocks and maps off its
     /// 48-column groups, and the same bits at any tiling of its work (one chain of
@@ -817,10 +843,7 @@ mod tests {
     #[test]
     fn the_direct_kernel_matches_candle_at_any_tiling() {
         let available = crate::conv_direct::available();
-        #[cfg(target_arch = "x86_64")]
-        if std::env::var("SDMESH_CONV_DIRECT").is_err() {
-            assert_eq!(available, std::arch::is_x86_feature_detected!("avx512f"));
-        }
+        assert_on_where_the_cpu_allows(available, "SDMESH_CONV_DIRECT");
         let mut layers_on_direct = 0;
         for (c_in, c_out, stride, padding) in [(24, 40, 1, 1), (5, 3, 1, 1), (17, 13, 2, 1), (9, 8, 2, 0)] {
             let (conv, candle) = conv_with(c_in, c_out, stride, padding);
@@ -835,15 +858,15 @@ mod tests {
                 let on_chosen = shifted_with(&conv, &x, &planes, chosen);
                 assert_eq!(max_diff(&actual, &on_chosen), 0.0, "{case}: the layer runs {chosen:?}");
                 if !available {
-                    assert!(matches!(chosen, Kernel::Gemms { .. }), "{case}");
+                    assert!(matches!(chosen, Kernel::Taps(Taps::Gemms { .. })), "{case}");
                     continue;
                 }
-                layers_on_direct += matches!(chosen, Kernel::Direct { .. }) as usize;
-                let direct = shifted_with(&conv, &x, &planes, Kernel::Direct { tile: DIRECT_TILE });
+                layers_on_direct += matches!(chosen, Kernel::Taps(Taps::Direct { .. })) as usize;
+                let direct = shifted_with(&conv, &x, &planes, Kernel::Taps(Taps::Direct { tile: DIRECT_TILE }));
                 let diff = max_diff(&direct, &expected);
                 assert!(diff <= 1e-5 * scale, "{case}: {diff:e} at scale {scale}");
                 for tile in [48, 96, 480] {
-                    let tiled = shifted_with(&conv, &x, &planes, Kernel::Direct { tile });
+                    let tiled = shifted_with(&conv, &x, &planes, Kernel::Taps(Taps::Direct { tile }));
                     assert_eq!(max_diff(&tiled, &direct), 0.0, "{case}, tile {tile}");
                 }
             }
@@ -858,10 +881,7 @@ mod tests {
     #[test]
     fn the_winograd_kernel_matches_candle_in_any_bands() {
         let available = crate::conv_winograd::available();
-        #[cfg(target_arch = "x86_64")]
-        if std::env::var("SDMESH_CONV_WINOGRAD").is_err() {
-            assert_eq!(available, std::arch::is_x86_feature_detected!("avx512f"));
-        }
+        assert_on_where_the_cpu_allows(available, "SDMESH_CONV_WINOGRAD");
         let mut layers_on_winograd = 0;
         for (c_in, c_out) in [(24, 40), (5, 3), (70, 130)] {
             let (conv, candle) = conv_with(c_in, c_out, 1, 1);

@@ -4,18 +4,19 @@
 //! direct kernel (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2015).
 //!
 //! For a band of tile rows (of one image, or of several one after another):
-//! 1. each input channel's 4x4 patches are transformed (`B^T d B`, additions only) into 16
-//!    matrices `V[ξ]` [c_in, tiles];
+//! 1. each input channel's 4x4 patches are transformed (`B^T d B`, additions only; B^T =
+//!    [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]) into 16 matrices `V[ξ]`
+//!    [c_in, tiles];
 //! 2. 16 products `M[ξ] = U[ξ] V[ξ]` ([c_out, c_in] x [c_in, tiles]) on the direct kernel's
 //!    register tile (`conv_direct::block` with one tap: 8 channels x 48 tiles in 24 vector
 //!    registers), `U` the weights transformed once (`G g G^T`);
-//! 3. each channel's 16 values per tile are transformed back (`A^T M A`, additions only) to
-//!    its 2x2 pixels, and the bias and other additions are added on the way to the output.
+//! 3. each channel's 16 values per tile are transformed back (`A^T M A`, additions only; A^T =
+//!    [[1, 1, 1, 0], [0, 1, -1, -1]]) to its 2x2 pixels, and the bias and other additions
+//!    are added on the way to the output.
 //!
 //! Each output element is a fixed sequence of operations on its own patch (the products sum
 //! over the input channels in order), whatever the band, threads or batch: an image's result
-//! depends on the weights and its own pixels alone. (The transforms' scalar code, compiled off
-//! x86-64, where the layers do not run this kernel, spells out the same operations.)
+//! depends on the weights and its own pixels alone.
 //!
 //! Its rounding differs from the direct sum: the transforms add and subtract up to 16 inputs
 //! before the products and 9 products after them, but each product sums c_in terms where the
@@ -263,23 +264,9 @@ fn transform_input(plane: &[f32], row: usize, (ty0, ty1): (usize, usize), dst: &
             avx512::transform_input(plane.as_ptr(), row, (ty0, ty1), dst)
         }
     }
+    // Off x86-64 `available` is false and no layer gets here.
     #[cfg(not(target_arch = "x86_64"))]
-    for ty in ty0..ty1 {
-        for k in 0..tiles_x {
-            let d = |i: usize, j: usize| plane[(2 * ty + i) * row + 2 * k + j];
-            // B^T on the columns, then on the rows.
-            let w: [[f32; 4]; 4] = std::array::from_fn(|j| {
-                let (r0, r1, r2, r3) = (d(0, j), d(1, j), d(2, j), d(3, j));
-                [r0 - r2, r1 + r2, r2 - r1, r1 - r3]
-            });
-            for i in 0..4 {
-                let (d0, d1, d2, d3) = (w[0][i], w[1][i], w[2][i], w[3][i]);
-                for (j, value) in [d0 - d2, d1 + d2, d2 - d1, d1 - d3].into_iter().enumerate() {
-                    dst[4 * i + j][(ty - ty0) * tiles_x + k] = value;
-                }
-            }
-        }
-    }
+    unreachable!("the Winograd kernel is x86-64 only");
 }
 
 /// `A^T m A` for each of `rows` rows of `tiles_x` tiles (`q[ξ][t]`, tile t's 16 products) to
@@ -308,35 +295,7 @@ fn transform_output(q: &[&[f32]; 16], (rows, tiles_x): (usize, usize), run: &mut
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    for ty in 0..rows {
-        let w = 2 * tiles_x;
-        for k in 0..tiles_x {
-            let [[y00, y01], [y10, y11]] = untransform(std::array::from_fn(|xi| q[xi][ty * tiles_x + k]));
-            for (dy, pair) in [[y00, y01], [y10, y11]].into_iter().enumerate() {
-                for (dx, y) in pair.into_iter().enumerate() {
-                    let at = (2 * ty + dy) * w + 2 * k + dx;
-                    let (bias, per_channel, residual) = additions;
-                    let mut value = y + bias;
-                    if let Some(p) = per_channel {
-                        value += p;
-                    }
-                    if let Some(r) = residual {
-                        value += r[at];
-                    }
-                    run[at] = value;
-                }
-            }
-        }
-    }
-}
-
-/// One tile's 2x2 outputs from its 16 products: A^T = [[1, 1, 1, 0], [0, 1, -1, -1]] on the
-/// columns, then on the rows.
-#[cfg(not(target_arch = "x86_64"))]
-fn untransform(m: [f32; 16]) -> [[f32; 2]; 2] {
-    let s0: [f32; 4] = std::array::from_fn(|j| m[j] + m[4 + j] + m[8 + j]);
-    let s1: [f32; 4] = std::array::from_fn(|j| m[4 + j] - m[8 + j] - m[12 + j]);
-    [[s0[0] + s0[1] + s0[2], s0[1] - s0[2] - s0[3]], [s1[0] + s1[1] + s1[2], s1[1] - s1[2] - s1[3]]]
+    unreachable!("the Winograd kernel is x86-64 only");
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -22,6 +22,16 @@ if agree:
               f"{l['reference_max_abs']:.3g} | {l['bound']:.2e} | {l['nonfinite']} | {'yes' if l['ok'] else 'NO'} |")
     print()
 
+inv = [l for l in lines if l.get("bench") == "invariance"]
+if inv:
+    print("## Step-level batching: a step alone vs in one pass with other jobs' steps\n")
+    print("| model | size | step | rows in the pass | device | dtype | same bits | max abs diff | of the output's scale |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for l in inv:
+        print(f"| {l['model']} | {l['size']} | {l['step']} | {l['batch_rows']} | {l['device']} | {l['dtype']} | "
+              f"{'yes' if l['same_bits'] else 'no'} | {l['max_abs_diff']:.2e} | {l['relative']:.2e} |")
+    print()
+
 over = [l for l in lines if l.get("bench") == "overhead"]
 if over:
     print("## 1. Mesh (gRPC over loopback) vs in-process, same jobs\n")

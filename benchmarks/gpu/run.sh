@@ -8,13 +8,15 @@
 #              architecture at 768x768 (NaN check with upcast_attention), a whole 10-step job
 #              on the medium model; flash attention or the GroupNorm kernel, if its check fails
 #              in the timed dtype (or never reports), is off for the later stages
+#   invariance a UNet step alone and in one pass with other jobs' steps (9 rows, 768x768):
+#              whether step-level batching keeps each job's bits on the GPU (issue 5's promise)
 #   components candle vs diffusers, UNet step / text encoder / VAE decode, 512 and 768, f16;
 #              at 768 also with candle's own attention and GroupNorm (SDMESH_FLASH_ATTENTION=0
 #              SDMESH_CUDA_GROUP_NORM=0), to show what this project's kernels buy; and where the
 #              UNet step's and the VAE decode's time goes (spans, waiting for the GPU at each)
 #   job        a whole 768x768 50-step DDIM job: through the mesh and in process, and diffusers
-#   batch8     a UNet step at 768x768, batch 8 (the size that crashed candle's attention)
 #   throughput images/s at 1 and 8 concurrent jobs, batching on and off (medium model, 512 px)
+#   batch8     a UNet step at 768x768, batch 8 (the size that crashed candle's attention)
 # A dry run of the script's plumbing on a CPU, tiny models, in minutes:
 #   GPU_DEVICE=cpu GPU_BENCH=target/release/sdmesh-bench PYTHON=.venv/bin/python GPU_SIZES=64 \
 #     GPU_BIG=tests/fixtures/models/sd21-tiny GPU_MEDIUM=tests/fixtures/models/sd21-base-tiny \
@@ -28,7 +30,7 @@ big_size=${sizes##* }
 OUT=${OUT:-/tmp/sdmesh-gpu-out}
 mkdir -p "$OUT"
 log="$OUT/gpu.log"; results="$OUT/gpu.jsonl"
-stages=${GPU_STAGES:-agreement components job batch8 throughput}
+stages=${GPU_STAGES:-agreement invariance components job throughput batch8}
 models=/tmp/sdmesh-models
 carry=benchmarks/gpu/carry
 dtype=${GPU_DTYPE:-f16}
@@ -89,6 +91,8 @@ PY
 )
       if [ "$verdict" != ok ]; then echo "== agreement: ${prefix}_* failed or did not report in $dtype: $var=0 from here on"; export "$var=0"; fi
     done ;;
+  invariance)
+    stage invariance 120 $bench invariance --model $big --size $big_size --device $device --dtype $dtype ;;
   components)
     for size in $sizes; do
       stage components-$size 120 $bench components --model $big --size $size --batch 2 --reps 10 --device $device --dtype $dtype

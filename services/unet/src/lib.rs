@@ -120,6 +120,20 @@ impl BatchingArgs {
     }
 }
 
+/// One step's output alone against the same step's output in a shared forward pass
+/// ([`LocalUnet::alone_vs_batched`]).
+#[derive(Debug, Clone, Copy)]
+pub struct AloneVsBatched {
+    /// Largest |alone - batched| (infinite where only one of them is NaN).
+    pub max_abs_diff: f32,
+    /// Largest |alone|: the scale the difference is judged against.
+    pub max_abs: f32,
+    /// Non-finite values in the output alone.
+    pub nonfinite: usize,
+    /// Bit-for-bit identical.
+    pub same_bits: bool,
+}
+
 /// One job's step, as the batcher sees it.
 struct Step(DenoiseInput);
 
@@ -208,6 +222,44 @@ impl LocalUnet {
     /// Forward passes run so far (each may serve several requests).
     pub fn batches_run(&self) -> u64 {
         self.worker.batches_run()
+    }
+
+    /// Step-level batching's promise, checked on this model's device and dtype: runs each step
+    /// alone, then all of them at once, and compares each step's two outputs. Fails if the
+    /// steps did not share one forward pass (this model's `max_batch_rows` or
+    /// `batch_max_wait` too small for them). The batching tests and `sdmesh-bench invariance`
+    /// (on a GPU) use it.
+    pub async fn alone_vs_batched(&self, steps: &[DenoiseInput]) -> Result<Vec<AloneVsBatched>> {
+        use sdmesh_core::Denoiser;
+        let mut alone = Vec::with_capacity(steps.len());
+        for step in steps {
+            alone.push(self.denoise(step.clone()).await?);
+        }
+        let before = self.batches_run();
+        let together = futures::future::join_all(steps.iter().map(|s| self.denoise(s.clone()))).await;
+        let passes = self.batches_run() - before;
+        if passes != 1 {
+            return Err(Error::internal(format!("{} steps ran in {passes} forward passes, not one", steps.len())));
+        }
+        let values = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
+        alone
+            .iter()
+            .zip(together)
+            .map(|(alone, together)| {
+                let (a, b) = (values(alone)?, values(&together?)?);
+                if a.len() != b.len() {
+                    return Err(Error::internal(format!("outputs of {} and {} values", a.len(), b.len())));
+                }
+                let nan_mismatch = a.iter().zip(&b).any(|(x, y)| x.is_nan() != y.is_nan());
+                let max_abs_diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+                Ok(AloneVsBatched {
+                    max_abs_diff: if nan_mismatch { f32::INFINITY } else { max_abs_diff },
+                    max_abs: a.iter().map(|x| x.abs()).fold(0f32, f32::max),
+                    nonfinite: a.iter().filter(|x| !x.is_finite()).count(),
+                    same_bits: a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                })
+            })
+            .collect()
     }
 
     fn validate(&self, x: &DenoiseInput) -> Result<()> {

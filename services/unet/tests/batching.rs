@@ -7,10 +7,10 @@
 //! the tiny 32-channel fixture falls into gemm's small-matrix kernels, whose summation order
 //! depends on the rows, and is held to a stated tolerance instead.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use sdmesh_core::{DenoiseInput, Denoiser};
 use sdmesh_testkit::model;
-use sdmesh_unet::{LocalUnet, UnetOptions};
+use sdmesh_unet::{AloneVsBatched, LocalUnet, UnetOptions};
 use std::time::Duration;
 
 fn randn(seed: u64, shape: &[usize]) -> Tensor {
@@ -77,18 +77,6 @@ fn steps_of_size(h: usize, w: usize) -> Vec<DenoiseInput> {
     ]
 }
 
-fn bits(t: &Tensor) -> Vec<u32> {
-    t.flatten_all()
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-        .iter()
-        .map(|v| v.to_bits())
-        .collect()
-}
-
 fn batching(dir: &std::path::Path) -> LocalUnet {
     LocalUnet::load(&UnetOptions {
         max_batch_rows: 64,
@@ -98,30 +86,17 @@ fn batching(dir: &std::path::Path) -> LocalUnet {
     .unwrap()
 }
 
-/// Runs the four steps alone, then together (one forward pass, checked), then two of them in
-/// the other order; returns, per comparison, (max abs difference, guidance scale).
-async fn alone_vs_batched(unet: &LocalUnet, steps: impl Fn() -> Vec<DenoiseInput>) -> Vec<(f32, f32, bool)> {
-    let mut alone = Vec::new();
-    for step in steps() {
-        alone.push(unet.denoise(step).await.unwrap());
+/// The four steps alone against together (one forward pass), then two of them in the other
+/// order; per comparison, with the step's guidance scale.
+async fn alone_vs_batched(unet: &LocalUnet, steps: impl Fn() -> Vec<DenoiseInput>) -> Vec<(AloneVsBatched, f32)> {
+    let four = steps();
+    let mut out = unet.alone_vs_batched(&four).await.unwrap();
+    out.extend(unet.alone_vs_batched(&[four[3].clone(), four[2].clone()]).await.unwrap());
+    let guidance = [0, 1, 2, 3, 3, 2].map(|i| four[i].guidance_scale);
+    for c in &out {
+        assert!(c.nonfinite == 0 && c.max_abs > 0.0, "degenerate output: {c:?}");
     }
-    let before = unet.batches_run();
-    let together = futures::future::join_all(steps().into_iter().map(|s| unet.denoise(s))).await;
-    assert_eq!(unet.batches_run() - before, 1, "the four steps did not share one forward pass");
-    let mut reversed: Vec<DenoiseInput> = steps().into_iter().skip(2).collect();
-    reversed.reverse();
-    let pair = futures::future::join_all(reversed.into_iter().map(|s| unet.denoise(s))).await;
-    let guidance: Vec<f32> = steps().iter().map(|s| s.guidance_scale).collect();
-    let compare = |a: &Tensor, b: &Tensor, g: f32| {
-        assert_eq!(a.dims(), b.dims());
-        let values = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        assert!(values.iter().all(|v| v.is_finite()) && values.iter().any(|v| *v != 0.0), "degenerate output");
-        (sdmesh_testkit::max_abs_diff(a, b).0, g, bits(a) == bits(b))
-    };
-    let mut out: Vec<_> = (0..4).map(|i| compare(&alone[i], together[i].as_ref().unwrap(), guidance[i])).collect();
-    out.push(compare(&alone[3], pair[0].as_ref().unwrap(), guidance[3]));
-    out.push(compare(&alone[2], pair[1].as_ref().unwrap(), guidance[2]));
-    out
+    out.into_iter().zip(guidance).collect()
 }
 
 /// A UNet of the SD layout at 128 channels with random weights, in a temporary folder.
@@ -143,8 +118,8 @@ fn wide_unet() -> tempfile::TempDir {
 async fn at_sd_widths_a_step_gives_the_same_bits_alone_and_in_any_batch() {
     let dir = wide_unet();
     let unet = batching(dir.path());
-    for (i, (diff, _, same_bits)) in alone_vs_batched(&unet, || steps_of_size(16, 16)).await.into_iter().enumerate() {
-        assert!(same_bits, "comparison {i}: differs by {diff:e} in a batch");
+    for (i, (c, _)) in alone_vs_batched(&unet, || steps_of_size(16, 16)).await.into_iter().enumerate() {
+        assert!(c.same_bits, "comparison {i}: differs by {:e} in a batch", c.max_abs_diff);
     }
 }
 
@@ -152,7 +127,8 @@ async fn at_sd_widths_a_step_gives_the_same_bits_alone_and_in_any_batch() {
 async fn tiny_fixture_batched_within_1e6_of_alone_before_guidance() {
     for name in ["sd21-tiny", "sd21-base-tiny"] {
         let unet = batching(&model(name));
-        for (i, (diff, g, _)) in alone_vs_batched(&unet, steps).await.into_iter().enumerate() {
+        for (i, (c, g)) in alone_vs_batched(&unet, steps).await.into_iter().enumerate() {
+            let diff = c.max_abs_diff;
             // Guidance u + g (c - u) scales a model-output difference by up to 2g + 1.
             let bound = 1e-6 * (2.0 * g.max(1.0) + 1.0);
             eprintln!("{name}: comparison {i}: max abs diff {diff:e} (guidance {g}, bound {bound:e})");

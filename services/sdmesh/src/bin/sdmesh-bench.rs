@@ -8,6 +8,8 @@
 //!   benchmarks/diffusers_components.py).
 //! - `agreement`: a device and dtype (a GPU in f16, say) against the f32 CPU reference, per
 //!   component and for whole seeded jobs; exits non-zero past the tolerances.
+//! - `invariance`: step-level batching's promise on a device: a job's UNet step alone and in
+//!   one forward pass with other jobs' steps.
 
 use clap::{Parser, Subcommand};
 use sdmesh::mesh::{serve_mesh, MeshOptions};
@@ -89,6 +91,17 @@ enum Command {
         /// Default: 2e-2 for f16 and f32, 8e-2 for bf16.
         #[arg(long)]
         tolerance: Option<f64>,
+    },
+    /// A job's UNet step alone and in one forward pass with other jobs' steps (other
+    /// timesteps, guidance on and off, 9 rows in all), on --device/--dtype: per step, the
+    /// largest difference and whether the bits are the same. Measures; asserts nothing.
+    Invariance {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, default_value_t = 256)]
+        size: usize,
+        #[command(flatten)]
+        placement: Placement,
     },
     /// Mesh (loopback gRPC) vs in-process on the same jobs: ms of overhead per step.
     Overhead {
@@ -672,6 +685,58 @@ async fn agreement(
     Ok(())
 }
 
+async fn invariance(model: PathBuf, size: usize, placement: Placement) -> anyhow::Result<()> {
+    let unet = sdmesh_unet::LocalUnet::load(&sdmesh_unet::UnetOptions {
+        dtype: placement.dtype,
+        max_batch_rows: 64,
+        batch_max_wait: Duration::from_secs(1),
+        ..sdmesh_unet::UnetOptions::new(model.clone(), placement.device()?)
+    })?;
+    let hidden = unet.info().await?.cross_attention_dim as usize;
+    let cpu = candle_core::Device::Cpu;
+    let randn = |seed: u64, shape: &[usize]| sdmesh_core::torch_rng::randn_tensor(seed, shape, &cpu);
+    let side = size / 8;
+    // (images, timestep, guidance scale, guidance rescale): guided and not, several images.
+    let shapes = [(1, 999.0, 7.5, 0.0), (2, 500.0, 4.0, 0.7), (1, 21.0, 1.0, 0.0), (1, 1.5, 9.0, 0.0)];
+    let mut steps = Vec::new();
+    for (i, &(n, timestep, guidance_scale, guidance_rescale)) in shapes.iter().enumerate() {
+        let seed = 10 * i as u64;
+        steps.push(DenoiseInput {
+            latents: randn(seed + 1, &[n, 4, side, side])?,
+            timestep,
+            cond: randn(seed + 2, &[1, 77, hidden])?,
+            uncond: (guidance_scale > 1.0).then(|| randn(seed + 3, &[1, 77, hidden])).transpose()?,
+            guidance_scale,
+            guidance_rescale,
+            class_label: None,
+            extra: None,
+        });
+    }
+    let rows: usize = shapes.iter().map(|&(n, _, g, _)| if g > 1.0 { 2 * n } else { n }).sum();
+    let name = model_name(&model);
+    for (i, c) in unet.alone_vs_batched(&steps).await?.into_iter().enumerate() {
+        let relative = f64::from(c.max_abs_diff) / f64::from(c.max_abs).max(1e-12);
+        let mut line = json!({"bench": "invariance", "model": name, "size": size, "step": i, "batch_rows": rows,
+                              "max_abs_diff": c.max_abs_diff, "max_abs": c.max_abs, "relative": relative,
+                              "nonfinite": c.nonfinite, "same_bits": c.same_bits});
+        extend(&mut line, placement.describe());
+        emit(
+            line,
+            format!(
+                "invariance {name:<16} step {i} alone vs in {rows} rows, {} {:?}: {}",
+                placement.device,
+                placement.dtype,
+                if c.same_bits {
+                    "same bits".to_string()
+                } else {
+                    format!("max abs diff {:.3e} ({relative:.2e} of its scale)", c.max_abs_diff)
+                }
+            ),
+        );
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     if std::env::var_os("RUST_LOG").is_none() {
@@ -701,6 +766,7 @@ async fn main() -> anyhow::Result<()> {
     }
     match cli.command {
         Command::Overhead { job, jobs } => overhead(job, jobs).await,
+        Command::Invariance { model, size, placement } => invariance(model, size, placement).await,
         Command::Agreement { job, batch, dtypes, tolerance } => agreement(job, batch, dtypes, tolerance).await,
         Command::Throughput { job, concurrency, max_batch_rows } => throughput(job, concurrency, max_batch_rows).await,
         Command::Components { model, size, batch, reps, placement, profile } => {

@@ -6,12 +6,14 @@
 # its log to $OUT/gpu.log, and a failing stage does not stop the next):
 #   agreement  f16 and bf16 against the f32 CPU reference: components of the SD 2.1-768
 #              architecture at 768x768 (NaN check with upcast_attention), a whole 10-step job
-#              on the medium model; flash attention or the GroupNorm kernel, if its check fails
-#              in the timed dtype (or never reports), is off for the later stages
+#              on the medium model; flash attention, the GroupNorm kernel or cuDNN's
+#              convolutions, if its check fails in the timed dtype (or never reports), is off
+#              for the later stages
 #   invariance a UNet step alone and in one pass with other jobs' steps (9 rows, 768x768):
 #              whether step-level batching keeps each job's bits on the GPU (issue 5's promise)
 #   components candle vs diffusers, UNet step / text encoder / VAE decode, 512 and 768, f16;
-#              at 768 also with candle's own attention and GroupNorm (SDMESH_FLASH_ATTENTION=0
+#              at 768 also with candle's convolutions (SDMESH_CUDNN_CONV=0), and with candle's
+#              convolutions, attention and GroupNorm (also SDMESH_FLASH_ATTENTION=0
 #              SDMESH_CUDA_GROUP_NORM=0), to show what this project's kernels buy; and where the
 #              UNet step's and the VAE decode's time goes (spans, waiting for the GPU at each)
 #   job        a whole 768x768 50-step DDIM job: through the mesh and in process, and diffusers
@@ -40,9 +42,11 @@ exec > >(tee -a "$log") 2>&1
 if [ -f "$carry/site.tar.xz" ]; then
   mkdir -p /tmp/site && xz -dc "$carry/site.tar.xz" | tar -x -C /tmp/site && export PYTHONPATH=/tmp/site || exit 1
 fi
-# The CUDA 13 runtime libraries candle links (cublas, curand, nvrtc) from the image's wheels.
+# The CUDA 13 runtime libraries candle links (cublas, curand, nvrtc) from the image's wheels, and
+# cuDNN 9 (nvidia-cudnn-cu13), which sdmesh opens at run time for its convolutions.
 cu13=$("$python" -c 'import os, nvidia; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))' 2>/dev/null)
-export LD_LIBRARY_PATH="$cu13:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}"
+cudnn=$("$python" -c 'import os, nvidia.cudnn as c; print(os.path.join(list(c.__path__)[0], "lib"))' 2>/dev/null)
+export LD_LIBRARY_PATH="$cu13:${cudnn:+$cudnn:}/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}"
 bench=${GPU_BENCH:-/tmp/sdmesh-bench}
 if [ -z "${GPU_BENCH:-}" ]; then xz -dc "$carry/sdmesh-bench.xz" > "$bench" && chmod +x "$bench" || exit 1; fi
 # The driver's libcuda.so.1 wherever the image keeps it; stop early, saying what is missing.
@@ -78,7 +82,7 @@ for s in $stages; do case $s in
     # A kernel of this project's whose check failed in the timed dtype, or never reported (a
     # crash), is switched off for the stages that follow: one run still times the rest, and
     # the JSON lines record which kernels ran (flash_attention, cuda_group_norm).
-    for kernel in attn:SDMESH_FLASH_ATTENTION groupnorm:SDMESH_CUDA_GROUP_NORM; do
+    for kernel in attn:SDMESH_FLASH_ATTENTION groupnorm:SDMESH_CUDA_GROUP_NORM conv:SDMESH_CUDNN_CONV; do
       prefix=${kernel%%:*} var=${kernel#*:}
       verdict=$("$python" - "$results" "$prefix" "$dtype" <<'PY'
 import json, sys
@@ -98,8 +102,10 @@ PY
       stage components-$size 120 $bench components --model $big --size $size --batch 2 --reps 10 --device $device --dtype $dtype
       stage diffusers-$size 120 $diffusers $big --height $size --width $size --batch 2 --reps 10 --device $device --dtype $tdtype
     done
-    SDMESH_FLASH_ATTENTION=0 SDMESH_CUDA_GROUP_NORM=0 stage components-$big_size-candle-ops 120 $bench components \
+    SDMESH_CUDNN_CONV=0 stage components-$big_size-candle-conv 120 $bench components \
       --model $big --size $big_size --batch 2 --reps 5 --device $device --dtype $dtype
+    SDMESH_FLASH_ATTENTION=0 SDMESH_CUDA_GROUP_NORM=0 SDMESH_CUDNN_CONV=0 stage components-$big_size-candle-ops 120 \
+      $bench components --model $big --size $big_size --batch 2 --reps 5 --device $device --dtype $dtype
     stage profile-$big_size 120 $bench components --model $big --size $big_size --batch 2 --reps 1 --profile \
       --device $device --dtype $dtype ;;
   job)

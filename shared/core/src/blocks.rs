@@ -73,7 +73,7 @@ impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let _enter = self.span.enter();
         let (weight, bias, c_in, c_out) = match &self.weights {
-            ConvWeights::Candle(conv) => return conv.forward(xs),
+            ConvWeights::Candle(conv) => return crate::cudnn::conv2d(conv, xs),
             ConvWeights::ThreeByThree(conv) => return conv.forward(xs),
             ConvWeights::OneByOneCpuF32 { weight, bias, c_in, c_out } => (weight, bias, *c_in, *c_out),
         };

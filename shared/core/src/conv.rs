@@ -238,7 +238,7 @@ impl Conv3x3 {
         }
         let upsampled = |x: &Tensor| if upsample { x.upsample_nearest2d(h, w) } else { Ok(x.clone()) };
         let out = match &self.weights {
-            Weights::Candle(conv) => conv.forward(&upsampled(x)?)?,
+            Weights::Candle(conv) => crate::cudnn::conv2d(conv, &upsampled(x)?)?,
             Weights::CpuF32 { .. } if !is_cpu_f32(x) => {
                 candle_core::bail!("Conv3x3: f32 CPU weights, a {:?} input on {:?}", x.dtype(), x.device())
             }

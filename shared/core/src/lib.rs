@@ -12,6 +12,7 @@ pub mod conv;
 mod conv_direct;
 mod conv_winograd;
 mod cpu_gemm;
+pub mod cudnn;
 mod error;
 mod fast_math;
 pub mod images;

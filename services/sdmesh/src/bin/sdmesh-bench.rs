@@ -51,9 +51,12 @@ impl Placement {
     }
 
     fn describe(&self) -> serde_json::Value {
+        let cudnn = self.device().is_ok_and(|d| sdmesh_core::cudnn::active(&d, self.dtype));
         json!({"device": self.device, "dtype": format!("{:?}", self.dtype).to_lowercase(),
                "flash_attention": sdmesh_core::attention::flash_attention_enabled(),
-               "cuda_group_norm": self.device != "cpu" && sdmesh_core::norm::cuda_kernel_enabled()})
+               "cuda_group_norm": self.device != "cpu" && sdmesh_core::norm::cuda_kernel_enabled(),
+               "cudnn_conv": cudnn, "cudnn_version": sdmesh_core::cudnn::version(),
+               "cudnn_fallbacks": sdmesh_core::cudnn::fallbacks()})
     }
 }
 
@@ -583,6 +586,37 @@ async fn agreement(
                 scale,
                 true,
             )?;
+            report(label, dtype, compare(&actual, &expected)?, true);
+        }
+    }
+
+    // Convolutions alone (cuDNN in f16/bf16 on CUDA unless SDMESH_CUDNN_CONV=0): 3x3 at the
+    // UNet's first level and at the VAE's last, a stride-2 downsampling, a 1x1 shortcut.
+    for (label, shape, c_out, kernel, stride) in [
+        ("conv_unet", [2, 320, size / 8, size / 8], 320, 3, 1),
+        ("conv_vae", [1, 128, size, size], 128, 3, 1),
+        ("conv_down", [2, 320, size / 8, size / 8], 320, 3, 2),
+        ("conv_1x1", [2, 512, size / 4, size / 4], 256, 1, 1),
+    ] {
+        let c_in = shape[1];
+        let x = sdmesh_core::torch_rng::randn_tensor(31, &shape, &cpu)?;
+        let tensors = std::collections::HashMap::from([
+            (
+                "weight".to_string(),
+                sdmesh_core::torch_rng::randn_tensor(32, &[c_out, c_in, kernel, kernel], &cpu)?
+                    .affine(1.0 / ((c_in * kernel * kernel) as f64).sqrt(), 0.0)?,
+            ),
+            ("bias".to_string(), sdmesh_core::torch_rng::randn_tensor(33, &[c_out], &cpu)?),
+        ]);
+        let config = candle_nn::Conv2dConfig { padding: kernel / 2, stride, ..Default::default() };
+        let conv = |dtype, device: &candle_core::Device| {
+            let vs = candle_nn::VarBuilder::from_tensors(tensors.clone(), dtype, device);
+            sdmesh_core::blocks::Conv2d::new(c_in, c_out, kernel, config, vs)
+        };
+        use candle_core::Module;
+        let expected = conv(f32, &cpu)?.forward(&x)?;
+        for &dtype in &dtypes {
+            let actual = conv(dtype, &device)?.forward(&x.to_device(&device)?.to_dtype(dtype)?)?;
             report(label, dtype, compare(&actual, &expected)?, true);
         }
     }

@@ -63,7 +63,8 @@ if comp:
     print("| model | component | size | batch | device | candle ms | diffusers ms | candle / diffusers |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     shape = lambda l: (l["model"], l["component"], l.get("height"), l.get("batch"), l.get("device", "cpu"))  # noqa: E731
-    flash = lambda l: (l.get("flash_attention", False), l.get("cuda_group_norm", False), l.get("cudnn_conv", False))  # noqa: E731
+    flash = lambda l: (l.get("flash_attention", False), l.get("cuda_group_norm", False), l.get("cudnn_conv", False),  # noqa: E731
+                       l.get("cuda_geglu", False))
     for key, fa in dict.fromkeys((shape(l), flash(l)) for l in comp if l.get("impl") == "candle"):
         # Several rounds of the same measurement: each side's best.
         a = min((l for l in comp if shape(l) == key and flash(l) == fa and l.get("impl") == "candle"),
@@ -73,7 +74,7 @@ if comp:
         m, c, size, batch, device = key
         size = size or "-"
         where = (f"{device} {a.get('dtype', 'f32')}" + (" flash" if fa[0] else "") + (" gn-kernel" if fa[1] else "")
-                 + (" cudnn-conv" if fa[2] else ""))
+                 + (" cudnn-conv" if fa[2] else "") + (" geglu-kernel" if fa[3] else ""))
         ratio = f"{a['best_ms'] / b['best_ms']:.2f}" if b else ""
         theirs = f"{b['best_ms']:.1f}" if b else ""
         print(f"| {m} | {c} | {size} | {batch} | {where} | {a['best_ms']:.1f} | {theirs} | {ratio} |")

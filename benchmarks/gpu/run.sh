@@ -6,16 +6,17 @@
 # its log to $OUT/gpu.log, and a failing stage does not stop the next):
 #   agreement  f16 and bf16 against the f32 CPU reference: components of the SD 2.1-768
 #              architecture at 768x768 (NaN check with upcast_attention), a whole 10-step job
-#              on the medium model; flash attention, the GroupNorm kernel or cuDNN's
+#              on the medium model; flash attention, the GroupNorm or GEGLU kernel or cuDNN's
 #              convolutions, if its check fails in the timed dtype (or never reports), is off
 #              for the later stages
 #   invariance a UNet step alone and in one pass with other jobs' steps (9 rows, 768x768):
 #              whether step-level batching keeps each job's bits on the GPU (issue 5's promise)
 #   components candle vs diffusers, UNet step / text encoder / VAE decode, 512 and 768, f16;
 #              at 768 also with candle's convolutions (SDMESH_CUDNN_CONV=0), and with candle's
-#              convolutions, attention and GroupNorm (also SDMESH_FLASH_ATTENTION=0
-#              SDMESH_CUDA_GROUP_NORM=0), to show what this project's kernels buy; and where the
-#              UNet step's and the VAE decode's time goes (spans, waiting for the GPU at each)
+#              convolutions, attention, GroupNorm and GEGLU (also SDMESH_FLASH_ATTENTION=0
+#              SDMESH_CUDA_GROUP_NORM=0 SDMESH_CUDA_GEGLU=0), to show what this project's kernels
+#              buy; and where the UNet step's and the VAE decode's time goes (spans, waiting for
+#              the GPU at each)
 #   job        a whole 768x768 50-step DDIM job: through the mesh and in process, and diffusers
 #   throughput images/s at 1 and 8 concurrent jobs, batching on and off (medium model, 512 px)
 #   batch8     a UNet step at 768x768, batch 8 (the size that crashed candle's attention)
@@ -82,7 +83,7 @@ for s in $stages; do case $s in
     # A kernel of this project's whose check failed in the timed dtype, or never reported (a
     # crash), is switched off for the stages that follow: one run still times the rest, and
     # the JSON lines record which kernels ran (flash_attention, cuda_group_norm).
-    for kernel in attn:SDMESH_FLASH_ATTENTION groupnorm:SDMESH_CUDA_GROUP_NORM conv:SDMESH_CUDNN_CONV; do
+    for kernel in attn:SDMESH_FLASH_ATTENTION groupnorm:SDMESH_CUDA_GROUP_NORM conv:SDMESH_CUDNN_CONV geglu:SDMESH_CUDA_GEGLU; do
       prefix=${kernel%%:*} var=${kernel#*:}
       verdict=$("$python" - "$results" "$prefix" "$dtype" <<'PY'
 import json, sys
@@ -104,7 +105,7 @@ PY
     done
     SDMESH_CUDNN_CONV=0 stage components-$big_size-candle-conv 120 $bench components \
       --model $big --size $big_size --batch 2 --reps 5 --device $device --dtype $dtype
-    SDMESH_FLASH_ATTENTION=0 SDMESH_CUDA_GROUP_NORM=0 SDMESH_CUDNN_CONV=0 stage components-$big_size-candle-ops 120 \
+    SDMESH_FLASH_ATTENTION=0 SDMESH_CUDA_GROUP_NORM=0 SDMESH_CUDNN_CONV=0 SDMESH_CUDA_GEGLU=0 stage components-$big_size-candle-ops 120 \
       $bench components --model $big --size $big_size --batch 2 --reps 5 --device $device --dtype $dtype
     stage profile-$big_size 120 $bench components --model $big --size $big_size --batch 2 --reps 1 --profile \
       --device $device --dtype $dtype ;;

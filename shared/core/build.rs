@@ -11,8 +11,8 @@ fn main() {
     }
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR").unwrap());
     let arch = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into()).replace('.', "");
-    // One file today; a new kernel adds its name here.
-    let kernels = ["group_norm"];
+    // A new kernel adds its name here (kernels/dtypes.cuh is their shared header).
+    let kernels = ["group_norm", "geglu"];
     for kernel in kernels {
         let output = std::process::Command::new("nvcc")
             .args(["--ptx", "-O3", "--use_fast_math", "-std=c++17"])

@@ -10,8 +10,7 @@
 // Statistics are f32 whatever the dtype; no atomics, so results are the same on every run and an
 // image's output does not depend on its batch.
 
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
+#include "dtypes.cuh"
 
 struct Stat {
     float mean, m2, n;
@@ -24,14 +23,6 @@ __device__ __forceinline__ Stat merge(Stat a, Stat b) {
     float f = b.n / n;
     return {a.mean + d * f, a.m2 + b.m2 + d * d * a.n * f, n};
 }
-
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_f32(float v);
-template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
 
 // Merges the block's per-thread stats in a fixed order; thread 0 gets the result.
 __device__ Stat block_merge(Stat s) {

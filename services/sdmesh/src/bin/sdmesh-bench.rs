@@ -55,6 +55,7 @@ impl Placement {
         json!({"device": self.device, "dtype": format!("{:?}", self.dtype).to_lowercase(),
                "flash_attention": sdmesh_core::attention::flash_attention_enabled(),
                "cuda_group_norm": self.device != "cpu" && sdmesh_core::norm::cuda_kernel_enabled(),
+               "cuda_geglu": self.device != "cpu" && sdmesh_core::activation::cuda_geglu_enabled(),
                "cudnn_conv": cudnn, "cudnn_version": sdmesh_core::cudnn::version(),
                "cudnn_fallbacks": sdmesh_core::cudnn::fallbacks()})
     }
@@ -619,6 +620,15 @@ async fn agreement(
             let actual = conv(dtype, &device)?.forward(&x.to_device(&device)?.to_dtype(dtype)?)?;
             report(label, dtype, compare(&actual, &expected)?, true);
         }
+    }
+
+    // GEGLU alone (the CUDA kernel unless SDMESH_CUDA_GEGLU=0): the UNet's first level's
+    // feed-forward projection (320 channels, 4 x 320 wide, doubled), at activation scale.
+    let projected = sdmesh_core::torch_rng::randn_tensor(41, &[2, tokens, 2 * 1280], &cpu)?.affine(2.0, 0.0)?;
+    let expected = sdmesh_core::activation::geglu(&projected)?;
+    for &dtype in &dtypes {
+        let actual = sdmesh_core::activation::geglu(&projected.to_device(&device)?.to_dtype(dtype)?)?;
+        report("geglu_unet", dtype, compare(&actual, &expected)?, true);
     }
 
     // GroupNorm + SiLU alone (the CUDA kernel unless SDMESH_CUDA_GROUP_NORM=0): the UNet's first

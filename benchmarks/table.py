@@ -12,25 +12,33 @@ else:
     print(f"# sdmesh benchmarks\n\nMachine: {machine.get('cpu')}, {machine.get('cores')} cores "
           f"({machine.get('threads_used')} threads used), {machine.get('memory_gib')} GiB, {machine.get('rustc')}\n")
 
+
+
+def table(title, columns, rows):
+    """A markdown section: the title, a header of `columns`, one line of cells per row."""
+    print(f"## {title}\n")
+    print("| " + " | ".join(columns) + " |")
+    print("|" + " --- |" * len(columns))
+    for cells in rows:
+        print("| " + " | ".join(str(c) for c in cells) + " |")
+    print()
+
+
 agree = [l for l in lines if l.get("bench") == "agreement"]
 if agree:
-    print("## Agreement with the f32 CPU reference\n")
-    print("| model | size | component | device | dtype | max abs error | reference max | bound | non-finite | ok |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for l in agree:
-        print(f"| {l['model']} | {l['size']} | {l['component']} | {l['device']} | {l['dtype']} | {l['max_abs_error']:.2e} | "
-              f"{l['reference_max_abs']:.3g} | {l['bound']:.2e} | {l['nonfinite']} | {'yes' if l['ok'] else 'NO'} |")
-    print()
+    table("Agreement with the f32 CPU reference",
+          ["model", "size", "component", "device", "dtype", "max abs error", "reference max", "bound", "non-finite", "ok"],
+          [[l["model"], l["size"], l["component"], l["device"], l["dtype"], f"{l['max_abs_error']:.2e}",
+            f"{l['reference_max_abs']:.3g}", f"{l['bound']:.2e}", l["nonfinite"], "yes" if l["ok"] else "NO"]
+           for l in agree])
 
 inv = [l for l in lines if l.get("bench") == "invariance"]
 if inv:
-    print("## Step-level batching: a step alone vs in one pass with other jobs' steps\n")
-    print("| model | size | step | rows in the pass | device | dtype | same bits | max abs diff | of the output's scale |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for l in inv:
-        print(f"| {l['model']} | {l['size']} | {l['step']} | {l['batch_rows']} | {l['device']} | {l['dtype']} | "
-              f"{'yes' if l['same_bits'] else 'no'} | {l['max_abs_diff']:.2e} | {l['relative']:.2e} |")
-    print()
+    table("Step-level batching: a step alone vs in one pass with other jobs' steps",
+          ["model", "size", "step", "rows in the pass", "device", "dtype", "same bits", "max abs diff",
+           "of the output's scale"],
+          [[l["model"], l["size"], l["step"], l["batch_rows"], l["device"], l["dtype"], "yes" if l["same_bits"] else "no",
+            f"{l['max_abs_diff']:.2e}", f"{l['relative']:.2e}"] for l in inv])
 
 over = [l for l in lines if l.get("bench") == "overhead"]
 if over:

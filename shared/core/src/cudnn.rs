@@ -57,15 +57,17 @@ pub fn version() -> Option<usize> {
     }
 }
 
-/// `conv.forward(x)`, on cuDNN where [`active`] (ungrouped convolutions). Where cuDNN fails
-/// (no algorithm for a shape, say), candle's convolution runs instead and [`fallbacks`] counts
-/// it: a job is not lost to it.
+/// `conv.forward(x)`, on cuDNN where [`active`] (ungrouped convolutions with a bias: every one
+/// in SD 2.x; others keep candle's). Where cuDNN fails (no algorithm for a shape, say),
+/// candle's convolution runs instead and [`fallbacks`] counts it: a job is not lost to it.
 pub fn conv2d(conv: &nn::Conv2d, x: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if conv.config().groups == 1 && active(x.device(), x.dtype()) {
-        match cuda::conv2d(conv, x) {
-            Ok(y) => return Ok(y),
-            Err(e) => fell_back(&e),
+    if let (Some(bias), 1) = (conv.bias(), conv.config().groups) {
+        if active(x.device(), x.dtype()) {
+            match cuda::conv2d(conv, bias, x) {
+                Ok(y) => return Ok(y),
+                Err(e) => fell_back(&e),
+            }
         }
     }
     conv.forward(x)
@@ -504,7 +506,7 @@ mod cuda {
             &self,
             x: (&CudaStorage, &Layout),
             w: (&CudaStorage, &Layout),
-            bias: Option<(&CudaStorage, &Layout)>,
+            bias: (&CudaStorage, &Layout),
         ) -> Result<(CudaStorage, Shape)> {
             match x.0.dtype() {
                 DType::F16 => self.run_typed::<half::f16>(DATA_HALF, x, w, bias),
@@ -518,16 +520,20 @@ mod cuda {
             data_type: c_int,
             (x, x_l): (&CudaStorage, &Layout),
             (w, w_l): (&CudaStorage, &Layout),
-            bias: Option<(&CudaStorage, &Layout)>,
+            (b, b_l): (&CudaStorage, &Layout),
         ) -> Result<(CudaStorage, Shape)> {
             let api = api().ok_or_else(|| candle_core::Error::Msg("cuDNN is not open".into()))?;
-            if !x_l.is_contiguous() || !w_l.is_contiguous() {
-                candle_core::bail!("cuDNN convolution: contiguous input and weights expected");
+            if !x_l.is_contiguous() || !w_l.is_contiguous() || !b_l.is_contiguous() {
+                candle_core::bail!("cuDNN convolution: contiguous input, weights and bias expected");
             }
             let (n, c, h, width) = x_l.shape().dims4()?;
             let (k, c_w, r, q) = w_l.shape().dims4()?;
-            if c != c_w {
-                candle_core::bail!("cuDNN convolution: a {c}-channel input, weights for {c_w}");
+            if c != c_w || b_l.shape().elem_count() != k {
+                candle_core::bail!(
+                    "cuDNN convolution: a {c}-channel input, weights {:?}, bias {:?}",
+                    w_l.dims(),
+                    b_l.dims()
+                );
             }
             let out_side = |size: usize, kernel: usize| -> Result<usize> {
                 let reach = self.dilation * (kernel - 1) + 1;
@@ -578,6 +584,7 @@ mod cuda {
             let handle = state.handle;
             let x_s = x.as_cuda_slice::<T>()?.slice(x_l.start_offset()..);
             let w_s = w.as_cuda_slice::<T>()?.slice(w_l.start_offset()..);
+            let b_s = b.as_cuda_slice::<T>()?.slice(b_l.start_offset()..);
             // SAFETY: cudnnConvolutionForward with beta 0 writes every output element.
             let mut out = unsafe { dev.alloc::<T>(shapes.y.iter().product()) }?;
             {
@@ -616,45 +623,19 @@ mod cuda {
                     )
                 };
                 check(api, status, "convolution")?;
-                if let Some((b, b_l)) = bias {
-                    if !b_l.is_contiguous() || b_l.shape().elem_count() != k {
-                        candle_core::bail!("cuDNN convolution: a contiguous [{k}] bias expected, got {:?}", b_l.dims());
-                    }
-                    let b_s = b.as_cuda_slice::<T>()?.slice(b_l.start_offset()..);
-                    let (b_p, _b_sync) = b_s.device_ptr(&stream);
-                    // SAFETY: y += bias broadcast over [1, k, 1, 1], both described above.
-                    let status =
-                        unsafe { (api.add_tensor)(handle, one, bias_d, b_p as usize as *const c_void, one, y_d, y_p) };
-                    check(api, status, "bias")?;
-                }
+                let (b_p, _b_sync) = b_s.device_ptr(&stream);
+                // SAFETY: y += bias broadcast over [1, k, 1, 1], both described above.
+                let status =
+                    unsafe { (api.add_tensor)(handle, one, bias_d, b_p as usize as *const c_void, one, y_d, y_p) };
+                check(api, status, "bias")?;
             }
             Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(shapes.y.to_vec())))
         }
     }
 
-    impl candle_core::CustomOp2 for ConvOp {
-        fn name(&self) -> &'static str {
-            "cudnn-conv2d"
-        }
-
-        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-            candle_core::bail!("the cuDNN convolution runs on CUDA devices only")
-        }
-
-        fn cuda_fwd(
-            &self,
-            x: &CudaStorage,
-            x_l: &Layout,
-            w: &CudaStorage,
-            w_l: &Layout,
-        ) -> Result<(CudaStorage, Shape)> {
-            self.run((x, x_l), (w, w_l), None)
-        }
-    }
-
     impl candle_core::CustomOp3 for ConvOp {
         fn name(&self) -> &'static str {
-            "cudnn-conv2d-bias"
+            "cudnn-conv2d"
         }
 
         fn cpu_fwd(
@@ -678,18 +659,15 @@ mod cuda {
             b: &CudaStorage,
             b_l: &Layout,
         ) -> Result<(CudaStorage, Shape)> {
-            self.run((x, x_l), (w, w_l), Some((b, b_l)))
+            self.run((x, x_l), (w, w_l), (b, b_l))
         }
     }
 
-    pub(super) fn conv2d(conv: &nn::Conv2d, x: &Tensor) -> Result<Tensor> {
+    /// `conv` (with a bias) on `x`.
+    pub(super) fn conv2d(conv: &nn::Conv2d, bias: &Tensor, x: &Tensor) -> Result<Tensor> {
         let config = conv.config();
         let op = ConvOp { padding: config.padding, stride: config.stride, dilation: config.dilation };
-        let (x, w) = (x.contiguous()?, conv.weight().contiguous()?);
-        match conv.bias() {
-            Some(bias) => x.apply_op3_no_bwd(&w, &bias.contiguous()?, &op),
-            None => x.apply_op2_no_bwd(&w, &op),
-        }
+        x.contiguous()?.apply_op3_no_bwd(&conv.weight().contiguous()?, &bias.contiguous()?, &op)
     }
 }
 

@@ -19,7 +19,8 @@
 #              the GPU at each)
 #   job        a whole 768x768 50-step DDIM job: through the mesh and in process, and diffusers
 #   throughput images/s at 1 and 8 concurrent jobs, batching on and off (medium model, 512 px)
-#   batch8     a UNet step at 768x768, batch 8 (the size that crashed candle's attention)
+#   batch8     a UNet step at 768x768, batch 8 (the size that crashed candle's attention), and
+#              batch 32 (one request of 16 guided images, the largest pass the service runs)
 # A dry run of the script's plumbing on a CPU, tiny models, in minutes:
 #   GPU_DEVICE=cpu GPU_BENCH=target/release/sdmesh-bench PYTHON=.venv/bin/python GPU_SIZES=64 \
 #     GPU_BIG=tests/fixtures/models/sd21-tiny GPU_MEDIUM=tests/fixtures/models/sd21-base-tiny \
@@ -115,7 +116,9 @@ PY
       --skip-components --job-steps 50 ;;
   batch8)
     stage batch8 120 $bench components --model $big --size $big_size --batch 8 --reps 3 --device $device --dtype $dtype
-    stage diffusers-batch8 120 $diffusers $big --height $big_size --width $big_size --batch 8 --reps 3 --device $device --dtype $tdtype ;;
+    stage diffusers-batch8 120 $diffusers $big --height $big_size --width $big_size --batch 8 --reps 3 --device $device --dtype $tdtype
+    # The largest forward pass the unet service runs: one request of 16 images under guidance.
+    stage batch32 120 $bench components --model $big --size $big_size --batch 32 --reps 1 --device $device --dtype $dtype ;;
   throughput)
     stage throughput 240 $bench throughput --model $medium --size ${sizes%% *} --steps 20 --concurrency 1,8 --device $device --dtype $dtype ;;
   *) echo "unknown stage $s" ;;

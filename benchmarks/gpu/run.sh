@@ -118,7 +118,7 @@ PY
     stage batch8 120 $bench components --model $big --size $big_size --batch 8 --reps 3 --device $device --dtype $dtype
     stage diffusers-batch8 120 $diffusers $big --height $big_size --width $big_size --batch 8 --reps 3 --device $device --dtype $tdtype
     # The largest forward pass the unet service runs: one request of 16 images under guidance.
-    stage batch32 120 $bench components --model $big --size $big_size --batch 32 --reps 1 --device $device --dtype $dtype ;;
+    stage batch32 120 $bench components --model $big --size $big_size --batch 16 --guided --reps 1 --device $device --dtype $dtype ;;
   throughput)
     stage throughput 240 $bench throughput --model $medium --size ${sizes%% *} --steps 20 --concurrency 1,8 --device $device --dtype $dtype ;;
   *) echo "unknown stage $s" ;;

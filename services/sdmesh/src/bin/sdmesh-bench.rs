@@ -132,9 +132,13 @@ enum Command {
         model: PathBuf,
         #[arg(long, default_value_t = 256)]
         size: usize,
-        /// UNet batch (rows).
+        /// UNet batch: images, one row each (two with --guided).
         #[arg(long, default_value_t = 2)]
         batch: usize,
+        /// Guided UNet steps (guidance 7.5: an unconditional and a conditional row per image),
+        /// as jobs send them; by default one row per image.
+        #[arg(long)]
+        guided: bool,
         #[arg(long, default_value_t = 3)]
         reps: usize,
         #[command(flatten)]
@@ -424,7 +428,7 @@ fn timed<T>(reps: usize, mut f: impl FnMut() -> anyhow::Result<T>) -> anyhow::Re
 async fn components(
     model: PathBuf,
     size: usize,
-    batch: usize,
+    (batch, guided): (usize, bool),
     reps: usize,
     placement: Placement,
     profile: bool,
@@ -467,18 +471,20 @@ async fn components(
     })?;
     let latents = candle_core::Tensor::randn(0f32, 1., (batch, 4, size / 8, size / 8), &cpu)?;
     let cond = candle_core::Tensor::randn(0f32, 1., (batch, 77, hidden), &cpu)?;
+    let uncond = guided.then(|| candle_core::Tensor::randn(0f32, 1., (batch, 77, hidden), &cpu)).transpose()?;
     let step = || DenoiseInput {
         latents: latents.clone(),
         timestep: 500.0,
         cond: cond.clone(),
-        uncond: None,
-        guidance_scale: 1.0,
+        uncond: uncond.clone(),
+        guidance_scale: if guided { 7.5 } else { 1.0 },
         guidance_rescale: 0.0,
         class_label: None,
         extra: None,
     };
     let t = tokio::task::block_in_place(|| timed(reps, || Ok(rt.block_on(unet.denoise(step()))?)))?;
-    report("unet_step", t, json!({"batch": batch, "height": size, "width": size}));
+    let rows = if guided { 2 * batch } else { batch };
+    report("unet_step", t, json!({"batch": rows, "images": batch, "guided": guided, "height": size, "width": size}));
     if profile {
         profile::report("unet_step", &name, || {
             tokio::task::block_in_place(|| rt.block_on(unet.denoise(step())))?;
@@ -813,8 +819,8 @@ async fn main() -> anyhow::Result<()> {
         Command::Invariance { model, size, placement } => invariance(model, size, placement).await,
         Command::Agreement { job, batch, dtypes, tolerance } => agreement(job, batch, dtypes, tolerance).await,
         Command::Throughput { job, concurrency, max_batch_rows } => throughput(job, concurrency, max_batch_rows).await,
-        Command::Components { model, size, batch, reps, placement, profile } => {
-            components(model, size, batch, reps, placement, profile).await
+        Command::Components { model, size, batch, guided, reps, placement, profile } => {
+            components(model, size, (batch, guided), reps, placement, profile).await
         }
     }
 }

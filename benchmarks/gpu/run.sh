@@ -21,7 +21,8 @@
 #   throughput images/s at 1 and 8 concurrent jobs, batching on and off (medium model, 512 px)
 #   batch8     a UNet step at 768x768, batch 8 (the size that crashed candle's attention), and
 #              batch 32 (one request of 16 guided images, the largest pass the service runs)
-# A dry run of the script's plumbing on a CPU, tiny models, in minutes:
+# A dry run of the script's plumbing on a CPU, tiny models, in minutes (make test runs it, with
+# GPU_DIFFUSERS=0 to skip the diffusers stages: services/sdmesh/tests/gpu_script_dry_run.rs):
 #   GPU_DEVICE=cpu GPU_BENCH=target/release/sdmesh-bench PYTHON=.venv/bin/python GPU_SIZES=64 \
 #     GPU_BIG=tests/fixtures/models/sd21-tiny GPU_MEDIUM=tests/fixtures/models/sd21-base-tiny \
 #     benchmarks/gpu/run.sh
@@ -67,6 +68,7 @@ big=${GPU_BIG:-$models/sd21-768-arch} medium=${GPU_MEDIUM:-$models/sd21-medium}
 
 stage() {  # stage NAME SECONDS COMMAND...: runs one measurement, JSON lines to $results
   local name=$1 limit=$2; shift 2
+  case $name in *diffusers*) if [ "${GPU_DIFFUSERS:-1}" = 0 ]; then echo "== $name: skipped (GPU_DIFFUSERS=0)"; return; fi ;; esac
   echo "== $name: $*"
   local started=$SECONDS
   timeout "$limit" "$@" >> "$results"

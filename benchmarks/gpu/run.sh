@@ -76,6 +76,8 @@ stage() {  # stage NAME SECONDS COMMAND...: runs one measurement, JSON lines to 
   echo "== $name: rc $rc after $((SECONDS - started)) s"
 }
 diffusers="$python benchmarks/diffusers_components.py"
+# This project's GPU paths: the prefix of their agreement checks, and the variable that turns each off.
+kernels="attn:SDMESH_FLASH_ATTENTION groupnorm:SDMESH_CUDA_GROUP_NORM conv:SDMESH_CUDNN_CONV geglu:SDMESH_CUDA_GEGLU"
 tdtype=$(case $dtype in bf16) echo bfloat16 ;; f32) echo float32 ;; *) echo float16 ;; esac)
 dtypes=${GPU_AGREEMENT_DTYPES:-f16,bf16}
 
@@ -85,8 +87,9 @@ for s in $stages; do case $s in
     stage agreement-job 120 $bench agreement --model $medium --size 256 --steps 10 --device $device --dtypes $dtypes
     # A kernel of this project's whose check failed in the timed dtype, or never reported (a
     # crash), is switched off for the stages that follow: one run still times the rest, and
-    # the JSON lines record which kernels ran (flash_attention, cuda_group_norm).
-    for kernel in attn:SDMESH_FLASH_ATTENTION groupnorm:SDMESH_CUDA_GROUP_NORM conv:SDMESH_CUDNN_CONV geglu:SDMESH_CUDA_GEGLU; do
+    # the JSON lines record which kernels ran (flash_attention, cuda_group_norm, cudnn_conv,
+    # cuda_geglu).
+    for kernel in $kernels; do
       prefix=${kernel%%:*} var=${kernel#*:}
       verdict=$("$python" - "$results" "$prefix" "$dtype" <<'PY'
 import json, sys
@@ -108,8 +111,9 @@ PY
     done
     SDMESH_CUDNN_CONV=0 stage components-$big_size-candle-conv 120 $bench components \
       --model $big --size $big_size --batch 2 --reps 5 --device $device --dtype $dtype
-    SDMESH_FLASH_ATTENTION=0 SDMESH_CUDA_GROUP_NORM=0 SDMESH_CUDNN_CONV=0 SDMESH_CUDA_GEGLU=0 stage components-$big_size-candle-ops 120 \
-      $bench components --model $big --size $big_size --batch 2 --reps 5 --device $device --dtype $dtype
+    (for kernel in $kernels; do export "${kernel#*:}=0"; done
+     stage components-$big_size-candle-ops 120 $bench components --model $big --size $big_size --batch 2 --reps 5 \
+       --device $device --dtype $dtype)
     stage profile-$big_size 120 $bench components --model $big --size $big_size --batch 2 --reps 1 --profile \
       --device $device --dtype $dtype ;;
   job)

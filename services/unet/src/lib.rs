@@ -146,12 +146,7 @@ impl Batchable for Step {
     }
 
     fn rows(&self) -> usize {
-        let n = self.0.latents.dims().first().copied().unwrap_or(1);
-        if self.0.uses_guidance() {
-            2 * n
-        } else {
-            n
-        }
+        self.0.rows()
     }
 }
 

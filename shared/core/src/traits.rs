@@ -46,6 +46,16 @@ impl DenoiseInput {
     pub fn uses_guidance(&self) -> bool {
         self.guidance_scale > 1.0
     }
+
+    /// UNet rows this step takes in a forward pass: one per image, two under guidance.
+    pub fn rows(&self) -> usize {
+        let images = self.latents.dims().first().copied().unwrap_or(1);
+        if self.uses_guidance() {
+            2 * images
+        } else {
+            images
+        }
+    }
 }
 
 #[async_trait::async_trait]

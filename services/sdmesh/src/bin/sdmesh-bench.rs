@@ -483,7 +483,7 @@ async fn components(
         extra: None,
     };
     let t = tokio::task::block_in_place(|| timed(reps, || Ok(rt.block_on(unet.denoise(step()))?)))?;
-    let rows = if guided { 2 * batch } else { batch };
+    let rows = step().rows();
     report("unet_step", t, json!({"batch": rows, "images": batch, "guided": guided, "height": size, "width": size}));
     if profile {
         profile::report("unet_step", &name, || {
@@ -529,7 +529,7 @@ async fn agreement(
     dtypes: Vec<candle_core::DType>,
     tolerance: Option<f64>,
 ) -> anyhow::Result<()> {
-    use candle_core::DType;
+    use candle_core::{DType, Module};
     let device = job.placement.device()?;
     let dtypes = if dtypes.is_empty() { vec![job.placement.dtype] } else { dtypes };
     let (cpu, f32) = (candle_core::Device::Cpu, DType::F32);
@@ -620,7 +620,6 @@ async fn agreement(
             let vs = candle_nn::VarBuilder::from_tensors(tensors.clone(), dtype, device);
             sdmesh_core::blocks::Conv2d::new(c_in, c_out, kernel, config, vs)
         };
-        use candle_core::Module;
         let expected = conv(f32, &cpu)?.forward(&x)?;
         for &dtype in &dtypes {
             let actual = conv(dtype, &device)?.forward(&x.to_device(&device)?.to_dtype(dtype)?)?;
@@ -751,18 +750,22 @@ async fn invariance(model: PathBuf, size: usize, placement: Placement) -> anyhow
     let mut steps = Vec::new();
     for (i, &(n, timestep, guidance_scale, guidance_rescale)) in shapes.iter().enumerate() {
         let seed = 10 * i as u64;
-        steps.push(DenoiseInput {
+        let mut step = DenoiseInput {
             latents: randn(seed + 1, &[n, 4, side, side])?,
             timestep,
             cond: randn(seed + 2, &[1, 77, hidden])?,
-            uncond: (guidance_scale > 1.0).then(|| randn(seed + 3, &[1, 77, hidden])).transpose()?,
+            uncond: None,
             guidance_scale,
             guidance_rescale,
             class_label: None,
             extra: None,
-        });
+        };
+        if step.uses_guidance() {
+            step.uncond = Some(randn(seed + 3, &[1, 77, hidden])?);
+        }
+        steps.push(step);
     }
-    let rows: usize = shapes.iter().map(|&(n, _, g, _)| if g > 1.0 { 2 * n } else { n }).sum();
+    let rows: usize = steps.iter().map(DenoiseInput::rows).sum();
     let name = model_name(&model);
     for (i, c) in unet.alone_vs_batched(&steps).await?.into_iter().enumerate() {
         let relative = f64::from(c.max_abs_diff) / f64::from(c.max_abs).max(1e-12);

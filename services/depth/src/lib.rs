@@ -13,7 +13,7 @@ use bytes::Bytes;
 use candle_core::{DType, Device, Tensor};
 use dpt::{DptConfig, DptDepth};
 use preprocess::{Preprocessor, PreprocessorConfig};
-use sdmesh_core::client::{retry_when_overloaded, BACKPRESSURE_PATIENCE};
+use sdmesh_core::client::{call_with_retries, BACKPRESSURE_PATIENCE};
 use sdmesh_core::model_dir::{read_json, ComponentDir, ModelDirError};
 use sdmesh_core::serve::{serve_while_loading, Health};
 use sdmesh_core::telemetry::traced;
@@ -397,7 +397,7 @@ pub async fn run(
 /// A remote depth service.
 #[derive(Clone)]
 pub struct DepthClient {
-    inner: v1::depth_client::DepthClient<tonic::transport::Channel>,
+    inner: v1::depth_client::DepthClient<sdmesh_core::client::ReplicaSet>,
 }
 
 impl DepthClient {
@@ -413,7 +413,7 @@ impl DepthClient {
         let n = images.len();
         let request =
             v1::EstimateDepthRequest { images, resize_to_input: opts.resize_to_input, return_png: opts.return_png };
-        let out = retry_when_overloaded(BACKPRESSURE_PATIENCE, || {
+        let out = call_with_retries(BACKPRESSURE_PATIENCE, || {
             let mut client = self.inner.clone();
             let request = traced(request.clone());
             async move { Ok(client.estimate(request).await?.into_inner()) }

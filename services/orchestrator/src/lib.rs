@@ -81,10 +81,10 @@ pub struct UpscalerArgs {
     /// x4 after they run (GenerateRequest.upscale). Needs --upscaler-unet-url and --upscaler-vae-url.
     #[arg(long, env = "SDMESH_UPSCALER_MODEL", requires_all = ["upscaler_unet_url", "upscaler_vae_url"])]
     pub upscaler_model: Option<PathBuf>,
-    /// The upscaler's unet service.
+    /// The upscaler's unet service (URLs as --text-encoder-url).
     #[arg(long, env = "SDMESH_UPSCALER_UNET_URL")]
     pub upscaler_unet_url: Option<String>,
-    /// The upscaler's vae service.
+    /// The upscaler's vae service (URLs as --text-encoder-url).
     #[arg(long, env = "SDMESH_UPSCALER_VAE_URL")]
     pub upscaler_vae_url: Option<String>,
     /// The upscaler's text-encoder service (unset = --text-encoder-url: SD 2.x and the x4

@@ -15,16 +15,18 @@ struct Args {
     /// Address to listen on; port 0 picks a free port (printed as `listening on ADDR`).
     #[arg(long, env = "SDMESH_LISTEN", default_value = "127.0.0.1:50050")]
     listen: String,
-    /// text-encoder service URL.
+    /// text-encoder service: its URL; or its replicas' URLs, comma-separated; or
+    /// dns:///NAME:PORT for every address NAME resolves to (e.g. a Kubernetes headless Service).
+    /// Calls go to the least busy replica; one that fails rests, and its calls go elsewhere.
     #[arg(long, env = "SDMESH_TEXT_ENCODER_URL", default_value = "http://127.0.0.1:50051")]
     text_encoder_url: String,
-    /// unet service URL.
+    /// unet service (one URL, several, or dns:///NAME:PORT, as --text-encoder-url).
     #[arg(long, env = "SDMESH_UNET_URL", default_value = "http://127.0.0.1:50052")]
     unet_url: String,
-    /// vae service URL.
+    /// vae service (one URL, several, or dns:///NAME:PORT, as --text-encoder-url).
     #[arg(long, env = "SDMESH_VAE_URL", default_value = "http://127.0.0.1:50053")]
     vae_url: String,
-    /// depth service URL, for depth2img without a caller-supplied depth map (unset: depth2img
+    /// depth service (URLs as --text-encoder-url), for depth2img without a caller-supplied depth map (unset: depth2img
     /// needs the request's depth_map).
     #[arg(long, env = "SDMESH_DEPTH_URL")]
     depth_url: Option<String>,

@@ -44,7 +44,7 @@ impl Default for SafetySettings {
 /// Flags of the safety checker.
 #[derive(clap::Args, Debug, Clone)]
 pub struct SafetyArgs {
-    /// The safety-checker service (StableDiffusionSafetyChecker).
+    /// The safety-checker service (StableDiffusionSafetyChecker; URLs as --text-encoder-url).
     #[arg(long, env = "SDMESH_SAFETY_URL")]
     pub safety_url: Option<String>,
     /// What to do with flagged images when a request does not say: off, flag (report, keep),

@@ -19,7 +19,7 @@ use candle_core::{DType, Device, Tensor};
 use checker::{CheckerConfig, SafetyModel};
 use image::RgbImage;
 use preprocess::{Preprocessor, PreprocessorConfig, Resize};
-use sdmesh_core::client::{retry_when_overloaded, BACKPRESSURE_PATIENCE};
+use sdmesh_core::client::{call_with_retries, BACKPRESSURE_PATIENCE};
 use sdmesh_core::model_dir::{read_json, ComponentDir, ModelDirError};
 use sdmesh_core::serve::{serve_while_loading, Health};
 use sdmesh_core::telemetry::traced;
@@ -392,7 +392,7 @@ pub async fn run(
 /// A remote safety service.
 #[derive(Clone)]
 pub struct SafetyClient {
-    inner: v1::safety_client::SafetyClient<tonic::transport::Channel>,
+    inner: v1::safety_client::SafetyClient<sdmesh_core::client::ReplicaSet>,
 }
 
 impl SafetyClient {
@@ -404,7 +404,7 @@ impl SafetyClient {
     }
 
     async fn call(&self, request: v1::CheckImagesRequest, n: usize) -> Result<Vec<SafetyVerdict>> {
-        let out = retry_when_overloaded(BACKPRESSURE_PATIENCE, || {
+        let out = call_with_retries(BACKPRESSURE_PATIENCE, || {
             let mut client = self.inner.clone();
             let request = traced(request.clone());
             async move { Ok(client.check(request).await?.into_inner()) }

@@ -8,7 +8,7 @@ pub mod clip;
 pub mod tokenizer;
 
 use candle_core::{DType, Device, Tensor};
-use sdmesh_core::client::{retry_when_overloaded, BACKPRESSURE_PATIENCE};
+use sdmesh_core::client::{call_with_retries, BACKPRESSURE_PATIENCE};
 use sdmesh_core::model_dir::{ComponentDir, ModelDirError};
 use sdmesh_core::serve::{serve_while_loading, Health};
 use sdmesh_core::telemetry::traced;
@@ -221,7 +221,7 @@ pub async fn run(
 /// A remote text-encoder service.
 #[derive(Clone)]
 pub struct TextEncoderClient {
-    inner: v1::text_encoder_client::TextEncoderClient<tonic::transport::Channel>,
+    inner: v1::text_encoder_client::TextEncoderClient<sdmesh_core::client::ReplicaSet>,
 }
 
 impl TextEncoderClient {
@@ -237,7 +237,7 @@ impl TextEncoderClient {
 impl sdmesh_core::TextEncoder for TextEncoderClient {
     async fn encode(&self, texts: Vec<String>) -> Result<TextEmbeddings> {
         let request = v1::EncodeTextRequest { texts };
-        let out = retry_when_overloaded(BACKPRESSURE_PATIENCE, || {
+        let out = call_with_retries(BACKPRESSURE_PATIENCE, || {
             let mut client = self.inner.clone();
             let request = traced(request.clone());
             async move { Ok(client.encode(request).await?.into_inner()) }

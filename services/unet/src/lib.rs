@@ -11,7 +11,7 @@ mod unet_2d;
 
 use candle_core::{DType, Device, Tensor, D};
 use sdmesh_core::batch::{BatchOptions, BatchWorker, Batchable};
-use sdmesh_core::client::{retry_when_overloaded, BACKPRESSURE_PATIENCE};
+use sdmesh_core::client::{call_with_retries, BACKPRESSURE_PATIENCE};
 use sdmesh_core::model_dir::{ComponentDir, ModelDirError};
 use sdmesh_core::serve::{serve_while_loading, Health};
 use sdmesh_core::telemetry::traced;
@@ -617,7 +617,7 @@ struct WireConditioning {
 /// digested once; after the service has it, steps name it by digest only.
 #[derive(Clone)]
 pub struct UnetClient {
-    inner: v1::unet_client::UnetClient<tonic::transport::Channel>,
+    inner: v1::unet_client::UnetClient<sdmesh_core::client::ReplicaSet>,
     /// Recent conditioning tensors by candle tensor id (a job reuses the same tensor every step).
     wire: Arc<std::sync::Mutex<lru::LruCache<candle_core::TensorId, Arc<WireConditioning>>>>,
     /// Digests this client has sent (the service probably holds them).
@@ -630,7 +630,7 @@ impl UnetClient {
     }
 
     /// Over any channel (e.g. one balanced across replicas).
-    pub fn from_channel(channel: tonic::transport::Channel) -> Self {
+    pub fn from_channel(channel: sdmesh_core::client::ReplicaSet) -> Self {
         let inner = v1::unet_client::UnetClient::new(channel)
             .max_decoding_message_size(MAX_RESPONSE_BYTES)
             .max_encoding_message_size(MAX_REQUEST_BYTES);
@@ -644,7 +644,7 @@ impl UnetClient {
 
     /// The same client (what it has encoded and sent) over another channel, e.g. after its
     /// replica went away and another took over.
-    pub fn with_channel(&self, channel: tonic::transport::Channel) -> Self {
+    pub fn with_channel(&self, channel: sdmesh_core::client::ReplicaSet) -> Self {
         Self { inner: Self::from_channel(channel).inner, ..self.clone() }
     }
 
@@ -671,10 +671,19 @@ impl UnetClient {
         }
     }
 
-    async fn call(&self, request: v1::DenoiseRequest) -> Result<v1::DenoiseResponse> {
-        retry_when_overloaded(BACKPRESSURE_PATIENCE, || {
+    /// One Denoise call (retried on backpressure and on replicas going away); `replica`: the
+    /// replica to send it to, if it is still up.
+    async fn call(
+        &self,
+        request: v1::DenoiseRequest,
+        replica: Option<&tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+    ) -> Result<v1::DenoiseResponse> {
+        call_with_retries(BACKPRESSURE_PATIENCE, || {
             let mut client = self.inner.clone();
-            let request = traced(request.clone());
+            let mut request = traced(request.clone());
+            if let Some(r) = replica {
+                request.metadata_mut().insert(sdmesh_core::replicas::REPLICA_HEADER, r.clone());
+            }
             async move { Ok(client.denoise(request).await?.into_inner()) }
         })
         .await
@@ -708,11 +717,14 @@ impl sdmesh_core::Denoiser for UnetClient {
         };
         let latents = Some(v1::Tensor::from_candle(&x.latents)?);
         let already_sent = digests.iter().all(|d| d.is_empty() || self.was_sent(d));
-        let first = self.call(v1::DenoiseRequest { latents: latents.clone(), ..with_tensors(!already_sent) }).await;
+        let first =
+            self.call(v1::DenoiseRequest { latents: latents.clone(), ..with_tensors(!already_sent) }, None).await;
         let out = match first {
-            // Evicted, or a replica that never saw this job: send the tensors once more.
+            // Evicted, or a replica that never saw this job: send the tensors once more, to
+            // the replica that asked.
             Err(Error::Remote(status)) if already_sent && is_conditioning_miss(&status) => {
-                self.call(v1::DenoiseRequest { latents, ..with_tensors(true) }).await?
+                let asked = status.metadata().get(sdmesh_core::replicas::REPLICA_HEADER);
+                self.call(v1::DenoiseRequest { latents, ..with_tensors(true) }, asked).await?
             }
             other => other?,
         };

@@ -38,18 +38,28 @@ async fn replica(cache_bytes: usize) -> (String, Recording) {
 }
 
 async fn replica_of(name: &str, cache_bytes: usize) -> (String, Recording) {
+    let (url, recording, stop) = stoppable_replica(name, cache_bytes).await;
+    std::mem::forget(stop);
+    (url, recording)
+}
+
+/// A replica that shuts down (gracefully: in-flight calls finish, then it is gone) when `stop`
+/// is sent or dropped.
+async fn stoppable_replica(name: &str, cache_bytes: usize) -> (String, Recording, tokio::sync::oneshot::Sender<()>) {
     let service = UnetService::new(cache_bytes);
     service.set_model(LocalUnet::load(&UnetOptions::new(model(name), Device::Cpu)).unwrap());
     let recording = Recording { inner: service, cond_sent: Arc::default(), extra_sent: Arc::default() };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let server = v1::unet_server::UnetServer::new(recording.clone());
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(server)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
-    (url, recording)
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(tonic::transport::Server::builder().add_service(server).serve_with_incoming_shutdown(
+        tokio_stream::wrappers::TcpListenerStream::new(listener),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    (url, recording, stop)
 }
 
 fn job(seed: f32) -> (Tensor, Tensor, Tensor) {
@@ -141,7 +151,7 @@ async fn a_service_without_the_conditioning_asks_for_it_and_the_step_runs() {
     // Moved to a replica that never saw the job: it asks for the tensors once.
     let ((url_a, a), (url_b, b)) = (replica(1 << 20).await, replica(1 << 20).await);
     let on_a = UnetClient::new(&url_a).unwrap();
-    let on_b = on_a.with_channel(tonic::transport::Endpoint::from_shared(url_b).unwrap().connect_lazy());
+    let on_b = on_a.with_channel(sdmesh_core::client::lazy_channel(&url_b).unwrap());
     for (i, client) in [&on_a, &on_a, &on_b, &on_b].into_iter().enumerate() {
         let t = 999.0 - 80.0 * i as f64;
         let remote = client.denoise(step(&latents, &cond, &uncond, t)).await.unwrap();
@@ -149,6 +159,44 @@ async fn a_service_without_the_conditioning_asks_for_it_and_the_step_runs() {
     }
     assert_eq!(*a.cond_sent.lock().unwrap(), vec![true, false]);
     assert_eq!(*b.cond_sent.lock().unwrap(), vec![false, true, false], "digest, asked, sent; then digest");
+}
+
+/// One client over two replicas (`--unet-url A,B`): a job's steps alternate between them, each
+/// asks for the conditioning once, and when one goes away the job's next steps run on the
+/// other; every step equals the local one.
+#[tokio::test]
+async fn a_job_spread_over_replicas_survives_one_going_away() {
+    let local = LocalUnet::load(&UnetOptions::new(model("sd21-base-tiny"), Device::Cpu)).unwrap();
+    let (latents, cond, uncond) = job(4.0);
+    let (url_a, a, stop_a) = stoppable_replica("sd21-base-tiny", 1 << 20).await;
+    let (url_b, b, _stop_b) = stoppable_replica("sd21-base-tiny", 1 << 20).await;
+    let client = UnetClient::new(&format!("{url_a},{url_b}")).unwrap();
+    let run_step = |i: usize| {
+        let t = 999.0 - 37.0 * i as f64;
+        let (client, local, latents, cond, uncond) = (&client, &local, &latents, &cond, &uncond);
+        async move {
+            let remote = client.denoise(step(latents, cond, uncond, t)).await.unwrap();
+            assert!(same(&remote, &local.denoise(step(latents, cond, uncond, t)).await.unwrap()), "t={t}");
+        }
+    };
+    for i in 0..4 {
+        run_step(i).await;
+    }
+    assert_eq!(*a.cond_sent.lock().unwrap(), vec![true, false], "A: sent with the first step, then digests");
+    assert_eq!(*b.cond_sent.lock().unwrap(), vec![false, true, false], "B: digest, asked, sent; then digest");
+
+    stop_a.send(()).unwrap();
+    let addr_a = url_a.trim_start_matches("http://").to_string();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(&addr_a).await.is_ok() {
+        assert!(std::time::Instant::now() < deadline, "replica A still listens");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    for i in 4..8 {
+        run_step(i).await;
+    }
+    assert_eq!(a.cond_sent.lock().unwrap().len(), 2, "A is gone");
+    assert_eq!(b.cond_sent.lock().unwrap().len(), 7, "B ran the rest");
 }
 
 #[tokio::test]

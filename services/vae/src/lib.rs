@@ -9,7 +9,7 @@ mod blocks;
 use autoencoder::{AutoEncoderKL, AutoEncoderKLConfig};
 use candle_core::{DType, Device, Tensor};
 use sdmesh_core::batch::{BatchOptions, BatchWorker, Batchable};
-use sdmesh_core::client::{retry_when_overloaded, BACKPRESSURE_PATIENCE};
+use sdmesh_core::client::{call_with_retries, BACKPRESSURE_PATIENCE};
 use sdmesh_core::model_dir::{ComponentDir, ModelDirError};
 use sdmesh_core::serve::{serve_while_loading, Health};
 use sdmesh_core::telemetry::traced;
@@ -467,7 +467,7 @@ pub fn images_per_call(h: usize, w: usize) -> usize {
 /// A remote vae service.
 #[derive(Clone)]
 pub struct VaeClient {
-    inner: v1::vae_client::VaeClient<tonic::transport::Channel>,
+    inner: v1::vae_client::VaeClient<sdmesh_core::client::ReplicaSet>,
 }
 
 impl VaeClient {
@@ -489,7 +489,7 @@ impl sdmesh_core::Vae for VaeClient {
         for start in (0..n).step_by(per_call) {
             let chunk = latents.narrow(0, start, per_call.min(n - start))?;
             let request = v1::DecodeRequest { latents: Some(v1::Tensor::from_candle(&chunk)?) };
-            let out = retry_when_overloaded(BACKPRESSURE_PATIENCE, || {
+            let out = call_with_retries(BACKPRESSURE_PATIENCE, || {
                 let mut client = self.inner.clone();
                 let request = traced(request.clone());
                 async move { Ok(client.decode(request).await?.into_inner()) }
@@ -515,7 +515,7 @@ impl sdmesh_core::Vae for VaeClient {
                 },
                 seed: None,
             };
-            let out = retry_when_overloaded(BACKPRESSURE_PATIENCE, || {
+            let out = call_with_retries(BACKPRESSURE_PATIENCE, || {
                 let mut client = self.inner.clone();
                 let request = traced(request.clone());
                 async move { Ok(client.encode(request).await?.into_inner()) }

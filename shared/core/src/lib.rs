@@ -19,6 +19,7 @@ pub mod images;
 pub mod linear;
 pub mod model_dir;
 pub mod norm;
+pub mod replicas;
 pub mod serve;
 pub mod telemetry;
 #[cfg(test)]

@@ -149,6 +149,10 @@ fn describe_metrics() {
         "sdmesh_conditioning_cache_requests_total",
         "conditioning named by digest on the unet service: stored, hit or miss"
     );
+    metrics::describe_counter!(
+        "sdmesh_replica_failures_total",
+        "calls to another service's replica that got no answer or UNAVAILABLE, by replica"
+    );
     metrics::describe_counter!("sdmesh_embedding_cache_requests_total", "prompt-embedding cache look-ups, by result");
     metrics::describe_counter!("sdmesh_embedding_cache_errors_total", "failed prompt-embedding store operations");
     metrics::describe_counter!("sdmesh_jobs_total", "generation jobs, by outcome (status code)");

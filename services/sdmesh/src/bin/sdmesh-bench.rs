@@ -280,7 +280,7 @@ fn request(job: &JobShape, seed: u64) -> v1::GenerateRequest {
 async fn start_mesh(
     opts: MeshOptions,
 ) -> anyhow::Result<(
-    v1::orchestrator_client::OrchestratorClient<tonic::transport::Channel>,
+    v1::orchestrator_client::OrchestratorClient<sdmesh_core::client::ReplicaSet>,
     tokio::sync::oneshot::Sender<()>,
 )> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

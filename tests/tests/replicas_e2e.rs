@@ -1,0 +1,73 @@
+//! Several replicas of a model service behind one orchestrator (`--unet-url A,B`), as real
+//! processes: a job's steps spread over them, and a replica killed in the middle of a job costs
+//! retries, not the job, which ends with the same bytes as on one replica.
+
+use sdmesh_proto::v1;
+use sdmesh_testkit::process::{metric, start, wait_serving, Mesh, MeshOptions, Service};
+use std::time::{Duration, Instant};
+
+fn denoise_calls(unet: &Service) -> f64 {
+    metric(&unet.scrape(), "sdmesh_rpc_requests_total", &[("method", "/sd.v1.Unet/Denoise"), ("code", "Ok")])
+}
+
+#[tokio::test]
+async fn steps_spread_over_unet_replicas_and_a_killed_replica_costs_no_job() {
+    let opts = MeshOptions { common_args: vec!["--metrics-listen", "127.0.0.1:0"], ..Default::default() };
+    let mesh = Mesh::start_with("sd21-base-tiny", &opts).await;
+    let model = sdmesh_testkit::model("sd21-base-tiny");
+    let model = model.to_str().unwrap();
+    let mut second = start("sdmesh-unet", &["--model", model, "--metrics-listen", "127.0.0.1:0"], &[]);
+    wait_serving(&second.addr).await;
+    let both = format!("{},{}", mesh.unet.addr, second.addr);
+    let args = [
+        "--model",
+        model,
+        "--text-encoder-url",
+        &mesh.text_encoder.addr,
+        "--unet-url",
+        &both,
+        "--vae-url",
+        &mesh.vae.addr,
+    ];
+    let spread = start("sdmesh-orchestrator", &args, &[]);
+    wait_serving(&spread.addr).await;
+
+    let request = |steps: u32| v1::GenerateRequest {
+        prompt: "a lighthouse in fog".into(),
+        negative_prompt: "blurry".into(),
+        steps: Some(steps),
+        seed: Some(11),
+        height: Some(32),
+        width: Some(32),
+        ..Default::default()
+    };
+    let generate = |addr: String, r: v1::GenerateRequest| async move {
+        let mut client = v1::orchestrator_client::OrchestratorClient::connect(addr).await.unwrap();
+        client.generate(r).await.map(|r| r.into_inner().images)
+    };
+
+    // One replica (the mesh's own orchestrator) against two: the same bytes, and both served.
+    let alone = generate(mesh.orchestrator.addr.clone(), request(10)).await.unwrap();
+    let (a0, b0) = (denoise_calls(&mesh.unet), denoise_calls(&second));
+    let spread_out = generate(spread.addr.clone(), request(10)).await.unwrap();
+    assert_eq!(spread_out, alone, "same job, same bytes, on one replica or two");
+    let (a1, b1) = (denoise_calls(&mesh.unet) - a0, denoise_calls(&second) - b0);
+    assert!(a1 >= 4.0 && b1 >= 4.0, "10 steps spread over both replicas: {a1} and {b1}");
+
+    // A long job; the second replica is killed (SIGKILL: no goodbye) once it has served some
+    // of its steps.
+    let long = request(300);
+    let expected = generate(mesh.orchestrator.addr.clone(), long.clone()).await.unwrap();
+    let before = denoise_calls(&second);
+    let job = tokio::spawn(generate(spread.addr.clone(), long));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while denoise_calls(&second) < before + 20.0 {
+        assert!(Instant::now() < deadline, "the second replica served no steps");
+        assert!(!job.is_finished(), "the job ended before the replica could be killed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!job.is_finished(), "the job ended before the replica could be killed: make it longer");
+    second.child.kill().unwrap();
+    let images = job.await.unwrap().expect("the job survives a replica killed under it");
+    assert_eq!(images, expected, "and ends with the bytes it has on one replica");
+}

@@ -223,6 +223,12 @@ pub fn load_model(
     Ok((dpt, pre))
 }
 
+impl sdmesh_core::serve::ModelIdentity for LocalDepth {
+    fn fingerprint(&self) -> &str {
+        &self.info.fingerprint
+    }
+}
+
 impl LocalDepth {
     pub fn load(opts: &DepthOptions) -> std::result::Result<Self, ModelDirError> {
         let (dpt, pre) = load_model(&opts.model, &opts.device, opts.dtype)?;
@@ -233,6 +239,11 @@ impl LocalDepth {
             width: pre.size.1 as u32,
             ensure_multiple_of: c.ensure_multiple_of as u32,
             keep_aspect_ratio: c.keep_aspect_ratio,
+            fingerprint: {
+                let (dir, pre_path) = locate(&opts.model)?;
+                let files = [dir.file("config.json")?, dir.weights(&["model"])?, pre_path];
+                sdmesh_core::model_dir::fingerprint(&files, &opts.device, opts.dtype)?
+            },
         };
         let model = Model { dpt, pre: pre.clone(), device: opts.device.clone() };
         let warm = Tensor::zeros((1, 3, 2 * patch, 2 * patch), DType::F32, &opts.device)
@@ -311,7 +322,7 @@ impl LocalDepth {
     }
 
     pub fn info(&self) -> v1::DepthInfo {
-        self.info
+        self.info.clone()
     }
 }
 
@@ -323,7 +334,7 @@ impl sdmesh_core::DepthEstimator for LocalDepth {
     }
 
     async fn info(&self) -> Result<v1::DepthInfo> {
-        Ok(self.info)
+        Ok(self.info.clone())
     }
 }
 
@@ -374,7 +385,7 @@ impl v1::depth_server::Depth for DepthService {
         &self,
         _: tonic::Request<v1::InfoRequest>,
     ) -> std::result::Result<tonic::Response<v1::DepthInfo>, tonic::Status> {
-        Ok(tonic::Response::new(self.local.get().ok_or_else(sdmesh_core::loading)?.info))
+        Ok(tonic::Response::new(self.local.get().ok_or_else(sdmesh_core::loading)?.info.clone()))
     }
 }
 

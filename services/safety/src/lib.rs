@@ -212,6 +212,12 @@ pub struct LocalSafety {
     info: v1::SafetyInfo,
 }
 
+impl sdmesh_core::serve::ModelIdentity for LocalSafety {
+    fn fingerprint(&self) -> &str {
+        &self.info.fingerprint
+    }
+}
+
 impl LocalSafety {
     pub fn load(opts: &SafetyOptions) -> std::result::Result<Self, ModelDirError> {
         let (checker, pre) = load_model(&opts.model, &opts.device, opts.dtype)?;
@@ -227,6 +233,11 @@ impl LocalSafety {
             special_care_concepts: checker.special_care_concepts() as u32,
             projection_dim: checker.projection_dim as u32,
             max_images: MAX_IMAGES as u32,
+            fingerprint: {
+                let (dir, pre_path) = locate(&opts.model)?;
+                let files = [dir.file("config.json")?, dir.weights(&["model"])?, pre_path];
+                sdmesh_core::model_dir::fingerprint(&files, &opts.device, opts.dtype)?
+            },
         };
         let model = Model { checker, pre, device: opts.device.clone() };
         Tensor::zeros((1, 3, s, s), DType::F32, &opts.device).and_then(|x| model.checker.forward(&x)).map_err(|e| {
@@ -284,7 +295,7 @@ impl LocalSafety {
     }
 
     pub fn info(&self) -> v1::SafetyInfo {
-        self.info
+        self.info.clone()
     }
 }
 
@@ -369,7 +380,7 @@ impl v1::safety_server::Safety for SafetyService {
         &self,
         _: tonic::Request<v1::InfoRequest>,
     ) -> std::result::Result<tonic::Response<v1::SafetyInfo>, tonic::Status> {
-        Ok(tonic::Response::new(self.local.get().ok_or_else(sdmesh_core::loading)?.info))
+        Ok(tonic::Response::new(self.local.get().ok_or_else(sdmesh_core::loading)?.info.clone()))
     }
 }
 

@@ -54,6 +54,12 @@ pub struct LocalTextEncoder {
     info: v1::TextEncoderInfo,
 }
 
+impl sdmesh_core::serve::ModelIdentity for LocalTextEncoder {
+    fn fingerprint(&self) -> &str {
+        &self.info.fingerprint
+    }
+}
+
 impl LocalTextEncoder {
     /// Loads tokenizer and weights and runs one warm-up encode.
     pub fn load(opts: &TextEncoderOptions) -> std::result::Result<Self, ModelDirError> {
@@ -84,7 +90,7 @@ impl LocalTextEncoder {
         let info = v1::TextEncoderInfo {
             context_length: tokenizer.context_length() as u32,
             hidden_size: model.hidden_size() as u32,
-            fingerprint: fingerprint(&inputs)?,
+            fingerprint: sdmesh_core::model_dir::fingerprint(&inputs, &opts.device, opts.dtype)?,
         };
         let device = opts.device.clone();
         // Warm-up: the first forward pass allocates; do it before reporting SERVING.
@@ -97,22 +103,6 @@ impl LocalTextEncoder {
         });
         Ok(Self { worker, info })
     }
-}
-
-/// BLAKE3 over every file an embedding depends on: each file's name (not its path, so replicas
-/// with the model in different places agree) and bytes, in a fixed order.
-fn fingerprint(files: &[PathBuf]) -> std::result::Result<String, ModelDirError> {
-    let mut hasher = blake3::Hasher::new();
-    for path in files {
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        hasher.update(name.as_bytes()).update(&[0]);
-        let file = std::fs::File::open(path)
-            .map_err(|e| ModelDirError::Malformed { path: path.clone(), message: e.to_string() })?;
-        hasher
-            .update_reader(file)
-            .map_err(|e| ModelDirError::Malformed { path: path.clone(), message: e.to_string() })?;
-    }
-    Ok(hasher.finalize().to_hex().to_string())
 }
 
 fn encode_batch(

@@ -161,6 +161,12 @@ pub struct LocalUnet {
     info: v1::UnetInfo,
 }
 
+impl sdmesh_core::serve::ModelIdentity for LocalUnet {
+    fn fingerprint(&self) -> &str {
+        &self.info.fingerprint
+    }
+}
+
 impl LocalUnet {
     pub fn load(opts: &UnetOptions) -> std::result::Result<Self, ModelDirError> {
         let dir = ComponentDir::open(&opts.model, "unet")?;
@@ -185,6 +191,11 @@ impl LocalUnet {
             cross_attention_dim: json.cross_attention_dim as u32,
             sample_size: json.sample_size.unwrap_or(64) as u32,
             num_class_embeds: json.num_class_embeds.unwrap_or(0) as u32,
+            fingerprint: sdmesh_core::model_dir::fingerprint(
+                &[dir.file("config.json")?, dir.weights(&["diffusion_pytorch_model"])?],
+                &opts.device,
+                dtype,
+            )?,
         };
         let model = Model { unet, device: opts.device.clone(), dtype };
         // Warm-up with a small guided step before reporting SERVING.
@@ -452,7 +463,7 @@ impl sdmesh_core::Denoiser for LocalUnet {
     }
 
     async fn info(&self) -> Result<v1::UnetInfo> {
-        Ok(self.info)
+        Ok(self.info.clone())
     }
 }
 
@@ -583,7 +594,7 @@ impl v1::unet_server::Unet for UnetService {
         &self,
         _: tonic::Request<v1::InfoRequest>,
     ) -> std::result::Result<tonic::Response<v1::UnetInfo>, tonic::Status> {
-        Ok(tonic::Response::new(self.local.get().ok_or_else(sdmesh_core::loading)?.info))
+        Ok(tonic::Response::new(self.local.get().ok_or_else(sdmesh_core::loading)?.info.clone()))
     }
 }
 

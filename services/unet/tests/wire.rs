@@ -231,3 +231,62 @@ async fn digests_are_checked() {
     let status = raw.denoise(base).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
 }
+
+/// A real unet service (`run`: health, metrics, the model check) on a loopback port.
+async fn served(opts: UnetOptions) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let shutdown = sdmesh_core::serve::Shutdown::new(std::future::pending(), std::time::Duration::from_secs(1));
+    tokio::spawn(sdmesh_unet::run(opts, listener, shutdown));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut client = loop {
+        if let Ok(c) = v1::unet_client::UnetClient::connect(url.clone()).await {
+            break c;
+        }
+        assert!(std::time::Instant::now() < deadline, "{url} did not start");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    while client.info(v1::InfoRequest {}).await.is_err() {
+        assert!(std::time::Instant::now() < deadline, "{url} did not load its model");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    url
+}
+
+/// A pool that mixes models (here the same checkpoint in f32 and f16, as a dtype rollout
+/// would): the client learns the model from its first answer and every later call asks for
+/// it, so the replica serving the other refuses with UNAVAILABLE and the job's steps all run
+/// on the model it began with, bit for bit.
+#[tokio::test]
+async fn a_job_stays_on_one_model_in_a_pool_that_mixes_them() {
+    let opts = |dtype| UnetOptions { dtype, ..UnetOptions::new(model("sd21-base-tiny"), Device::Cpu) };
+    let local = LocalUnet::load(&opts(DType::F32)).unwrap();
+    let (url_f32, url_f16) = (served(opts(DType::F32)).await, served(opts(DType::F16)).await);
+    let f16_fingerprint = LocalUnet::load(&opts(DType::F16)).unwrap().info().await.unwrap().fingerprint;
+    let f32_fingerprint = local.info().await.unwrap().fingerprint;
+    assert_ne!(f32_fingerprint, f16_fingerprint, "the dtype is part of what a replica serves");
+
+    // Every response says which model answered.
+    let mut raw = v1::unet_client::UnetClient::connect(url_f16.clone()).await.unwrap();
+    let answer = raw.info(v1::InfoRequest {}).await.unwrap();
+    assert_eq!(answer.metadata().get(sdmesh_core::serve::MODEL_HEADER).unwrap(), f16_fingerprint.as_str());
+    assert_eq!(answer.get_ref().fingerprint, f16_fingerprint);
+    // A call that expects another model is refused before it runs, and says why.
+    let mut wrong = tonic::Request::new(v1::InfoRequest {});
+    wrong.metadata_mut().insert(sdmesh_core::serve::MODEL_HEADER, f32_fingerprint.parse().unwrap());
+    let status = raw.info(wrong).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains(&f32_fingerprint[..12]) && status.message().contains("another replica"));
+
+    // One client over both, started against the f32 replica (its first call lands there).
+    let channel = sdmesh_core::client::lazy_channel(&format!("{url_f32},{url_f16}")).unwrap();
+    let client = UnetClient::from_channel(channel.clone());
+    assert_eq!(client.info().await.unwrap().fingerprint, f32_fingerprint);
+    let (latents, cond, uncond) = job(5.0);
+    for i in 0..6 {
+        let t = 950.0 - 150.0 * i as f64;
+        let remote = client.denoise(step(&latents, &cond, &uncond, t)).await.unwrap();
+        assert!(same(&remote, &local.denoise(step(&latents, &cond, &uncond, t)).await.unwrap()), "t={t}");
+    }
+    assert_eq!(channel.resting(), [url_f16], "the f16 replica was asked, refused, and rests");
+}

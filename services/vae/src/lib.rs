@@ -235,6 +235,12 @@ pub struct LocalVae {
     info: v1::VaeInfo,
 }
 
+impl sdmesh_core::serve::ModelIdentity for LocalVae {
+    fn fingerprint(&self) -> &str {
+        &self.info.fingerprint
+    }
+}
+
 impl LocalVae {
     pub fn load(opts: &VaeOptions) -> std::result::Result<Self, ModelDirError> {
         let dir = ComponentDir::open(&opts.model, "vae")?;
@@ -266,6 +272,11 @@ impl LocalVae {
             latent_channels: json.latent_channels as u32,
             scale_factor: 1 << (json.block_out_channels.len() - 1),
             scaling_factor: json.scaling_factor,
+            fingerprint: sdmesh_core::model_dir::fingerprint(
+                &[dir.file("config.json")?, dir.weights(&["diffusion_pytorch_model"])?],
+                &opts.device,
+                dtype,
+            )?,
         };
         let model = Model {
             vae,
@@ -376,7 +387,7 @@ impl sdmesh_core::Vae for LocalVae {
     }
 
     async fn info(&self) -> Result<v1::VaeInfo> {
-        Ok(self.info)
+        Ok(self.info.clone())
     }
 }
 
@@ -435,7 +446,7 @@ impl v1::vae_server::Vae for VaeService {
         &self,
         _: tonic::Request<v1::InfoRequest>,
     ) -> std::result::Result<tonic::Response<v1::VaeInfo>, tonic::Status> {
-        Ok(tonic::Response::new(self.local.get().ok_or_else(sdmesh_core::loading)?.info))
+        Ok(tonic::Response::new(self.local.get().ok_or_else(sdmesh_core::loading)?.info.clone()))
     }
 }
 

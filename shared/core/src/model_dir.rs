@@ -86,6 +86,29 @@ impl ComponentDir {
     }
 }
 
+/// What a model service serves, as a hex BLAKE3 digest: every file its outputs depend on (each
+/// file's name, not its path, so replicas with the model in different places agree, and its
+/// bytes, in the order given), the device kind and the dtype. Same digest, same bytes out; a
+/// replica with other weights, config, tokenizer, dtype or device kind has another. The
+/// files are hashed on all cores from their memory maps (the weights are mapped anyway).
+pub fn fingerprint(files: &[PathBuf], device: &Device, dtype: DType) -> Result<String> {
+    let mut hasher = blake3::Hasher::new();
+    for path in files {
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        hasher.update(name.as_bytes()).update(&[0]);
+        hasher
+            .update_mmap_rayon(path)
+            .map_err(|e| ModelDirError::Malformed { path: path.clone(), message: e.to_string() })?;
+    }
+    let kind = match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu",
+        candle_core::DeviceLocation::Cuda { .. } => "cuda",
+        candle_core::DeviceLocation::Metal { .. } => "metal",
+    };
+    hasher.update(kind.as_bytes()).update(&[0]).update(dtype.as_str().as_bytes());
+    Ok(hasher.finalize().to_hex().to_string())
+}
+
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => ModelDirError::Missing { path: path.into() },
@@ -162,5 +185,25 @@ mod tests {
         std::fs::write(dir.path().join("vae/diffusion_pytorch_model.safetensors"), b"garbage!garbage").unwrap();
         let err = c.var_builder(&["diffusion_pytorch_model"], DType::F32, &Device::Cpu).err().unwrap().to_string();
         assert!(err.contains("diffusion_pytorch_model.safetensors") && err.contains("not a safetensors"), "{err}");
+    }
+
+    #[test]
+    fn fingerprints_follow_names_bytes_and_dtype_not_paths() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        for dir in [&a, &b] {
+            std::fs::write(dir.path().join("config.json"), b"{}").unwrap();
+            std::fs::write(dir.path().join("model.safetensors"), vec![7u8; 1 << 20]).unwrap();
+        }
+        let files = |d: &tempfile::TempDir| vec![d.path().join("config.json"), d.path().join("model.safetensors")];
+        let fp = |d: &tempfile::TempDir, dtype| fingerprint(&files(d), &Device::Cpu, dtype).unwrap();
+        assert_eq!(fp(&a, DType::F32), fp(&b, DType::F32), "the same files elsewhere");
+        assert_eq!(fp(&a, DType::F32).len(), 64);
+        assert_ne!(fp(&a, DType::F32), fp(&a, DType::F16), "another dtype");
+        let mut bytes = vec![7u8; 1 << 20];
+        bytes[123_456] = 8;
+        std::fs::write(b.path().join("model.safetensors"), bytes).unwrap();
+        assert_ne!(fp(&a, DType::F32), fp(&b, DType::F32), "one weight byte");
+        let err = fingerprint(&[a.path().join("gone")], &Device::Cpu, DType::F32).unwrap_err().to_string();
+        assert!(err.contains("gone"), "{err}");
     }
 }

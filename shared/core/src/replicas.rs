@@ -173,6 +173,10 @@ struct Inner {
     turn: AtomicUsize,
     /// True once every `dns:` entry has been looked up (None: there are none).
     first_resolution: Option<tokio::sync::watch::Receiver<bool>>,
+    /// The model the first answer came from (its `sdmesh-model` fingerprint): every later
+    /// call asks for it, so a replica serving another model refuses instead of mixing models
+    /// within a job (`crate::serve::ModelCheckLayer`).
+    model: std::sync::OnceLock<http::HeaderValue>,
 }
 
 impl Inner {
@@ -276,11 +280,21 @@ impl ReplicaSet {
             fixed,
             turn: AtomicUsize::new(0),
             first_resolution: (!names.is_empty()).then_some(first_resolution),
+            model: Default::default(),
         });
         if !names.is_empty() {
             tokio::spawn(resolve_forever(Arc::downgrade(&inner), names, done));
         }
         Ok(Self { inner })
+    }
+
+    /// The replicas resting now (they failed lately), by URI.
+    pub fn resting(&self) -> Vec<String> {
+        let now = Instant::now();
+        let replicas = self.inner.replicas.read();
+        replicas
+            .map(|r| r.iter().filter(|r| r.resting_until(now).is_some()).map(|r| r.uri.clone()).collect())
+            .unwrap_or_default()
     }
 
     /// The replicas' URIs as of now.
@@ -324,6 +338,9 @@ impl tower::Service<http::Request<tonic::body::Body>> for ReplicaSet {
         use tower::ServiceExt;
         let inner = self.inner.clone();
         let pinned = request.headers_mut().remove(REPLICA_HEADER);
+        if let Some(model) = self.inner.model.get() {
+            request.headers_mut().insert(crate::serve::MODEL_HEADER, model.clone());
+        }
         Box::pin(async move {
             if let Some(mut first) = inner.first_resolution.clone() {
                 let _ = tokio::time::timeout(FIRST_RESOLUTION_WAIT, first.wait_for(|done| *done)).await;
@@ -347,6 +364,9 @@ impl tower::Service<http::Request<tonic::body::Body>> for ReplicaSet {
                         replica.failed("it answered UNAVAILABLE");
                     } else {
                         replica.answered();
+                        if let Some(model) = response.headers().get(crate::serve::MODEL_HEADER) {
+                            let _ = inner.model.get_or_init(|| model.clone());
+                        }
                     }
                     Ok(response)
                 }
@@ -394,6 +414,7 @@ mod tests {
             fixed: uris.iter().map(|u| u.to_string()).collect(),
             turn: AtomicUsize::new(0),
             first_resolution: None,
+            model: Default::default(),
         }
     }
 

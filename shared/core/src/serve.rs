@@ -1,6 +1,8 @@
 //! Serving a component: health (grpc.health.v1), reflection, graceful shutdown.
 
+use http::HeaderValue;
 use std::future::Future;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tonic::service::Routes;
@@ -17,6 +19,8 @@ pub struct Health {
     /// Set when the shutdown grace period is over: calls still running should end now, with
     /// UNAVAILABLE (retryable) rather than be cut.
     grace_over: tokio::sync::watch::Sender<bool>,
+    /// The fingerprint of the model this process serves, once loaded (see [`ModelCheckLayer`]).
+    model: Arc<OnceLock<HeaderValue>>,
 }
 
 impl Health {
@@ -31,7 +35,8 @@ impl Health {
             .build_v1()
             .expect("the embedded descriptor sets are valid");
         let routes = Routes::new(service).add_service(reflection);
-        let health = Self { reporter, names, routes, grace_over: tokio::sync::watch::Sender::new(false) };
+        let health =
+            Self { reporter, names, routes, grace_over: tokio::sync::watch::Sender::new(false), model: Arc::default() };
         health.set(ServingStatus::NotServing).await;
         health
     }
@@ -54,6 +59,17 @@ impl Health {
         let mut reporter = self.reporter.clone();
         for name in &self.names {
             reporter.clear_service_status(name).await;
+        }
+    }
+
+    /// Says which model this process serves (its fingerprint): responses carry it, and calls
+    /// that expect another are refused (see [`ModelCheckLayer`]).
+    pub fn set_model(&self, fingerprint: &str) {
+        match HeaderValue::from_str(fingerprint) {
+            Ok(v) => {
+                let _ = self.model.set(v);
+            }
+            Err(e) => tracing::warn!("model fingerprint {fingerprint:?} cannot travel as metadata: {e}"),
         }
     }
 
@@ -94,6 +110,7 @@ pub async fn serve(
     let server = tonic::transport::Server::builder()
         .trace_fn(crate::telemetry::server_span)
         .layer(crate::telemetry::RpcMetricsLayer)
+        .layer(ModelCheckLayer { model: health.model.clone() })
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, async move {
             shutdown.await;
@@ -122,9 +139,15 @@ pub async fn serve(
     }
 }
 
+/// A loaded model that can say what it is.
+pub trait ModelIdentity {
+    /// [`crate::model_dir::fingerprint`] of what it serves.
+    fn fingerprint(&self) -> &str;
+}
+
 /// Serves a model service's `routes` on `listener` at once, NOT_SERVING while `load` runs on a
-/// blocking thread; then hands the model to `ready` and reports SERVING, until `shutdown`.
-/// A model that fails to load ends the service with that error.
+/// blocking thread; then hands the model to `ready`, says which model it serves, and reports
+/// SERVING, until `shutdown`. A model that fails to load ends the service with that error.
 pub async fn serve_while_loading<M, E>(
     name: &str,
     listener: TcpListener,
@@ -135,15 +158,84 @@ pub async fn serve_while_loading<M, E>(
     ready: impl FnOnce(M),
 ) -> anyhow::Result<()>
 where
-    M: Send + 'static,
+    M: ModelIdentity + Send + 'static,
     E: std::error::Error + Send + Sync + 'static,
 {
     let server = tokio::spawn(serve(listener, routes, health.clone(), shutdown));
-    ready(tokio::task::spawn_blocking(load).await??);
+    let model = tokio::task::spawn_blocking(load).await??;
+    health.set_model(model.fingerprint());
+    tracing::info!(fingerprint = model.fingerprint(), "{name} model loaded");
+    ready(model);
     health.set(ServingStatus::Serving).await;
     tracing::info!("{name} ready");
     server.await??;
     Ok(())
+}
+
+/// Metadata naming a model by its fingerprint: on every response of a model service, the model
+/// it serves; on a request, the model the caller expects. A client over several replicas
+/// (`crate::replicas`) learns it from the first answer and sends it with every later call.
+pub const MODEL_HEADER: &str = "sdmesh-model";
+
+/// Keeps a job on one model: a call that expects another model than this process serves (a
+/// pool that mixes checkpoints, dtypes or device kinds, e.g. in the middle of a rollout) is
+/// refused with UNAVAILABLE before it runs, so the caller retries on another replica instead
+/// of mixing models within a job; every other response says which model answered.
+#[derive(Clone)]
+pub struct ModelCheckLayer {
+    model: Arc<OnceLock<HeaderValue>>,
+}
+
+impl<S> tower::Layer<S> for ModelCheckLayer {
+    type Service = ModelCheck<S>;
+    fn layer(&self, inner: S) -> ModelCheck<S> {
+        ModelCheck { inner, model: self.model.clone() }
+    }
+}
+
+#[derive(Clone)]
+pub struct ModelCheck<S> {
+    inner: S,
+    model: Arc<OnceLock<HeaderValue>>,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for ModelCheck<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = futures::future::BoxFuture<'static, Result<Self::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let Some(own) = self.model.get().cloned() else {
+            return Box::pin(self.inner.call(request));
+        };
+        if let Some(expected) = request.headers().get(MODEL_HEADER).filter(|e| **e != own) {
+            let short = |v: &HeaderValue| v.to_str().unwrap_or("?").chars().take(12).collect::<String>();
+            let status = tonic::Status::unavailable(format!(
+                "this replica serves model {}, the caller expects {} (a pool mixing checkpoints, dtypes or \
+                 device kinds, e.g. mid-rollout; the caller was started against the other): retry on another replica",
+                short(&own),
+                short(expected)
+            ));
+            let mut response = status.into_http::<tonic::body::Body>();
+            response.headers_mut().insert(MODEL_HEADER, own);
+            return Box::pin(std::future::ready(Ok(response)));
+        }
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let mut response = response.await?;
+            response.headers_mut().insert(MODEL_HEADER, own);
+            Ok(response)
+        })
+    }
 }
 
 /// When a server stops: `signal` starts the drain, `grace` bounds it.

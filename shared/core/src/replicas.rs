@@ -361,7 +361,11 @@ impl tower::Service<http::Request<tonic::body::Body>> for ReplicaSet {
                     }
                     // Errors come back trailers-only: the status is in the headers.
                     if response.headers().get("grpc-status").is_some_and(|s| s == "14") {
-                        replica.failed("it answered UNAVAILABLE");
+                        let message = response
+                            .headers()
+                            .get("grpc-message")
+                            .map(|m| percent_encoding::percent_decode(m.as_bytes()).decode_utf8_lossy().into_owned());
+                        replica.failed(&format!("it answered UNAVAILABLE: {}", message.unwrap_or_default()));
                     } else {
                         replica.answered();
                         if let Some(model) = response.headers().get(crate::serve::MODEL_HEADER) {

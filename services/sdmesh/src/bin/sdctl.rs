@@ -103,7 +103,9 @@ async fn main() {
     };
     args.job.task = task;
     if std::env::var_os("RUST_LOG").is_none() {
-        std::env::set_var("RUST_LOG", "warn");
+        // Not the endpoint's connection failures while --wait waits for the mesh to come up:
+        // the final error says what went wrong.
+        std::env::set_var("RUST_LOG", "warn,sdmesh_core::replicas=error");
     }
     let telemetry = TelemetryArgs { otlp_endpoint: args.otlp_endpoint.clone(), metrics_listen: None };
     let telemetry = match sdmesh_core::telemetry::init("sdctl", &telemetry).await {

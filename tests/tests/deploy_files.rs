@@ -86,15 +86,24 @@ fn deploy_files_name_binaries_flags_and_variables_that_exist() {
     assert!(checked >= 30, "only {checked} flags and variables checked");
 }
 
+/// Every binary the images ship.
+const BINARIES: [&str; 8] = [
+    "sdmesh",
+    "sdctl",
+    "sdmesh-text-encoder",
+    "sdmesh-unet",
+    "sdmesh-vae",
+    "sdmesh-depth",
+    "sdmesh-safety",
+    "sdmesh-orchestrator",
+];
+
 #[test]
 fn images_copy_every_service_binary() {
     let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
     for file in ["Dockerfile", "Dockerfile.cuda"] {
         let text = std::fs::read_to_string(deploy.join(file)).unwrap();
-        for binary in ["sdmesh", "sdctl", "sdmesh-text-encoder", "sdmesh-unet", "sdmesh-vae", "sdmesh-depth"]
-            .into_iter()
-            .chain(["sdmesh-safety", "sdmesh-orchestrator"])
-        {
+        for binary in BINARIES {
             bin(binary);
             assert!(text.contains(&format!("release/{binary} ")), "{file} does not copy {binary}");
         }

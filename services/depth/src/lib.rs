@@ -170,21 +170,6 @@ pub struct LocalDepth {
     info: v1::DepthInfo,
 }
 
-/// The folders holding the model and its preprocessor config.
-fn locate(model: &Path) -> std::result::Result<(ComponentDir, PathBuf), ModelDirError> {
-    if model.join("depth_estimator").is_dir() {
-        let dir = ComponentDir::open(model, "depth_estimator")?;
-        let pre = ComponentDir::open(model, "feature_extractor")?.file("preprocessor_config.json")?;
-        Ok((dir, pre))
-    } else if model.join("config.json").is_file() {
-        let dir = ComponentDir { path: model.to_path_buf() };
-        let pre = dir.file("preprocessor_config.json")?;
-        Ok((dir, pre))
-    } else {
-        Err(ModelDirError::Missing { path: model.join("depth_estimator") })
-    }
-}
-
 /// Loads the model and its preprocessing from a pipeline or transformers folder (see
 /// [`DepthOptions::model`]), checking that the configuration is one this crate runs.
 pub fn load_model(
@@ -192,12 +177,22 @@ pub fn load_model(
     device: &Device,
     dtype: DType,
 ) -> std::result::Result<(DptDepth, Preprocessor), ModelDirError> {
-    let (dir, pre_path) = locate(model)?;
+    let (dir, pre_path) = ComponentDir::open_with_preprocessor(model, "depth_estimator")?;
+    load_located(&dir, &pre_path, device, dtype)
+}
+
+/// [`load_model`] from the folder and preprocessor file it found.
+fn load_located(
+    dir: &ComponentDir,
+    pre_path: &Path,
+    device: &Device,
+    dtype: DType,
+) -> std::result::Result<(DptDepth, Preprocessor), ModelDirError> {
     let config: DptConfig = dir.json("config.json")?;
     config.validate().map_err(|message| ModelDirError::Malformed { path: dir.path.join("config.json"), message })?;
-    let pre_config: PreprocessorConfig = read_json(&pre_path)?;
+    let pre_config: PreprocessorConfig = read_json(pre_path)?;
     let pre = Preprocessor::new(pre_config)
-        .map_err(|message| ModelDirError::Malformed { path: pre_path.clone(), message })?;
+        .map_err(|message| ModelDirError::Malformed { path: pre_path.to_path_buf(), message })?;
     let patch = config.patch();
     let c = &pre.config;
     let runnable = if !c.do_resize {
@@ -210,7 +205,7 @@ pub fn load_model(
     };
     if !runnable {
         return Err(ModelDirError::Malformed {
-            path: pre_path,
+            path: pre_path.to_path_buf(),
             message: format!(
                 "size {:?} / ensure_multiple_of {} do not give sides that are multiples of the model's patch size {patch}",
                 pre.size, c.ensure_multiple_of
@@ -231,7 +226,8 @@ impl sdmesh_core::serve::ModelIdentity for LocalDepth {
 
 impl LocalDepth {
     pub fn load(opts: &DepthOptions) -> std::result::Result<Self, ModelDirError> {
-        let (dpt, pre) = load_model(&opts.model, &opts.device, opts.dtype)?;
+        let (dir, pre_path) = ComponentDir::open_with_preprocessor(&opts.model, "depth_estimator")?;
+        let (dpt, pre) = load_located(&dir, &pre_path, &opts.device, opts.dtype)?;
         let patch = dpt.patch_size();
         let c = &pre.config;
         let info = v1::DepthInfo {
@@ -239,11 +235,7 @@ impl LocalDepth {
             width: pre.size.1 as u32,
             ensure_multiple_of: c.ensure_multiple_of as u32,
             keep_aspect_ratio: c.keep_aspect_ratio,
-            fingerprint: {
-                let (dir, pre_path) = locate(&opts.model)?;
-                let files = [dir.file("config.json")?, dir.weights(&["model"])?, pre_path];
-                sdmesh_core::model_dir::fingerprint(&files, &opts.device, opts.dtype)?
-            },
+            fingerprint: dir.fingerprint(&["model"], &[pre_path], &opts.device, opts.dtype)?,
         };
         let model = Model { dpt, pre: pre.clone(), device: opts.device.clone() };
         let warm = Tensor::zeros((1, 3, 2 * patch, 2 * patch), DType::F32, &opts.device)

@@ -158,21 +158,6 @@ impl Model {
     }
 }
 
-/// The folders holding the checker and its preprocessor config.
-fn locate(model: &Path) -> std::result::Result<(ComponentDir, PathBuf), ModelDirError> {
-    if model.join("safety_checker").is_dir() {
-        let dir = ComponentDir::open(model, "safety_checker")?;
-        let pre = ComponentDir::open(model, "feature_extractor")?.file("preprocessor_config.json")?;
-        Ok((dir, pre))
-    } else if model.join("config.json").is_file() {
-        let dir = ComponentDir { path: model.to_path_buf() };
-        let pre = dir.file("preprocessor_config.json")?;
-        Ok((dir, pre))
-    } else {
-        Err(ModelDirError::Missing { path: model.join("safety_checker") })
-    }
-}
-
 /// Loads the checker and its preprocessing from a pipeline or checker folder (see
 /// [`SafetyOptions::model`]), checking that the configuration is one this crate runs.
 pub fn load_model(
@@ -180,17 +165,27 @@ pub fn load_model(
     device: &Device,
     dtype: DType,
 ) -> std::result::Result<(SafetyModel, Preprocessor), ModelDirError> {
-    let (dir, pre_path) = locate(model)?;
+    let (dir, pre_path) = ComponentDir::open_with_preprocessor(model, "safety_checker")?;
+    load_located(&dir, &pre_path, device, dtype)
+}
+
+/// [`load_model`] from the folder and preprocessor file it found.
+fn load_located(
+    dir: &ComponentDir,
+    pre_path: &Path,
+    device: &Device,
+    dtype: DType,
+) -> std::result::Result<(SafetyModel, Preprocessor), ModelDirError> {
     let config_path = dir.path.join("config.json");
     let config: CheckerConfig = dir.json("config.json")?;
     config.validate().map_err(|message| ModelDirError::Malformed { path: config_path.clone(), message })?;
-    let pre_config: PreprocessorConfig = read_json(&pre_path)?;
+    let pre_config: PreprocessorConfig = read_json(pre_path)?;
     let pre = Preprocessor::new(pre_config)
-        .map_err(|message| ModelDirError::Malformed { path: pre_path.clone(), message })?;
+        .map_err(|message| ModelDirError::Malformed { path: pre_path.to_path_buf(), message })?;
     let size = config.vision_config.image_size;
     if pre.fixed_output_size() != Some((size, size)) {
         return Err(ModelDirError::Malformed {
-            path: pre_path,
+            path: pre_path.to_path_buf(),
             message: format!(
                 "the preprocessing gives {} but the model takes {size}x{size} inputs (crop_size must be the \
                  vision_config.image_size)",
@@ -220,7 +215,8 @@ impl sdmesh_core::serve::ModelIdentity for LocalSafety {
 
 impl LocalSafety {
     pub fn load(opts: &SafetyOptions) -> std::result::Result<Self, ModelDirError> {
-        let (checker, pre) = load_model(&opts.model, &opts.device, opts.dtype)?;
+        let (dir, pre_path) = ComponentDir::open_with_preprocessor(&opts.model, "safety_checker")?;
+        let (checker, pre) = load_located(&dir, &pre_path, &opts.device, opts.dtype)?;
         let s = checker.image_size;
         let info = v1::SafetyInfo {
             height: s as u32,
@@ -233,11 +229,7 @@ impl LocalSafety {
             special_care_concepts: checker.special_care_concepts() as u32,
             projection_dim: checker.projection_dim as u32,
             max_images: MAX_IMAGES as u32,
-            fingerprint: {
-                let (dir, pre_path) = locate(&opts.model)?;
-                let files = [dir.file("config.json")?, dir.weights(&["model"])?, pre_path];
-                sdmesh_core::model_dir::fingerprint(&files, &opts.device, opts.dtype)?
-            },
+            fingerprint: dir.fingerprint(&["model"], &[pre_path], &opts.device, opts.dtype)?,
         };
         let model = Model { checker, pre, device: opts.device.clone() };
         Tensor::zeros((1, 3, s, s), DType::F32, &opts.device).and_then(|x| model.checker.forward(&x)).map_err(|e| {

@@ -70,12 +70,11 @@ impl LocalTextEncoder {
             .map_err(|message| ModelDirError::Malformed { path: dir.path.clone(), message })?;
         let tokenizer_dir = ComponentDir::open(&opts.model, "tokenizer")?;
         let tokenizer = tokenizer::ClipTokenizer::load(&tokenizer_dir, model.max_positions())?;
-        let mut inputs = vec![dir.file("config.json")?, dir.weights(&["model"])?];
-        for name in ["vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json"] {
-            if let Ok(path) = tokenizer_dir.file(name) {
-                inputs.push(path);
-            }
-        }
+        let tokenizer_files: Vec<PathBuf> =
+            ["vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json"]
+                .into_iter()
+                .filter_map(|name| tokenizer_dir.file(name).ok())
+                .collect();
         if tokenizer.context_length() > MAX_CONTEXT_LENGTH || model.hidden_size() > MAX_HIDDEN_SIZE {
             return Err(ModelDirError::Malformed {
                 path: dir.path.clone(),
@@ -90,7 +89,7 @@ impl LocalTextEncoder {
         let info = v1::TextEncoderInfo {
             context_length: tokenizer.context_length() as u32,
             hidden_size: model.hidden_size() as u32,
-            fingerprint: sdmesh_core::model_dir::fingerprint(&inputs, &opts.device, opts.dtype)?,
+            fingerprint: dir.fingerprint(&["model"], &tokenizer_files, &opts.device, opts.dtype)?,
         };
         let device = opts.device.clone();
         // Warm-up: the first forward pass allocates; do it before reporting SERVING.

@@ -191,11 +191,7 @@ impl LocalUnet {
             cross_attention_dim: json.cross_attention_dim as u32,
             sample_size: json.sample_size.unwrap_or(64) as u32,
             num_class_embeds: json.num_class_embeds.unwrap_or(0) as u32,
-            fingerprint: sdmesh_core::model_dir::fingerprint(
-                &[dir.file("config.json")?, dir.weights(&["diffusion_pytorch_model"])?],
-                &opts.device,
-                dtype,
-            )?,
+            fingerprint: dir.fingerprint(&["diffusion_pytorch_model"], &[], &opts.device, dtype)?,
         };
         let model = Model { unet, device: opts.device.clone(), dtype };
         // Warm-up with a small guided step before reporting SERVING.
@@ -651,12 +647,6 @@ impl UnetClient {
             wire: Arc::new(std::sync::Mutex::new(lru::LruCache::new(entries))),
             sent: Arc::new(std::sync::Mutex::new(lru::LruCache::new(entries))),
         }
-    }
-
-    /// The same client (what it has encoded and sent) over another channel, e.g. after its
-    /// replica went away and another took over.
-    pub fn with_channel(&self, channel: sdmesh_core::client::ReplicaSet) -> Self {
-        Self { inner: Self::from_channel(channel).inner, ..self.clone() }
     }
 
     fn wire(&self, t: &Tensor) -> Result<Arc<WireConditioning>> {

@@ -272,11 +272,7 @@ impl LocalVae {
             latent_channels: json.latent_channels as u32,
             scale_factor: 1 << (json.block_out_channels.len() - 1),
             scaling_factor: json.scaling_factor,
-            fingerprint: sdmesh_core::model_dir::fingerprint(
-                &[dir.file("config.json")?, dir.weights(&["diffusion_pytorch_model"])?],
-                &opts.device,
-                dtype,
-            )?,
+            fingerprint: dir.fingerprint(&["diffusion_pytorch_model"], &[], &opts.device, dtype)?,
         };
         let model = Model {
             vae,

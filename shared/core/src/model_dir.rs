@@ -40,6 +40,23 @@ impl ComponentDir {
         Ok(Self { path })
     }
 
+    /// A transformers vision model and its preprocessor config: `model/component` and
+    /// `model/feature_extractor/preprocessor_config.json` in a pipeline folder, or `model`
+    /// itself holding config.json and preprocessor_config.json.
+    pub fn open_with_preprocessor(model: &Path, component: &str) -> Result<(Self, PathBuf)> {
+        if model.join(component).is_dir() {
+            let dir = Self::open(model, component)?;
+            let pre = Self::open(model, "feature_extractor")?.file("preprocessor_config.json")?;
+            Ok((dir, pre))
+        } else if model.join("config.json").is_file() {
+            let dir = Self { path: model.to_path_buf() };
+            let pre = dir.file("preprocessor_config.json")?;
+            Ok((dir, pre))
+        } else {
+            Err(ModelDirError::Missing { path: model.join(component) })
+        }
+    }
+
     pub fn file(&self, name: &str) -> Result<PathBuf> {
         let path = self.path.join(name);
         if !path.is_file() {
@@ -67,6 +84,15 @@ impl ComponentDir {
             }
         }
         Err(ModelDirError::NoWeights { dir: self.path.clone(), candidates: candidates.join(", ") })
+    }
+
+    /// [`fingerprint`] of this component as a service runs it: its config.json, its weights
+    /// (`stems`, picked as [`Self::weights`] picks them), then `extra` files (tokenizer,
+    /// preprocessor).
+    pub fn fingerprint(&self, stems: &[&str], extra: &[PathBuf], device: &Device, dtype: DType) -> Result<String> {
+        let mut files = vec![self.file("config.json")?, self.weights(stems)?];
+        files.extend_from_slice(extra);
+        fingerprint(&files, device, dtype)
     }
 
     /// Memory-maps the weights, converting to `dtype` as tensors are fetched.

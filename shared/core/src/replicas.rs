@@ -360,7 +360,7 @@ impl tower::Service<http::Request<tonic::body::Body>> for ReplicaSet {
                         response.headers_mut().insert(REPLICA_HEADER, uri);
                     }
                     // Errors come back trailers-only: the status is in the headers.
-                    if response.headers().get("grpc-status").is_some_and(|s| s == "14") {
+                    if crate::telemetry::grpc_status(response.headers()) == Some(tonic::Code::Unavailable) {
                         let message = response
                             .headers()
                             .get("grpc-message")

@@ -264,7 +264,8 @@ where
     }
 }
 
-fn grpc_status(headers: &http::HeaderMap) -> Option<tonic::Code> {
+/// The gRPC status in `headers` (trailers, or the headers of a trailers-only error response).
+pub(crate) fn grpc_status(headers: &http::HeaderMap) -> Option<tonic::Code> {
     let value = headers.get("grpc-status")?.to_str().ok()?.parse::<i32>().ok()?;
     Some(tonic::Code::from_i32(value))
 }

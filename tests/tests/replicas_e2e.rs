@@ -71,3 +71,72 @@ async fn steps_spread_over_unet_replicas_and_a_killed_replica_costs_no_job() {
     let images = job.await.unwrap().expect("the job survives a replica killed under it");
     assert_eq!(images, expected, "and ends with the bytes it has on one replica");
 }
+
+/// A rollout of the unet pool to another model (here the same checkpoint in f16, as
+/// `--dtype f16` on the new replicas would be): while the pool mixes both, each job runs on
+/// one model throughout; once the old replicas are gone, the same orchestrator serves the next
+/// job on the new model, without a restart.
+#[tokio::test]
+async fn a_unet_rollout_to_another_model_needs_no_orchestrator_restart() {
+    let mesh = Mesh::start("sd21-base-tiny").await;
+    let model = sdmesh_testkit::model("sd21-base-tiny");
+    let model = model.to_str().unwrap();
+    let new = start("sdmesh-unet", &["--model", model, "--dtype", "f16"], &[]);
+    wait_serving(&new.addr).await;
+    let orchestrator_over = |unet: String| {
+        let args: Vec<String> = [
+            "--model",
+            model,
+            "--text-encoder-url",
+            &mesh.text_encoder.addr,
+            "--unet-url",
+            &unet,
+            "--vae-url",
+            &mesh.vae.addr,
+        ]
+        .map(String::from)
+        .into();
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let orchestrator = start("sdmesh-orchestrator", &args, &[]);
+            wait_serving(&orchestrator.addr).await;
+            orchestrator
+        }
+    };
+    let request = v1::GenerateRequest {
+        prompt: "a harbour at dawn".into(),
+        steps: Some(8),
+        seed: Some(5),
+        height: Some(32),
+        width: Some(32),
+        return_array: true,
+        ..Default::default()
+    };
+    let generate = |addr: String| {
+        let request = request.clone();
+        async move {
+            let mut client = v1::orchestrator_client::OrchestratorClient::connect(addr).await.unwrap();
+            client.generate(request).await.map(|r| r.into_inner().array.unwrap().data)
+        }
+    };
+    let old_only = generate(mesh.orchestrator.addr.clone()).await.unwrap();
+    let new_only = generate(orchestrator_over(new.addr.clone()).await.addr.clone()).await.unwrap();
+    assert_ne!(old_only, new_only, "f16 and f32 give other numbers");
+
+    // The old replica is listed first: the orchestrator starts against it.
+    let both = orchestrator_over(format!("{},{}", mesh.unet.addr, new.addr)).await;
+    let jobs: Vec<_> = (0..4).map(|_| tokio::spawn(generate(both.addr.clone()))).collect();
+    for job in jobs {
+        let out = job.await.unwrap().expect("a job in a mixed pool");
+        assert!(out == old_only || out == new_only, "a job mixed the two models");
+    }
+
+    // The rollout ends: the old replica goes.
+    let mut old = mesh.unet;
+    old.child.kill().unwrap();
+    old.child.wait().unwrap();
+    for _ in 0..2 {
+        let out = generate(both.addr.clone()).await.expect("a job after the rollout");
+        assert!(out == new_only, "the job ran on the new model, bit for bit");
+    }
+}

@@ -91,19 +91,17 @@ fn decode_value(bytes: &[u8], expected_dims: &[usize]) -> Option<(Tensor, u32)> 
 pub struct CachedTextEncoder {
     inner: Arc<dyn TextEncoder>,
     store: Arc<dyn EmbeddingStore>,
-    info: v1::TextEncoderInfo,
 }
 
 impl CachedTextEncoder {
-    /// `info` is the inner encoder's (its fingerprint keys the cache).
-    pub fn new(inner: Arc<dyn TextEncoder>, store: Arc<dyn EmbeddingStore>, info: v1::TextEncoderInfo) -> Self {
-        Self { inner, store, info }
+    pub fn new(inner: Arc<dyn TextEncoder>, store: Arc<dyn EmbeddingStore>) -> Self {
+        Self { inner, store }
     }
 
-    fn key(&self, text: &str) -> String {
+    fn key(info: &v1::TextEncoderInfo, text: &str) -> String {
         let mut h = blake3::Hasher::new();
-        h.update(self.info.fingerprint.as_bytes()).update(&[0]);
-        h.update(&self.info.context_length.to_le_bytes()).update(&self.info.hidden_size.to_le_bytes());
+        h.update(info.fingerprint.as_bytes()).update(&[0]);
+        h.update(&info.context_length.to_le_bytes()).update(&info.hidden_size.to_le_bytes());
         h.update(text.as_bytes());
         format!("sdmesh:emb:v1:{}", h.finalize().to_hex())
     }
@@ -112,8 +110,11 @@ impl CachedTextEncoder {
 #[async_trait::async_trait]
 impl TextEncoder for CachedTextEncoder {
     async fn encode(&self, texts: Vec<String>) -> Result<TextEmbeddings> {
-        let dims = [1, self.info.context_length as usize, self.info.hidden_size as usize];
-        let keys: Vec<String> = texts.iter().map(|t| self.key(t)).collect();
+        // Asked for each job: the encoders may have changed model (a rollout) since the last,
+        // and within a job the encode that follows goes to the model that answered this.
+        let info = self.inner.info().await?;
+        let dims = [1, info.context_length as usize, info.hidden_size as usize];
+        let keys: Vec<String> = texts.iter().map(|t| Self::key(&info, t)).collect();
         let mut found: Vec<Option<(Tensor, u32)>> = Vec::with_capacity(texts.len());
         for key in &keys {
             found.push(self.store.get(key).await.and_then(|v| decode_value(&v, &dims)));
@@ -139,7 +140,7 @@ impl TextEncoder for CachedTextEncoder {
     }
 
     async fn info(&self) -> Result<v1::TextEncoderInfo> {
-        Ok(self.info.clone())
+        self.inner.info().await
     }
 }
 
@@ -148,11 +149,18 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    /// Embeds each text as a constant: its length, plus a per-encoder offset.
+    /// Embeds each text as a constant: its length, plus an offset that stands for the model
+    /// (named by its fingerprint; a test switches both, as a rollout would).
     struct Counting {
         calls: AtomicUsize,
         texts: AtomicUsize,
-        offset: f32,
+        model: std::sync::Mutex<(&'static str, f32)>,
+    }
+
+    impl Counting {
+        fn serve(&self, fingerprint: &'static str, offset: f32) {
+            *self.model.lock().unwrap() = (fingerprint, offset);
+        }
     }
 
     #[async_trait::async_trait]
@@ -162,21 +170,19 @@ mod tests {
             self.texts.fetch_add(texts.len(), Ordering::SeqCst);
             let rows: Vec<Tensor> = texts
                 .iter()
-                .map(|t| Tensor::full(t.len() as f32 + self.offset, (1, 4, 3), &Device::Cpu))
+                .map(|t| Tensor::full(t.len() as f32 + self.model.lock().unwrap().1, (1, 4, 3), &Device::Cpu))
                 .collect::<candle_core::Result<_>>()?;
             Ok(TextEmbeddings { embeddings: Tensor::cat(&rows, 0)?, truncated_tokens: vec![7; texts.len()] })
         }
         async fn info(&self) -> Result<v1::TextEncoderInfo> {
-            Ok(info("fp-a"))
+            let fingerprint = self.model.lock().unwrap().0.into();
+            Ok(v1::TextEncoderInfo { context_length: 4, hidden_size: 3, fingerprint })
         }
     }
 
-    fn info(fingerprint: &str) -> v1::TextEncoderInfo {
-        v1::TextEncoderInfo { context_length: 4, hidden_size: 3, fingerprint: fingerprint.into() }
-    }
-
-    fn counting(offset: f32) -> Arc<Counting> {
-        Arc::new(Counting { calls: AtomicUsize::new(0), texts: AtomicUsize::new(0), offset })
+    fn counting() -> Arc<Counting> {
+        let model = std::sync::Mutex::new(("fp-a", 0.0));
+        Arc::new(Counting { calls: AtomicUsize::new(0), texts: AtomicUsize::new(0), model })
     }
 
     fn value_of(e: &TextEmbeddings, row: usize) -> f32 {
@@ -185,9 +191,9 @@ mod tests {
 
     #[tokio::test]
     async fn repeated_texts_do_not_reach_the_encoder() {
-        let inner = counting(0.0);
+        let inner = counting();
         let store = Arc::new(LruStore::new(1 << 20));
-        let cached = CachedTextEncoder::new(inner.clone(), store, info("fp-a"));
+        let cached = CachedTextEncoder::new(inner.clone(), store);
         let a = cached.encode(vec!["".into(), "a cat".into()]).await.unwrap();
         let b = cached.encode(vec!["a cat".into(), "".into(), "a dog!".into()]).await.unwrap();
         assert_eq!(inner.calls.load(Ordering::SeqCst), 2);
@@ -199,23 +205,28 @@ mod tests {
         assert_eq!(inner.calls.load(Ordering::SeqCst), 2);
     }
 
+    /// The encoder's model is asked for every encode: after a rollout to another model, the
+    /// first model's embeddings are not used, and they are used again if it comes back.
     #[tokio::test]
-    async fn another_fingerprint_never_hits() {
-        let store: Arc<LruStore> = Arc::new(LruStore::new(1 << 20));
-        let (a, b) = (counting(0.0), counting(100.0));
-        CachedTextEncoder::new(a.clone(), store.clone(), info("fp-a")).encode(vec!["x".into()]).await.unwrap();
-        let got = CachedTextEncoder::new(b.clone(), store, info("fp-b")).encode(vec!["x".into()]).await.unwrap();
-        assert_eq!(b.calls.load(Ordering::SeqCst), 1);
-        assert_eq!(value_of(&got, 0), 101.0);
+    async fn another_model_never_hits() {
+        let inner = counting();
+        let cached = CachedTextEncoder::new(inner.clone(), Arc::new(LruStore::new(1 << 20)));
+        assert_eq!(value_of(&cached.encode(vec!["x".into()]).await.unwrap(), 0), 1.0);
+        inner.serve("fp-b", 100.0);
+        assert_eq!(value_of(&cached.encode(vec!["x".into()]).await.unwrap(), 0), 101.0);
+        assert_eq!(inner.calls.load(Ordering::SeqCst), 2);
+        inner.serve("fp-a", 0.0);
+        assert_eq!(value_of(&cached.encode(vec!["x".into()]).await.unwrap(), 0), 1.0);
+        assert_eq!(inner.calls.load(Ordering::SeqCst), 2, "fp-a's entry was still there");
     }
 
     #[tokio::test]
     async fn corrupted_truncated_or_foreign_values_are_recomputed() {
-        let inner = counting(0.0);
+        let inner = counting();
         let store = Arc::new(LruStore::new(1 << 20));
-        let cached = CachedTextEncoder::new(inner.clone(), store.clone(), info("fp-a"));
+        let cached = CachedTextEncoder::new(inner.clone(), store.clone());
         cached.encode(vec!["abc".into()]).await.unwrap();
-        let key = cached.key("abc");
+        let key = CachedTextEncoder::key(&inner.info().await.unwrap(), "abc");
         let good = store.get(&key).await.unwrap();
         let mut flipped = good.clone();
         flipped[20] ^= 1;

@@ -162,11 +162,7 @@ impl LimitsArgs {
 
 /// Puts a prompt-embedding cache in front of the pipeline's text encoder.
 pub fn with_embedding_cache(mut pipeline: Pipeline, store: Arc<dyn embedding_cache::EmbeddingStore>) -> Pipeline {
-    pipeline.text_encoder = Arc::new(embedding_cache::CachedTextEncoder::new(
-        pipeline.text_encoder.clone(),
-        store,
-        pipeline.info.text.clone(),
-    ));
+    pipeline.text_encoder = Arc::new(embedding_cache::CachedTextEncoder::new(pipeline.text_encoder.clone(), store));
     pipeline
 }
 

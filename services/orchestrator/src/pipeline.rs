@@ -302,7 +302,18 @@ impl Pipeline {
     /// Runs a validated job. `progress` is called after every step; returning false cancels.
     /// A job that chains an upscale runs it on each image in turn, drawing on from the same
     /// noise (as diffusers' pipelines called one after the other with one generator).
+    /// Each service serves the whole job with one model, even in a pool in the middle of a
+    /// rollout ([`sdmesh_core::replicas::one_job`]).
     pub async fn run(
+        &self,
+        job: &Job,
+        noise: &mut dyn NoiseSource,
+        progress: &mut (dyn FnMut(StepProgress) -> bool + Send),
+    ) -> Result<JobOutput> {
+        sdmesh_core::replicas::one_job(self.run_on_one_model(job, noise, progress)).await
+    }
+
+    async fn run_on_one_model(
         &self,
         job: &Job,
         noise: &mut dyn NoiseSource,

@@ -238,6 +238,11 @@ impl sdmesh_core::TextEncoder for TextEncoderClient {
     }
 
     async fn info(&self) -> Result<v1::TextEncoderInfo> {
-        Ok(self.inner.clone().info(traced(v1::InfoRequest {})).await?.into_inner())
+        // Retried as every call is: within a job, a dead replica costs a retry.
+        call_with_retries(BACKPRESSURE_PATIENCE, || {
+            let mut client = self.inner.clone();
+            async move { Ok(client.info(traced(v1::InfoRequest {})).await?.into_inner()) }
+        })
+        .await
     }
 }

@@ -225,27 +225,47 @@ async fn digests_are_checked() {
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
 }
 
-/// A real unet service (`run`: health, metrics, the model check) on a loopback port.
-async fn served(opts: UnetOptions) -> String {
+/// A real unet service (`run`: health, metrics, the model check) on a loopback port, until
+/// `stop` resolves.
+async fn served(opts: UnetOptions, stop: impl std::future::Future<Output = ()> + Send + 'static) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    let shutdown = sdmesh_core::serve::Shutdown::new(std::future::pending(), std::time::Duration::from_secs(1));
+    let shutdown = sdmesh_core::serve::Shutdown::new(stop, std::time::Duration::from_secs(1));
     tokio::spawn(sdmesh_unet::run(opts, listener, shutdown));
     sdmesh_testkit::process::wait_serving(&url).await;
     url
 }
 
+/// Runs `n` steps of `job(5.0)` through `client`; true if each is bit-identical to `reference`'s.
+async fn steps_match(client: &UnetClient, reference: &LocalUnet, n: usize) -> bool {
+    let (latents, cond, uncond) = job(5.0);
+    for i in 0..n {
+        let t = 950.0 - 150.0 * i as f64;
+        let remote = client.denoise(step(&latents, &cond, &uncond, t)).await.unwrap();
+        if !same(&remote, &reference.denoise(step(&latents, &cond, &uncond, t)).await.unwrap()) {
+            return false;
+        }
+    }
+    true
+}
+
 /// A pool that mixes models (here the same checkpoint in f32 and f16, as a dtype rollout
-/// would): the client learns the model from its first answer and every later call asks for
-/// it, so the replica serving the other refuses with UNAVAILABLE and the job's steps all run
-/// on the model it began with, bit for bit.
+/// would). Within a job, the first answer names the model and every later call asks for it:
+/// the replica serving the other refuses with UNAVAILABLE, and the job's steps all run on the
+/// model it began with, bit for bit. The refusing replica does not rest (it serves the jobs of
+/// its own model). Once the pool has moved on, a job that began on the old model fails with
+/// UNAVAILABLE, and the next job runs on the new one.
 #[tokio::test]
 async fn a_job_stays_on_one_model_in_a_pool_that_mixes_them() {
+    use sdmesh_core::replicas::one_job;
     let opts = |dtype| UnetOptions { dtype, ..UnetOptions::new(model("sd21-base-tiny"), Device::Cpu) };
-    let local = LocalUnet::load(&opts(DType::F32)).unwrap();
-    let (url_f32, url_f16) = (served(opts(DType::F32)).await, served(opts(DType::F16)).await);
-    let f16_fingerprint = LocalUnet::load(&opts(DType::F16)).unwrap().info().await.unwrap().fingerprint;
-    let f32_fingerprint = local.info().await.unwrap().fingerprint;
+    let (local_f32, local_f16) =
+        (LocalUnet::load(&opts(DType::F32)).unwrap(), LocalUnet::load(&opts(DType::F16)).unwrap());
+    let (stop_f32, stopped) = tokio::sync::oneshot::channel::<()>();
+    let url_f32 = served(opts(DType::F32), async { stopped.await.unwrap_or(()) }).await;
+    let url_f16 = served(opts(DType::F16), std::future::pending()).await;
+    let f32_fingerprint = local_f32.info().await.unwrap().fingerprint;
+    let f16_fingerprint = local_f16.info().await.unwrap().fingerprint;
     assert_ne!(f32_fingerprint, f16_fingerprint, "the dtype is part of what a replica serves");
 
     // Every response says which model answered.
@@ -258,17 +278,41 @@ async fn a_job_stays_on_one_model_in_a_pool_that_mixes_them() {
     wrong.metadata_mut().insert(sdmesh_core::serve::MODEL_HEADER, f32_fingerprint.parse().unwrap());
     let status = raw.info(wrong).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
-    assert!(status.message().contains(&f32_fingerprint[..12]) && status.message().contains("another replica"));
+    assert!(
+        status.message().contains(&f32_fingerprint[..12]) && status.message().contains("the job began on the other")
+    );
 
-    // One client over both, started against the f32 replica (its first call lands there).
+    // One client over both. Its first job starts on the f32 replica (listed first, all idle);
+    // its second call goes, in turn, to the f16 replica, which refuses and is asked no more.
     let channel = sdmesh_core::client::lazy_channel(&format!("{url_f32},{url_f16}")).unwrap();
     let client = UnetClient::from_channel(channel.clone());
-    assert_eq!(client.info().await.unwrap().fingerprint, f32_fingerprint);
-    let (latents, cond, uncond) = job(5.0);
-    for i in 0..6 {
-        let t = 950.0 - 150.0 * i as f64;
-        let remote = client.denoise(step(&latents, &cond, &uncond, t)).await.unwrap();
-        assert!(same(&remote, &local.denoise(step(&latents, &cond, &uncond, t)).await.unwrap()), "t={t}");
-    }
-    assert_eq!(channel.resting(), [url_f16], "the f16 replica was asked, refused, and rests");
+    one_job(async {
+        assert_eq!(client.info().await.unwrap().fingerprint, f32_fingerprint);
+        assert!(steps_match(&client, &local_f32, 6).await);
+    })
+    .await;
+    assert!(channel.resting().is_empty(), "a refusal for another model is no failure: {:?}", channel.resting());
+    let known = [(url_f32.clone(), Some(f32_fingerprint.clone())), (url_f16.clone(), Some(f16_fingerprint.clone()))];
+    assert_eq!(channel.models(), known);
+    // Later jobs know where each model is: the next one's steps all go to the f32 replica.
+    one_job(async {
+        assert_eq!(client.info().await.unwrap().fingerprint, f32_fingerprint);
+        assert!(steps_match(&client, &local_f32, 3).await);
+
+        // The rollout ends: the f32 replica goes. This job cannot go on without mixing models.
+        stop_f32.send(()).unwrap();
+        while sdmesh_testkit::process::health(&url_f32).await.is_some() {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let (latents, cond, uncond) = job(5.0);
+        let e = client.denoise(step(&latents, &cond, &uncond, 500.0)).await.unwrap_err();
+        assert_eq!(tonic::Status::from(e).code(), tonic::Code::Unavailable);
+    })
+    .await;
+    // The next job runs on the model the pool serves now.
+    one_job(async {
+        assert_eq!(client.info().await.unwrap().fingerprint, f16_fingerprint);
+        assert!(steps_match(&client, &local_f16, 6).await);
+    })
+    .await;
 }

@@ -18,9 +18,17 @@
 //! Why not tonic's `Channel::balance_list`: its power-of-two-choices balancer ranks replicas by
 //! calls in flight only, and a dead replica fails its calls at once, so it always looks the
 //! least loaded and draws the traffic it cannot serve.
+//!
+//! A job stays on one model per service: within [`one_job`], a service's first answer names
+//! the model that served it (its `sdmesh-model` fingerprint), and every later call of the job to
+//! that service asks for that model, so a replica serving another one (in the middle of a
+//! rollout) refuses instead of mixing models within the job. The set remembers which model each
+//! replica answered with and sends a job's calls to replicas of its model; a refusal for another
+//! model does not rest a replica, which serves the jobs of its own model. The next job takes
+//! whichever model answers it first, so a pool that has moved on serves new jobs at once.
 
 use crate::{Error, Result};
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
@@ -40,6 +48,31 @@ pub const LONGEST_REST: Duration = Duration::from_secs(10);
 pub const REPLICA_HEADER: &str = "sdmesh-replica";
 /// How long a call waits for a `dns:` target's first resolution.
 const FIRST_RESOLUTION_WAIT: Duration = Duration::from_secs(5);
+
+tokio::task_local! {
+    /// The model each target answered the running job with, by target.
+    static JOB_MODELS: Mutex<HashMap<String, http::HeaderValue>>;
+}
+
+/// Runs `job` as one job: the calls it makes to each service stay on the model that answered
+/// its first call there (see the module's documentation). Calls outside a job are not pinned.
+pub async fn one_job<F: std::future::Future>(job: F) -> F::Output {
+    JOB_MODELS.scope(Mutex::default(), job).await
+}
+
+/// The model the running job was answered with by `target`, if any.
+fn job_model(target: &str) -> Option<http::HeaderValue> {
+    JOB_MODELS.try_with(|m| m.lock().ok()?.get(target).cloned()).ok().flatten()
+}
+
+/// Records `model` as the running job's for `target`, unless it has one.
+fn answered_by_model(target: &str, model: &http::HeaderValue) {
+    let _ = JOB_MODELS.try_with(|m| {
+        if let Ok(mut m) = m.lock() {
+            m.entry(target.to_string()).or_insert_with(|| model.clone());
+        }
+    });
+}
 
 /// One entry of a target.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,6 +135,8 @@ struct Replica {
     channel: Channel,
     in_flight: AtomicUsize,
     health: Mutex<Health>,
+    /// The model it last answered with (None: not seen yet).
+    model: Mutex<Option<http::HeaderValue>>,
 }
 
 #[derive(Default)]
@@ -113,7 +148,16 @@ struct Health {
 impl Replica {
     fn new(uri: String) -> Result<Arc<Self>> {
         let channel = endpoint(&uri)?.connect_lazy();
-        Ok(Arc::new(Self { uri, channel, in_flight: AtomicUsize::new(0), health: Mutex::default() }))
+        let (in_flight, health, model) = Default::default();
+        Ok(Arc::new(Self { uri, channel, in_flight, health, model }))
+    }
+
+    /// Whether it may serve `model`: it does, or it has not said what it serves.
+    fn may_serve(&self, model: Option<&http::HeaderValue>) -> bool {
+        match (model, self.model.lock().ok().as_deref()) {
+            (Some(wanted), Some(Some(served))) => wanted == served,
+            _ => true,
+        }
     }
 
     /// Until when it rests (None: it does not).
@@ -173,24 +217,24 @@ struct Inner {
     turn: AtomicUsize,
     /// True once every `dns:` entry has been looked up (None: there are none).
     first_resolution: Option<tokio::sync::watch::Receiver<bool>>,
-    /// The model the first answer came from (its `sdmesh-model` fingerprint): every later
-    /// call asks for it, so a replica serving another model refuses instead of mixing models
-    /// within a job (`crate::serve::ModelCheckLayer`).
-    model: std::sync::OnceLock<http::HeaderValue>,
 }
 
 impl Inner {
     /// The replica `pinned` names if it is listed and not resting; else the one with the fewest
-    /// calls in flight among those not resting; if all rest, the one that is back first.
-    fn pick(&self, pinned: Option<&str>) -> Option<Arc<Replica>> {
+    /// calls in flight among those not resting that may serve `model` (all those not resting if
+    /// none may: one refuses, and says what it serves); if all rest, the one that is back first.
+    fn pick(&self, pinned: Option<&str>, model: Option<&http::HeaderValue>) -> Option<Arc<Replica>> {
         let replicas = self.replicas.read().ok()?;
         let now = Instant::now();
-        let awake: Vec<&Arc<Replica>> = replicas.iter().filter(|r| r.resting_until(now).is_none()).collect();
+        let mut awake: Vec<&Arc<Replica>> = replicas.iter().filter(|r| r.resting_until(now).is_none()).collect();
         if let Some(r) = pinned.and_then(|uri| awake.iter().find(|r| r.uri == uri)) {
             return Some((*r).clone());
         }
         if awake.is_empty() {
             return replicas.iter().min_by_key(|r| r.resting_until(now)).cloned();
+        }
+        if awake.iter().any(|r| r.may_serve(model)) {
+            awake.retain(|r| r.may_serve(model));
         }
         // Turn round the awake ones, so that one resting does not send its turns to its
         // neighbour.
@@ -280,7 +324,6 @@ impl ReplicaSet {
             fixed,
             turn: AtomicUsize::new(0),
             first_resolution: (!names.is_empty()).then_some(first_resolution),
-            model: Default::default(),
         });
         if !names.is_empty() {
             tokio::spawn(resolve_forever(Arc::downgrade(&inner), names, done));
@@ -300,6 +343,13 @@ impl ReplicaSet {
     /// The replicas' URIs as of now.
     pub fn replicas(&self) -> Vec<String> {
         self.inner.replicas.read().map(|r| r.iter().map(|r| r.uri.clone()).collect()).unwrap_or_default()
+    }
+
+    /// The model each replica last answered with, by URI (None: not seen yet).
+    pub fn models(&self) -> Vec<(String, Option<String>)> {
+        let replicas = self.inner.replicas.read();
+        let model = |r: &Replica| r.model.lock().ok()?.as_ref().and_then(|m| m.to_str().ok()).map(str::to_string);
+        replicas.map(|r| r.iter().map(|r| (r.uri.clone(), model(r))).collect()).unwrap_or_default()
     }
 }
 
@@ -338,16 +388,19 @@ impl tower::Service<http::Request<tonic::body::Body>> for ReplicaSet {
         use tower::ServiceExt;
         let inner = self.inner.clone();
         let pinned = request.headers_mut().remove(REPLICA_HEADER);
-        if let Some(model) = self.inner.model.get() {
+        // Read here, while the caller's task (and so its job) is current.
+        let wanted = job_model(&inner.target);
+        if let Some(model) = &wanted {
             request.headers_mut().insert(crate::serve::MODEL_HEADER, model.clone());
         }
         Box::pin(async move {
             if let Some(mut first) = inner.first_resolution.clone() {
                 let _ = tokio::time::timeout(FIRST_RESOLUTION_WAIT, first.wait_for(|done| *done)).await;
             }
-            let replica = inner.pick(pinned.as_ref().and_then(|p| p.to_str().ok())).ok_or_else(|| {
-                unavailable(format!("no replica of {} (its names resolved to no address)", inner.target))
-            })?;
+            let replica =
+                inner.pick(pinned.as_ref().and_then(|p| p.to_str().ok()), wanted.as_ref()).ok_or_else(|| {
+                    unavailable(format!("no replica of {} (its names resolved to no address)", inner.target))
+                })?;
             let _in_flight = InFlight::new(replica.clone());
             let mut channel = replica.channel.clone();
             let response = match channel.ready().await {
@@ -359,8 +412,18 @@ impl tower::Service<http::Request<tonic::body::Body>> for ReplicaSet {
                     if let Ok(uri) = http::HeaderValue::from_str(&replica.uri) {
                         response.headers_mut().insert(REPLICA_HEADER, uri);
                     }
+                    let served = response.headers().get(crate::serve::MODEL_HEADER).cloned();
+                    if let (Some(served), Ok(mut known)) = (&served, replica.model.lock()) {
+                        *known = Some(served.clone());
+                    }
                     // Errors come back trailers-only: the status is in the headers.
-                    if crate::telemetry::grpc_status(response.headers()) == Some(tonic::Code::Unavailable) {
+                    let unavailable =
+                        crate::telemetry::grpc_status(response.headers()) == Some(tonic::Code::Unavailable);
+                    let refused_for_its_model = unavailable && wanted.is_some() && served.is_some() && served != wanted;
+                    if refused_for_its_model {
+                        // It serves other jobs well; this job's retry goes to a replica of its model.
+                        tracing::debug!(replica = %replica.uri, "replica serves another model than the job's");
+                    } else if unavailable {
                         let message = response
                             .headers()
                             .get("grpc-message")
@@ -368,8 +431,8 @@ impl tower::Service<http::Request<tonic::body::Body>> for ReplicaSet {
                         replica.failed(&format!("it answered UNAVAILABLE: {}", message.unwrap_or_default()));
                     } else {
                         replica.answered();
-                        if let Some(model) = response.headers().get(crate::serve::MODEL_HEADER) {
-                            let _ = inner.model.get_or_init(|| model.clone());
+                        if let Some(model) = &served {
+                            answered_by_model(&inner.target, model);
                         }
                     }
                     Ok(response)
@@ -418,12 +481,11 @@ mod tests {
             fixed: uris.iter().map(|u| u.to_string()).collect(),
             turn: AtomicUsize::new(0),
             first_resolution: None,
-            model: Default::default(),
         }
     }
 
     fn picked(inner: &Inner) -> String {
-        inner.pick(None).unwrap().uri.clone()
+        inner.pick(None, None).unwrap().uri.clone()
     }
 
     #[tokio::test]
@@ -437,14 +499,14 @@ mod tests {
         let c = inner.replicas.read().unwrap()[2].clone();
         let busy = [InFlight::new(a.clone()), InFlight::new(b.clone())];
         assert!((0..4).all(|_| picked(&inner) == "http://c:1"), "the one with nothing in flight");
-        assert_eq!(inner.pick(Some("http://a:1")).unwrap().uri, "http://a:1", "pinned, however busy");
+        assert_eq!(inner.pick(Some("http://a:1"), None).unwrap().uri, "http://a:1", "pinned, however busy");
         assert_eq!(picked(&inner), "http://c:1", "a pin holds for its call only");
         drop(busy);
-        assert_ne!(inner.pick(Some("http://elsewhere:1")).unwrap().uri, "http://elsewhere:1");
+        assert_ne!(inner.pick(Some("http://elsewhere:1"), None).unwrap().uri, "http://elsewhere:1");
 
         c.failed("test");
         assert!((0..4).all(|_| picked(&inner) != "http://c:1"), "a failed replica rests");
-        assert_ne!(inner.pick(Some("http://c:1")).unwrap().uri, "http://c:1", "even when pinned");
+        assert_ne!(inner.pick(Some("http://c:1"), None).unwrap().uri, "http://c:1", "even when pinned");
         a.failed("test");
         b.failed("test");
         let rest = |r: &Replica| r.resting_until(Instant::now()).map(|t| t - Instant::now());
@@ -464,6 +526,48 @@ mod tests {
             b.failed("test");
         }
         assert!(rest(&b).unwrap() > LONGEST_REST / 2 && rest(&b).unwrap() <= LONGEST_REST);
+    }
+
+    #[tokio::test]
+    async fn a_jobs_calls_go_to_replicas_that_may_serve_its_model() {
+        let inner = set(&["http://a:1", "http://b:1", "http://c:1"]);
+        let r: Vec<Arc<Replica>> = inner.replicas.read().unwrap().clone();
+        let m = http::HeaderValue::from_static;
+        *r[0].model.lock().unwrap() = Some(m("old"));
+        *r[1].model.lock().unwrap() = Some(m("new"));
+        let picks = |model: Option<&'static str>| {
+            let model = model.map(m);
+            (0..6).map(|_| inner.pick(None, model.as_ref()).unwrap().uri.clone()).collect::<BTreeSet<_>>()
+        };
+        let set = |uris: &[&str]| uris.iter().map(|u| u.to_string()).collect::<BTreeSet<_>>();
+        assert_eq!(picks(Some("old")), set(&["http://a:1", "http://c:1"]), "c has not said what it serves");
+        assert_eq!(picks(Some("new")), set(&["http://b:1", "http://c:1"]));
+        assert_eq!(picks(None), set(&["http://a:1", "http://b:1", "http://c:1"]), "a call outside a job");
+        *r[2].model.lock().unwrap() = Some(m("new"));
+        assert_eq!(picks(Some("old")), set(&["http://a:1"]));
+        r[0].failed("test");
+        assert_eq!(
+            picks(Some("old")),
+            set(&["http://b:1", "http://c:1"]),
+            "none awake serves it: one is asked (it refuses, and the job fails)"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_job_keeps_the_first_model_each_target_answered_with() {
+        let m = http::HeaderValue::from_static;
+        assert_eq!(job_model("unet"), None, "outside a job");
+        answered_by_model("unet", &m("x"));
+        one_job(async {
+            assert_eq!(job_model("unet"), None, "a job starts with none");
+            answered_by_model("unet", &m("first"));
+            answered_by_model("unet", &m("second"));
+            answered_by_model("vae", &m("v"));
+            assert_eq!(job_model("unet"), Some(m("first")));
+            assert_eq!(job_model("vae"), Some(m("v")));
+        })
+        .await;
+        one_job(async { assert_eq!(job_model("unet"), None, "the next job starts afresh") }).await;
     }
 
     #[tokio::test]

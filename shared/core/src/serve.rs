@@ -221,7 +221,7 @@ where
             let short = |v: &HeaderValue| v.to_str().unwrap_or("?").chars().take(12).collect::<String>();
             let status = tonic::Status::unavailable(format!(
                 "this replica serves model {}, the caller expects {} (a pool mixing checkpoints, dtypes or \
-                 device kinds, e.g. mid-rollout; the caller was started against the other): retry on another replica",
+                 device kinds, e.g. mid-rollout; the job began on the other): retry on a replica of the job's model",
                 short(&own),
                 short(expected)
             ));

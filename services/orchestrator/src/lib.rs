@@ -2,6 +2,7 @@
 //! noise, the scheduler loop, decoding, PNG encoding — and calls the model services (or local
 //! models: the components are traits) for the heavy work. It needs no GPU.
 
+pub mod admission;
 pub mod embedding_cache;
 pub mod image_job;
 pub mod noise;
@@ -56,6 +57,8 @@ pub struct OrchestratorOptions {
     pub safety_url: Option<String>,
     pub safety: safety::SafetySettings,
     pub limits: Limits,
+    /// How many jobs run and wait, and per tenant.
+    pub jobs: admission::JobLimits,
     /// How long to wait at start-up for the model services to report their info.
     pub startup_timeout: Duration,
     /// Bytes of prompt embeddings kept in the in-process cache (0 turns it off); unused with Redis.
@@ -152,11 +155,30 @@ pub struct LimitsArgs {
     /// inputs are denoised in overlapping tiles of this size, blended. Bounds the UNet's memory.
     #[arg(long, env = "SDMESH_UPSCALE_TILE_LATENTS", default_value_t = upscale::DEFAULT_TILE_LATENTS)]
     pub upscale_tile_latents: usize,
+    /// Jobs that run at once; more wait for a place (a freed place goes to the tenant running
+    /// the fewest jobs).
+    #[arg(long, env = "SDMESH_MAX_JOBS", default_value_t = admission::JobLimits::default().max_running)]
+    pub max_jobs: usize,
+    /// Jobs that may wait for a place; beyond, a job is refused with RESOURCE_EXHAUSTED and a
+    /// retry hint (or takes the latest place of the tenant with the most waiting jobs).
+    #[arg(long, env = "SDMESH_MAX_WAITING_JOBS", default_value_t = admission::JobLimits::default().max_waiting)]
+    pub max_waiting_jobs: usize,
+    /// Jobs one tenant (x-sdmesh-tenant metadata) may run at once (0 = up to --max-jobs).
+    #[arg(long, env = "SDMESH_MAX_JOBS_PER_TENANT", default_value_t = 0)]
+    pub max_jobs_per_tenant: usize,
 }
 
 impl LimitsArgs {
     pub fn limits(&self) -> Limits {
         Limits { max_side: self.max_side, max_images: self.max_images, upscale_tile_latents: self.upscale_tile_latents }
+    }
+
+    pub fn jobs(&self) -> admission::JobLimits {
+        admission::JobLimits {
+            max_running: self.max_jobs,
+            max_waiting: self.max_waiting_jobs,
+            max_running_per_tenant: self.max_jobs_per_tenant,
+        }
     }
 }
 
@@ -286,7 +308,7 @@ pub async fn run(
     shutdown: sdmesh_core::serve::Shutdown,
 ) -> anyhow::Result<()> {
     let health = Health::new(&[v1::orchestrator_server::SERVICE_NAME]).await;
-    let service = server::OrchestratorService::served(health.clone());
+    let service = server::OrchestratorService::served(health.clone(), opts.jobs);
     let routes = health.routes().add_service(
         v1::orchestrator_server::OrchestratorServer::new(service.clone())
             .max_decoding_message_size(opts.limits.max_request_bytes())

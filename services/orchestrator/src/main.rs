@@ -63,6 +63,7 @@ async fn main() -> anyhow::Result<()> {
         safety_url: a.safety.safety_url.clone(),
         safety: a.safety.settings()?,
         limits: a.limits.limits(),
+        jobs: a.limits.jobs(),
         startup_timeout: Duration::from_secs(a.startup_timeout),
         embedding_cache_bytes: a.cache.embedding_cache_bytes,
         redis: a.cache.redis_options(),

@@ -1,5 +1,6 @@
 //! The public gRPC API: Generate (unary) and GenerateStream (progress events, then the result).
 
+use crate::admission::{Admission, JobLimits, Running, Ticket};
 use crate::noise::SeededNoise;
 use crate::pipeline::{Job, JobOutput, Pipeline, StepProgress};
 use sdmesh_core::serve::Health;
@@ -13,24 +14,36 @@ use tracing::Instrument;
 
 /// The public API over a [`Pipeline`]; UNAVAILABLE until the pipeline is set (the model
 /// services have answered).
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct OrchestratorService {
     pipeline: Arc<OnceCell<Pipeline>>,
     /// The server's health, when served: jobs still running when the shutdown grace period
     /// ends fail with UNAVAILABLE.
     health: Option<Health>,
+    /// How many jobs run and wait, and whose job runs next.
+    admission: Admission,
 }
 
 impl OrchestratorService {
+    /// A service over `pipeline` with the default job limits.
     pub fn new(pipeline: Pipeline) -> Self {
-        let service = Self::default();
+        let service = Self::with_job_limits(None, JobLimits::default());
         service.set_pipeline(pipeline);
         service
     }
 
     /// A service whose jobs end with UNAVAILABLE when `health`'s shutdown grace period is over.
-    pub fn served(health: Health) -> Self {
-        Self { health: Some(health), ..Self::default() }
+    pub fn served(health: Health, jobs: JobLimits) -> Self {
+        Self::with_job_limits(Some(health), jobs)
+    }
+
+    fn with_job_limits(health: Option<Health>, jobs: JobLimits) -> Self {
+        Self { pipeline: Arc::default(), health, admission: Admission::new(jobs) }
+    }
+
+    /// A place for a job of `tenant`: now, or in the line (RESOURCE_EXHAUSTED when it is full).
+    fn enter(&self, tenant: Option<&str>) -> Result<Ticket> {
+        self.admission.enter(tenant.unwrap_or(""))
     }
 
     /// `job`, cut short with UNAVAILABLE when the shutdown grace period ends.
@@ -102,6 +115,18 @@ fn job_span(pipeline: &Pipeline, job: &Job, tenant: Option<&str>) -> tracing::Sp
     span
 }
 
+/// Waits for the job's turn (its trace shows the wait); CANCELLED if `gone` resolves first (the
+/// caller went away).
+async fn turn(ticket: Ticket, gone: impl std::future::Future<Output = ()>) -> Result<Running> {
+    if !ticket.waits() {
+        return ticket.wait().await;
+    }
+    tokio::select! {
+        running = ticket.wait().instrument(tracing::info_span!("wait_for_turn")) => running,
+        () = gone => Err(tonic::Status::cancelled("the caller went away while the job waited for its turn").into()),
+    }
+}
+
 /// Runs a job, counting it by outcome in `sdmesh_jobs_total{code}` and timing it.
 async fn observe_job<T>(job: impl std::future::Future<Output = Result<T>>) -> Result<T> {
     let started = std::time::Instant::now();
@@ -127,10 +152,13 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
         let request = request.into_inner();
         let pipeline = self.pipeline()?;
         let job = pipeline.validate(&request)?;
+        let ticket = self.enter(tenant.as_deref())?;
         let span = job_span(pipeline, &job, tenant.as_deref());
         let response = observe_job(
             self.until_grace_over(
                 async {
+                    // A caller that goes away drops this future, and the job leaves the line.
+                    let _running = turn(ticket, std::future::pending()).await?;
                     let out = pipeline.run(&job, &mut SeededNoise::new(job.seed), &mut |_| true).await?;
                     Self::response(pipeline, &job, out, request.return_array)
                 }
@@ -151,6 +179,7 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
         let request = request.into_inner();
         let pipeline = self.pipeline()?.clone();
         let job = pipeline.validate(&request)?;
+        let ticket = self.enter(tenant.as_deref())?;
         let span = job_span(&pipeline, &job, tenant.as_deref());
         // Room for every progress event, so the job never waits on a slow reader.
         let (tx, rx) = mpsc::channel(job.steps + 2);
@@ -171,6 +200,7 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
             let result = observe_job(
                 service.until_grace_over(
                     async {
+                        let _running = turn(ticket, tx.closed()).await?;
                         let out = pipeline.run(&job, &mut SeededNoise::new(job.seed), &mut progress).await?;
                         Self::response(&pipeline, &job, out, request.return_array)
                     }

@@ -82,6 +82,7 @@ async fn main() -> anyhow::Result<()> {
             let device = sdmesh_core::parse_device(&device).map_err(anyhow::Error::msg)?;
             let opts = MeshOptions {
                 limits: limits.limits(),
+                jobs: limits.jobs(),
                 queue_capacity,
                 embedding_cache_bytes: cache.embedding_cache_bytes,
                 redis: cache.redis_options(),

@@ -15,6 +15,8 @@ pub struct MeshOptions {
     /// The model services' weights and activations.
     pub dtype: candle_core::DType,
     pub limits: Limits,
+    /// Jobs the orchestrator runs and keeps waiting.
+    pub jobs: sdmesh_orchestrator::admission::JobLimits,
     /// Requests waiting for each model beyond which new ones get RESOURCE_EXHAUSTED.
     pub queue_capacity: usize,
     pub embedding_cache_bytes: usize,
@@ -31,6 +33,7 @@ impl MeshOptions {
             device,
             dtype: candle_core::DType::F32,
             limits: Limits::default(),
+            jobs: Default::default(),
             queue_capacity,
             embedding_cache_bytes: 256 << 20,
             redis: None,
@@ -72,6 +75,7 @@ pub async fn serve_mesh(opts: MeshOptions, listener: TcpListener, shutdown: Shut
         // With a safety service, flagged images are replaced unless a request says otherwise.
         safety: Default::default(),
         limits: opts.limits,
+        jobs: opts.jobs,
         startup_timeout: Duration::from_secs(600),
         embedding_cache_bytes: opts.embedding_cache_bytes,
         redis: opts.redis.clone(),

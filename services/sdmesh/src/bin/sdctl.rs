@@ -72,7 +72,8 @@ struct GenerateArgs {
     /// Orchestrator URL.
     #[arg(long, env = "SDMESH_ENDPOINT", default_value = "http://127.0.0.1:50050")]
     endpoint: String,
-    /// Seconds to keep retrying while the mesh is not up yet (UNAVAILABLE).
+    /// Seconds to keep retrying while the mesh is not up yet (UNAVAILABLE) or too busy to take
+    /// the job (RESOURCE_EXHAUSTED: retried after the orchestrator's hint).
     #[arg(long, default_value_t = 0)]
     wait: u64,
     #[command(flatten)]
@@ -138,6 +139,14 @@ async fn generate(a: GenerateArgs) -> anyhow::Result<()> {
             Ok(r) => break r.into_inner(),
             Err(s) if s.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(s) if s.code() == tonic::Code::ResourceExhausted => {
+                let hint = sdmesh_core::retry_after(&s).unwrap_or(Duration::from_secs(1));
+                if Instant::now() + hint > deadline {
+                    return Err(status_error(s));
+                }
+                tracing::info!(?hint, "the orchestrator is busy: retrying after its hint");
+                tokio::time::sleep(hint).await;
             }
             Err(s) => return Err(status_error(s)),
         }

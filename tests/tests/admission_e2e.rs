@@ -1,0 +1,117 @@
+//! The orchestrator's admission across real processes (`--max-jobs 1 --max-waiting-jobs 1`): a
+//! job beyond the running bound waits for its turn, one beyond the line is refused at once with
+//! RESOURCE_EXHAUSTED and a retry hint, and a waiting job whose caller goes away leaves the line.
+//! `sdctl --wait` retries a refused job after the hint.
+
+use sdmesh_proto::v1;
+use sdmesh_testkit::process::{bin, metric, Mesh, MeshOptions, Service};
+use std::time::{Duration, Instant};
+
+fn request(steps: u32, side: u32) -> v1::GenerateRequest {
+    v1::GenerateRequest {
+        prompt: "a quiet street".into(),
+        steps: Some(steps),
+        seed: Some(7),
+        height: Some(side),
+        width: Some(side),
+        ..Default::default()
+    }
+}
+
+fn tenant<T>(message: T, name: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert("x-sdmesh-tenant", name.parse().unwrap());
+    request
+}
+
+async fn client(orchestrator: &Service) -> v1::orchestrator_client::OrchestratorClient<tonic::transport::Channel> {
+    v1::orchestrator_client::OrchestratorClient::connect(orchestrator.addr.clone()).await.unwrap()
+}
+
+/// Waits until the orchestrator's metrics say `running` and `waiting` jobs.
+async fn wait_for_counts(orchestrator: &Service, running: f64, waiting: f64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = orchestrator.scrape();
+        let now = (metric(&text, "sdmesh_jobs_running", &[]), metric(&text, "sdmesh_jobs_waiting", &[]));
+        if now == (running, waiting) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "jobs (running, waiting): {now:?}, expected ({running}, {waiting})");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn jobs_wait_for_their_turn_and_a_full_line_refuses_at_once() {
+    let opts = MeshOptions {
+        common_args: vec!["--metrics-listen", "127.0.0.1:0"],
+        orchestrator_args: vec!["--max-jobs", "1", "--max-waiting-jobs", "1"],
+        ..Default::default()
+    };
+    let mesh = Mesh::start_with("sd21-base-tiny", &opts).await;
+    let orchestrator = &mesh.orchestrator;
+    let expected = client(orchestrator).await.generate(request(4, 32)).await.unwrap().into_inner().images;
+
+    // A long job (seconds) runs (its first step is done) ...
+    let mut long =
+        client(orchestrator).await.generate_stream(tenant(request(900, 128), "a")).await.unwrap().into_inner();
+    long.message().await.unwrap().expect("a progress event");
+    // ... so the next waits ...
+    let mut waiting_client = client(orchestrator).await;
+    let waiting = tokio::spawn(async move { waiting_client.generate(tenant(request(4, 32), "a")).await });
+    wait_for_counts(orchestrator, 1.0, 1.0).await;
+    // ... and one more finds the line full: refused at once, with a hint of when to retry.
+    let started = Instant::now();
+    let status = client(orchestrator).await.generate(tenant(request(4, 32), "a")).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("--max-waiting-jobs"), "{}", status.message());
+    assert!(sdmesh_core::retry_after(&status).is_some(), "a RetryInfo detail");
+    assert!(started.elapsed() < Duration::from_secs(5), "refused at once, not after waiting");
+
+    // The waiting job's caller goes away: it leaves the line.
+    waiting.abort();
+    wait_for_counts(orchestrator, 1.0, 0.0).await;
+    // Another tenant's job waits, and runs once the long job's caller goes away.
+    let mut next_client = client(orchestrator).await;
+    let next = tokio::spawn(async move { next_client.generate(tenant(request(4, 32), "b")).await });
+    wait_for_counts(orchestrator, 1.0, 1.0).await;
+    assert!(!next.is_finished());
+    drop(long);
+    let images = next.await.unwrap().expect("the waiting job ran").into_inner().images;
+    assert_eq!(images, expected, "a job that waited gives the same bytes");
+    wait_for_counts(orchestrator, 0.0, 0.0).await;
+    let text = orchestrator.scrape();
+    assert_eq!(metric(&text, "sdmesh_jobs_refused_total", &[("reason", "line_full")]), 1.0);
+    assert!(metric(&text, "sdmesh_job_wait_seconds_count", &[]) >= 1.0);
+
+    // sdctl, with the line full: without --wait it fails at once, saying why; with --wait it
+    // retries after the hint until the job is taken, and writes the image.
+    let mut long = client(orchestrator).await.generate_stream(request(900, 128)).await.unwrap().into_inner();
+    long.message().await.unwrap().expect("a progress event");
+    let mut waiting_client = client(orchestrator).await;
+    let waiting = tokio::spawn(async move { waiting_client.generate(request(4, 32)).await });
+    wait_for_counts(orchestrator, 1.0, 1.0).await;
+    let out = std::env::temp_dir().join(format!("sdmesh-admission-{}.png", std::process::id()));
+    let sdctl = |wait: &str| {
+        let mut command = tokio::process::Command::new(bin("sdctl"));
+        command.args(["generate", "--endpoint", &orchestrator.addr, "--quiet", "--wait", wait]);
+        command.args(["--prompt", "a quiet street", "--steps", "4", "--height", "32", "--width", "32", "--seed", "7"]);
+        command.arg("--out").arg(&out);
+        command.output()
+    };
+    let refused = sdctl("0").await.unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("--max-waiting-jobs"), "{stderr}");
+    let patient = tokio::spawn(sdctl("60"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!patient.is_finished(), "sdctl waits while the line is full");
+    drop(long);
+    waiting.await.unwrap().expect("the waiting job ran");
+    let patient = patient.await.unwrap().unwrap();
+    assert!(patient.status.success(), "sdctl --wait: {}", String::from_utf8_lossy(&patient.stderr));
+    let png = std::fs::read(&out).unwrap();
+    std::fs::remove_file(&out).unwrap();
+    assert_eq!(png, expected[0].png, "the same image as the job that never waited");
+}

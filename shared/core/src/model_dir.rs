@@ -112,12 +112,25 @@ impl ComponentDir {
     }
 }
 
+/// The build, as far as it decides the numbers a model service computes: its release and the
+/// kernels compiled in (a rollout of new kernels over the same files is another model).
+pub const BUILD: &str = if cfg!(feature = "flash-attn") {
+    concat!("sdmesh ", env!("CARGO_PKG_VERSION"), " flash-attn")
+} else {
+    concat!("sdmesh ", env!("CARGO_PKG_VERSION"))
+};
+
 /// What a model service serves, as a hex BLAKE3 digest: every file its outputs depend on (each
 /// file's name, not its path, so replicas with the model in different places agree, and its
-/// bytes, in the order given), the device kind and the dtype. Same digest, same bytes out; a
-/// replica with other weights, config, tokenizer, dtype or device kind has another. The
-/// files are hashed on all cores from their memory maps (the weights are mapped anyway).
+/// bytes, in the order given), the device kind, the dtype and the [`BUILD`]. Same digest, same
+/// bytes out; a replica with other weights, config, tokenizer, dtype, device kind or build has
+/// another. The files are hashed on all cores from their memory maps (the weights are mapped
+/// anyway).
 pub fn fingerprint(files: &[PathBuf], device: &Device, dtype: DType) -> Result<String> {
+    fingerprint_of_build(files, device, dtype, BUILD)
+}
+
+fn fingerprint_of_build(files: &[PathBuf], device: &Device, dtype: DType, build: &str) -> Result<String> {
     let mut hasher = blake3::Hasher::new();
     for path in files {
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -131,7 +144,8 @@ pub fn fingerprint(files: &[PathBuf], device: &Device, dtype: DType) -> Result<S
         candle_core::DeviceLocation::Cuda { .. } => "cuda",
         candle_core::DeviceLocation::Metal { .. } => "metal",
     };
-    hasher.update(kind.as_bytes()).update(&[0]).update(dtype.as_str().as_bytes());
+    hasher.update(kind.as_bytes()).update(&[0]).update(dtype.as_str().as_bytes()).update(&[0]);
+    hasher.update(build.as_bytes());
     Ok(hasher.finalize().to_hex().to_string())
 }
 
@@ -214,7 +228,7 @@ mod tests {
     }
 
     #[test]
-    fn fingerprints_follow_names_bytes_and_dtype_not_paths() {
+    fn fingerprints_follow_names_bytes_dtype_and_build_not_paths() {
         let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         for dir in [&a, &b] {
             std::fs::write(dir.path().join("config.json"), b"{}").unwrap();
@@ -225,6 +239,8 @@ mod tests {
         assert_eq!(fp(&a, DType::F32), fp(&b, DType::F32), "the same files elsewhere");
         assert_eq!(fp(&a, DType::F32).len(), 64);
         assert_ne!(fp(&a, DType::F32), fp(&a, DType::F16), "another dtype");
+        let next_release = fingerprint_of_build(&files(&a), &Device::Cpu, DType::F32, "sdmesh 99.0.0").unwrap();
+        assert_ne!(fp(&a, DType::F32), next_release, "another build");
         let mut bytes = vec![7u8; 1 << 20];
         bytes[123_456] = 8;
         std::fs::write(b.path().join("model.safetensors"), bytes).unwrap();

@@ -62,9 +62,14 @@ impl Service {
 /// Starts `name` with `args` plus `--listen 127.0.0.1:0` and `envs`, and reads the address
 /// it printed (and the metrics address, when it serves metrics). Its log goes to stderr.
 pub fn start(name: &str, args: &[&str], envs: &[(&str, &str)]) -> Service {
+    start_listening(name, args, envs, "127.0.0.1:0")
+}
+
+/// [`start`], listening on `listen`.
+pub fn start_listening(name: &str, args: &[&str], envs: &[(&str, &str)], listen: &str) -> Service {
     let mut child = Command::new(bin(name))
         .args(args)
-        .args(["--listen", "127.0.0.1:0"])
+        .args(["--listen", listen])
         .env("RUST_LOG", "warn")
         .envs(envs.iter().copied())
         .stdout(Stdio::piped())

@@ -3,7 +3,7 @@
 //! retries, not the job, which ends with the same bytes as on one replica.
 
 use sdmesh_proto::v1;
-use sdmesh_testkit::process::{metric, start, wait_serving, Mesh, MeshOptions, Service};
+use sdmesh_testkit::process::{metric, start, start_listening, wait_serving, Mesh, MeshOptions, Service};
 use std::time::{Duration, Instant};
 
 fn denoise_calls(unet: &Service) -> f64 {
@@ -139,4 +139,63 @@ async fn a_unet_rollout_to_another_model_needs_no_orchestrator_restart() {
         let out = generate(both.addr.clone()).await.expect("a job after the rollout");
         assert!(out == new_only, "the job ran on the new model, bit for bit");
     }
+}
+
+/// A job whose model goes away in the middle of it (the last replica of the old model, f16, is
+/// killed once a replica of the new one, f32, is up): the orchestrator runs it again from its
+/// start on the new model, and the caller gets what a job sent now would give.
+#[tokio::test]
+async fn a_job_whose_model_goes_away_runs_again_on_the_new_one() {
+    let mesh = Mesh::start("sd21-base-tiny").await;
+    let model = sdmesh_testkit::model("sd21-base-tiny");
+    let model = model.to_str().unwrap();
+    // The old model in f16, slow on a CPU: the job is still running when it goes.
+    let mut old = start("sdmesh-unet", &["--model", model, "--dtype", "f16"], &[]);
+    wait_serving(&old.addr).await;
+    // The new replica's address is listed before it is up (as a DNS name would list it later).
+    let new_listen = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let unet = format!("{},http://{new_listen}", old.addr);
+    let args = ["--model", model, "--text-encoder-url", &mesh.text_encoder.addr, "--unet-url", &unet];
+    let args = [&args[..], &["--vae-url", &mesh.vae.addr, "--metrics-listen", "127.0.0.1:0"]].concat();
+    let orchestrator = start("sdmesh-orchestrator", &args, &[]);
+    wait_serving(&orchestrator.addr).await;
+    let request = v1::GenerateRequest {
+        prompt: "a harbour at dawn".into(),
+        steps: Some(200),
+        seed: Some(5),
+        height: Some(32),
+        width: Some(32),
+        return_array: true,
+        ..Default::default()
+    };
+    let mut client = v1::orchestrator_client::OrchestratorClient::connect(orchestrator.addr.clone()).await.unwrap();
+    let mut events = client.generate_stream(request.clone()).await.unwrap().into_inner();
+    let mut steps_seen = Vec::new();
+    let mut next_step = async || match events.message().await.unwrap().unwrap().event.unwrap() {
+        v1::generate_event::Event::Progress(p) => Ok(p.step),
+        v1::generate_event::Event::Result(r) => Err(r),
+    };
+    // The job runs on the old model (the only one up) ...
+    for _ in 0..10 {
+        steps_seen.push(next_step().await.expect("progress"));
+    }
+    // ... the new model comes up, and the old one goes.
+    let new = start_listening("sdmesh-unet", &["--model", model], &[], &new_listen);
+    wait_serving(&new.addr).await;
+    old.child.kill().unwrap();
+    old.child.wait().unwrap();
+    let result = loop {
+        match next_step().await {
+            Ok(step) => steps_seen.push(step),
+            Err(result) => break result,
+        }
+    };
+    assert_eq!(steps_seen.iter().filter(|&&s| s == 1).count(), 2, "the job ran again from step 1");
+    assert_eq!(*steps_seen.last().unwrap(), 200);
+    assert_eq!(metric(&orchestrator.scrape(), "sdmesh_jobs_restarted_total", &[]), 1.0);
+    // The mesh's own orchestrator runs the new model (f32) alone.
+    let mut client =
+        v1::orchestrator_client::OrchestratorClient::connect(mesh.orchestrator.addr.clone()).await.unwrap();
+    let expected = client.generate(request).await.unwrap().into_inner();
+    assert_eq!(result.array.unwrap().data, expected.array.unwrap().data, "the new model's result, bit for bit");
 }

@@ -11,6 +11,12 @@ use candle_core::{Device, Result, Tensor};
 pub trait NoiseSource: Send {
     /// Standard normal f32 noise of `shape`, on the CPU.
     fn randn(&mut self, shape: &[usize]) -> Result<Tensor>;
+
+    /// Draws from the beginning again, for a job run again from its start; false if this source
+    /// cannot.
+    fn start_over(&mut self) -> bool {
+        false
+    }
 }
 
 /// Noise from a seed, exactly as diffusers draws it with
@@ -19,12 +25,13 @@ pub trait NoiseSource: Send {
 /// what that is bit for bit). Deterministic on every platform and replica: same seed, same
 /// draws, and the same draws as PyTorch's CPU generator.
 pub struct SeededNoise {
+    seed: u64,
     generator: TorchGenerator,
 }
 
 impl SeededNoise {
     pub fn new(seed: u64) -> Self {
-        Self { generator: TorchGenerator::new(seed) }
+        Self { seed, generator: TorchGenerator::new(seed) }
     }
 }
 
@@ -32,6 +39,11 @@ impl NoiseSource for SeededNoise {
     fn randn(&mut self, shape: &[usize]) -> Result<Tensor> {
         let n: usize = shape.iter().product();
         Tensor::from_vec(self.generator.randn(n), shape, &Device::Cpu)
+    }
+
+    fn start_over(&mut self) -> bool {
+        self.generator = TorchGenerator::new(self.seed);
+        true
     }
 }
 

@@ -61,6 +61,9 @@ pub struct ModelInfo {
     pub text: v1::TextEncoderInfo,
 }
 
+/// How many times a job runs again from its start when its model is no longer served.
+pub const MODEL_RESTARTS: usize = 2;
+
 /// A validated job, every default resolved.
 #[derive(Debug, Clone)]
 pub struct Job {
@@ -303,14 +306,35 @@ impl Pipeline {
     /// A job that chains an upscale runs it on each image in turn, drawing on from the same
     /// noise (as diffusers' pipelines called one after the other with one generator).
     /// Each service serves the whole job with one model, even in a pool in the middle of a
-    /// rollout ([`sdmesh_core::replicas::one_job`]).
+    /// rollout ([`sdmesh_core::replicas::one_job`]). A job whose model a pool no longer serves
+    /// (the rollout finished under it) runs again from its start, on the model the pool serves
+    /// now, at most [`MODEL_RESTARTS`] times, when `noise` can start over: the result is the
+    /// one a job sent now would give, and the caller's progress goes back to step 1.
     pub async fn run(
         &self,
         job: &Job,
         noise: &mut dyn NoiseSource,
         progress: &mut (dyn FnMut(StepProgress) -> bool + Send),
     ) -> Result<JobOutput> {
-        sdmesh_core::replicas::one_job(self.run_on_one_model(job, noise, progress)).await
+        let mut restarts = 0;
+        loop {
+            let (out, went) = sdmesh_core::replicas::one_job(self.run_on_one_model(job, noise, progress)).await;
+            match out {
+                Err(e)
+                    if e.code() == tonic::Code::Unavailable
+                        && went.refused_for_model
+                        && restarts < MODEL_RESTARTS
+                        && noise.start_over() =>
+                {
+                    restarts += 1;
+                    metrics::counter!("sdmesh_jobs_restarted_total").increment(1);
+                    tracing::warn!(
+                        "the model this job began on is no longer served ({e}): running it again from the start"
+                    );
+                }
+                other => return other,
+            }
+        }
     }
 
     async fn run_on_one_model(

@@ -49,27 +49,58 @@ pub const REPLICA_HEADER: &str = "sdmesh-replica";
 /// How long a call waits for a `dns:` target's first resolution.
 const FIRST_RESOLUTION_WAIT: Duration = Duration::from_secs(5);
 
+/// What the replica sets know of the running job.
+#[derive(Default)]
+struct JobModels {
+    /// The model each target answered the job with, by target.
+    models: HashMap<String, http::HeaderValue>,
+    /// A replica refused a call of the job because it serves another model.
+    refused_for_model: bool,
+}
+
 tokio::task_local! {
-    /// The model each target answered the running job with, by target.
-    static JOB_MODELS: Mutex<HashMap<String, http::HeaderValue>>;
+    static JOB_MODELS: Mutex<JobModels>;
+}
+
+/// How a job went with the pools' models.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct JobOnModels {
+    /// Some replica refused a call of the job because it serves another model than the one the
+    /// job began on: a pool in the middle of a rollout, or past it (the job's model gone).
+    pub refused_for_model: bool,
 }
 
 /// Runs `job` as one job: the calls it makes to each service stay on the model that answered
 /// its first call there (see the module's documentation). Calls outside a job are not pinned.
-pub async fn one_job<F: std::future::Future>(job: F) -> F::Output {
-    JOB_MODELS.scope(Mutex::default(), job).await
+pub async fn one_job<F: std::future::Future>(job: F) -> (F::Output, JobOnModels) {
+    JOB_MODELS
+        .scope(Mutex::default(), async {
+            let out = job.await;
+            let refused_for_model = JOB_MODELS.with(|j| j.lock().map(|j| j.refused_for_model).unwrap_or(false));
+            (out, JobOnModels { refused_for_model })
+        })
+        .await
 }
 
 /// The model the running job was answered with by `target`, if any.
 fn job_model(target: &str) -> Option<http::HeaderValue> {
-    JOB_MODELS.try_with(|m| m.lock().ok()?.get(target).cloned()).ok().flatten()
+    JOB_MODELS.try_with(|j| j.lock().ok()?.models.get(target).cloned()).ok().flatten()
 }
 
 /// Records `model` as the running job's for `target`, unless it has one.
 fn answered_by_model(target: &str, model: &http::HeaderValue) {
-    let _ = JOB_MODELS.try_with(|m| {
-        if let Ok(mut m) = m.lock() {
-            m.entry(target.to_string()).or_insert_with(|| model.clone());
+    let _ = JOB_MODELS.try_with(|j| {
+        if let Ok(mut j) = j.lock() {
+            j.models.entry(target.to_string()).or_insert_with(|| model.clone());
+        }
+    });
+}
+
+/// Notes that a replica refused the running job for serving another model.
+fn refused_for_model() {
+    let _ = JOB_MODELS.try_with(|j| {
+        if let Ok(mut j) = j.lock() {
+            j.refused_for_model = true;
         }
     });
 }
@@ -423,6 +454,7 @@ impl tower::Service<http::Request<tonic::body::Body>> for ReplicaSet {
                     if refused_for_its_model {
                         // It serves other jobs well; this job's retry goes to a replica of its model.
                         tracing::debug!(replica = %replica.uri, "replica serves another model than the job's");
+                        refused_for_model();
                     } else if unavailable {
                         let message = response
                             .headers()
@@ -558,16 +590,19 @@ mod tests {
         let m = http::HeaderValue::from_static;
         assert_eq!(job_model("unet"), None, "outside a job");
         answered_by_model("unet", &m("x"));
-        one_job(async {
+        let ((), went) = one_job(async {
             assert_eq!(job_model("unet"), None, "a job starts with none");
             answered_by_model("unet", &m("first"));
             answered_by_model("unet", &m("second"));
             answered_by_model("vae", &m("v"));
             assert_eq!(job_model("unet"), Some(m("first")));
             assert_eq!(job_model("vae"), Some(m("v")));
+            refused_for_model();
         })
         .await;
-        one_job(async { assert_eq!(job_model("unet"), None, "the next job starts afresh") }).await;
+        assert!(went.refused_for_model);
+        let ((), went) = one_job(async { assert_eq!(job_model("unet"), None, "the next job starts afresh") }).await;
+        assert!(!went.refused_for_model);
     }
 
     #[tokio::test]

@@ -1,7 +1,9 @@
 //! The orchestrator's admission across real processes (`--max-jobs 1 --max-waiting-jobs 1`): a
 //! job beyond the running bound waits for its turn, one beyond the line is refused at once with
 //! RESOURCE_EXHAUSTED and a retry hint, and a waiting job whose caller goes away leaves the line.
-//! `sdctl --wait` retries a refused job after the hint.
+//! `sdctl --wait` retries a refused job after the hint. A job past its caller's deadline ends
+//! with DEADLINE_EXCEEDED, unary or streamed, and a job whose caller goes away counts as
+//! cancelled.
 
 use sdmesh_proto::v1;
 use sdmesh_testkit::process::{bin, metric, Mesh, MeshOptions, Service};
@@ -114,4 +116,45 @@ async fn jobs_wait_for_their_turn_and_a_full_line_refuses_at_once() {
     let png = std::fs::read(&out).unwrap();
     std::fs::remove_file(&out).unwrap();
     assert_eq!(png, expected[0].png, "the same image as the job that never waited");
+}
+
+#[tokio::test]
+async fn a_job_past_its_deadline_ends_with_deadline_exceeded() {
+    let opts = MeshOptions { common_args: vec!["--metrics-listen", "127.0.0.1:0"], ..Default::default() };
+    let mesh = Mesh::start_with("sd21-base-tiny", &opts).await;
+    let orchestrator = &mesh.orchestrator;
+    let exceeded = || metric(&orchestrator.scrape(), "sdmesh_jobs_total", &[("code", "DeadlineExceeded")]);
+
+    // Unary: the caller sees DEADLINE_EXCEEDED (tonic alone would answer CANCELLED).
+    let mut long = tonic::Request::new(request(900, 128));
+    long.set_timeout(Duration::from_millis(300));
+    let started = Instant::now();
+    let status = client(orchestrator).await.generate(long).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    assert!(started.elapsed() < Duration::from_secs(5), "stopped at the deadline, not at the job's end");
+    assert_eq!(exceeded(), 1.0);
+
+    // Streamed, through sdctl --timeout: the job stops at the deadline too.
+    let out = std::env::temp_dir().join(format!("sdmesh-deadline-{}.png", std::process::id()));
+    let sdctl = tokio::process::Command::new(bin("sdctl"))
+        .args(["generate", "--endpoint", &orchestrator.addr, "--quiet", "--timeout", "0.3"])
+        .args(["--prompt", "a quiet street", "--steps", "900", "--height", "128", "--width", "128"])
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .await
+        .unwrap();
+    assert!(!sdctl.status.success());
+    let stderr = String::from_utf8_lossy(&sdctl.stderr);
+    assert!(stderr.contains("deadline"), "{stderr}");
+    assert!(!out.exists());
+    assert_eq!(exceeded(), 2.0);
+
+    // A caller that goes away: the job is cancelled, and counted so.
+    let mut caller = client(orchestrator).await;
+    let gone = tokio::spawn(async move { caller.generate(request(900, 128)).await });
+    wait_for_counts(orchestrator, 1.0, 0.0).await;
+    gone.abort();
+    wait_for_counts(orchestrator, 0.0, 0.0).await;
+    assert_eq!(metric(&orchestrator.scrape(), "sdmesh_jobs_total", &[("code", "Cancelled")]), 1.0);
 }

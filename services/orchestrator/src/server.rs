@@ -8,6 +8,7 @@ use sdmesh_core::Result;
 use sdmesh_proto::v1;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::{mpsc, OnceCell};
 use tokio_stream::Stream;
 use tracing::Instrument;
@@ -86,6 +87,9 @@ impl OrchestratorService {
     }
 }
 
+/// How much earlier than its caller's deadline a unary job ends (at most; 5% of short ones).
+const DEADLINE_MARGIN: Duration = Duration::from_millis(50);
+
 /// Metadata naming the tenant a job runs for, recorded on its trace (platforms set it).
 pub const TENANT_METADATA: &str = "x-sdmesh-tenant";
 
@@ -127,10 +131,53 @@ async fn turn(ticket: Ticket, gone: impl std::future::Future<Output = ()>) -> Re
     }
 }
 
-/// Runs a job, counting it by outcome in `sdmesh_jobs_total{code}` and timing it.
-async fn observe_job<T>(job: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+/// The caller's deadline, from its `grpc-timeout` metadata (up to 8 digits and a unit, as
+/// gRPC over HTTP/2 writes it).
+pub fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// Runs a job within `deadline` (DEADLINE_EXCEEDED past it; the job's calls to the model
+/// services are dropped, and so cancelled there), counting it by outcome in
+/// `sdmesh_jobs_total{code}` (`Cancelled` when its caller went away and dropped it) and timing
+/// it.
+async fn observe_job<T>(deadline: Option<Duration>, job: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    /// Counts the job as cancelled unless it finished.
+    struct Unfinished(bool);
+    impl Drop for Unfinished {
+        fn drop(&mut self) {
+            if self.0 {
+                metrics::counter!("sdmesh_jobs_total", "code" => "Cancelled").increment(1);
+            }
+        }
+    }
+    let mut unfinished = Unfinished(true);
     let started = std::time::Instant::now();
-    let result = job.await;
+    let result = match deadline {
+        Some(deadline) => tokio::time::timeout(deadline, job).await.unwrap_or_else(|_| {
+            Err(tonic::Status::deadline_exceeded(format!(
+                "the job did not finish within the caller's deadline ({:.3} s)",
+                deadline.as_secs_f64()
+            ))
+            .into())
+        }),
+        None => job.await,
+    };
+    unfinished.0 = false;
     let code = match &result {
         Ok(_) => tonic::Code::Ok,
         Err(e) => e.code(),
@@ -149,12 +196,16 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
         request: tonic::Request<v1::GenerateRequest>,
     ) -> std::result::Result<tonic::Response<v1::GenerateResponse>, tonic::Status> {
         let tenant = tenant(request.metadata());
+        // tonic ends a call past its deadline with CANCELLED: end the job a little earlier, so
+        // that the caller gets DEADLINE_EXCEEDED.
+        let deadline = grpc_timeout(request.metadata()).map(|t| t.saturating_sub((t / 20).min(DEADLINE_MARGIN)));
         let request = request.into_inner();
         let pipeline = self.pipeline()?;
         let job = pipeline.validate(&request)?;
         let ticket = self.enter(tenant.as_deref())?;
         let span = job_span(pipeline, &job, tenant.as_deref());
         let response = observe_job(
+            deadline,
             self.until_grace_over(
                 async {
                     // A caller that goes away drops this future, and the job leaves the line.
@@ -176,6 +227,8 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
         request: tonic::Request<v1::GenerateRequest>,
     ) -> std::result::Result<tonic::Response<Self::GenerateStreamStream>, tonic::Status> {
         let tenant = tenant(request.metadata());
+        // tonic does not hold a stream to its deadline: the job does.
+        let deadline = grpc_timeout(request.metadata());
         let request = request.into_inner();
         let pipeline = self.pipeline()?.clone();
         let job = pipeline.validate(&request)?;
@@ -198,6 +251,7 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
                 progress_tx.try_send(Ok(event)).is_ok() || !progress_tx.is_closed()
             };
             let result = observe_job(
+                deadline,
                 service.until_grace_over(
                     async {
                         let _running = turn(ticket, tx.closed()).await?;
@@ -215,5 +269,41 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
             let _ = tx.send(event).await;
         });
         Ok(tonic::Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse_in_every_unit_and_junk_is_none() {
+        let parse = |v: &str| {
+            let mut m = tonic::metadata::MetadataMap::new();
+            m.insert("grpc-timeout", v.parse().unwrap());
+            grpc_timeout(&m)
+        };
+        assert_eq!(parse("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(parse("3M"), Some(Duration::from_secs(180)));
+        assert_eq!(parse("10S"), Some(Duration::from_secs(10)));
+        assert_eq!(parse("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse("99999999u"), Some(Duration::from_micros(99_999_999)));
+        assert_eq!(parse("5n"), Some(Duration::from_nanos(5)));
+        for junk in ["", "S", "123456789S", "10s", "1.5S", "-1S", "10"] {
+            assert_eq!(parse(junk), None, "{junk:?}");
+        }
+        assert_eq!(grpc_timeout(&tonic::metadata::MetadataMap::new()), None);
+    }
+
+    #[tokio::test]
+    async fn a_job_past_its_deadline_ends_with_deadline_exceeded() {
+        let slow = async {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            Ok(())
+        };
+        let e = observe_job(Some(Duration::from_millis(20)), slow).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::DeadlineExceeded);
+        assert!(e.to_string().contains("deadline"), "{e}");
+        assert!(observe_job(Some(Duration::from_secs(5)), async { Ok(()) }).await.is_ok());
     }
 }

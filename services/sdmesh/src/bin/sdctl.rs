@@ -76,6 +76,10 @@ struct GenerateArgs {
     /// the job (RESOURCE_EXHAUSTED: retried after the orchestrator's hint).
     #[arg(long, default_value_t = 0)]
     wait: u64,
+    /// Seconds the job may take, waiting for its turn included (its gRPC deadline); past it the
+    /// orchestrator stops the job and answers DEADLINE_EXCEEDED.
+    #[arg(long, value_parser = positive_seconds)]
+    timeout: Option<Duration>,
     #[command(flatten)]
     job: JobArgs,
     /// OTLP/gRPC endpoint: the generation's trace then starts here, with sdctl's span as its root.
@@ -125,6 +129,13 @@ async fn main() {
     }
 }
 
+fn positive_seconds(s: &str) -> Result<Duration, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() => Ok(Duration::from_secs_f64(v)),
+        _ => Err(format!("{s:?} is not a positive number of seconds")),
+    }
+}
+
 async fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     let channel = sdmesh_core::client::lazy_channel(&a.endpoint).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut client = v1::orchestrator_client::OrchestratorClient::new(channel)
@@ -135,6 +146,9 @@ async fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     let events = loop {
         let mut request = a.job.request()?;
         sdmesh_core::telemetry::inject_current(request.metadata_mut());
+        if let Some(timeout) = a.timeout {
+            request.set_timeout(timeout);
+        }
         match client.generate_stream(request).await {
             Ok(r) => break r.into_inner(),
             Err(s) if s.code() == tonic::Code::Unavailable && Instant::now() < deadline => {

@@ -161,7 +161,7 @@ async fn a_job_whose_model_goes_away_runs_again_on_the_new_one() {
     wait_serving(&orchestrator.addr).await;
     let request = v1::GenerateRequest {
         prompt: "a harbour at dawn".into(),
-        steps: Some(200),
+        steps: Some(400),
         seed: Some(5),
         height: Some(32),
         width: Some(32),
@@ -191,7 +191,7 @@ async fn a_job_whose_model_goes_away_runs_again_on_the_new_one() {
         }
     };
     assert_eq!(steps_seen.iter().filter(|&&s| s == 1).count(), 2, "the job ran again from step 1");
-    assert_eq!(*steps_seen.last().unwrap(), 200);
+    assert_eq!(*steps_seen.last().unwrap(), 400);
     assert_eq!(metric(&orchestrator.scrape(), "sdmesh_jobs_restarted_total", &[]), 1.0);
     // The mesh's own orchestrator runs the new model (f32) alone.
     let mut client =

@@ -3,7 +3,8 @@
 //! RESOURCE_EXHAUSTED and a retry hint, and a waiting job whose caller goes away leaves the line.
 //! `sdctl --wait` retries a refused job after the hint. A job past its caller's deadline ends
 //! with DEADLINE_EXCEEDED, unary or streamed, and a job whose caller goes away counts as
-//! cancelled.
+//! cancelled. On SIGTERM, jobs still waiting are refused with UNAVAILABLE at once, and the
+//! running job finishes.
 
 use sdmesh_proto::v1;
 use sdmesh_testkit::process::{bin, metric, Mesh, MeshOptions, Service};
@@ -157,4 +158,35 @@ async fn a_job_past_its_deadline_ends_with_deadline_exceeded() {
     gone.abort();
     wait_for_counts(orchestrator, 0.0, 0.0).await;
     assert_eq!(metric(&orchestrator.scrape(), "sdmesh_jobs_total", &[("code", "Cancelled")]), 1.0);
+}
+
+#[tokio::test]
+async fn on_sigterm_waiting_jobs_go_elsewhere_at_once_and_the_running_one_finishes() {
+    let opts = MeshOptions {
+        common_args: vec!["--metrics-listen", "127.0.0.1:0"],
+        orchestrator_args: vec!["--max-jobs", "1", "--max-waiting-jobs", "4", "--shutdown-grace", "60"],
+        ..Default::default()
+    };
+    let mut mesh = Mesh::start_with("sd21-base-tiny", &opts).await;
+    let expected = client(&mesh.orchestrator).await.generate(request(300, 32)).await.unwrap().into_inner().images;
+    let mut running = client(&mesh.orchestrator).await.generate_stream(request(300, 32)).await.unwrap().into_inner();
+    running.message().await.unwrap().expect("a progress event");
+    let mut waiting_client = client(&mesh.orchestrator).await;
+    let waiting = tokio::spawn(async move { waiting_client.generate(request(4, 32)).await });
+    wait_for_counts(&mesh.orchestrator, 1.0, 1.0).await;
+
+    mesh.orchestrator.terminate();
+    let started = Instant::now();
+    let status = waiting.await.unwrap().unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("shutting down"), "{}", status.message());
+    assert!(started.elapsed() < Duration::from_secs(10), "refused at once, not at the end of the grace period");
+    let result = loop {
+        match running.message().await.unwrap().expect("the stream ends with the result").event.unwrap() {
+            v1::generate_event::Event::Progress(_) => continue,
+            v1::generate_event::Event::Result(r) => break r,
+        }
+    };
+    assert_eq!(result.images, expected, "the running job finished during the drain");
+    assert!(mesh.orchestrator.wait_exit(Duration::from_secs(30)).success());
 }

@@ -120,14 +120,24 @@ fn job_span(pipeline: &Pipeline, job: &Job, tenant: Option<&str>) -> tracing::Sp
 }
 
 /// Waits for the job's turn (its trace shows the wait); CANCELLED if `gone` resolves first (the
-/// caller went away).
-async fn turn(ticket: Ticket, gone: impl std::future::Future<Output = ()>) -> Result<Running> {
+/// caller went away), UNAVAILABLE if the server starts shutting down first (the job has not
+/// started: another replica can run it now rather than after the drain).
+async fn turn(ticket: Ticket, health: Option<&Health>, gone: impl std::future::Future<Output = ()>) -> Result<Running> {
     if !ticket.waits() {
         return ticket.wait().await;
     }
+    let draining = async {
+        match health {
+            Some(health) => health.draining().await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         running = ticket.wait().instrument(tracing::info_span!("wait_for_turn")) => running,
         () = gone => Err(tonic::Status::cancelled("the caller went away while the job waited for its turn").into()),
+        () = draining => Err(sdmesh_core::Error::Unavailable(
+            "this orchestrator is shutting down and the job had not started: retry on another replica".into(),
+        )),
     }
 }
 
@@ -209,7 +219,7 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
             self.until_grace_over(
                 async {
                     // A caller that goes away drops this future, and the job leaves the line.
-                    let _running = turn(ticket, std::future::pending()).await?;
+                    let _running = turn(ticket, self.health.as_ref(), std::future::pending()).await?;
                     let out = pipeline.run(&job, &mut SeededNoise::new(job.seed), &mut |_| true).await?;
                     Self::response(pipeline, &job, out, request.return_array)
                 }
@@ -254,7 +264,7 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
                 deadline,
                 service.until_grace_over(
                     async {
-                        let _running = turn(ticket, tx.closed()).await?;
+                        let _running = turn(ticket, service.health.as_ref(), tx.closed()).await?;
                         let out = pipeline.run(&job, &mut SeededNoise::new(job.seed), &mut progress).await?;
                         Self::response(&pipeline, &job, out, request.return_array)
                     }

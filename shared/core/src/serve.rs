@@ -19,6 +19,8 @@ pub struct Health {
     /// Set when the shutdown grace period is over: calls still running should end now, with
     /// UNAVAILABLE (retryable) rather than be cut.
     grace_over: tokio::sync::watch::Sender<bool>,
+    /// Set when the drain starts (shutdown signalled).
+    draining: tokio::sync::watch::Sender<bool>,
     /// The fingerprint of the model this process serves, once loaded (see [`ModelCheckLayer`]).
     model: Arc<OnceLock<HeaderValue>>,
 }
@@ -35,8 +37,8 @@ impl Health {
             .build_v1()
             .expect("the embedded descriptor sets are valid");
         let routes = Routes::new(service).add_service(reflection);
-        let health =
-            Self { reporter, names, routes, grace_over: tokio::sync::watch::Sender::new(false), model: Arc::default() };
+        let (grace_over, draining) = (tokio::sync::watch::Sender::new(false), tokio::sync::watch::Sender::new(false));
+        let health = Self { reporter, names, routes, grace_over, draining, model: Arc::default() };
         health.set(ServingStatus::NotServing).await;
         health
     }
@@ -55,6 +57,7 @@ impl Health {
     /// NOT_SERVING, then ends the Watch streams (watchers see NOT_SERVING first): an open
     /// Watch would otherwise hold the drain for the whole grace period.
     async fn drain(&self) {
+        self.draining.send_replace(true);
         self.set(ServingStatus::NotServing).await;
         let mut reporter = self.reporter.clone();
         for name in &self.names {
@@ -71,6 +74,13 @@ impl Health {
             }
             Err(e) => tracing::warn!("model fingerprint {fingerprint:?} cannot travel as metadata: {e}"),
         }
+    }
+
+    /// Resolves when the drain starts: the process is shutting down, and work that has not
+    /// started yet should go to another replica.
+    pub async fn draining(&self) {
+        let mut rx = self.draining.subscribe();
+        let _ = rx.wait_for(|draining| *draining).await;
     }
 
     /// Resolves when the shutdown grace period is over.

@@ -171,13 +171,19 @@ async fn on_sigterm_waiting_jobs_go_elsewhere_at_once_and_the_running_one_finish
     let expected = client(&mesh.orchestrator).await.generate(request(300, 32)).await.unwrap().into_inner().images;
     let mut running = client(&mesh.orchestrator).await.generate_stream(request(300, 32)).await.unwrap().into_inner();
     running.message().await.unwrap().expect("a progress event");
-    let mut waiting_client = client(&mesh.orchestrator).await;
-    let waiting = tokio::spawn(async move { waiting_client.generate(request(4, 32)).await });
+    // A stream that waits says so first.
+    let mut waiting = client(&mesh.orchestrator).await.generate_stream(request(4, 32)).await.unwrap().into_inner();
+    let first = waiting.message().await.unwrap().unwrap().event.unwrap();
+    assert_eq!(
+        first,
+        v1::generate_event::Event::Waiting(v1::Waiting { jobs_ahead: 0, jobs_running: 1 }),
+        "no job ahead of it, one running"
+    );
     wait_for_counts(&mesh.orchestrator, 1.0, 1.0).await;
 
     mesh.orchestrator.terminate();
     let started = Instant::now();
-    let status = waiting.await.unwrap().unwrap_err();
+    let status = waiting.message().await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
     assert!(status.message().contains("shutting down"), "{}", status.message());
     assert!(started.elapsed() < Duration::from_secs(10), "refused at once, not at the end of the grace period");
@@ -185,6 +191,7 @@ async fn on_sigterm_waiting_jobs_go_elsewhere_at_once_and_the_running_one_finish
         match running.message().await.unwrap().expect("the stream ends with the result").event.unwrap() {
             v1::generate_event::Event::Progress(_) => continue,
             v1::generate_event::Event::Result(r) => break r,
+            v1::generate_event::Event::Waiting(w) => panic!("the first job did not wait: {w:?}"),
         }
     };
     assert_eq!(result.images, expected, "the running job finished during the drain");

@@ -475,6 +475,7 @@ async fn drain(
             Ok(Ok(Some(event))) => match event.event {
                 Some(v1::generate_event::Event::Progress(_)) => progress += 1,
                 Some(v1::generate_event::Event::Result(r)) => result = Some(r),
+                Some(v1::generate_event::Event::Waiting(w)) => panic!("no job waits for a place here: {w:?}"),
                 None => panic!("an empty event"),
             },
         }

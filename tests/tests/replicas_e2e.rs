@@ -174,6 +174,7 @@ async fn a_job_whose_model_goes_away_runs_again_on_the_new_one() {
     let mut next_step = async || match events.message().await.unwrap().unwrap().event.unwrap() {
         v1::generate_event::Event::Progress(p) => Ok(p.step),
         v1::generate_event::Event::Result(r) => Err(r),
+        v1::generate_event::Event::Waiting(w) => panic!("no job waits for a place here: {w:?}"),
     };
     // The job runs on the old model (the only one up) ...
     for _ in 0..10 {

@@ -156,6 +156,8 @@ fn hand_out(shared: &Arc<Shared>, state: &mut State) {
 pub struct Ticket {
     turn: TicketState,
     shared: Arc<Shared>,
+    /// When it entered the line: jobs waiting ahead of it, and jobs running.
+    line: Option<(usize, usize)>,
 }
 
 enum TicketState {
@@ -172,6 +174,12 @@ impl Ticket {
     /// Whether the job waits for its turn (false: it runs at once).
     pub fn waits(&self) -> bool {
         matches!(self.turn, TicketState::Waiting { .. })
+    }
+
+    /// For a job that waits: the jobs waiting ahead of it and the jobs running, when it
+    /// entered the line.
+    pub fn line(&self) -> Option<(usize, usize)> {
+        self.line
     }
 
     /// Waits for the job's turn; RESOURCE_EXHAUSTED if a job of a tenant with fewer waiting
@@ -224,7 +232,7 @@ impl Admission {
             state.start(tenant);
             state.gauges();
             let running = Running { shared: Some(shared.clone()), tenant: tenant.to_string(), since: Instant::now() };
-            return Ok(Ticket { turn: TicketState::Running(running), shared: shared.clone() });
+            return Ok(Ticket { turn: TicketState::Running(running), shared: shared.clone(), line: None });
         }
         if state.waiting.len() >= limits.max_waiting {
             // The line is full: take the latest place of the tenant with the most waiting jobs
@@ -260,10 +268,11 @@ impl Admission {
         }
         let seq = state.next_seq;
         state.next_seq += 1;
+        let line = Some((state.waiting.len(), state.running));
         let (send, turn) = oneshot::channel();
         state.waiting.insert(seq, Waiter { tenant: tenant.to_string(), turn: send });
         state.gauges();
-        Ok(Ticket { turn: TicketState::Waiting { seq, turn }, shared: shared.clone() })
+        Ok(Ticket { turn: TicketState::Waiting { seq, turn }, shared: shared.clone(), line })
     }
 
     /// Jobs running and waiting now.
@@ -304,7 +313,9 @@ mod tests {
         let first = enter(&a, "").ok().unwrap();
         let _second = enter(&a, "").ok().unwrap();
         let mut third = enter(&a, "").err().unwrap();
-        let mut fourth = enter(&a, "").err().unwrap();
+        let ticket = a.enter("").unwrap();
+        assert_eq!(ticket.line(), Some((1, 2)), "one waiting ahead of it, two running");
+        let mut fourth: Turn = Box::pin(ticket.wait());
         assert_eq!(a.counts(), (2, 2));
         let refused = a.enter("").err().unwrap();
         assert_eq!(refused.code(), tonic::Code::ResourceExhausted);

@@ -244,8 +244,12 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
         let job = pipeline.validate(&request)?;
         let ticket = self.enter(tenant.as_deref())?;
         let span = job_span(&pipeline, &job, tenant.as_deref());
-        // Room for every progress event, so the job never waits on a slow reader.
-        let (tx, rx) = mpsc::channel(job.steps + 2);
+        // Room for every event, so the job never waits on a slow reader.
+        let (tx, rx) = mpsc::channel(job.steps + 3);
+        if let Some((ahead, running)) = ticket.line() {
+            let waiting = v1::Waiting { jobs_ahead: ahead as u32, jobs_running: running as u32 };
+            let _ = tx.try_send(Ok(v1::GenerateEvent { event: Some(v1::generate_event::Event::Waiting(waiting)) }));
+        }
         let service = self.clone();
         tokio::spawn(async move {
             let progress_tx = tx.clone();

@@ -190,15 +190,13 @@ pub async fn write_results(args: &JobArgs, mut events: Events) -> anyhow::Result
                 bar.set_message(format!("{}", p.timestep));
             }
             Some(v1::generate_event::Event::Result(r)) => result = Some(r),
-            Some(v1::generate_event::Event::Waiting(w)) => {
-                if !args.quiet {
-                    eprintln!(
-                        "waiting for a place to run: {} jobs waiting ahead, {} running",
-                        w.jobs_ahead, w.jobs_running
-                    );
-                }
+            Some(v1::generate_event::Event::Waiting(w)) if !args.quiet => {
+                eprintln!(
+                    "waiting for a place to run: {} jobs waiting ahead, {} running",
+                    w.jobs_ahead, w.jobs_running
+                );
             }
-            None => {}
+            Some(v1::generate_event::Event::Waiting(_)) | None => {}
         }
     }
     bar.finish_and_clear();

@@ -160,8 +160,8 @@ pub struct LimitsArgs {
     #[arg(long, env = "SDMESH_MAX_JOBS", default_value_t = admission::JobLimits::default().max_running)]
     pub max_jobs: usize,
     /// Jobs that may wait for a place. When the line is full, a new job is refused with
-    /// RESOURCE_EXHAUSTED and a retry hint, unless another tenant has more jobs waiting: then
-    /// that tenant's latest waiting job is refused instead.
+    /// RESOURCE_EXHAUSTED and a retry hint, unless another tenant has at least two more jobs
+    /// waiting than the new job's: then that tenant's latest waiting job is refused instead.
     #[arg(long, env = "SDMESH_MAX_WAITING_JOBS", default_value_t = admission::JobLimits::default().max_waiting)]
     pub max_waiting_jobs: usize,
     /// Jobs one tenant (x-sdmesh-tenant metadata) may run at once (0 = up to --max-jobs).

@@ -11,8 +11,8 @@
 //!   come among those, so a tenant that sent a burst does not hold every place while others
 //!   wait;
 //! - `max_running_per_tenant` (0: no bound but `max_running`) caps each tenant;
-//! - when the line is full, a job from a tenant with fewer waiting jobs than the tenant with the
-//!   most takes the place of that tenant's latest job, which is refused with
+//! - when the line is full, a job from a tenant with at least two fewer waiting jobs than the
+//!   tenant with the most takes the place of that tenant's latest job, which is refused with
 //!   RESOURCE_EXHAUSTED: one tenant's burst cannot fill the line and shut the others out.
 //!
 //! A waiting job whose caller goes away (cancelled, deadline) leaves the line.

@@ -87,6 +87,12 @@ async fn jobs_wait_for_their_turn_and_a_full_line_refuses_at_once() {
     let text = orchestrator.scrape();
     assert_eq!(metric(&text, "sdmesh_jobs_refused_total", &[("reason", "line_full")]), 1.0);
     assert!(metric(&text, "sdmesh_job_wait_seconds_count", &[]) >= 1.0);
+    // Usage per tenant: b's one job, its image and its time running; a's aborted one.
+    assert_eq!(metric(&text, "sdmesh_tenant_jobs_total", &[("tenant", "b"), ("code", "Ok")]), 1.0);
+    assert_eq!(metric(&text, "sdmesh_tenant_images_total", &[("tenant", "b")]), 1.0);
+    assert_eq!(metric(&text, "sdmesh_tenant_run_seconds_count", &[("tenant", "b")]), 1.0);
+    assert!(metric(&text, "sdmesh_tenant_run_seconds_sum", &[("tenant", "b")]) > 0.0);
+    assert!(metric(&text, "sdmesh_tenant_jobs_total", &[("tenant", "a"), ("code", "Cancelled")]) >= 1.0);
 
     // sdctl, with the line full: without --wait it fails at once, saying why; with --wait it
     // retries after the hint until the job is taken, and writes the image.

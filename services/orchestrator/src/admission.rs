@@ -118,6 +118,7 @@ impl Drop for Running {
     fn drop(&mut self) {
         let Some(shared) = self.shared.take() else { return };
         let seconds = self.since.elapsed().as_secs_f64();
+        crate::usage::ran(&self.tenant, seconds);
         let Ok(mut state) = shared.state.lock() else { return };
         state.finish(&self.tenant);
         state.mean_run_seconds = Some(match state.mean_run_seconds {

@@ -14,6 +14,7 @@ pub mod scheduler;
 pub mod server;
 pub use sdmesh_core::torch_rng;
 pub mod upscale;
+pub mod usage;
 
 use pipeline::{Limits, Pipeline};
 use sdmesh_core::model_dir::{ComponentDir, ModelDirError};

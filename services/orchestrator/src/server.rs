@@ -161,21 +161,26 @@ pub fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration>
     })
 }
 
-/// Runs a job within `deadline` (DEADLINE_EXCEEDED past it; the job's calls to the model
-/// services are dropped, and so cancelled there), counting it by outcome in
-/// `sdmesh_jobs_total{code}` (`Cancelled` when its caller went away and dropped it) and timing
-/// it.
-async fn observe_job<T>(deadline: Option<Duration>, job: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+/// Runs a job of `tenant` within `deadline` (DEADLINE_EXCEEDED past it; the job's calls to
+/// the model services are dropped, and so cancelled there), counting it by outcome in
+/// `sdmesh_jobs_total{code}` and the tenant's usage (`Cancelled` when its caller went away and
+/// dropped it), and timing it.
+async fn observe_job(
+    tenant: &str,
+    deadline: Option<Duration>,
+    job: impl std::future::Future<Output = Result<v1::GenerateResponse>>,
+) -> Result<v1::GenerateResponse> {
     /// Counts the job as cancelled unless it finished.
-    struct Unfinished(bool);
-    impl Drop for Unfinished {
+    struct Unfinished<'a>(Option<&'a str>);
+    impl Drop for Unfinished<'_> {
         fn drop(&mut self) {
-            if self.0 {
+            if let Some(tenant) = self.0 {
                 metrics::counter!("sdmesh_jobs_total", "code" => "Cancelled").increment(1);
+                crate::usage::job_ended(tenant, tonic::Code::Cancelled);
             }
         }
     }
-    let mut unfinished = Unfinished(true);
+    let mut unfinished = Unfinished(Some(tenant));
     let started = std::time::Instant::now();
     let result = match deadline {
         Some(deadline) => tokio::time::timeout(deadline, job).await.unwrap_or_else(|_| {
@@ -187,12 +192,16 @@ async fn observe_job<T>(deadline: Option<Duration>, job: impl std::future::Futur
         }),
         None => job.await,
     };
-    unfinished.0 = false;
+    unfinished.0 = None;
     let code = match &result {
-        Ok(_) => tonic::Code::Ok,
+        Ok(response) => {
+            crate::usage::images_delivered(tenant, response.images.len());
+            tonic::Code::Ok
+        }
         Err(e) => e.code(),
     };
     metrics::counter!("sdmesh_jobs_total", "code" => format!("{code:?}")).increment(1);
+    crate::usage::job_ended(tenant, code);
     metrics::histogram!("sdmesh_job_duration_seconds").record(started.elapsed().as_secs_f64());
     result
 }
@@ -215,6 +224,7 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
         let ticket = self.enter(tenant.as_deref())?;
         let span = job_span(pipeline, &job, tenant.as_deref());
         let response = observe_job(
+            tenant.as_deref().unwrap_or(""),
             deadline,
             self.until_grace_over(
                 async {
@@ -265,6 +275,7 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
                 progress_tx.try_send(Ok(event)).is_ok() || !progress_tx.is_closed()
             };
             let result = observe_job(
+                tenant.as_deref().unwrap_or(""),
                 deadline,
                 service.until_grace_over(
                     async {
@@ -313,11 +324,12 @@ mod tests {
     async fn a_job_past_its_deadline_ends_with_deadline_exceeded() {
         let slow = async {
             tokio::time::sleep(Duration::from_secs(5)).await;
-            Ok(())
+            Ok(v1::GenerateResponse::default())
         };
-        let e = observe_job(Some(Duration::from_millis(20)), slow).await.unwrap_err();
+        let e = observe_job("", Some(Duration::from_millis(20)), slow).await.unwrap_err();
         assert_eq!(e.code(), tonic::Code::DeadlineExceeded);
         assert!(e.to_string().contains("deadline"), "{e}");
-        assert!(observe_job(Some(Duration::from_secs(5)), async { Ok(()) }).await.is_ok());
+        let quick = async { Ok(v1::GenerateResponse::default()) };
+        assert!(observe_job("", Some(Duration::from_secs(5)), quick).await.is_ok());
     }
 }

@@ -13,10 +13,9 @@ use bytes::Bytes;
 use candle_core::{DType, Device, Tensor};
 use dpt::{DptConfig, DptDepth};
 use preprocess::{Preprocessor, PreprocessorConfig};
-use sdmesh_core::client::{call_with_retries, BACKPRESSURE_PATIENCE};
+use sdmesh_core::client::unary;
 use sdmesh_core::model_dir::{read_json, ComponentDir, ModelDirError};
 use sdmesh_core::serve::{serve_while_loading, Health};
-use sdmesh_core::telemetry::traced;
 use sdmesh_core::{images, Error, ModelWorker, Result};
 use sdmesh_proto::v1;
 use std::collections::BTreeMap;
@@ -416,12 +415,7 @@ impl DepthClient {
         let n = images.len();
         let request =
             v1::EstimateDepthRequest { images, resize_to_input: opts.resize_to_input, return_png: opts.return_png };
-        let out = call_with_retries(BACKPRESSURE_PATIENCE, || {
-            let mut client = self.inner.clone();
-            let request = traced(request.clone());
-            async move { Ok(client.estimate(request).await?.into_inner()) }
-        })
-        .await?;
+        let out = unary(&self.inner, &request, |mut c, r| async move { c.estimate(r).await }).await?;
         if out.maps.len() != n {
             return Err(Error::internal(format!("depth service returned {} maps for {n} images", out.maps.len())));
         }
@@ -454,10 +448,6 @@ impl sdmesh_core::DepthEstimator for DepthClient {
 
     async fn info(&self) -> Result<v1::DepthInfo> {
         // Retried as every call is: within a job, a dead replica costs a retry.
-        call_with_retries(BACKPRESSURE_PATIENCE, || {
-            let mut client = self.inner.clone();
-            async move { Ok(client.info(traced(v1::InfoRequest {})).await?.into_inner()) }
-        })
-        .await
+        unary(&self.inner, &v1::InfoRequest {}, |mut c, r| async move { c.info(r).await }).await
     }
 }

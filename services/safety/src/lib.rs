@@ -19,10 +19,9 @@ use candle_core::{DType, Device, Tensor};
 use checker::{CheckerConfig, SafetyModel};
 use image::RgbImage;
 use preprocess::{Preprocessor, PreprocessorConfig, Resize};
-use sdmesh_core::client::{call_with_retries, BACKPRESSURE_PATIENCE};
+use sdmesh_core::client::unary;
 use sdmesh_core::model_dir::{read_json, ComponentDir, ModelDirError};
 use sdmesh_core::serve::{serve_while_loading, Health};
-use sdmesh_core::telemetry::traced;
 use sdmesh_core::{Error, ModelWorker, Result, SafetyVerdict};
 use sdmesh_proto::v1;
 use std::path::{Path, PathBuf};
@@ -407,12 +406,7 @@ impl SafetyClient {
     }
 
     async fn call(&self, request: v1::CheckImagesRequest, n: usize) -> Result<Vec<SafetyVerdict>> {
-        let out = call_with_retries(BACKPRESSURE_PATIENCE, || {
-            let mut client = self.inner.clone();
-            let request = traced(request.clone());
-            async move { Ok(client.check(request).await?.into_inner()) }
-        })
-        .await?;
+        let out = unary(&self.inner, &request, |mut c, r| async move { c.check(r).await }).await?;
         if out.verdicts.len() != n {
             return Err(Error::internal(format!(
                 "safety service returned {} verdicts for {n} images",
@@ -438,11 +432,7 @@ impl SafetyClient {
 
     pub async fn info(&self) -> Result<v1::SafetyInfo> {
         // Retried as every call is: within a job, a dead replica costs a retry.
-        call_with_retries(BACKPRESSURE_PATIENCE, || {
-            let mut client = self.inner.clone();
-            async move { Ok(client.info(traced(v1::InfoRequest {})).await?.into_inner()) }
-        })
-        .await
+        unary(&self.inner, &v1::InfoRequest {}, |mut c, r| async move { c.info(r).await }).await
     }
 }
 

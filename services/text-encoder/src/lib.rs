@@ -8,10 +8,9 @@ pub mod clip;
 pub mod tokenizer;
 
 use candle_core::{DType, Device, Tensor};
-use sdmesh_core::client::{call_with_retries, BACKPRESSURE_PATIENCE};
+use sdmesh_core::client::unary;
 use sdmesh_core::model_dir::{ComponentDir, ModelDirError};
 use sdmesh_core::serve::{serve_while_loading, Health};
-use sdmesh_core::telemetry::traced;
 use sdmesh_core::{Error, ModelWorker, Result, TextEmbeddings};
 use sdmesh_proto::v1;
 use std::path::PathBuf;
@@ -226,12 +225,7 @@ impl TextEncoderClient {
 impl sdmesh_core::TextEncoder for TextEncoderClient {
     async fn encode(&self, texts: Vec<String>) -> Result<TextEmbeddings> {
         let request = v1::EncodeTextRequest { texts };
-        let out = call_with_retries(BACKPRESSURE_PATIENCE, || {
-            let mut client = self.inner.clone();
-            let request = traced(request.clone());
-            async move { Ok(client.encode(request).await?.into_inner()) }
-        })
-        .await?;
+        let out = unary(&self.inner, &request, |mut c, r| async move { c.encode(r).await }).await?;
         let embeddings =
             sdmesh_proto::required(&out.embeddings, "embeddings")?.to_candle("embeddings", &Device::Cpu)?;
         Ok(TextEmbeddings { embeddings, truncated_tokens: out.truncated_tokens })
@@ -239,10 +233,6 @@ impl sdmesh_core::TextEncoder for TextEncoderClient {
 
     async fn info(&self) -> Result<v1::TextEncoderInfo> {
         // Retried as every call is: within a job, a dead replica costs a retry.
-        call_with_retries(BACKPRESSURE_PATIENCE, || {
-            let mut client = self.inner.clone();
-            async move { Ok(client.info(traced(v1::InfoRequest {})).await?.into_inner()) }
-        })
-        .await
+        unary(&self.inner, &v1::InfoRequest {}, |mut c, r| async move { c.info(r).await }).await
     }
 }

@@ -11,7 +11,7 @@ mod unet_2d;
 
 use candle_core::{DType, Device, Tensor, D};
 use sdmesh_core::batch::{BatchOptions, BatchWorker, Batchable};
-use sdmesh_core::client::{call_with_retries, BACKPRESSURE_PATIENCE};
+use sdmesh_core::client::{call_with_retries, unary, BACKPRESSURE_PATIENCE};
 use sdmesh_core::model_dir::{ComponentDir, ModelDirError};
 use sdmesh_core::serve::{serve_while_loading, Health};
 use sdmesh_core::telemetry::traced;
@@ -735,10 +735,6 @@ impl sdmesh_core::Denoiser for UnetClient {
 
     async fn info(&self) -> Result<v1::UnetInfo> {
         // Retried as every call is: within a job, a dead replica costs a retry.
-        call_with_retries(BACKPRESSURE_PATIENCE, || {
-            let mut client = self.inner.clone();
-            async move { Ok(client.info(traced(v1::InfoRequest {})).await?.into_inner()) }
-        })
-        .await
+        unary(&self.inner, &v1::InfoRequest {}, |mut c, r| async move { c.info(r).await }).await
     }
 }

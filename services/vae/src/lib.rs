@@ -9,10 +9,9 @@ mod blocks;
 use autoencoder::{AutoEncoderKL, AutoEncoderKLConfig};
 use candle_core::{DType, Device, Tensor};
 use sdmesh_core::batch::{BatchOptions, BatchWorker, Batchable};
-use sdmesh_core::client::{call_with_retries, BACKPRESSURE_PATIENCE};
+use sdmesh_core::client::unary;
 use sdmesh_core::model_dir::{ComponentDir, ModelDirError};
 use sdmesh_core::serve::{serve_while_loading, Health};
-use sdmesh_core::telemetry::traced;
 use sdmesh_core::{EncodedImages, Error, Result};
 use sdmesh_proto::v1;
 use serde::Deserialize;
@@ -496,12 +495,7 @@ impl sdmesh_core::Vae for VaeClient {
         for start in (0..n).step_by(per_call) {
             let chunk = latents.narrow(0, start, per_call.min(n - start))?;
             let request = v1::DecodeRequest { latents: Some(v1::Tensor::from_candle(&chunk)?) };
-            let out = call_with_retries(BACKPRESSURE_PATIENCE, || {
-                let mut client = self.inner.clone();
-                let request = traced(request.clone());
-                async move { Ok(client.decode(request).await?.into_inner()) }
-            })
-            .await?;
+            let out = unary(&self.inner, &request, |mut c, r| async move { c.decode(r).await }).await?;
             images.push(sdmesh_proto::required(&out.images, "images")?.to_candle("images", &Device::Cpu)?);
         }
         Ok(Tensor::cat(&images, 0)?)
@@ -522,12 +516,7 @@ impl sdmesh_core::Vae for VaeClient {
                 },
                 seed: None,
             };
-            let out = call_with_retries(BACKPRESSURE_PATIENCE, || {
-                let mut client = self.inner.clone();
-                let request = traced(request.clone());
-                async move { Ok(client.encode(request).await?.into_inner()) }
-            })
-            .await?;
+            let out = unary(&self.inner, &request, |mut c, r| async move { c.encode(r).await }).await?;
             modes.push(sdmesh_proto::required(&out.mode, "mode")?.to_candle("mode", &Device::Cpu)?);
             if noise.is_some() {
                 samples.push(sdmesh_proto::required(&out.sample, "sample")?.to_candle("sample", &Device::Cpu)?);
@@ -539,10 +528,6 @@ impl sdmesh_core::Vae for VaeClient {
 
     async fn info(&self) -> Result<v1::VaeInfo> {
         // Retried as every call is: within a job, a dead replica costs a retry.
-        call_with_retries(BACKPRESSURE_PATIENCE, || {
-            let mut client = self.inner.clone();
-            async move { Ok(client.info(traced(v1::InfoRequest {})).await?.into_inner()) }
-        })
-        .await
+        unary(&self.inner, &v1::InfoRequest {}, |mut c, r| async move { c.info(r).await }).await
     }
 }

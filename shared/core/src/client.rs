@@ -59,6 +59,26 @@ where
     }
 }
 
+/// One unary call to a model service: sent on a clone of `client` with the current trace
+/// context, and sent again as [`call_with_retries`] says (patience [`BACKPRESSURE_PATIENCE`]);
+/// the response's message. `call` names the method: `|mut c, r| async move { c.info(r).await }`.
+pub async fn unary<C, Req, Resp, Fut>(
+    client: &C,
+    request: &Req,
+    call: impl Fn(C, tonic::Request<Req>) -> Fut,
+) -> Result<Resp>
+where
+    C: Clone,
+    Req: Clone,
+    Fut: std::future::Future<Output = std::result::Result<tonic::Response<Resp>, tonic::Status>>,
+{
+    call_with_retries(BACKPRESSURE_PATIENCE, || {
+        let response = call(client.clone(), crate::telemetry::traced(request.clone()));
+        async move { Ok(response.await?.into_inner()) }
+    })
+    .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -28,6 +28,7 @@
 //! whichever model answers it first, so a pool that has moved on serves new jobs at once.
 
 use crate::{Error, Result};
+use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -59,7 +60,8 @@ struct JobModels {
 }
 
 tokio::task_local! {
-    static JOB_MODELS: Mutex<JobModels>;
+    /// Read and written only by the job's own task (from `ReplicaSet::call` and its future).
+    static JOB_MODELS: RefCell<JobModels>;
 }
 
 /// How a job went with the pools' models.
@@ -74,9 +76,9 @@ pub struct JobOnModels {
 /// its first call there (see the module's documentation). Calls outside a job are not pinned.
 pub async fn one_job<F: std::future::Future>(job: F) -> (F::Output, JobOnModels) {
     JOB_MODELS
-        .scope(Mutex::default(), async {
+        .scope(RefCell::default(), async {
             let out = job.await;
-            let refused_for_model = JOB_MODELS.with(|j| j.lock().map(|j| j.refused_for_model).unwrap_or(false));
+            let refused_for_model = JOB_MODELS.with(|j| j.borrow().refused_for_model);
             (out, JobOnModels { refused_for_model })
         })
         .await
@@ -84,25 +86,19 @@ pub async fn one_job<F: std::future::Future>(job: F) -> (F::Output, JobOnModels)
 
 /// The model the running job was answered with by `target`, if any.
 fn job_model(target: &str) -> Option<http::HeaderValue> {
-    JOB_MODELS.try_with(|j| j.lock().ok()?.models.get(target).cloned()).ok().flatten()
+    JOB_MODELS.try_with(|j| j.borrow().models.get(target).cloned()).ok().flatten()
 }
 
 /// Records `model` as the running job's for `target`, unless it has one.
 fn answered_by_model(target: &str, model: &http::HeaderValue) {
     let _ = JOB_MODELS.try_with(|j| {
-        if let Ok(mut j) = j.lock() {
-            j.models.entry(target.to_string()).or_insert_with(|| model.clone());
-        }
+        j.borrow_mut().models.entry(target.to_string()).or_insert_with(|| model.clone());
     });
 }
 
 /// Notes that a replica refused the running job for serving another model.
 fn refused_for_model() {
-    let _ = JOB_MODELS.try_with(|j| {
-        if let Ok(mut j) = j.lock() {
-            j.refused_for_model = true;
-        }
-    });
+    let _ = JOB_MODELS.try_with(|j| j.borrow_mut().refused_for_model = true);
 }
 
 /// One entry of a target.

@@ -183,8 +183,8 @@ where
 }
 
 /// Metadata naming a model by its fingerprint: on every response of a model service, the model
-/// it serves; on a request, the model the caller expects. A client over several replicas
-/// (`crate::replicas`) learns it from the first answer and sends it with every later call.
+/// it serves; on a request, the model the caller's job began on (`crate::replicas::one_job`
+/// learns it from the job's first answer and sends it with the job's later calls).
 pub const MODEL_HEADER: &str = "sdmesh-model";
 
 /// Keeps a job on one model: a call that expects another model than this process serves (a

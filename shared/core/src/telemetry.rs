@@ -158,6 +158,17 @@ fn describe_metrics() {
     metrics::describe_counter!("sdmesh_jobs_total", "generation jobs, by outcome (status code)");
     metrics::describe_histogram!("sdmesh_job_duration_seconds", "generation job latency");
     metrics::describe_counter!("sdmesh_steps_total", "denoising steps run by the orchestrator");
+    metrics::describe_counter!(
+        "sdmesh_jobs_restarted_total",
+        "jobs run again from their start because a pool no longer serves the model they began on"
+    );
+    metrics::describe_gauge!("sdmesh_jobs_running", "jobs holding a place to run");
+    metrics::describe_gauge!("sdmesh_jobs_waiting", "jobs waiting for a place to run");
+    metrics::describe_histogram!("sdmesh_job_wait_seconds", "how long a job that waited for a place waited");
+    metrics::describe_counter!("sdmesh_jobs_refused_total", "jobs refused for a full line of waiting jobs, by reason");
+    metrics::describe_counter!("sdmesh_tenant_jobs_total", "generation jobs by tenant and outcome (status code)");
+    metrics::describe_counter!("sdmesh_tenant_images_total", "images delivered, by tenant");
+    metrics::describe_histogram!("sdmesh_tenant_run_seconds", "time each job held a place to run, by tenant");
 }
 
 struct HeaderExtractor<'a>(&'a http::HeaderMap);

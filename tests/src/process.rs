@@ -152,24 +152,24 @@ impl Mesh {
         if let Some(d) = &depth {
             opts.orchestrator_args.extend(["--depth-url", d.addr.as_str()]);
         }
-        let orchestrator = Self::start_orchestrator(dir, &text_encoder, &unet, &vae, &opts).await;
+        let orchestrator = Self::start_orchestrator(dir, &text_encoder, &unet.addr, &vae, &opts).await;
         Mesh { orchestrator, text_encoder, unet, vae, depth }
     }
 
     /// Another orchestrator over this mesh's model services.
     pub async fn another_orchestrator(&self, model_name: &str, opts: &MeshOptions<'_>) -> Service {
-        let dir = crate::model(model_name);
-        Self::start_orchestrator(dir.to_str().unwrap(), &self.text_encoder, &self.unet, &self.vae, opts).await
+        self.orchestrator_over_unet(model_name, &self.unet.addr, opts).await
     }
 
-    async fn start_orchestrator(
-        dir: &str,
-        te: &Service,
-        unet: &Service,
-        vae: &Service,
-        opts: &MeshOptions<'_>,
-    ) -> Service {
-        let mut args = vec!["--model", dir, "--text-encoder-url", &te.addr, "--unet-url", &unet.addr];
+    /// Another orchestrator over this mesh's text encoder and vae, and the unet replicas
+    /// `unet` names (an `--unet-url` value).
+    pub async fn orchestrator_over_unet(&self, model_name: &str, unet: &str, opts: &MeshOptions<'_>) -> Service {
+        let dir = crate::model(model_name);
+        Self::start_orchestrator(dir.to_str().unwrap(), &self.text_encoder, unet, &self.vae, opts).await
+    }
+
+    async fn start_orchestrator(dir: &str, te: &Service, unet: &str, vae: &Service, opts: &MeshOptions<'_>) -> Service {
+        let mut args = vec!["--model", dir, "--text-encoder-url", &te.addr, "--unet-url", unet];
         args.extend(["--vae-url", &vae.addr]);
         args.extend(&opts.common_args);
         args.extend(&opts.orchestrator_args);

@@ -19,18 +19,7 @@ async fn steps_spread_over_unet_replicas_and_a_killed_replica_costs_no_job() {
     let mut second = start("sdmesh-unet", &["--model", model, "--metrics-listen", "127.0.0.1:0"], &[]);
     wait_serving(&second.addr).await;
     let both = format!("{},{}", mesh.unet.addr, second.addr);
-    let args = [
-        "--model",
-        model,
-        "--text-encoder-url",
-        &mesh.text_encoder.addr,
-        "--unet-url",
-        &both,
-        "--vae-url",
-        &mesh.vae.addr,
-    ];
-    let spread = start("sdmesh-orchestrator", &args, &[]);
-    wait_serving(&spread.addr).await;
+    let spread = mesh.orchestrator_over_unet("sd21-base-tiny", &both, &MeshOptions::default()).await;
 
     let request = |steps: u32| v1::GenerateRequest {
         prompt: "a lighthouse in fog".into(),
@@ -83,26 +72,7 @@ async fn a_unet_rollout_to_another_model_needs_no_orchestrator_restart() {
     let model = model.to_str().unwrap();
     let new = start("sdmesh-unet", &["--model", model, "--dtype", "f16"], &[]);
     wait_serving(&new.addr).await;
-    let orchestrator_over = |unet: String| {
-        let args: Vec<String> = [
-            "--model",
-            model,
-            "--text-encoder-url",
-            &mesh.text_encoder.addr,
-            "--unet-url",
-            &unet,
-            "--vae-url",
-            &mesh.vae.addr,
-        ]
-        .map(String::from)
-        .into();
-        async move {
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            let orchestrator = start("sdmesh-orchestrator", &args, &[]);
-            wait_serving(&orchestrator.addr).await;
-            orchestrator
-        }
-    };
+    let none = MeshOptions::default();
     let request = v1::GenerateRequest {
         prompt: "a harbour at dawn".into(),
         steps: Some(8),
@@ -120,11 +90,12 @@ async fn a_unet_rollout_to_another_model_needs_no_orchestrator_restart() {
         }
     };
     let old_only = generate(mesh.orchestrator.addr.clone()).await.unwrap();
-    let new_only = generate(orchestrator_over(new.addr.clone()).await.addr.clone()).await.unwrap();
+    let new_only =
+        generate(mesh.orchestrator_over_unet("sd21-base-tiny", &new.addr, &none).await.addr.clone()).await.unwrap();
     assert_ne!(old_only, new_only, "f16 and f32 give other numbers");
 
     // The old replica is listed first: the orchestrator starts against it.
-    let both = orchestrator_over(format!("{},{}", mesh.unet.addr, new.addr)).await;
+    let both = mesh.orchestrator_over_unet("sd21-base-tiny", &format!("{},{}", mesh.unet.addr, new.addr), &none).await;
     let jobs: Vec<_> = (0..4).map(|_| tokio::spawn(generate(both.addr.clone()))).collect();
     for job in jobs {
         let out = job.await.unwrap().expect("a job in a mixed pool");
@@ -155,10 +126,8 @@ async fn a_job_whose_model_goes_away_runs_again_on_the_new_one() {
     // The new replica's address is listed before it is up (as a DNS name would list it later).
     let new_listen = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
     let unet = format!("{},http://{new_listen}", old.addr);
-    let args = ["--model", model, "--text-encoder-url", &mesh.text_encoder.addr, "--unet-url", &unet];
-    let args = [&args[..], &["--vae-url", &mesh.vae.addr, "--metrics-listen", "127.0.0.1:0"]].concat();
-    let orchestrator = start("sdmesh-orchestrator", &args, &[]);
-    wait_serving(&orchestrator.addr).await;
+    let with_metrics = MeshOptions { common_args: vec!["--metrics-listen", "127.0.0.1:0"], ..Default::default() };
+    let orchestrator = mesh.orchestrator_over_unet("sd21-base-tiny", &unet, &with_metrics).await;
     let request = v1::GenerateRequest {
         prompt: "a harbour at dawn".into(),
         steps: Some(400),

@@ -4,10 +4,12 @@
 //! `sdctl --wait` retries a refused job after the hint. A job past its caller's deadline ends
 //! with DEADLINE_EXCEEDED, unary or streamed, and a job whose caller goes away counts as
 //! cancelled. On SIGTERM, jobs still waiting are refused with UNAVAILABLE at once, and the
-//! running job finishes.
+//! running job finishes. Orchestrators that share a Redis hold each tenant to
+//! `--fleet-max-jobs-per-tenant` between them, and a dead orchestrator's jobs stop counting once
+//! their leases expire.
 
 use sdmesh_proto::v1;
-use sdmesh_testkit::process::{bin, metric, Mesh, MeshOptions, Service};
+use sdmesh_testkit::process::{bin, metric, Mesh, MeshOptions, RedisServer, Service};
 use std::time::{Duration, Instant};
 
 fn request(steps: u32, side: u32) -> v1::GenerateRequest {
@@ -202,4 +204,75 @@ async fn on_sigterm_waiting_jobs_go_elsewhere_at_once_and_the_running_one_finish
     };
     assert_eq!(result.images, expected, "the running job finished during the drain");
     assert!(mesh.orchestrator.wait_exit(Duration::from_secs(30)).success());
+}
+
+#[tokio::test]
+async fn a_tenant_is_bounded_across_orchestrators_that_share_redis() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let opts = MeshOptions {
+        common_args: vec!["--metrics-listen", "127.0.0.1:0"],
+        orchestrator_args: vec!["--redis-url", &url, "--fleet-max-jobs-per-tenant", "1", "--fleet-quota-lease", "1"],
+        ..Default::default()
+    };
+    // The quota lives in Redis: without one, the flag is refused.
+    let model = sdmesh_testkit::model("sd21-base-tiny");
+    let alone = std::process::Command::new(bin("sdmesh-orchestrator"))
+        .arg("--model")
+        .arg(&model)
+        .args(["--listen", "127.0.0.1:0", "--fleet-max-jobs-per-tenant", "1"])
+        .output()
+        .unwrap();
+    assert!(!alone.status.success());
+    assert!(
+        String::from_utf8_lossy(&alone.stderr).contains("--redis-url"),
+        "{}",
+        String::from_utf8_lossy(&alone.stderr)
+    );
+
+    let mut mesh = Mesh::start_with("sd21-base-tiny", &opts).await;
+    let second = mesh.another_orchestrator("sd21-base-tiny", &opts).await;
+    let expected = client(&second).await.generate(request(4, 32)).await.unwrap().into_inner().images;
+
+    // Tenant a's long job runs on the first orchestrator ...
+    let mut long =
+        client(&mesh.orchestrator).await.generate_stream(tenant(request(900, 128), "a")).await.unwrap().into_inner();
+    long.message().await.unwrap().expect("a progress event");
+    // ... past one lease's life (its orchestrator renews it) ...
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // ... so a's next job, on the second, is refused at once, with a hint.
+    let started = Instant::now();
+    let status = client(&second).await.generate(tenant(request(4, 32), "a")).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("--fleet-max-jobs-per-tenant 1"), "{}", status.message());
+    assert!(sdmesh_core::retry_after(&status).is_some(), "a RetryInfo detail");
+    assert!(started.elapsed() < Duration::from_secs(5), "refused at once");
+    // Tenant b's job runs on the second meanwhile.
+    let images = client(&second).await.generate(tenant(request(4, 32), "b")).await.unwrap().into_inner().images;
+    assert_eq!(images, expected);
+
+    // The first orchestrator dies with a's job (SIGKILL: it gives nothing back). Its lease
+    // expires within a second, and then a's job runs on the second.
+    mesh.orchestrator.child.kill().unwrap();
+    let killed = Instant::now();
+    let images = loop {
+        match client(&second).await.generate(tenant(request(4, 32), "a")).await {
+            Ok(response) => break response.into_inner().images,
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+                assert!(killed.elapsed() < Duration::from_secs(10), "the dead orchestrator's lease never expired");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    assert_eq!(images, expected, "the same bytes");
+    let text = second.scrape();
+    assert!(metric(&text, "sdmesh_jobs_refused_total", &[("reason", "tenant_quota")]) >= 1.0);
+    assert_eq!(metric(&text, "sdmesh_tenant_jobs_total", &[("tenant", "a"), ("code", "Ok")]), 1.0);
+    // Every job ended: no lease is left (given back a moment after the response).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while redis.command(&["ZCARD", "sdmesh:tenant-jobs:{a}"]).unwrap() != ":0" {
+        assert!(Instant::now() < deadline, "a lease was not given back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

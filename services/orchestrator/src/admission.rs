@@ -276,6 +276,12 @@ impl Admission {
         Ok(Ticket { turn: TicketState::Waiting { seq, turn }, shared: shared.clone(), line })
     }
 
+    /// About how long until one of a tenant's running jobs ends: the hint sent with a refusal
+    /// for a tenant at its cap.
+    pub fn retry_hint(&self) -> Duration {
+        self.shared.state.lock().map(|s| s.hint(&self.shared.limits, 0)).unwrap_or(DEFAULT_HINT)
+    }
+
     /// Jobs running and waiting now.
     pub fn counts(&self) -> (usize, usize) {
         self.shared.state.lock().map(|s| (s.running, s.waiting.len())).unwrap_or_default()

@@ -4,10 +4,12 @@
 
 pub mod admission;
 pub mod embedding_cache;
+pub mod fleet_quota;
 pub mod image_job;
 pub mod noise;
 pub mod pipeline;
 pub mod png;
+pub mod redis_link;
 pub mod redis_store;
 pub mod safety;
 pub mod scheduler;
@@ -60,6 +62,8 @@ pub struct OrchestratorOptions {
     pub limits: Limits,
     /// How many jobs run and wait, and per tenant.
     pub jobs: admission::JobLimits,
+    /// Each tenant's bound across every orchestrator sharing `redis` (which it needs).
+    pub fleet_quota: Option<fleet_quota::QuotaOptions>,
     /// How long to wait at start-up for the model services to report their info.
     pub startup_timeout: Duration,
     /// Bytes of prompt embeddings kept in the in-process cache (0 turns it off); unused with Redis.
@@ -168,6 +172,19 @@ pub struct LimitsArgs {
     /// Jobs one tenant (x-sdmesh-tenant metadata) may run at once (0 = up to --max-jobs).
     #[arg(long, env = "SDMESH_MAX_JOBS_PER_TENANT", default_value_t = 0)]
     pub max_jobs_per_tenant: usize,
+    /// Jobs one tenant may have running or waiting across every orchestrator that shares
+    /// --redis-url (0 = no such bound). Beyond it a job is refused at once with
+    /// RESOURCE_EXHAUSTED and a retry hint.
+    #[arg(long, env = "SDMESH_FLEET_MAX_JOBS_PER_TENANT", default_value_t = 0)]
+    pub fleet_max_jobs_per_tenant: usize,
+    /// Seconds a job's lease in the fleet-wide quota lives unless renewed (every third of it):
+    /// how long the jobs of an orchestrator that died still count.
+    #[arg(long, env = "SDMESH_FLEET_QUOTA_LEASE", default_value_t = 30.0)]
+    pub fleet_quota_lease: f64,
+    /// While Redis is out of reach: admit jobs without the fleet-wide quota, or refuse them with
+    /// UNAVAILABLE.
+    #[arg(long, env = "SDMESH_FLEET_QUOTA_ON_REDIS_ERROR", value_enum, default_value_t = fleet_quota::OnRedisError::Admit)]
+    pub fleet_quota_on_redis_error: fleet_quota::OnRedisError,
 }
 
 impl LimitsArgs {
@@ -181,6 +198,15 @@ impl LimitsArgs {
             max_waiting: self.max_waiting_jobs,
             max_running_per_tenant: self.max_jobs_per_tenant,
         }
+    }
+
+    /// The fleet-wide tenant quota, when --fleet-max-jobs-per-tenant is set.
+    pub fn fleet_quota(&self) -> Option<fleet_quota::QuotaOptions> {
+        (self.fleet_max_jobs_per_tenant > 0).then(|| fleet_quota::QuotaOptions {
+            max_jobs_per_tenant: self.fleet_max_jobs_per_tenant,
+            lease: Duration::from_secs_f64(self.fleet_quota_lease.clamp(0.1, 3600.0)),
+            on_redis_error: self.fleet_quota_on_redis_error,
+        })
     }
 }
 
@@ -309,8 +335,16 @@ pub async fn run(
     listener: TcpListener,
     shutdown: sdmesh_core::serve::Shutdown,
 ) -> anyhow::Result<()> {
+    let fleet_quota = match (&opts.fleet_quota, &opts.redis) {
+        (None, _) => None,
+        (Some(quota), Some(redis)) => {
+            tracing::info!(max_jobs_per_tenant = quota.max_jobs_per_tenant, lease = ?quota.lease, "fleet-wide tenant quota in redis");
+            Some(fleet_quota::FleetQuota::new(redis.clone(), quota.clone())?)
+        }
+        (Some(_), None) => anyhow::bail!("--fleet-max-jobs-per-tenant needs --redis-url (the orchestrators share it)"),
+    };
     let health = Health::new(&[v1::orchestrator_server::SERVICE_NAME]).await;
-    let service = server::OrchestratorService::served(health.clone(), opts.jobs);
+    let service = server::OrchestratorService::served(health.clone(), opts.jobs, fleet_quota);
     let routes = health.routes().add_service(
         v1::orchestrator_server::OrchestratorServer::new(service.clone())
             .max_decoding_message_size(opts.limits.max_request_bytes())

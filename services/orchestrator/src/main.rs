@@ -64,6 +64,7 @@ async fn main() -> anyhow::Result<()> {
         safety: a.safety.settings()?,
         limits: a.limits.limits(),
         jobs: a.limits.jobs(),
+        fleet_quota: a.limits.fleet_quota(),
         startup_timeout: Duration::from_secs(a.startup_timeout),
         embedding_cache_bytes: a.cache.embedding_cache_bytes,
         redis: a.cache.redis_options(),

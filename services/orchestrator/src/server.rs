@@ -1,6 +1,7 @@
 //! The public gRPC API: Generate (unary) and GenerateStream (progress events, then the result).
 
 use crate::admission::{Admission, JobLimits, Running, Ticket};
+use crate::fleet_quota::{FleetQuota, QuotaLease};
 use crate::noise::SeededNoise;
 use crate::pipeline::{Job, JobOutput, Pipeline, StepProgress};
 use sdmesh_core::serve::Health;
@@ -23,6 +24,8 @@ pub struct OrchestratorService {
     health: Option<Health>,
     /// How many jobs run and wait, and whose job runs next.
     admission: Admission,
+    /// Each tenant's bound across the orchestrators sharing a Redis, when set.
+    fleet_quota: Option<FleetQuota>,
 }
 
 impl OrchestratorService {
@@ -34,17 +37,24 @@ impl OrchestratorService {
     }
 
     /// A service whose jobs end with UNAVAILABLE when `health`'s shutdown grace period is over.
-    pub fn served(health: Health, jobs: JobLimits) -> Self {
-        Self::with_job_limits(Some(health), jobs)
+    pub fn served(health: Health, jobs: JobLimits, fleet_quota: Option<FleetQuota>) -> Self {
+        Self { fleet_quota, ..Self::with_job_limits(Some(health), jobs) }
     }
 
     fn with_job_limits(health: Option<Health>, jobs: JobLimits) -> Self {
-        Self { pipeline: Arc::default(), health, admission: Admission::new(jobs) }
+        Self { pipeline: Arc::default(), health, admission: Admission::new(jobs), fleet_quota: None }
     }
 
-    /// A place for a job of `tenant`: now, or in the line (RESOURCE_EXHAUSTED when it is full).
-    fn enter(&self, tenant: Option<&str>) -> Result<Ticket> {
-        self.admission.enter(tenant.unwrap_or(""))
+    /// A place for a job of `tenant`: its lease in the fleet-wide quota (RESOURCE_EXHAUSTED
+    /// when the tenant is at its cap), then its place here, now or in the line
+    /// (RESOURCE_EXHAUSTED when the line is full). Both are held until the job ends.
+    async fn enter(&self, tenant: Option<&str>) -> Result<(Option<QuotaLease>, Ticket)> {
+        let tenant = tenant.unwrap_or("");
+        let lease = match &self.fleet_quota {
+            Some(quota) => quota.take(tenant, self.admission.retry_hint()).await?,
+            None => None,
+        };
+        Ok((lease, self.admission.enter(tenant)?))
     }
 
     /// `job`, cut short with UNAVAILABLE when the shutdown grace period ends.
@@ -221,7 +231,8 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
         let request = request.into_inner();
         let pipeline = self.pipeline()?;
         let job = pipeline.validate(&request)?;
-        let ticket = self.enter(tenant.as_deref())?;
+        // Both places are given back when this call ends (or its caller goes away).
+        let (_lease, ticket) = self.enter(tenant.as_deref()).await?;
         let span = job_span(pipeline, &job, tenant.as_deref());
         let response = observe_job(
             tenant.as_deref().unwrap_or(""),
@@ -252,7 +263,7 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
         let request = request.into_inner();
         let pipeline = self.pipeline()?.clone();
         let job = pipeline.validate(&request)?;
-        let ticket = self.enter(tenant.as_deref())?;
+        let (lease, ticket) = self.enter(tenant.as_deref()).await?;
         let span = job_span(&pipeline, &job, tenant.as_deref());
         // Room for every event, so the job never waits on a slow reader.
         let (tx, rx) = mpsc::channel(job.steps + 3);
@@ -262,6 +273,7 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
         }
         let service = self.clone();
         tokio::spawn(async move {
+            let _lease = lease;
             let progress_tx = tx.clone();
             let mut progress = move |p: StepProgress| {
                 let event = v1::GenerateEvent {

@@ -83,6 +83,7 @@ async fn main() -> anyhow::Result<()> {
             let opts = MeshOptions {
                 limits: limits.limits(),
                 jobs: limits.jobs(),
+                fleet_quota: limits.fleet_quota(),
                 queue_capacity,
                 embedding_cache_bytes: cache.embedding_cache_bytes,
                 redis: cache.redis_options(),

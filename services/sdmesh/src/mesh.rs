@@ -17,6 +17,8 @@ pub struct MeshOptions {
     pub limits: Limits,
     /// Jobs the orchestrator runs and keeps waiting.
     pub jobs: sdmesh_orchestrator::admission::JobLimits,
+    /// Each tenant's bound across every orchestrator sharing `redis`.
+    pub fleet_quota: Option<sdmesh_orchestrator::fleet_quota::QuotaOptions>,
     /// Requests waiting for each model beyond which new ones get RESOURCE_EXHAUSTED.
     pub queue_capacity: usize,
     pub embedding_cache_bytes: usize,
@@ -34,6 +36,7 @@ impl MeshOptions {
             dtype: candle_core::DType::F32,
             limits: Limits::default(),
             jobs: Default::default(),
+            fleet_quota: None,
             queue_capacity,
             embedding_cache_bytes: 256 << 20,
             redis: None,
@@ -76,6 +79,7 @@ pub async fn serve_mesh(opts: MeshOptions, listener: TcpListener, shutdown: Shut
         safety: Default::default(),
         limits: opts.limits,
         jobs: opts.jobs,
+        fleet_quota: opts.fleet_quota.clone(),
         startup_timeout: Duration::from_secs(600),
         embedding_cache_bytes: opts.embedding_cache_bytes,
         redis: opts.redis.clone(),

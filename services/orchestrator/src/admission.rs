@@ -112,6 +112,20 @@ pub struct Running {
     shared: Option<Arc<Shared>>,
     tenant: String,
     since: Instant,
+    /// The job ran to its end.
+    finished: bool,
+}
+
+impl Running {
+    fn new(shared: &Arc<Shared>, tenant: &str) -> Self {
+        Self { shared: Some(shared.clone()), tenant: tenant.to_string(), since: Instant::now(), finished: false }
+    }
+
+    /// The job ran to its end: its time feeds the retry hints. (A cancelled or failed job's
+    /// time says nothing of how long jobs take: a burst of cancellations would shorten them.)
+    pub fn finished(&mut self) {
+        self.finished = true;
+    }
 }
 
 impl Drop for Running {
@@ -121,10 +135,12 @@ impl Drop for Running {
         crate::usage::ran(&self.tenant, seconds);
         let Ok(mut state) = shared.state.lock() else { return };
         state.finish(&self.tenant);
-        state.mean_run_seconds = Some(match state.mean_run_seconds {
-            Some(mean) => 0.9 * mean + 0.1 * seconds,
-            None => seconds,
-        });
+        if self.finished {
+            state.mean_run_seconds = Some(match state.mean_run_seconds {
+                Some(mean) => 0.9 * mean + 0.1 * seconds,
+                None => seconds,
+            });
+        }
         hand_out(&shared, &mut state);
         state.gauges();
     }
@@ -143,7 +159,7 @@ fn hand_out(shared: &Arc<Shared>, state: &mut State) {
         let Some(seq) = next else { return };
         let waiter = state.waiting.remove(&seq).expect("just found");
         state.start(&waiter.tenant);
-        let place = Running { shared: Some(shared.clone()), tenant: waiter.tenant.clone(), since: Instant::now() };
+        let place = Running::new(shared, &waiter.tenant);
         if let Err(Ok(mut place)) = waiter.turn.send(Ok(place)) {
             // Its caller went away meanwhile: the place is still free (given back here, under
             // the lock this function holds, not by the place's drop).
@@ -232,7 +248,7 @@ impl Admission {
         if state.may_run(limits, tenant) {
             state.start(tenant);
             state.gauges();
-            let running = Running { shared: Some(shared.clone()), tenant: tenant.to_string(), since: Instant::now() };
+            let running = Running::new(shared, tenant);
             return Ok(Ticket { turn: TicketState::Running(running), shared: shared.clone(), line: None });
         }
         if state.waiting.len() >= limits.max_waiting {
@@ -332,12 +348,15 @@ mod tests {
 
         assert!(came(&mut third).is_none());
         drop(first);
-        let third = came(&mut third).expect("a freed place goes to the first in line").unwrap();
+        let mut third = came(&mut third).expect("a freed place goes to the first in line").unwrap();
         assert!(came(&mut fourth).is_none());
         assert_eq!(a.counts(), (2, 1));
+        assert_eq!(a.retry_hint(), DEFAULT_HINT, "the first job did not run to its end: it says nothing");
+        third.finished();
         drop(third);
         let _fourth = came(&mut fourth).unwrap().unwrap();
-        // The hint now comes from how long jobs ran.
+        // The hint now comes from how long the job that finished ran.
+        assert!(a.retry_hint() < DEFAULT_HINT);
         let _fifth = a.enter("").unwrap();
         let _sixth = a.enter("").unwrap();
         let status = tonic::Status::from(a.enter("").err().unwrap());

@@ -109,6 +109,8 @@ pub struct StepProgress {
     pub timestep: f64,
     /// The latents after this step (a cheap, shared handle).
     pub latents: Tensor,
+    /// Times the job started over from step 1 (see [`Pipeline::run`]).
+    pub restarts: usize,
 }
 
 pub struct JobOutput {
@@ -318,7 +320,8 @@ impl Pipeline {
     ) -> Result<JobOutput> {
         let mut restarts = 0;
         loop {
-            let (out, went) = sdmesh_core::replicas::one_job(self.run_on_one_model(job, noise, progress)).await;
+            let mut counted = |p: StepProgress| progress(StepProgress { restarts, ..p });
+            let (out, went) = sdmesh_core::replicas::one_job(self.run_on_one_model(job, noise, &mut counted)).await;
             match out {
                 Err(e)
                     if e.code() == tonic::Code::Unavailable
@@ -521,7 +524,8 @@ impl Pipeline {
                 latents = blend.apply(scheduler.as_ref(), &latents, i, timesteps.len())?;
             }
             metrics::counter!("sdmesh_steps_total").increment(1);
-            if !progress(StepProgress { step: i + 1 - begin, total, timestep: t, latents: latents.clone() }) {
+            let step = StepProgress { step: i + 1 - begin, total, timestep: t, latents: latents.clone(), restarts: 0 };
+            if !progress(step) {
                 return Err(Error::Remote(tonic::Status::cancelled("the client went away")));
             }
         }

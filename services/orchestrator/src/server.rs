@@ -240,8 +240,9 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
             self.until_grace_over(
                 async {
                     // A caller that goes away drops this future, and the job leaves the line.
-                    let _running = turn(ticket, self.health.as_ref(), std::future::pending()).await?;
+                    let mut running = turn(ticket, self.health.as_ref(), std::future::pending()).await?;
                     let out = pipeline.run(&job, &mut SeededNoise::new(job.seed), &mut |_| true).await?;
+                    running.finished();
                     Self::response(pipeline, &job, out, request.return_array)
                 }
                 .instrument(span),
@@ -281,6 +282,7 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
                         step: p.step as u32,
                         total_steps: p.total as u32,
                         timestep: p.timestep,
+                        restarts: p.restarts as u32,
                     })),
                 };
                 // A closed stream means the client went away: stop the job.
@@ -291,8 +293,9 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
                 deadline,
                 service.until_grace_over(
                     async {
-                        let _running = turn(ticket, service.health.as_ref(), tx.closed()).await?;
+                        let mut running = turn(ticket, service.health.as_ref(), tx.closed()).await?;
                         let out = pipeline.run(&job, &mut SeededNoise::new(job.seed), &mut progress).await?;
+                        running.finished();
                         Self::response(&pipeline, &job, out, request.return_array)
                     }
                     .instrument(span),

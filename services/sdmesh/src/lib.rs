@@ -182,9 +182,14 @@ pub async fn write_results(args: &JobArgs, mut events: Events) -> anyhow::Result
             .expect("a valid template"),
     );
     let mut result = None;
+    let mut restarts = 0;
     while let Some(event) = events.next().await {
         match event.map_err(status_error)?.event {
             Some(v1::generate_event::Event::Progress(p)) => {
+                if p.restarts > restarts && !args.quiet {
+                    bar.suspend(|| eprintln!("the job started over from step 1: the model it ran on left the pool"));
+                }
+                restarts = p.restarts;
                 bar.set_length(p.total_steps as u64);
                 bar.set_position(p.step as u64);
                 bar.set_message(format!("{}", p.timestep));

@@ -6,6 +6,7 @@ pub mod admission;
 pub mod embedding_cache;
 pub mod fleet_quota;
 pub mod image_job;
+pub mod models;
 pub mod noise;
 pub mod pipeline;
 pub mod png;
@@ -42,6 +43,7 @@ pub fn model_name(model: &Path) -> String {
         .canonicalize()
         .ok()
         .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .or_else(|| model.file_name().map(|n| n.to_string_lossy().into_owned()))
         .unwrap_or_else(|| model.display().to_string())
 }
 
@@ -56,6 +58,8 @@ pub struct OrchestratorOptions {
     pub depth_url: Option<String>,
     /// An x4 upscaler that jobs can chain after themselves (GenerateRequest.upscale).
     pub upscaler: Option<UpscalerServices>,
+    /// Models served besides `model`, which requests name (GenerateRequest.model).
+    pub more_models: Vec<models::ModelServices>,
     /// The safety-checker service, and what to do with flagged images.
     pub safety_url: Option<String>,
     pub safety: safety::SafetySettings,
@@ -335,6 +339,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: sdmesh_core::serve::Shutdown,
 ) -> anyhow::Result<()> {
+    models::check_names(&model_name(&opts.model), &opts.more_models)?;
     let fleet_quota = match (&opts.fleet_quota, &opts.redis) {
         (None, _) => None,
         (Some(quota), Some(redis)) => {
@@ -378,25 +383,55 @@ pub async fn run(
             })
         }
     };
-    let mut pipeline =
-        remote(opts.model.clone(), opts.text_encoder_url.clone(), opts.unet_url.clone(), opts.vae_url.clone()).await?;
-    if let Some(url) = &opts.depth_url {
-        pipeline.depth = Some(Arc::new(sdmesh_depth::DepthClient::new(url)?));
+    let chained_upscaler = match opts.upscaler.clone() {
+        Some(up) => {
+            let upscaler = remote(up.model.clone(), up.text_encoder_url, up.unet_url, up.vae_url).await?;
+            anyhow::ensure!(
+                upscaler.upscaler.is_some(),
+                "{}: not an x4 upscaler (no low_res_scheduler/)",
+                up.model.display()
+            );
+            Some(Arc::new(upscaler))
+        }
+        None => None,
+    };
+    let safety: Option<Arc<dyn sdmesh_core::SafetyChecker>> = match &opts.safety_url {
+        Some(url) => Some(Arc::new(sdmesh_safety::SafetyClient::new(url)?)),
+        None => None,
+    };
+    // A served model: its pipeline, with what every model shares.
+    let (default_text_encoder, safety_settings) = (&opts.text_encoder_url, opts.safety);
+    let served = |services: models::ModelServices| {
+        let (remote, safety, chained_upscaler) = (&remote, safety.clone(), chained_upscaler.clone());
+        async move {
+            let text_encoder_url = services.text_encoder_url.clone().unwrap_or_else(|| default_text_encoder.clone());
+            let mut pipeline =
+                remote(services.model.clone(), text_encoder_url, services.unet_url.clone(), services.vae_url.clone())
+                    .await?;
+            pipeline.model_name = services.name();
+            if let Some(url) = &services.depth_url {
+                pipeline.depth = Some(Arc::new(sdmesh_depth::DepthClient::new(url)?));
+            }
+            pipeline.safety = safety;
+            pipeline.safety_settings = safety_settings;
+            pipeline.chained_upscaler = chained_upscaler;
+            anyhow::Ok(pipeline)
+        }
+    };
+    let default = served(models::ModelServices {
+        name: None,
+        model: opts.model.clone(),
+        text_encoder_url: None,
+        unet_url: opts.unet_url.clone(),
+        vae_url: opts.vae_url.clone(),
+        depth_url: opts.depth_url.clone(),
+    })
+    .await?;
+    let mut others = Vec::new();
+    for services in opts.more_models.clone() {
+        others.push(served(services).await?);
     }
-    if let Some(url) = &opts.safety_url {
-        pipeline.safety = Some(Arc::new(sdmesh_safety::SafetyClient::new(url)?));
-    }
-    pipeline.safety_settings = opts.safety;
-    if let Some(up) = opts.upscaler.clone() {
-        let upscaler = remote(up.model.clone(), up.text_encoder_url, up.unet_url, up.vae_url).await?;
-        anyhow::ensure!(
-            upscaler.upscaler.is_some(),
-            "{}: not an x4 upscaler (no low_res_scheduler/)",
-            up.model.display()
-        );
-        pipeline.chained_upscaler = Some(Arc::new(upscaler));
-    }
-    service.set_pipeline(pipeline);
+    service.set_models(models::Models::new(default, others)?);
     health.set(ServingStatus::Serving).await;
     tracing::info!("orchestrator ready");
     server.await??;

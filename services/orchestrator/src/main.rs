@@ -30,6 +30,11 @@ struct Args {
     /// needs the request's depth_map).
     #[arg(long, env = "SDMESH_DEPTH_URL")]
     depth_url: Option<String>,
+    /// More models to serve besides --model, which requests name (GenerateRequest.model): a
+    /// TOML file of [[models]] tables with name, model, unet_url, vae_url and optionally
+    /// text_encoder_url (default --text-encoder-url) and depth_url.
+    #[arg(long, env = "SDMESH_MODELS_FILE")]
+    models_file: Option<PathBuf>,
     #[command(flatten)]
     upscaler: sdmesh_orchestrator::UpscalerArgs,
     #[command(flatten)]
@@ -53,6 +58,10 @@ async fn main() -> anyhow::Result<()> {
     let telemetry = sdmesh_core::telemetry::init("sdmesh-orchestrator", &a.telemetry).await?;
     let listener = bind(&a.listen).await?;
     let upscaler = a.upscaler.services(&a.text_encoder_url);
+    let more_models = match &a.models_file {
+        Some(path) => sdmesh_orchestrator::models::read_models_file(path)?,
+        None => Vec::new(),
+    };
     let opts = OrchestratorOptions {
         model: a.model,
         text_encoder_url: a.text_encoder_url,
@@ -60,6 +69,7 @@ async fn main() -> anyhow::Result<()> {
         vae_url: a.vae_url,
         depth_url: a.depth_url,
         upscaler,
+        more_models,
         safety_url: a.safety.safety_url.clone(),
         safety: a.safety.settings()?,
         limits: a.limits.limits(),

@@ -2,6 +2,7 @@
 
 use crate::admission::{Admission, JobLimits, Running, Ticket};
 use crate::fleet_quota::{FleetQuota, QuotaLease};
+use crate::models::Models;
 use crate::noise::SeededNoise;
 use crate::pipeline::{Job, JobOutput, Pipeline, StepProgress};
 use sdmesh_core::serve::Health;
@@ -14,11 +15,11 @@ use tokio::sync::{mpsc, OnceCell};
 use tokio_stream::Stream;
 use tracing::Instrument;
 
-/// The public API over a [`Pipeline`]; UNAVAILABLE until the pipeline is set (the model
+/// The public API over the [`Models`]' pipelines; UNAVAILABLE until they are set (the model
 /// services have answered).
 #[derive(Clone)]
 pub struct OrchestratorService {
-    pipeline: Arc<OnceCell<Pipeline>>,
+    models: Arc<OnceCell<Models>>,
     /// The server's health, when served: jobs still running when the shutdown grace period
     /// ends fail with UNAVAILABLE.
     health: Option<Health>,
@@ -42,7 +43,7 @@ impl OrchestratorService {
     }
 
     fn with_job_limits(health: Option<Health>, jobs: JobLimits) -> Self {
-        Self { pipeline: Arc::default(), health, admission: Admission::new(jobs), fleet_quota: None }
+        Self { models: Arc::default(), health, admission: Admission::new(jobs), fleet_quota: None }
     }
 
     /// A place for a job of `tenant`: its lease in the fleet-wide quota (RESOURCE_EXHAUSTED
@@ -65,12 +66,22 @@ impl OrchestratorService {
         }
     }
 
+    /// Serves `pipeline` as the one model.
     pub fn set_pipeline(&self, pipeline: Pipeline) {
-        let _ = self.pipeline.set(pipeline);
+        self.set_models(Models::one(pipeline));
     }
 
-    fn pipeline(&self) -> std::result::Result<&Pipeline, tonic::Status> {
-        self.pipeline.get().ok_or_else(|| tonic::Status::unavailable("waiting for the model services; retry shortly"))
+    pub fn set_models(&self, models: Models) {
+        let _ = self.models.set(models);
+    }
+
+    fn models(&self) -> std::result::Result<&Models, tonic::Status> {
+        self.models.get().ok_or_else(|| tonic::Status::unavailable("waiting for the model services; retry shortly"))
+    }
+
+    /// The pipeline of the model `name` (`""`: the default).
+    fn pipeline(&self, name: &str) -> std::result::Result<&Pipeline, tonic::Status> {
+        Ok(self.models()?.get(name)?)
     }
 
     fn response(pipeline: &Pipeline, job: &Job, out: JobOutput, return_array: bool) -> Result<v1::GenerateResponse> {
@@ -229,7 +240,7 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
         // that the caller gets DEADLINE_EXCEEDED.
         let deadline = grpc_timeout(request.metadata()).map(|t| t.saturating_sub((t / 20).min(DEADLINE_MARGIN)));
         let request = request.into_inner();
-        let pipeline = self.pipeline()?;
+        let pipeline = self.pipeline(&request.model)?;
         let job = pipeline.validate(&request)?;
         // Both places are given back when this call ends (or its caller goes away).
         let (_lease, ticket) = self.enter(tenant.as_deref()).await?;
@@ -262,7 +273,7 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
         // tonic does not hold a stream to its deadline: the job does.
         let deadline = grpc_timeout(request.metadata());
         let request = request.into_inner();
-        let pipeline = self.pipeline()?.clone();
+        let pipeline = self.pipeline(&request.model)?.clone();
         let job = pipeline.validate(&request)?;
         let (lease, ticket) = self.enter(tenant.as_deref()).await?;
         let span = job_span(&pipeline, &job, tenant.as_deref());
@@ -309,6 +320,13 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
             let _ = tx.send(event).await;
         });
         Ok(tonic::Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn list_models(
+        &self,
+        _request: tonic::Request<v1::ListModelsRequest>,
+    ) -> std::result::Result<tonic::Response<v1::ListModelsResponse>, tonic::Status> {
+        Ok(tonic::Response::new(self.models()?.list()))
     }
 }
 

@@ -50,6 +50,10 @@ pub struct JobArgs {
     /// Tenant the job runs for (sent as x-sdmesh-tenant metadata, recorded on its trace).
     #[arg(long, env = "SDMESH_TENANT")]
     pub tenant: Option<String>,
+    /// Which of the orchestrator's models runs the job (`sdctl models` lists them; default: its
+    /// default model).
+    #[arg(long)]
+    pub model_name: Option<String>,
     /// Initial noise as float32 NCHW .npy (diffusers' `latents=`), instead of the seed's.
     #[arg(long)]
     pub init_latents: Option<PathBuf>,
@@ -158,6 +162,7 @@ impl JobArgs {
                 _ => v1::SafetyPolicy::Unspecified,
             }
             .into(),
+            model: self.model_name.clone().unwrap_or_default(),
         });
         if let Some(tenant) = &self.tenant {
             let value = tenant.parse().map_err(|_| anyhow::anyhow!("--tenant must be printable ASCII"))?;

@@ -74,6 +74,7 @@ pub async fn serve_mesh(opts: MeshOptions, listener: TcpListener, shutdown: Shut
         vae_url: url(&vae)?,
         depth_url: depth.as_ref().map(url).transpose()?,
         upscaler: None,
+        more_models: Vec::new(),
         safety_url: safety.as_ref().map(url).transpose()?,
         // With a safety service, flagged images are replaced unless a request says otherwise.
         safety: Default::default(),

@@ -27,6 +27,9 @@ enum Command {
     Depth(GenerateArgs),
     /// x4 upscaling of --image after a prompt (--noise-level); needs an upscaler checkpoint.
     Upscale(GenerateArgs),
+    /// The models the orchestrator serves: one JSON object per model (name, default, tasks,
+    /// native size, prediction type, whether jobs can chain an x4 upscale), the default first.
+    Models(ModelsArgs),
     /// Ask the safety-checker service about images: one JSON object per image (flagged, the
     /// concept and special-care scores) on stdout.
     Check(CheckArgs),
@@ -40,6 +43,33 @@ struct CheckArgs {
     /// An image to check (PNG or JPEG); repeat for several.
     #[arg(long, required = true)]
     image: Vec<std::path::PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+struct ModelsArgs {
+    /// Orchestrator URL.
+    #[arg(long, env = "SDMESH_ENDPOINT", default_value = "http://127.0.0.1:50050")]
+    endpoint: String,
+}
+
+/// `sdctl models`: one JSON line per served model.
+async fn models(a: ModelsArgs) -> anyhow::Result<()> {
+    let channel = sdmesh_core::client::lazy_channel(&a.endpoint).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut client = v1::orchestrator_client::OrchestratorClient::new(channel);
+    let list = client.list_models(v1::ListModelsRequest {}).await.map_err(status_error)?.into_inner();
+    for m in list.models {
+        let line = serde_json::json!({
+            "name": m.name,
+            "default": m.is_default,
+            "tasks": m.tasks,
+            "native_height": m.native_height,
+            "native_width": m.native_width,
+            "prediction_type": m.prediction_type,
+            "chains_upscale": m.chains_upscale,
+        });
+        println!("{line}");
+    }
+    Ok(())
 }
 
 /// `sdctl check`: one JSON line per image.
@@ -90,15 +120,9 @@ struct GenerateArgs {
 #[tokio::main]
 async fn main() {
     let command = Cli::parse().command;
-    if let Command::Check(a) = command {
-        if let Err(e) = check(a).await {
-            eprintln!("error: {e:#}");
-            std::process::exit(1);
-        }
-        return;
-    }
     let (task, mut args) = match command {
-        Command::Check(_) => unreachable!("handled above"),
+        Command::Check(a) => return exit_on_error(check(a).await),
+        Command::Models(a) => return exit_on_error(models(a).await),
         // generate infers the task from what is given (an image: img2img, a mask too: inpaint).
         Command::Generate(a) => (v1::Task::Unspecified, a),
         Command::Img2img(a) => (v1::Task::Img2img, a),
@@ -123,6 +147,11 @@ async fn main() {
     let span = tracing::info_span!("sdctl generate", tenant = args.job.tenant.as_deref().unwrap_or(""));
     let result = tracing::Instrument::instrument(generate(args), span).await;
     telemetry.shutdown().await;
+    exit_on_error(result);
+}
+
+/// Exits with status 1 after printing the error, if there is one.
+fn exit_on_error(result: anyhow::Result<()>) {
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);

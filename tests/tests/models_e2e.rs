@@ -2,10 +2,10 @@
 //! sd21-base-tiny's services (its default model) and, from `--models-file`, over
 //! sd2-inpaint-tiny's. ListModels (and `sdctl models`) says what each can do; each request runs
 //! on the model it names, with the bytes an orchestrator of that model alone gives; an unknown
-//! name is INVALID_ARGUMENT naming the served models.
+//! name is INVALID_ARGUMENT naming the served models. Jobs are counted by model.
 
 use sdmesh_proto::v1;
-use sdmesh_testkit::process::{bin, Mesh, MeshOptions, Service};
+use sdmesh_testkit::process::{bin, metric, Mesh, MeshOptions, Service};
 use sdmesh_testkit::{fixtures, model};
 
 async fn client(orchestrator: &Service) -> v1::orchestrator_client::OrchestratorClient<tonic::transport::Channel> {
@@ -29,7 +29,10 @@ async fn one_orchestrator_serves_each_request_on_the_model_it_names() {
         inpaint.vae.addr
     );
     std::fs::write(&file, toml).unwrap();
-    let opts = MeshOptions { orchestrator_args: vec!["--models-file", file.to_str().unwrap()], ..Default::default() };
+    let opts = MeshOptions {
+        orchestrator_args: vec!["--models-file", file.to_str().unwrap(), "--metrics-listen", "127.0.0.1:0"],
+        ..Default::default()
+    };
     let both = base.another_orchestrator("sd21-base-tiny", &opts).await;
 
     // What each model can do, the default first.
@@ -114,4 +117,9 @@ async fn one_orchestrator_serves_each_request_on_the_model_it_names() {
     assert_eq!(pixels(&std::fs::read(&out).unwrap()), pixels(&expected.images[0].png));
     std::fs::remove_file(&out).unwrap();
     std::fs::remove_file(&file).unwrap();
+    // Jobs are counted by model.
+    let text = both.scrape();
+    assert_eq!(metric(&text, "sdmesh_jobs_total", &[("model", "inpaint"), ("code", "Ok")]), 2.0);
+    assert_eq!(metric(&text, "sdmesh_jobs_total", &[("model", "sd21-base-tiny"), ("code", "Ok")]), 3.0);
+    assert_eq!(metric(&text, "sdmesh_job_duration_seconds_count", &[("model", "inpaint")]), 2.0);
 }

@@ -182,26 +182,31 @@ pub fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration>
     })
 }
 
-/// Runs a job of `tenant` within `deadline` (DEADLINE_EXCEEDED past it; the job's calls to
-/// the model services are dropped, and so cancelled there), counting it by outcome in
-/// `sdmesh_jobs_total{code}` and the tenant's usage (`Cancelled` when its caller went away and
-/// dropped it), and timing it.
+/// Runs a job of `tenant` on `model` within `deadline` (DEADLINE_EXCEEDED past it; the job's
+/// calls to the model services are dropped, and so cancelled there), counting it by outcome in
+/// `sdmesh_jobs_total{model,code}` and the tenant's usage (`Cancelled` when its caller went away
+/// and dropped it), and timing it.
 async fn observe_job(
     tenant: &str,
+    model: &str,
     deadline: Option<Duration>,
     job: impl std::future::Future<Output = Result<v1::GenerateResponse>>,
 ) -> Result<v1::GenerateResponse> {
+    let counted = |code: tonic::Code| {
+        metrics::counter!("sdmesh_jobs_total", "model" => model.to_string(), "code" => format!("{code:?}"))
+            .increment(1);
+        crate::usage::job_ended(tenant, code);
+    };
     /// Counts the job as cancelled unless it finished.
-    struct Unfinished<'a>(Option<&'a str>);
-    impl Drop for Unfinished<'_> {
+    struct Unfinished<F: Fn(tonic::Code)>(Option<F>);
+    impl<F: Fn(tonic::Code)> Drop for Unfinished<F> {
         fn drop(&mut self) {
-            if let Some(tenant) = self.0 {
-                metrics::counter!("sdmesh_jobs_total", "code" => "Cancelled").increment(1);
-                crate::usage::job_ended(tenant, tonic::Code::Cancelled);
+            if let Some(counted) = &self.0 {
+                counted(tonic::Code::Cancelled);
             }
         }
     }
-    let mut unfinished = Unfinished(Some(tenant));
+    let mut unfinished = Unfinished(Some(&counted));
     let started = std::time::Instant::now();
     let result = match deadline {
         Some(deadline) => tokio::time::timeout(deadline, job).await.unwrap_or_else(|_| {
@@ -221,9 +226,9 @@ async fn observe_job(
         }
         Err(e) => e.code(),
     };
-    metrics::counter!("sdmesh_jobs_total", "code" => format!("{code:?}")).increment(1);
-    crate::usage::job_ended(tenant, code);
-    metrics::histogram!("sdmesh_job_duration_seconds").record(started.elapsed().as_secs_f64());
+    counted(code);
+    metrics::histogram!("sdmesh_job_duration_seconds", "model" => model.to_string())
+        .record(started.elapsed().as_secs_f64());
     result
 }
 
@@ -247,6 +252,7 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
         let span = job_span(pipeline, &job, tenant.as_deref());
         let response = observe_job(
             tenant.as_deref().unwrap_or(""),
+            &pipeline.model_name,
             deadline,
             self.until_grace_over(
                 async {
@@ -301,6 +307,7 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
             };
             let result = observe_job(
                 tenant.as_deref().unwrap_or(""),
+                &pipeline.model_name,
                 deadline,
                 service.until_grace_over(
                     async {
@@ -359,10 +366,10 @@ mod tests {
             tokio::time::sleep(Duration::from_secs(5)).await;
             Ok(v1::GenerateResponse::default())
         };
-        let e = observe_job("", Some(Duration::from_millis(20)), slow).await.unwrap_err();
+        let e = observe_job("", "m", Some(Duration::from_millis(20)), slow).await.unwrap_err();
         assert_eq!(e.code(), tonic::Code::DeadlineExceeded);
         assert!(e.to_string().contains("deadline"), "{e}");
         let quick = async { Ok(v1::GenerateResponse::default()) };
-        assert!(observe_job("", Some(Duration::from_secs(5)), quick).await.is_ok());
+        assert!(observe_job("", "m", Some(Duration::from_secs(5)), quick).await.is_ok());
     }
 }

@@ -155,8 +155,8 @@ fn describe_metrics() {
     );
     metrics::describe_counter!("sdmesh_embedding_cache_requests_total", "prompt-embedding cache look-ups, by result");
     metrics::describe_counter!("sdmesh_embedding_cache_errors_total", "failed prompt-embedding store operations");
-    metrics::describe_counter!("sdmesh_jobs_total", "generation jobs, by outcome (status code)");
-    metrics::describe_histogram!("sdmesh_job_duration_seconds", "generation job latency");
+    metrics::describe_counter!("sdmesh_jobs_total", "generation jobs, by model and outcome (status code)");
+    metrics::describe_histogram!("sdmesh_job_duration_seconds", "generation job latency, by model");
     metrics::describe_counter!("sdmesh_steps_total", "denoising steps run by the orchestrator");
     metrics::describe_counter!(
         "sdmesh_jobs_restarted_total",

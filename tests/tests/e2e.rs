@@ -86,6 +86,11 @@ async fn same_request_same_bytes_and_bad_input_is_invalid_argument() {
             },
         ),
         (
+            "jpeg_quality",
+            v1::GenerateRequest { image_format: v1::ImageFormat::Jpeg.into(), jpeg_quality: Some(101), ..base.clone() },
+        ),
+        ("model", v1::GenerateRequest { model: "sd15".into(), ..base.clone() }),
+        (
             "init_latents",
             v1::GenerateRequest {
                 init_latents: Some(v1::Tensor {
@@ -191,6 +196,29 @@ async fn sdmesh_generate_in_process_writes_the_same_png_as_the_mesh() {
     assert!(out.status.success(), "sdmesh generate: {}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("seed 11"), "{}", String::from_utf8_lossy(&out.stdout));
     assert_eq!(std::fs::read(&mesh_png).unwrap(), std::fs::read(&local_png).unwrap(), "same job, same bytes");
+
+    // JPEG out (named by --out's extension), the same bytes both ways, with the parameters in
+    // its comment segment, and the PNG's pixels within JPEG's loss.
+    let write_jpeg = |command: &mut Command, name: &str| {
+        let path = tmp.join(name);
+        let out = command.args(&job).args(["--jpeg-quality", "95"]).arg("--out").arg(&path).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        std::fs::read(path).unwrap()
+    };
+    let mesh_jpeg =
+        write_jpeg(Command::new(bin("sdctl")).args(["generate", "--endpoint", &mesh.orchestrator.addr]), "mesh.jpg");
+    let model = sdmesh_testkit::model("sd21-base-tiny");
+    let local_jpeg =
+        write_jpeg(Command::new(bin("sdmesh")).args(["generate", "--model", model.to_str().unwrap()]), "local.jpeg");
+    assert_eq!(mesh_jpeg, local_jpeg);
+    assert_eq!(&mesh_jpeg[..2], b"\xFF\xD8", "a JPEG");
+    assert!(String::from_utf8_lossy(&mesh_jpeg).contains("Seed: 11"), "the parameters ride along");
+    let rgb = |bytes: &[u8]| image::load_from_memory(bytes).unwrap().to_rgb8();
+    let (png, jpeg) = (rgb(&std::fs::read(&mesh_png).unwrap()), rgb(&mesh_jpeg));
+    assert_eq!(png.dimensions(), jpeg.dimensions());
+    let mean_error = png.as_raw().iter().zip(jpeg.as_raw()).map(|(a, b)| a.abs_diff(*b) as f64).sum::<f64>()
+        / png.as_raw().len() as f64;
+    assert!(mean_error < 8.0, "JPEG q95 is {mean_error:.2}/255 from the PNG on average");
     std::fs::remove_dir_all(&tmp).unwrap();
 }
 

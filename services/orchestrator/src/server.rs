@@ -2,6 +2,7 @@
 
 use crate::admission::{Admission, JobLimits, Running, Ticket};
 use crate::fleet_quota::{FleetQuota, QuotaLease};
+use crate::image_out::Encoding;
 use crate::models::Models;
 use crate::noise::SeededNoise;
 use crate::pipeline::{Job, JobOutput, Pipeline, StepProgress};
@@ -84,19 +85,32 @@ impl OrchestratorService {
         Ok(self.models()?.get(name)?)
     }
 
-    fn response(pipeline: &Pipeline, job: &Job, out: JobOutput, return_array: bool) -> Result<v1::GenerateResponse> {
+    fn response(
+        pipeline: &Pipeline,
+        job: &Job,
+        out: JobOutput,
+        encoding: Encoding,
+        return_array: bool,
+    ) -> Result<v1::GenerateResponse> {
         let parameters = pipeline.parameters(job);
-        let pngs = crate::png::encode_pngs(&out.images, &parameters)?;
+        let encoded = encoding.encode(&out.images, &parameters)?;
         Ok(v1::GenerateResponse {
-            images: pngs
+            images: encoded
                 .into_iter()
                 .enumerate()
-                .map(|(i, png)| v1::GeneratedImage {
-                    png,
-                    width: job.width as u32,
-                    height: job.height as u32,
-                    flagged: out.safety.flagged.get(i).copied().unwrap_or(false),
-                    checked: out.safety.checked,
+                .map(|(i, bytes)| {
+                    let (png, jpeg) = match encoding {
+                        Encoding::Png => (bytes, Vec::new()),
+                        Encoding::Jpeg(_) => (Vec::new(), bytes),
+                    };
+                    v1::GeneratedImage {
+                        png,
+                        jpeg,
+                        width: job.width as u32,
+                        height: job.height as u32,
+                        flagged: out.safety.flagged.get(i).copied().unwrap_or(false),
+                        checked: out.safety.checked,
+                    }
                 })
                 .collect(),
             seed: job.seed,
@@ -247,6 +261,7 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
         let request = request.into_inner();
         let pipeline = self.pipeline(&request.model)?;
         let job = pipeline.validate(&request)?;
+        let encoding = Encoding::of(&request)?;
         // Both places are given back when this call ends (or its caller goes away).
         let (_lease, ticket) = self.enter(tenant.as_deref()).await?;
         let span = job_span(pipeline, &job, tenant.as_deref());
@@ -260,7 +275,7 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
                     let mut running = turn(ticket, self.health.as_ref(), std::future::pending()).await?;
                     let out = pipeline.run(&job, &mut SeededNoise::new(job.seed), &mut |_| true).await?;
                     running.finished();
-                    Self::response(pipeline, &job, out, request.return_array)
+                    Self::response(pipeline, &job, out, encoding, request.return_array)
                 }
                 .instrument(span),
             ),
@@ -281,6 +296,7 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
         let request = request.into_inner();
         let pipeline = self.pipeline(&request.model)?.clone();
         let job = pipeline.validate(&request)?;
+        let encoding = Encoding::of(&request)?;
         let (lease, ticket) = self.enter(tenant.as_deref()).await?;
         let span = job_span(&pipeline, &job, tenant.as_deref());
         // Room for every event, so the job never waits on a slow reader.
@@ -314,7 +330,7 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
                         let mut running = turn(ticket, service.health.as_ref(), tx.closed()).await?;
                         let out = pipeline.run(&job, &mut SeededNoise::new(job.seed), &mut progress).await?;
                         running.finished();
-                        Self::response(&pipeline, &job, out, request.return_array)
+                        Self::response(&pipeline, &job, out, encoding, request.return_array)
                     }
                     .instrument(span),
                 ),

@@ -127,7 +127,7 @@ async fn a_chained_upscale_equals_the_two_stages_run_in_turn() {
     let mut noise = SeededNoise::new(5);
     let stage1 = sd.validate(&first).unwrap();
     let low = sd.run(&stage1, &mut noise, &mut |_| true).await.unwrap().images;
-    let png = sdmesh_orchestrator::png::encode_pngs(&low, "").unwrap().remove(0);
+    let png = sdmesh_orchestrator::image_out::Encoding::Png.encode(&low, "").unwrap().remove(0);
     let up = upscaler
         .validate(&v1::GenerateRequest {
             prompt: "a red fox".into(),

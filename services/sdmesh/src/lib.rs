@@ -92,9 +92,16 @@ pub struct JobArgs {
     /// What the job is (set by the command: generate, img2img, inpaint, depth, upscale).
     #[arg(skip)]
     pub task: v1::Task,
-    /// Where to write the PNG (with several images: NAME-0.png, NAME-1.png, ...).
+    /// Where to write the image (with several images: NAME-0.png, NAME-1.png, ...). A .jpg or
+    /// .jpeg name asks for JPEG unless --format says otherwise.
     #[arg(long)]
     pub out: PathBuf,
+    /// png (lossless, the default) or jpeg (lossy, far fewer bytes).
+    #[arg(long, value_parser = ["png", "jpeg"])]
+    pub format: Option<String>,
+    /// JPEG quality, 1 to 100 (default 90).
+    #[arg(long)]
+    pub jpeg_quality: Option<u32>,
     /// Also write the images as float32 NHWC in [0, 1] .npy (diffusers' output_type="np").
     #[arg(long)]
     pub out_array: Option<PathBuf>,
@@ -104,6 +111,15 @@ pub struct JobArgs {
 }
 
 impl JobArgs {
+    /// --format, else what --out's extension says (.jpg, .jpeg: JPEG), else PNG.
+    fn image_format(&self) -> v1::ImageFormat {
+        let by_name = self.out.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
+        match (self.format.as_deref(), by_name.as_deref()) {
+            (Some("jpeg"), _) | (None, Some("jpg" | "jpeg")) => v1::ImageFormat::Jpeg,
+            _ => v1::ImageFormat::Png,
+        }
+    }
+
     /// The request these flags describe.
     pub fn request(&self) -> anyhow::Result<tonic::Request<v1::GenerateRequest>> {
         let init_latents = match &self.init_latents {
@@ -163,6 +179,8 @@ impl JobArgs {
             }
             .into(),
             model: self.model_name.clone().unwrap_or_default(),
+            image_format: self.image_format().into(),
+            jpeg_quality: self.jpeg_quality,
         });
         if let Some(tenant) = &self.tenant {
             let value = tenant.parse().map_err(|_| anyhow::anyhow!("--tenant must be printable ASCII"))?;
@@ -216,7 +234,8 @@ pub async fn write_results(args: &JobArgs, mut events: Events) -> anyhow::Result
     }
     for (i, image) in r.images.iter().enumerate() {
         let path = out_path(&args.out, i, r.images.len());
-        std::fs::write(&path, &image.png).with_context(|| format!("writing {}", path.display()))?;
+        let bytes = if image.jpeg.is_empty() { &image.png } else { &image.jpeg };
+        std::fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))?;
         let safety = match (image.checked, image.flagged) {
             (true, true) => ", flagged by the safety checker",
             (true, false) => ", passed the safety checker",

@@ -1,5 +1,5 @@
-//! Compiles proto/ with protox (pure Rust, no system protoc) into OUT_DIR and keeps the
-//! file descriptor set for gRPC reflection.
+//! Compiles proto/ with protox (pure Rust, no system protoc) into OUT_DIR, keeps the file
+//! descriptor set for gRPC reflection, and generates the messages' JSON mapping (pbjson).
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -17,6 +17,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .bytes(".sd.v1.GenerateRequest.image")
         .bytes(".sd.v1.GenerateRequest.mask")
         .bytes(".sd.v1.EstimateDepthRequest.images")
-        .compile_fds(fds)?;
+        .compile_fds(fds.clone())?;
+    // serde for every message in the protobuf JSON mapping (what grpcurl speaks): the
+    // orchestrator's HTTP/JSON API.
+    pbjson_build::Builder::new().register_descriptors(&prost::Message::encode_to_vec(&fds))?.build(&[".sd.v1"])?;
     Ok(())
 }

@@ -24,6 +24,8 @@ pub struct Service {
     pub addr: String,
     /// `127.0.0.1:PORT` of its Prometheus endpoint, when started with `--metrics-listen`.
     pub metrics: Option<String>,
+    /// `127.0.0.1:PORT` of its HTTP/JSON API, when started with `--http-listen`.
+    pub http: Option<String>,
 }
 
 impl Drop for Service {
@@ -76,18 +78,20 @@ pub fn start_listening(name: &str, args: &[&str], envs: &[(&str, &str)], listen:
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut metrics = None;
+    let (mut metrics, mut http) = (None, None);
     let addr = loop {
         let line = lines.next().unwrap_or_else(|| panic!("{name} exited before listening")).unwrap();
         if let Some(addr) = line.strip_prefix("metrics on ") {
             metrics = Some(addr.to_string());
+        } else if let Some(addr) = line.strip_prefix("http api on ") {
+            http = Some(addr.to_string());
         } else if let Some(addr) = line.strip_prefix("listening on ") {
             break addr.to_string();
         }
     };
     // Keep reading stdout so the process never writes into a closed pipe.
     std::thread::spawn(move || for _ in lines {});
-    Service { child, addr: format!("http://{addr}"), metrics }
+    Service { child, addr: format!("http://{addr}"), metrics, http }
 }
 
 /// The health status `url` reports now (None: not reachable).
@@ -190,6 +194,66 @@ pub fn http_get(addr: &str, path: &str) -> String {
     let (head, body) = response.split_once("\r\n\r\n").unwrap_or_else(|| panic!("not HTTP: {response:?}"));
     assert!(head.starts_with("HTTP/1.1 200"), "GET {path}: {head}");
     body.to_string()
+}
+
+/// An HTTP/1.1 response: status, headers (names lower-cased) and body (de-chunked).
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+}
+
+/// Sends `method path` with `headers` and `body` to `addr` (host:port) over plain HTTP/1.1 and
+/// reads the whole response (the connection closes after it).
+pub fn http_request(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> HttpResponse {
+    use std::io::{Read, Write};
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(body).unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).unwrap();
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("an HTTP response head");
+    let head = String::from_utf8(raw[..split].to_vec()).unwrap();
+    let mut rest = &raw[split + 4..];
+    let mut lines = head.split("\r\n");
+    let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let chunked = headers.iter().any(|(n, v)| n == "transfer-encoding" && v.contains("chunked"));
+    let body = if chunked {
+        let mut body = Vec::new();
+        loop {
+            let end = rest.windows(2).position(|w| w == b"\r\n").expect("a chunk size line");
+            let size = usize::from_str_radix(std::str::from_utf8(&rest[..end]).unwrap().trim(), 16).unwrap();
+            if size == 0 {
+                break body;
+            }
+            body.extend_from_slice(&rest[end + 2..end + 2 + size]);
+            rest = &rest[end + 4 + size..];
+        }
+    } else {
+        rest.to_vec()
+    };
+    HttpResponse { status, headers, body }
 }
 
 /// The value of the Prometheus sample `name{labels}` whose labels include all of `labels`

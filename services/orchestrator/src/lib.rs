@@ -5,6 +5,7 @@
 pub mod admission;
 pub mod embedding_cache;
 pub mod fleet_quota;
+pub mod http_api;
 pub mod image_job;
 pub mod image_out;
 pub mod models;
@@ -332,11 +333,31 @@ pub async fn pipeline_over(
     })
 }
 
+/// Binds the HTTP/JSON API's address, when one is given, and prints `http api on ADDR` on
+/// stdout (before `listening on`, which callers read last).
+pub async fn bind_http(addr: Option<&str>) -> std::io::Result<Option<TcpListener>> {
+    let Some(addr) = addr else { return Ok(None) };
+    let listener = TcpListener::bind(addr).await?;
+    println!("http api on {}", listener.local_addr()?);
+    Ok(Some(listener))
+}
+
 /// Serves the public API on `listener` until `shutdown`; NOT_SERVING (and UNAVAILABLE to
 /// calls) until every model service has answered.
 pub async fn run(
     opts: OrchestratorOptions,
     listener: TcpListener,
+    shutdown: sdmesh_core::serve::Shutdown,
+) -> anyhow::Result<()> {
+    run_with_http(opts, listener, None, shutdown).await
+}
+
+/// [`run`], and the HTTP/JSON API ([`http_api`]) on `http` when given; it stops taking new
+/// requests when the gRPC server starts draining, and its running jobs end as the gRPC ones do.
+pub async fn run_with_http(
+    opts: OrchestratorOptions,
+    listener: TcpListener,
+    http: Option<TcpListener>,
     shutdown: sdmesh_core::serve::Shutdown,
 ) -> anyhow::Result<()> {
     models::check_names(&model_name(&opts.model), &opts.more_models)?;
@@ -356,6 +377,13 @@ pub async fn run(
             .max_encoding_message_size(opts.limits.max_response_bytes()),
     );
     let server = tokio::spawn(serve(listener, routes, health.clone(), shutdown));
+    let http_server = http.map(|http| {
+        let router = http_api::router(service.clone(), opts.limits.max_request_bytes() / 3 * 4 + (64 << 10));
+        let draining = health.clone();
+        tokio::spawn(async move {
+            axum::serve(http, router).with_graceful_shutdown(async move { draining.draining().await }).await
+        })
+    });
     let store: Option<Arc<dyn embedding_cache::EmbeddingStore>> = match (opts.redis, opts.embedding_cache_bytes) {
         (Some(redis), _) => {
             tracing::info!(url = %sdmesh_core::redact_url(&redis.url), ttl = ?redis.ttl, "prompt embeddings cached in redis");
@@ -435,5 +463,8 @@ pub async fn run(
     health.set(ServingStatus::Serving).await;
     tracing::info!("orchestrator ready");
     server.await??;
+    if let Some(http_server) = http_server {
+        http_server.await??;
+    }
     Ok(())
 }

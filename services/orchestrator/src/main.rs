@@ -1,7 +1,7 @@
 use clap::Parser;
 use sdmesh_core::serve::{bind, Shutdown, ShutdownArgs};
 use sdmesh_core::telemetry::TelemetryArgs;
-use sdmesh_orchestrator::{run, OrchestratorOptions};
+use sdmesh_orchestrator::{run_with_http, OrchestratorOptions};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -15,6 +15,11 @@ struct Args {
     /// Address to listen on; port 0 picks a free port (printed as `listening on ADDR`).
     #[arg(long, env = "SDMESH_LISTEN", default_value = "127.0.0.1:50050")]
     listen: String,
+    /// Also serve the API as HTTP/JSON on this address (POST /v1/generate, POST
+    /// /v1/generate/stream as Server-Sent Events, GET /v1/models; printed as `http api on
+    /// ADDR`). Unset: gRPC only.
+    #[arg(long, env = "SDMESH_HTTP_LISTEN")]
+    http_listen: Option<String>,
     /// text-encoder service: its URL; or its replicas' URLs, comma-separated; or
     /// dns:///NAME:PORT for every address NAME resolves to (e.g. a Kubernetes headless Service).
     /// Calls go to the least busy replica; one that fails rests, and its calls go elsewhere.
@@ -56,6 +61,7 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     let telemetry = sdmesh_core::telemetry::init("sdmesh-orchestrator", &a.telemetry).await?;
+    let http = sdmesh_orchestrator::bind_http(a.http_listen.as_deref()).await?;
     let listener = bind(&a.listen).await?;
     let upscaler = a.upscaler.services(&a.text_encoder_url);
     let more_models = match &a.models_file {
@@ -79,7 +85,7 @@ async fn main() -> anyhow::Result<()> {
         embedding_cache_bytes: a.cache.embedding_cache_bytes,
         redis: a.cache.redis_options(),
     };
-    let result = run(opts, listener, Shutdown::on_signal(a.shutdown.grace())).await;
+    let result = run_with_http(opts, listener, http, Shutdown::on_signal(a.shutdown.grace())).await;
     telemetry.shutdown().await;
     result
 }

@@ -41,6 +41,10 @@ enum Command {
         /// Address of the public API (the orchestrator).
         #[arg(long, env = "SDMESH_LISTEN", default_value = "127.0.0.1:50050")]
         listen: String,
+        /// Also serve the API as HTTP/JSON on this address (POST /v1/generate, POST
+        /// /v1/generate/stream as Server-Sent Events, GET /v1/models). Unset: gRPC only.
+        #[arg(long, env = "SDMESH_HTTP_LISTEN")]
+        http_listen: Option<String>,
         /// Device for the model services: cpu, or cuda / cuda:N in a build with the `cuda` feature.
         #[arg(long, env = "SDMESH_DEVICE", default_value = "cpu")]
         device: String,
@@ -70,6 +74,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Serve {
             model,
             listen,
+            http_listen,
             device,
             dtype,
             limits,
@@ -91,7 +96,7 @@ async fn main() -> anyhow::Result<()> {
                 dtype,
                 ..MeshOptions::new(model, device)
             };
-            serve(opts, listen, shutdown, telemetry).await
+            serve(opts, listen, http_listen, shutdown, telemetry).await
         }
     }
 }
@@ -100,11 +105,16 @@ async fn main() -> anyhow::Result<()> {
 async fn serve(
     opts: MeshOptions,
     listen: String,
+    http_listen: Option<String>,
     shutdown: ShutdownArgs,
     telemetry: TelemetryArgs,
 ) -> anyhow::Result<()> {
     let telemetry = sdmesh_core::telemetry::init("sdmesh", &telemetry).await?;
-    let result = async { serve_mesh(opts, bind(&listen).await?, Shutdown::on_signal(shutdown.grace())).await }.await;
+    let result = async {
+        let http = sdmesh_orchestrator::bind_http(http_listen.as_deref()).await?;
+        serve_mesh(opts, bind(&listen).await?, http, Shutdown::on_signal(shutdown.grace())).await
+    }
+    .await;
     telemetry.shutdown().await;
     result
 }

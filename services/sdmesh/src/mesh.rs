@@ -45,10 +45,16 @@ impl MeshOptions {
     }
 }
 
-/// Serves the mesh, the orchestrator on `listener`, until `shutdown`. The orchestrator drains
-/// first (its jobs still need the model services), then the model services stop. The first
-/// service to fail (e.g. a model that does not load) ends the mesh.
-pub async fn serve_mesh(opts: MeshOptions, listener: TcpListener, shutdown: Shutdown) -> anyhow::Result<()> {
+/// Serves the mesh, the orchestrator on `listener` (and its HTTP/JSON API on `http`), until
+/// `shutdown`. The orchestrator drains first (its jobs still need the model services), then
+/// the model services stop. The first service to fail (e.g. a model that does not load) ends
+/// the mesh.
+pub async fn serve_mesh(
+    opts: MeshOptions,
+    listener: TcpListener,
+    http: Option<TcpListener>,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
     let grace = shutdown.grace;
     let (orchestrator_done_tx, orchestrator_done) = tokio::sync::watch::channel(false);
     let after_orchestrator = move || {
@@ -130,7 +136,7 @@ pub async fn serve_mesh(opts: MeshOptions, listener: TcpListener, shutdown: Shut
     }
     let vae_opts = sdmesh_vae::VaeOptions { dtype, queue_capacity, ..sdmesh_vae::VaeOptions::new(model, device) };
     tasks.spawn(sdmesh_vae::run(vae_opts, vae, after_orchestrator()));
-    let orchestrator = sdmesh_orchestrator::run(orchestrator_opts, listener, shutdown);
+    let orchestrator = sdmesh_orchestrator::run_with_http(orchestrator_opts, listener, http, shutdown);
     tasks.spawn(async move {
         let result = orchestrator.await;
         let _ = orchestrator_done_tx.send(true);

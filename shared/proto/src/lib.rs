@@ -3,6 +3,7 @@
 pub mod sd {
     pub mod v1 {
         tonic::include_proto!("sd.v1");
+        include!(concat!(env!("OUT_DIR"), "/sd.v1.serde.rs"));
     }
 }
 

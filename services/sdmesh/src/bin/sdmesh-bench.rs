@@ -293,7 +293,7 @@ async fn start_mesh(
         Duration::from_secs(5),
     );
     tokio::spawn(async move {
-        if let Err(e) = serve_mesh(opts, listener, shutdown).await {
+        if let Err(e) = serve_mesh(opts, listener, None, shutdown).await {
             eprintln!("mesh: {e:#}");
         }
     });

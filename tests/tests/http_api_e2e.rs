@@ -1,0 +1,105 @@
+//! The orchestrator's HTTP/JSON API across real processes (`--http-listen`): the same job as
+//! over gRPC gives the same bytes, unary and as Server-Sent Events; the models list; bad input
+//! is 400, backpressure 429 with Retry-After, a missed deadline 504; the tenant header counts.
+
+use sdmesh_proto::v1;
+use sdmesh_testkit::process::{http_request, metric, Mesh, MeshOptions, Service};
+use std::time::Duration;
+
+fn http(orchestrator: &Service) -> &str {
+    orchestrator.http.as_deref().expect("started with --http-listen")
+}
+
+const JOB: &str = r#"{"prompt": "a quiet street", "steps": 4, "seed": "7", "height": 32, "width": 32}"#;
+
+#[tokio::test]
+async fn the_http_api_runs_the_same_jobs_as_grpc() {
+    let opts = MeshOptions {
+        common_args: vec!["--metrics-listen", "127.0.0.1:0"],
+        orchestrator_args: vec!["--http-listen", "127.0.0.1:0", "--max-jobs", "1", "--max-waiting-jobs", "0"],
+        ..Default::default()
+    };
+    let mesh = Mesh::start_with("sd21-base-tiny", &opts).await;
+    let orchestrator = &mesh.orchestrator;
+    let addr = http(orchestrator).to_string();
+    let mut grpc = v1::orchestrator_client::OrchestratorClient::connect(orchestrator.addr.clone()).await.unwrap();
+    let request: v1::GenerateRequest = serde_json::from_str(JOB).unwrap();
+    let expected = grpc.generate(request.clone()).await.unwrap().into_inner();
+
+    // Unary: the GenerateResponse in JSON, with the same PNG (base64), for tenant h.
+    let json = [("content-type", "application/json"), ("x-sdmesh-tenant", "h")];
+    let response = http_request(&addr, "POST", "/v1/generate", &json, JOB.as_bytes());
+    assert_eq!(response.status, 200, "{}", String::from_utf8_lossy(&response.body));
+    assert_eq!(response.header("content-type"), Some("application/json"));
+    let got: v1::GenerateResponse = serde_json::from_slice(&response.body).unwrap();
+    assert_eq!(got.images, expected.images);
+    assert_eq!(response.json()["seed"], "7", "64-bit integers are strings, as the JSON mapping says");
+
+    // Streamed: progress events, then the result, as Server-Sent Events.
+    let response = http_request(&addr, "POST", "/v1/generate/stream", &json, JOB.as_bytes());
+    assert_eq!(response.status, 200);
+    assert_eq!(response.header("content-type"), Some("text/event-stream"));
+    let events: Vec<v1::GenerateEvent> = String::from_utf8(response.body)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|data| serde_json::from_str(data).unwrap())
+        .collect();
+    assert_eq!(events.len(), 5, "{events:?}");
+    let steps: Vec<u32> = events[..4]
+        .iter()
+        .map(|e| match &e.event {
+            Some(v1::generate_event::Event::Progress(p)) => p.step,
+            other => panic!("a progress event: {other:?}"),
+        })
+        .collect();
+    assert_eq!(steps, [1, 2, 3, 4]);
+    let Some(v1::generate_event::Event::Result(result)) = &events[4].event else { panic!("the result last") };
+    assert_eq!(result.images, expected.images);
+
+    // The models.
+    let models = http_request(&addr, "GET", "/v1/models", &[], b"").json();
+    assert_eq!(models["models"][0]["name"], "sd21-base-tiny");
+    assert_eq!(models["models"][0]["isDefault"], true);
+
+    // The caller's mistakes: 400, with the gRPC status and the message.
+    let response = http_request(&addr, "POST", "/v1/generate", &json, b"{\"prompt\": ");
+    assert_eq!(response.status, 400);
+    assert_eq!(response.json()["error"]["status"], "INVALID_ARGUMENT");
+    let response = http_request(&addr, "POST", "/v1/generate", &json, br#"{"prompt": "x", "steps": 0}"#);
+    assert_eq!(response.status, 400);
+    assert!(response.json()["error"]["message"].as_str().unwrap().contains("steps"), "{}", response.json());
+
+    // Backpressure: with one long job running and no line, 429 and when to retry.
+    let mut long_request = request.clone();
+    long_request.steps = Some(900);
+    long_request.height = Some(128);
+    long_request.width = Some(128);
+    let mut long = grpc.generate_stream(long_request.clone()).await.unwrap().into_inner();
+    long.message().await.unwrap().expect("a progress event");
+    let response = http_request(&addr, "POST", "/v1/generate", &json, JOB.as_bytes());
+    assert_eq!(response.status, 429, "{}", String::from_utf8_lossy(&response.body));
+    assert_eq!(response.json()["error"]["status"], "RESOURCE_EXHAUSTED");
+    assert!(response.header("retry-after").unwrap().parse::<u64>().unwrap() >= 1);
+    drop(long);
+
+    // A deadline (grpc-timeout) the job cannot meet: 504, counted as DeadlineExceeded.
+    let body = serde_json::to_vec(&long_request).unwrap();
+    let deadline = [("content-type", "application/json"), ("grpc-timeout", "300m")];
+    let started = std::time::Instant::now();
+    let response = loop {
+        // The long job's place frees as soon as its cancellation lands.
+        let response = http_request(&addr, "POST", "/v1/generate", &deadline, &body);
+        if response.status != 429 {
+            break response;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "the long job's place was never given back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(response.status, 504, "{}", String::from_utf8_lossy(&response.body));
+    assert_eq!(response.json()["error"]["status"], "DEADLINE_EXCEEDED");
+
+    let text = orchestrator.scrape();
+    assert_eq!(metric(&text, "sdmesh_tenant_jobs_total", &[("tenant", "h"), ("code", "Ok")]), 2.0);
+    assert_eq!(metric(&text, "sdmesh_jobs_total", &[("code", "DeadlineExceeded")]), 1.0);
+}

@@ -276,3 +276,54 @@ async fn a_tenant_is_bounded_across_orchestrators_that_share_redis() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test]
+async fn a_high_priority_job_runs_before_a_low_one_that_came_first() {
+    let opts = MeshOptions {
+        common_args: vec!["--metrics-listen", "127.0.0.1:0"],
+        orchestrator_args: vec!["--max-jobs", "1", "--max-waiting-jobs", "2"],
+        ..Default::default()
+    };
+    let mesh = Mesh::start_with("sd21-base-tiny", &opts).await;
+    let orchestrator = &mesh.orchestrator;
+    let with_priority = |priority: &str| {
+        let mut request = tonic::Request::new(request(4, 32));
+        request.metadata_mut().insert("x-sdmesh-priority", priority.parse().unwrap());
+        request
+    };
+    // Junk is the caller's mistake.
+    let status = client(orchestrator).await.generate(with_priority("urgent")).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains("x-sdmesh-priority"), "{}", status.message());
+
+    let mut long = client(orchestrator).await.generate_stream(request(900, 128)).await.unwrap().into_inner();
+    long.message().await.unwrap().expect("a progress event");
+    let (done_tx, mut done) = tokio::sync::mpsc::unbounded_channel();
+    let mut jobs = Vec::new();
+    for priority in ["low", "high"] {
+        let mut c = client(orchestrator).await;
+        let (request, done_tx) = (with_priority(priority), done_tx.clone());
+        jobs.push(tokio::spawn(async move {
+            c.generate(request).await.expect("the job ran");
+            done_tx.send(priority).unwrap();
+        }));
+        wait_for_counts(orchestrator, 1.0, jobs.len() as f64).await;
+    }
+    // The running job's caller goes: the high job, which came second, runs first.
+    drop(long);
+    assert_eq!(done.recv().await, Some("high"));
+    assert_eq!(done.recv().await, Some("low"));
+
+    // sdctl sends it.
+    let out = std::env::temp_dir().join(format!("sdmesh-priority-{}.png", std::process::id()));
+    let sdctl = tokio::process::Command::new(bin("sdctl"))
+        .args(["generate", "--endpoint", &orchestrator.addr, "--quiet", "--priority", "high"])
+        .args(["--prompt", "a quiet street", "--steps", "4", "--height", "32", "--width", "32", "--seed", "7"])
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .await
+        .unwrap();
+    assert!(sdctl.status.success(), "{}", String::from_utf8_lossy(&sdctl.stderr));
+    std::fs::remove_file(&out).unwrap();
+}

@@ -15,9 +15,16 @@
 //!   tenant with the most takes the place of that tenant's latest job, which is refused with
 //!   RESOURCE_EXHAUSTED: one tenant's burst cannot fill the line and shut the others out.
 //!
+//! Priorities (the `x-sdmesh-priority` metadata: `high`, `normal`, the default, or `low`) come
+//! first: a freed place goes to a waiting job of the highest priority, fairly among tenants
+//! within it, and in a full line a job takes the place of the latest job of a lower priority
+//! before anything else. Running jobs are never stopped for another. So a platform's
+//! interactive jobs go ahead of its batch jobs without a pool of their own.
+//!
 //! A waiting job whose caller goes away (cancelled, deadline) leaves the line.
 
 use sdmesh_core::{Error, Result};
+use std::cmp::Reverse;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -63,8 +70,40 @@ struct State {
     mean_run_seconds: Option<f64>,
 }
 
+/// How soon a job runs next to others waiting (the `x-sdmesh-priority` metadata).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub enum Priority {
+    Low,
+    #[default]
+    Normal,
+    High,
+}
+
+impl Priority {
+    /// `high`, `normal` or `low`; INVALID_ARGUMENT for anything else.
+    pub fn parse(value: &str) -> Result<Self> {
+        match value {
+            "high" => Ok(Self::High),
+            "normal" => Ok(Self::Normal),
+            "low" => Ok(Self::Low),
+            other => Err(Error::invalid(format!(
+                "x-sdmesh-priority: {other:?} is not a priority; use high, normal (the default) or low"
+            ))),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::High => "high",
+            Self::Normal => "normal",
+            Self::Low => "low",
+        }
+    }
+}
+
 struct Waiter {
     tenant: String,
+    priority: Priority,
     /// Sends the place when it is this job's turn, or why it lost its place in the line.
     turn: oneshot::Sender<Result<Running>>,
 }
@@ -146,15 +185,16 @@ impl Drop for Running {
     }
 }
 
-/// Gives free places to waiting jobs: each to the job whose tenant runs the fewest jobs
-/// (the earliest come among those) and may run another.
+/// Gives free places to waiting jobs: each to a job of the highest priority waiting, among
+/// those to the job whose tenant runs the fewest jobs (the earliest come among those) and may
+/// run another.
 fn hand_out(shared: &Arc<Shared>, state: &mut State) {
     while state.running < shared.limits.max_running {
         let next = state
             .waiting
             .iter()
             .filter(|(_, w)| state.may_run(&shared.limits, &w.tenant))
-            .min_by_key(|(seq, w)| (state.running_of(&w.tenant), **seq))
+            .min_by_key(|(seq, w)| (Reverse(w.priority), state.running_of(&w.tenant), **seq))
             .map(|(seq, _)| *seq);
         let Some(seq) = next else { return };
         let waiter = state.waiting.remove(&seq).expect("just found");
@@ -237,9 +277,14 @@ impl Admission {
         Self { shared: Arc::new(Shared { limits, state: Mutex::default() }) }
     }
 
+    /// [`Admission::enter_at`] at normal priority.
+    pub fn enter(&self, tenant: &str) -> Result<Ticket> {
+        self.enter_at(tenant, Priority::Normal)
+    }
+
     /// Takes a place for a job of `tenant`: to run at once if there is room for it, else in the
     /// line; RESOURCE_EXHAUSTED with a retry hint when the line is full.
-    pub fn enter(&self, tenant: &str) -> Result<Ticket> {
+    pub fn enter_at(&self, tenant: &str, priority: Priority) -> Result<Ticket> {
         let shared = &self.shared;
         let limits = &shared.limits;
         let mut state = shared.state.lock().map_err(|_| Error::internal("the admission state is poisoned"))?;
@@ -252,15 +297,35 @@ impl Admission {
             return Ok(Ticket { turn: TicketState::Running(running), shared: shared.clone(), line: None });
         }
         if state.waiting.len() >= limits.max_waiting {
-            // The line is full: take the latest place of the tenant with the most waiting jobs
-            // if this tenant has fewer, else refuse.
+            let hint = state.hint(limits, state.waiting.len());
+            // The line is full: take the place of the latest job of the lowest priority below
+            // this one's, if any ...
+            let outranked = state
+                .waiting
+                .iter()
+                .filter(|(_, w)| w.priority < priority)
+                .min_by_key(|(seq, w)| (w.priority, Reverse(**seq)))
+                .map(|(seq, _)| *seq);
+            if let Some(seq) = outranked {
+                let bumped = state.waiting.remove(&seq).expect("just found");
+                metrics::counter!("sdmesh_jobs_refused_total", "reason" => "outranked").increment(1);
+                let _ = bumped.turn.send(Err(Error::ResourceExhausted {
+                    message: format!(
+                        "the line of waiting jobs is full and a job of higher priority took this {} priority                          job's place; retry later",
+                        bumped.priority.as_str()
+                    ),
+                    retry_after: hint,
+                }));
+                return Ok(self.wait_in_line(&mut state, tenant, priority));
+            }
+            // ... else, among jobs of this priority, the latest place of the tenant with the most
+            // waiting jobs if this tenant has fewer, else refuse.
             let mut by_tenant: HashMap<&str, usize> = HashMap::new();
-            for w in state.waiting.values() {
+            for w in state.waiting.values().filter(|w| w.priority == priority) {
                 *by_tenant.entry(w.tenant.as_str()).or_default() += 1;
             }
             let own = by_tenant.get(tenant).copied().unwrap_or(0);
             let longest = by_tenant.into_iter().max_by_key(|(_, n)| *n).filter(|(_, n)| *n > own + 1);
-            let hint = state.hint(limits, state.waiting.len());
             let Some((longest, _)) = longest.map(|(t, n)| (t.to_string(), n)) else {
                 metrics::counter!("sdmesh_jobs_refused_total", "reason" => "line_full").increment(1);
                 return Err(Error::ResourceExhausted {
@@ -273,7 +338,13 @@ impl Admission {
                     retry_after: hint,
                 });
             };
-            let seq = state.waiting.iter().rev().find(|(_, w)| w.tenant == longest).map(|(s, _)| *s).expect("counted");
+            let seq = state
+                .waiting
+                .iter()
+                .rev()
+                .find(|(_, w)| w.tenant == longest && w.priority == priority)
+                .map(|(s, _)| *s)
+                .expect("counted");
             let bumped = state.waiting.remove(&seq).expect("just found");
             metrics::counter!("sdmesh_jobs_refused_total", "reason" => "place_taken").increment(1);
             let _ = bumped.turn.send(Err(Error::ResourceExhausted {
@@ -283,13 +354,20 @@ impl Admission {
                 retry_after: hint,
             }));
         }
+        Ok(self.wait_in_line(&mut state, tenant, priority))
+    }
+
+    /// A place in the line (which has room).
+    fn wait_in_line(&self, state: &mut State, tenant: &str, priority: Priority) -> Ticket {
         let seq = state.next_seq;
         state.next_seq += 1;
-        let line = Some((state.waiting.len(), state.running));
+        // The jobs that would run before it, as things stand: those of its priority or higher.
+        let ahead = state.waiting.values().filter(|w| w.priority >= priority).count();
+        let line = Some((ahead, state.running));
         let (send, turn) = oneshot::channel();
-        state.waiting.insert(seq, Waiter { tenant: tenant.to_string(), turn: send });
+        state.waiting.insert(seq, Waiter { tenant: tenant.to_string(), priority, turn: send });
         state.gauges();
-        Ok(Ticket { turn: TicketState::Waiting { seq, turn }, shared: shared.clone(), line })
+        Ticket { turn: TicketState::Waiting { seq, turn }, shared: self.shared.clone(), line }
     }
 
     /// About how long until one of a tenant's running jobs ends: the hint sent with a refusal
@@ -361,6 +439,39 @@ mod tests {
         let _sixth = a.enter("").unwrap();
         let status = tonic::Status::from(a.enter("").err().unwrap());
         assert!(sdmesh_core::retry_after(&status).unwrap() < DEFAULT_HINT);
+    }
+
+    #[tokio::test]
+    async fn higher_priorities_run_first_and_take_the_places_of_lower_ones_in_a_full_line() {
+        let a = limits(1, 3, 0);
+        let running = enter(&a, "x").ok().unwrap();
+        let enter_at = |tenant: &str, priority| -> Turn { Box::pin(a.enter_at(tenant, priority).unwrap().wait()) };
+        let mut low = enter_at("a", Priority::Low);
+        let mut normal = enter_at("a", Priority::Normal);
+        let ticket = a.enter_at("b", Priority::High).unwrap();
+        assert_eq!(ticket.line(), Some((0, 1)), "no job of its priority or higher waits ahead of it");
+        let mut high: Turn = Box::pin(ticket.wait());
+        // The line is full: another high job takes the low one's place ...
+        let mut high_2 = enter_at("c", Priority::High);
+        let status = tonic::Status::from(came(&mut low).expect("refused at once").err().unwrap());
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert!(status.message().contains("higher priority"), "{}", status.message());
+        // ... while a low job finds no place, and a normal one none of the high jobs'.
+        assert_eq!(a.enter_at("d", Priority::Low).err().unwrap().code(), tonic::Code::ResourceExhausted);
+        assert_eq!(a.enter_at("d", Priority::Normal).err().unwrap().code(), tonic::Code::ResourceExhausted);
+        // Freed places go to the high jobs (in the order they came), then the normal one.
+        drop(running);
+        let first = came(&mut high).expect("high first").unwrap();
+        assert!(came(&mut high_2).is_none() && came(&mut normal).is_none());
+        drop(first);
+        let second = came(&mut high_2).expect("the other high job next").unwrap();
+        assert!(came(&mut normal).is_none());
+        drop(second);
+        let _third = came(&mut normal).expect("then the normal job").unwrap();
+        assert_eq!(Priority::parse("high").unwrap(), Priority::High);
+        assert_eq!(Priority::parse("low").unwrap(), Priority::Low);
+        let e = Priority::parse("urgent").unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
     }
 
     #[tokio::test]

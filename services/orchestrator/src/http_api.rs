@@ -10,10 +10,11 @@
 //!   GenerateEvent each (waiting, progress, then the result), or an `error` event.
 //! - `GET /v1/models`: the ListModelsResponse; 503 until the model services have answered.
 //!
-//! Request headers are the gRPC metadata: `x-sdmesh-tenant`, `grpc-timeout` (e.g. `30S`), and
-//! `traceparent`. An error is `{"error": {"code": HTTP, "status": "RESOURCE_EXHAUSTED",
-//! "message": ...}}` with the HTTP status of its gRPC code (400 for the caller's mistakes, 429
-//! with `Retry-After` for backpressure, 503 for a retryable outage, 504 past the deadline).
+//! Request headers are the gRPC metadata: `x-sdmesh-tenant`, `x-sdmesh-priority`,
+//! `grpc-timeout` (e.g. `30S`) and `traceparent`. An error is `{"error": {"code": HTTP,
+//! "status": "RESOURCE_EXHAUSTED", "message": ...}}` with the HTTP status of its gRPC code (400
+//! for the caller's mistakes, 429 with `Retry-After` for backpressure, 503 for a retryable
+//! outage, 504 past the deadline).
 
 use crate::server::OrchestratorService;
 use axum::body::Bytes;

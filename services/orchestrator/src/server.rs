@@ -1,6 +1,6 @@
 //! The public gRPC API: Generate (unary) and GenerateStream (progress events, then the result).
 
-use crate::admission::{Admission, JobLimits, Running, Ticket};
+use crate::admission::{Admission, JobLimits, Priority, Running, Ticket};
 use crate::fleet_quota::{FleetQuota, QuotaLease};
 use crate::image_out::Encoding;
 use crate::models::Models;
@@ -50,13 +50,13 @@ impl OrchestratorService {
     /// A place for a job of `tenant`: its lease in the fleet-wide quota (RESOURCE_EXHAUSTED
     /// when the tenant is at its cap), then its place here, now or in the line
     /// (RESOURCE_EXHAUSTED when the line is full). Both are held until the job ends.
-    async fn enter(&self, tenant: Option<&str>) -> Result<(Option<QuotaLease>, Ticket)> {
+    async fn enter(&self, tenant: Option<&str>, priority: Priority) -> Result<(Option<QuotaLease>, Ticket)> {
         let tenant = tenant.unwrap_or("");
         let lease = match &self.fleet_quota {
             Some(quota) => quota.take(tenant, self.admission.retry_hint()).await?,
             None => None,
         };
-        Ok((lease, self.admission.enter(tenant)?))
+        Ok((lease, self.admission.enter_at(tenant, priority)?))
     }
 
     /// `job`, cut short with UNAVAILABLE when the shutdown grace period ends.
@@ -132,9 +132,19 @@ fn tenant(metadata: &tonic::metadata::MetadataMap) -> Option<String> {
     metadata.get(TENANT_METADATA).and_then(|v| v.to_str().ok()).map(str::to_string)
 }
 
+/// Metadata saying how soon a job runs next to others waiting: high, normal (unset) or low.
+pub const PRIORITY_METADATA: &str = "x-sdmesh-priority";
+
+fn priority(metadata: &tonic::metadata::MetadataMap) -> Result<Priority> {
+    match metadata.get(PRIORITY_METADATA) {
+        None => Ok(Priority::Normal),
+        Some(value) => Priority::parse(value.to_str().unwrap_or("(not ASCII)")),
+    }
+}
+
 /// The span of one job; the step, encode and decode spans (and the model services' RPC
 /// spans) are its children.
-fn job_span(pipeline: &Pipeline, job: &Job, tenant: Option<&str>) -> tracing::Span {
+fn job_span(pipeline: &Pipeline, job: &Job, tenant: Option<&str>, priority: Priority) -> tracing::Span {
     let span = tracing::info_span!(
         "generate",
         model = %pipeline.model_name,
@@ -145,6 +155,7 @@ fn job_span(pipeline: &Pipeline, job: &Job, tenant: Option<&str>) -> tracing::Sp
         height = job.height,
         batch = job.num_images,
         guidance_scale = job.guidance_scale,
+        priority = priority.as_str(),
         tenant = tracing::field::Empty,
     );
     if let Some(tenant) = tenant {
@@ -255,6 +266,7 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
         request: tonic::Request<v1::GenerateRequest>,
     ) -> std::result::Result<tonic::Response<v1::GenerateResponse>, tonic::Status> {
         let tenant = tenant(request.metadata());
+        let priority = priority(request.metadata())?;
         // tonic ends a call past its deadline with CANCELLED: end the job a little earlier, so
         // that the caller gets DEADLINE_EXCEEDED.
         let deadline = grpc_timeout(request.metadata()).map(|t| t.saturating_sub((t / 20).min(DEADLINE_MARGIN)));
@@ -263,8 +275,8 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
         let job = pipeline.validate(&request)?;
         let encoding = Encoding::of(&request)?;
         // Both places are given back when this call ends (or its caller goes away).
-        let (_lease, ticket) = self.enter(tenant.as_deref()).await?;
-        let span = job_span(pipeline, &job, tenant.as_deref());
+        let (_lease, ticket) = self.enter(tenant.as_deref(), priority).await?;
+        let span = job_span(pipeline, &job, tenant.as_deref(), priority);
         let response = observe_job(
             tenant.as_deref().unwrap_or(""),
             &pipeline.model_name,
@@ -291,14 +303,15 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
         request: tonic::Request<v1::GenerateRequest>,
     ) -> std::result::Result<tonic::Response<Self::GenerateStreamStream>, tonic::Status> {
         let tenant = tenant(request.metadata());
+        let priority = priority(request.metadata())?;
         // tonic does not hold a stream to its deadline: the job does.
         let deadline = grpc_timeout(request.metadata());
         let request = request.into_inner();
         let pipeline = self.pipeline(&request.model)?.clone();
         let job = pipeline.validate(&request)?;
         let encoding = Encoding::of(&request)?;
-        let (lease, ticket) = self.enter(tenant.as_deref()).await?;
-        let span = job_span(&pipeline, &job, tenant.as_deref());
+        let (lease, ticket) = self.enter(tenant.as_deref(), priority).await?;
+        let span = job_span(&pipeline, &job, tenant.as_deref(), priority);
         // Room for every event, so the job never waits on a slow reader.
         let (tx, rx) = mpsc::channel(job.steps + 3);
         if let Some((ahead, running)) = ticket.line() {

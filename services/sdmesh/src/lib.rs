@@ -50,6 +50,10 @@ pub struct JobArgs {
     /// Tenant the job runs for (sent as x-sdmesh-tenant metadata, recorded on its trace).
     #[arg(long, env = "SDMESH_TENANT")]
     pub tenant: Option<String>,
+    /// How soon the job runs next to others waiting for a place: high, normal (the default) or
+    /// low (sent as x-sdmesh-priority metadata).
+    #[arg(long, value_parser = ["high", "normal", "low"])]
+    pub priority: Option<String>,
     /// Which of the orchestrator's models runs the job (`sdctl models` lists them; default: its
     /// default model).
     #[arg(long)]
@@ -182,6 +186,10 @@ impl JobArgs {
             image_format: self.image_format().into(),
             jpeg_quality: self.jpeg_quality,
         });
+        if let Some(priority) = &self.priority {
+            let value = priority.parse().expect("one of clap's values");
+            request.metadata_mut().insert(sdmesh_orchestrator::server::PRIORITY_METADATA, value);
+        }
         if let Some(tenant) = &self.tenant {
             let value = tenant.parse().map_err(|_| anyhow::anyhow!("--tenant must be printable ASCII"))?;
             request.metadata_mut().insert(sdmesh_orchestrator::server::TENANT_METADATA, value);

@@ -165,10 +165,17 @@ fn describe_metrics() {
     metrics::describe_gauge!("sdmesh_jobs_running", "jobs holding a place to run");
     metrics::describe_gauge!("sdmesh_jobs_waiting", "jobs waiting for a place to run");
     metrics::describe_histogram!("sdmesh_job_wait_seconds", "how long a job that waited for a place waited");
-    metrics::describe_counter!("sdmesh_jobs_refused_total", "jobs refused for a full line of waiting jobs, by reason");
+    metrics::describe_counter!(
+        "sdmesh_jobs_refused_total",
+        "jobs refused before they ran (full line, place taken, outranked, tenant quota), by reason"
+    );
     metrics::describe_counter!("sdmesh_tenant_jobs_total", "generation jobs by tenant and outcome (status code)");
     metrics::describe_counter!("sdmesh_tenant_images_total", "images delivered, by tenant");
     metrics::describe_histogram!("sdmesh_tenant_run_seconds", "time each job held a place to run, by tenant");
+    metrics::describe_counter!(
+        "sdmesh_tenant_quota_errors_total",
+        "failed Redis operations of the fleet-wide tenant quota, by operation"
+    );
 }
 
 struct HeaderExtractor<'a>(&'a http::HeaderMap);

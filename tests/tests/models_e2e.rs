@@ -2,7 +2,8 @@
 //! sd21-base-tiny's services (its default model) and, from `--models-file`, over
 //! sd2-inpaint-tiny's. ListModels (and `sdctl models`) says what each can do; each request runs
 //! on the model it names, with the bytes an orchestrator of that model alone gives; an unknown
-//! name is INVALID_ARGUMENT naming the served models. Jobs are counted by model.
+//! name is INVALID_ARGUMENT naming the served models. Each model has its own places to run
+//! (`--max-jobs` holds per model), and jobs are counted by model.
 
 use sdmesh_proto::v1;
 use sdmesh_testkit::process::{bin, metric, Mesh, MeshOptions, Service};
@@ -30,7 +31,16 @@ async fn one_orchestrator_serves_each_request_on_the_model_it_names() {
     );
     std::fs::write(&file, toml).unwrap();
     let opts = MeshOptions {
-        orchestrator_args: vec!["--models-file", file.to_str().unwrap(), "--metrics-listen", "127.0.0.1:0"],
+        orchestrator_args: vec![
+            "--models-file",
+            file.to_str().unwrap(),
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--max-jobs",
+            "1",
+            "--max-waiting-jobs",
+            "0",
+        ],
         ..Default::default()
     };
     let both = base.another_orchestrator("sd21-base-tiny", &opts).await;
@@ -87,7 +97,7 @@ async fn one_orchestrator_serves_each_request_on_the_model_it_names() {
     assert_ne!(pixels(&blended.images[0].png), pixels(&expected.images[0].png));
 
     // An unknown name: INVALID_ARGUMENT, naming what is served.
-    let unknown = v1::GenerateRequest { model: "sd15".into(), ..txt2img };
+    let unknown = v1::GenerateRequest { model: "sd15".into(), ..txt2img.clone() };
     let status = client(&both).await.generate(unknown).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     assert!(status.message().contains("\"inpaint\", \"sd21-base-tiny\""), "{}", status.message());
@@ -117,9 +127,24 @@ async fn one_orchestrator_serves_each_request_on_the_model_it_names() {
     assert_eq!(pixels(&std::fs::read(&out).unwrap()), pixels(&expected.images[0].png));
     std::fs::remove_file(&out).unwrap();
     std::fs::remove_file(&file).unwrap();
+    // Each model has its own places: with the default model's one place taken by a long job,
+    // another default job is refused at once, while the inpainting model's job runs.
+    let long = v1::GenerateRequest { steps: Some(900), height: Some(128), width: Some(128), ..txt2img.clone() };
+    let mut long = client(&both).await.generate_stream(long).await.unwrap().into_inner();
+    long.message().await.unwrap().expect("a progress event");
+    let status = client(&both).await.generate(txt2img.clone()).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    let request = v1::GenerateRequest { model: "inpaint".into(), ..repaint.clone() };
+    let got = client(&both).await.generate(request).await.expect("another model's place is free").into_inner();
+    assert_eq!(pixels(&got.images[0].png), pixels(&expected.images[0].png));
+    let text = both.scrape();
+    assert_eq!(metric(&text, "sdmesh_jobs_running", &[("model", "sd21-base-tiny")]), 1.0);
+    assert_eq!(metric(&text, "sdmesh_jobs_running", &[("model", "inpaint")]), 0.0);
+    drop(long);
+
     // Jobs are counted by model.
     let text = both.scrape();
-    assert_eq!(metric(&text, "sdmesh_jobs_total", &[("model", "inpaint"), ("code", "Ok")]), 2.0);
+    assert_eq!(metric(&text, "sdmesh_jobs_total", &[("model", "inpaint"), ("code", "Ok")]), 3.0);
     assert_eq!(metric(&text, "sdmesh_jobs_total", &[("model", "sd21-base-tiny"), ("code", "Ok")]), 3.0);
-    assert_eq!(metric(&text, "sdmesh_job_duration_seconds_count", &[("model", "inpaint")]), 2.0);
+    assert_eq!(metric(&text, "sdmesh_job_duration_seconds_count", &[("model", "inpaint")]), 3.0);
 }

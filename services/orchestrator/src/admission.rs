@@ -1,4 +1,6 @@
-//! Admission: how many jobs run at once, how many wait for a turn, and whose job runs next.
+//! Admission: how many jobs run at once, how many wait for a turn, and whose job runs next;
+//! one per served model, since each model has its own unet pool (a flood of one model's jobs
+//! must not keep another model's idle pool from its jobs).
 //!
 //! Many tenants share one orchestrator, and behind it a pool of model services that can only
 //! go so fast: jobs beyond what the pool serves well would only slow every running job down
@@ -68,6 +70,8 @@ struct State {
     next_seq: u64,
     /// Mean seconds a job runs (exponentially weighted), for retry hints.
     mean_run_seconds: Option<f64>,
+    /// The model whose jobs these are (the gauges' label).
+    model: String,
 }
 
 /// How soon a job runs next to others waiting (the `x-sdmesh-priority` metadata).
@@ -141,8 +145,8 @@ impl State {
     }
 
     fn gauges(&self) {
-        metrics::gauge!("sdmesh_jobs_running").set(self.running as f64);
-        metrics::gauge!("sdmesh_jobs_waiting").set(self.waiting.len() as f64);
+        metrics::gauge!("sdmesh_jobs_running", "model" => self.model.clone()).set(self.running as f64);
+        metrics::gauge!("sdmesh_jobs_waiting", "model" => self.model.clone()).set(self.waiting.len() as f64);
     }
 }
 
@@ -272,9 +276,15 @@ impl Drop for Ticket {
 }
 
 impl Admission {
-    pub fn new(limits: JobLimits) -> Self {
+    /// The admission of one model's jobs (its name labels the gauges).
+    pub fn new(limits: JobLimits, model: &str) -> Self {
         let limits = JobLimits { max_running: limits.max_running.max(1), ..limits };
-        Self { shared: Arc::new(Shared { limits, state: Mutex::default() }) }
+        let state = State { model: model.to_string(), ..State::default() };
+        Self { shared: Arc::new(Shared { limits, state: Mutex::new(state) }) }
+    }
+
+    pub fn limits(&self) -> JobLimits {
+        self.shared.limits
     }
 
     /// [`Admission::enter_at`] at normal priority.
@@ -392,7 +402,7 @@ mod tests {
     type Turn = Pin<Box<dyn Future<Output = Result<Running>> + Send>>;
 
     fn limits(max_running: usize, max_waiting: usize, max_running_per_tenant: usize) -> Admission {
-        Admission::new(JobLimits { max_running, max_waiting, max_running_per_tenant })
+        Admission::new(JobLimits { max_running, max_waiting, max_running_per_tenant }, "m")
     }
 
     /// A job's turn, polled once: Ok(place) if it runs now, else the waiting future.

@@ -165,16 +165,18 @@ pub struct LimitsArgs {
     /// inputs are denoised in overlapping tiles of this size, blended. Bounds the UNet's memory.
     #[arg(long, env = "SDMESH_UPSCALE_TILE_LATENTS", default_value_t = upscale::DEFAULT_TILE_LATENTS)]
     pub upscale_tile_latents: usize,
-    /// Jobs that run at once; more wait for a place (a freed place goes to the tenant running
-    /// the fewest jobs).
+    /// Jobs of a model that run at once; more wait for a place (a freed place goes to the job
+    /// of the highest x-sdmesh-priority, then to the tenant running the fewest jobs).
     #[arg(long, env = "SDMESH_MAX_JOBS", default_value_t = admission::JobLimits::default().max_running)]
     pub max_jobs: usize,
-    /// Jobs that may wait for a place. When the line is full, a new job is refused with
-    /// RESOURCE_EXHAUSTED and a retry hint, unless another tenant has at least two more jobs
-    /// waiting than the new job's: then that tenant's latest waiting job is refused instead.
+    /// Jobs of a model that may wait for a place. When the line is full, a new job is refused
+    /// with RESOURCE_EXHAUSTED and a retry hint, unless a job of lower priority waits, or
+    /// another tenant has at least two more jobs of its priority waiting than the new job's:
+    /// then that job, or that tenant's latest, is refused instead.
     #[arg(long, env = "SDMESH_MAX_WAITING_JOBS", default_value_t = admission::JobLimits::default().max_waiting)]
     pub max_waiting_jobs: usize,
-    /// Jobs one tenant (x-sdmesh-tenant metadata) may run at once (0 = up to --max-jobs).
+    /// Jobs of a model one tenant (x-sdmesh-tenant metadata) may run at once (0 = up to
+    /// --max-jobs).
     #[arg(long, env = "SDMESH_MAX_JOBS_PER_TENANT", default_value_t = 0)]
     pub max_jobs_per_tenant: usize,
     /// Jobs one tenant may have running or waiting across every orchestrator that shares
@@ -453,13 +455,17 @@ pub async fn run_with_http(
         unet_url: opts.unet_url.clone(),
         vae_url: opts.vae_url.clone(),
         depth_url: opts.depth_url.clone(),
+        max_jobs: None,
+        max_waiting_jobs: None,
+        max_jobs_per_tenant: None,
     })
     .await?;
     let mut others = Vec::new();
     for services in opts.more_models.clone() {
-        others.push(served(services).await?);
+        let limits = services.job_limits(opts.jobs);
+        others.push(models::Served::new(served(services).await?, limits));
     }
-    service.set_models(models::Models::new(default, others)?);
+    service.set_models(models::Models::new(models::Served::new(default, opts.jobs), others)?);
     health.set(ServingStatus::Serving).await;
     tracing::info!("orchestrator ready");
     server.await??;

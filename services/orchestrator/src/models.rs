@@ -1,8 +1,11 @@
 //! Several models behind one orchestrator: a platform offers SD 2.1 (768-v), 2.1-base, the
 //! inpainting, depth and upscaler checkpoints at one address, and each request names the model
 //! it wants (`GenerateRequest.model`). Each model has its own unet and vae services (the text
-//! encoder, OpenCLIP ViT-H in every SD 2.x checkpoint, can be one pool for all); admission,
-//! the tenant quota, the safety checker and the chained upscaler are shared.
+//! encoder, OpenCLIP ViT-H in every SD 2.x checkpoint, can be one pool for all), and so its own
+//! admission: `--max-jobs`, `--max-waiting-jobs` and `--max-jobs-per-tenant` hold per model
+//! (a file entry may set its own), so a flood of one model's jobs never keeps another model's
+//! pool idle. The fleet-wide tenant quota, the safety checker and the chained upscaler are
+//! shared.
 //!
 //! The default model comes from `--model` and the service flags; the others from a TOML file
 //! (`--models-file`):
@@ -15,8 +18,12 @@
 //! vae_url = "dns:///sdmesh-vae-inpaint:50051"
 //! # text_encoder_url = "..."           # default: --text-encoder-url
 //! # depth_url = "..."                  # depth2img checkpoints: the depth service
+//! # max_jobs = 16                      # this model's own job limits (default: the flags')
+//! # max_waiting_jobs = 64
+//! # max_jobs_per_tenant = 4
 //! ```
 
+use crate::admission::{Admission, JobLimits};
 use crate::image_job::Task;
 use crate::pipeline::Pipeline;
 use sdmesh_core::{Error, Result};
@@ -38,12 +45,26 @@ pub struct ModelServices {
     pub vae_url: String,
     /// The depth service, for a depth2img checkpoint.
     pub depth_url: Option<String>,
+    /// This model's job limits, where they differ from --max-jobs, --max-waiting-jobs and
+    /// --max-jobs-per-tenant.
+    pub max_jobs: Option<usize>,
+    pub max_waiting_jobs: Option<usize>,
+    pub max_jobs_per_tenant: Option<usize>,
 }
 
 impl ModelServices {
     /// The name requests use.
     pub fn name(&self) -> String {
         self.name.clone().unwrap_or_else(|| crate::model_name(&self.model))
+    }
+
+    /// Its job limits: its own where set, else `defaults` (the flags').
+    pub fn job_limits(&self, defaults: JobLimits) -> JobLimits {
+        JobLimits {
+            max_running: self.max_jobs.unwrap_or(defaults.max_running),
+            max_waiting: self.max_waiting_jobs.unwrap_or(defaults.max_waiting),
+            max_running_per_tenant: self.max_jobs_per_tenant.unwrap_or(defaults.max_running_per_tenant),
+        }
     }
 }
 
@@ -82,38 +103,49 @@ pub fn check_names(default: &str, more: &[ModelServices]) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// The pipelines of the models an orchestrator serves, by name; the default first.
+/// A served model: its pipeline, and the admission of its jobs.
+pub struct Served {
+    pub pipeline: Pipeline,
+    pub admission: Admission,
+}
+
+impl Served {
+    pub fn new(pipeline: Pipeline, limits: JobLimits) -> Self {
+        let admission = Admission::new(limits, &pipeline.model_name);
+        Self { pipeline, admission }
+    }
+}
+
+/// The models an orchestrator serves, by name; the default first.
 pub struct Models {
     default: String,
-    by_name: BTreeMap<String, Pipeline>,
+    by_name: BTreeMap<String, Served>,
 }
 
 impl Models {
     /// One model.
-    pub fn one(pipeline: Pipeline) -> Self {
-        Self {
-            default: pipeline.model_name.clone(),
-            by_name: BTreeMap::from([(pipeline.model_name.clone(), pipeline)]),
-        }
+    pub fn one(model: Served) -> Self {
+        let name = model.pipeline.model_name.clone();
+        Self { default: name.clone(), by_name: BTreeMap::from([(name, model)]) }
     }
 
     /// `default` and `others`, each under its `model_name`, which must differ.
-    pub fn new(default: Pipeline, others: Vec<Pipeline>) -> anyhow::Result<Self> {
+    pub fn new(default: Served, others: Vec<Served>) -> anyhow::Result<Self> {
         let mut models = Self::one(default);
-        for pipeline in others {
-            let name = pipeline.model_name.clone();
+        for model in others {
+            let name = model.pipeline.model_name.clone();
             anyhow::ensure!(
                 !models.by_name.contains_key(&name),
                 "two models are named {name:?}: give one another name (name = \"...\" in --models-file)"
             );
-            models.by_name.insert(name, pipeline);
+            models.by_name.insert(name, model);
         }
         Ok(models)
     }
 
     /// The model a request names; "" is the default. INVALID_ARGUMENT naming the served models
     /// for any other name.
-    pub fn get(&self, name: &str) -> Result<&Pipeline> {
+    pub fn get(&self, name: &str) -> Result<&Served> {
         let name = if name.is_empty() { &self.default } else { name };
         self.by_name.get(name).ok_or_else(|| {
             Error::invalid(format!(
@@ -126,8 +158,9 @@ impl Models {
 
     /// What ListModels answers: the default model first, then the others by name.
     pub fn list(&self) -> v1::ListModelsResponse {
-        let default = self.by_name.get(&self.default).map(|p| summary(p, true));
-        let others = self.by_name.values().filter(|p| p.model_name != self.default).map(|p| summary(p, false));
+        let default = self.by_name.get(&self.default).map(|m| summary(&m.pipeline, true));
+        let others =
+            self.by_name.iter().filter(|(name, _)| **name != self.default).map(|(_, m)| summary(&m.pipeline, false));
         v1::ListModelsResponse { models: default.into_iter().chain(others).collect() }
     }
 }
@@ -184,6 +217,8 @@ mod tests {
             unet_url = "http://u:1"
             vae_url = "http://v:1"
             depth_url = "http://d:1"
+            max_jobs = 2
+            max_jobs_per_tenant = 1
             "#,
         )
         .unwrap();
@@ -194,6 +229,10 @@ mod tests {
             (None, "http://a:1,http://b:1")
         );
         assert_eq!((models[1].name(), models[1].depth_url.as_deref()), ("depth".into(), Some("http://d:1")));
+        let flags = JobLimits { max_running: 64, max_waiting: 256, max_running_per_tenant: 0 };
+        assert_eq!(models[0].job_limits(flags), flags, "the flags' limits unless the entry says");
+        let own = JobLimits { max_running: 2, max_waiting: 256, max_running_per_tenant: 1 };
+        assert_eq!(models[1].job_limits(flags), own);
         assert!(read("").unwrap().is_empty());
         check_names("sd21", &models).unwrap();
         let twice = check_names("depth", &models).unwrap_err().to_string();

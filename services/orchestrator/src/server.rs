@@ -1,9 +1,9 @@
 //! The public gRPC API: Generate (unary) and GenerateStream (progress events, then the result).
 
-use crate::admission::{Admission, JobLimits, Priority, Running, Ticket};
+use crate::admission::{JobLimits, Priority, Running, Ticket};
 use crate::fleet_quota::{FleetQuota, QuotaLease};
 use crate::image_out::Encoding;
-use crate::models::Models;
+use crate::models::{Models, Served};
 use crate::noise::SeededNoise;
 use crate::pipeline::{Job, JobOutput, Pipeline, StepProgress};
 use sdmesh_core::serve::Health;
@@ -24,8 +24,9 @@ pub struct OrchestratorService {
     /// The server's health, when served: jobs still running when the shutdown grace period
     /// ends fail with UNAVAILABLE.
     health: Option<Health>,
-    /// How many jobs run and wait, and whose job runs next.
-    admission: Admission,
+    /// How many jobs of a model run and wait, when [`Self::set_pipeline`] serves one (a
+    /// [`Models`] brings each model's own).
+    jobs: JobLimits,
     /// Each tenant's bound across the orchestrators sharing a Redis, when set.
     fleet_quota: Option<FleetQuota>,
 }
@@ -44,19 +45,25 @@ impl OrchestratorService {
     }
 
     fn with_job_limits(health: Option<Health>, jobs: JobLimits) -> Self {
-        Self { models: Arc::default(), health, admission: Admission::new(jobs), fleet_quota: None }
+        Self { models: Arc::default(), health, jobs, fleet_quota: None }
     }
 
-    /// A place for a job of `tenant`: its lease in the fleet-wide quota (RESOURCE_EXHAUSTED
-    /// when the tenant is at its cap), then its place here, now or in the line
-    /// (RESOURCE_EXHAUSTED when the line is full). Both are held until the job ends.
-    async fn enter(&self, tenant: Option<&str>, priority: Priority) -> Result<(Option<QuotaLease>, Ticket)> {
+    /// A place for a job of `tenant` on `model`: its lease in the fleet-wide quota
+    /// (RESOURCE_EXHAUSTED when the tenant is at its cap), then its place among the model's
+    /// jobs, now or in the line (RESOURCE_EXHAUSTED when the line is full). Both are held until
+    /// the job ends.
+    async fn enter(
+        &self,
+        model: &Served,
+        tenant: Option<&str>,
+        priority: Priority,
+    ) -> Result<(Option<QuotaLease>, Ticket)> {
         let tenant = tenant.unwrap_or("");
         let lease = match &self.fleet_quota {
-            Some(quota) => quota.take(tenant, self.admission.retry_hint()).await?,
+            Some(quota) => quota.take(tenant, model.admission.retry_hint()).await?,
             None => None,
         };
-        Ok((lease, self.admission.enter_at(tenant, priority)?))
+        Ok((lease, model.admission.enter_at(tenant, priority)?))
     }
 
     /// `job`, cut short with UNAVAILABLE when the shutdown grace period ends.
@@ -69,7 +76,7 @@ impl OrchestratorService {
 
     /// Serves `pipeline` as the one model.
     pub fn set_pipeline(&self, pipeline: Pipeline) {
-        self.set_models(Models::one(pipeline));
+        self.set_models(Models::one(Served::new(pipeline, self.jobs)));
     }
 
     pub fn set_models(&self, models: Models) {
@@ -80,8 +87,8 @@ impl OrchestratorService {
         self.models.get().ok_or_else(|| tonic::Status::unavailable("waiting for the model services; retry shortly"))
     }
 
-    /// The pipeline of the model `name` (`""`: the default).
-    fn pipeline(&self, name: &str) -> std::result::Result<&Pipeline, tonic::Status> {
+    /// The model `name` (`""`: the default).
+    fn model(&self, name: &str) -> std::result::Result<&Served, tonic::Status> {
         Ok(self.models()?.get(name)?)
     }
 
@@ -271,11 +278,12 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
         // that the caller gets DEADLINE_EXCEEDED.
         let deadline = grpc_timeout(request.metadata()).map(|t| t.saturating_sub((t / 20).min(DEADLINE_MARGIN)));
         let request = request.into_inner();
-        let pipeline = self.pipeline(&request.model)?;
+        let model = self.model(&request.model)?;
+        let pipeline = &model.pipeline;
         let job = pipeline.validate(&request)?;
         let encoding = Encoding::of(&request)?;
         // Both places are given back when this call ends (or its caller goes away).
-        let (_lease, ticket) = self.enter(tenant.as_deref(), priority).await?;
+        let (_lease, ticket) = self.enter(model, tenant.as_deref(), priority).await?;
         let span = job_span(pipeline, &job, tenant.as_deref(), priority);
         let response = observe_job(
             tenant.as_deref().unwrap_or(""),
@@ -307,10 +315,11 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
         // tonic does not hold a stream to its deadline: the job does.
         let deadline = grpc_timeout(request.metadata());
         let request = request.into_inner();
-        let pipeline = self.pipeline(&request.model)?.clone();
+        let model = self.model(&request.model)?;
+        let pipeline = model.pipeline.clone();
         let job = pipeline.validate(&request)?;
         let encoding = Encoding::of(&request)?;
-        let (lease, ticket) = self.enter(tenant.as_deref(), priority).await?;
+        let (lease, ticket) = self.enter(model, tenant.as_deref(), priority).await?;
         let span = job_span(&pipeline, &job, tenant.as_deref(), priority);
         // Room for every event, so the job never waits on a slow reader.
         let (tx, rx) = mpsc::channel(job.steps + 3);

@@ -23,10 +23,15 @@ fn request(steps: u32, side: u32) -> v1::GenerateRequest {
     }
 }
 
-fn tenant<T>(message: T, name: &str) -> tonic::Request<T> {
+/// `message` with the metadata `key: value`.
+fn with_metadata<T>(message: T, key: &'static str, value: &str) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
-    request.metadata_mut().insert("x-sdmesh-tenant", name.parse().unwrap());
+    request.metadata_mut().insert(key, value.parse().unwrap());
     request
+}
+
+fn tenant<T>(message: T, name: &str) -> tonic::Request<T> {
+    with_metadata(message, "x-sdmesh-tenant", name)
 }
 
 async fn client(orchestrator: &Service) -> v1::orchestrator_client::OrchestratorClient<tonic::transport::Channel> {
@@ -286,11 +291,7 @@ async fn a_high_priority_job_runs_before_a_low_one_that_came_first() {
     };
     let mesh = Mesh::start_with("sd21-base-tiny", &opts).await;
     let orchestrator = &mesh.orchestrator;
-    let with_priority = |priority: &str| {
-        let mut request = tonic::Request::new(request(4, 32));
-        request.metadata_mut().insert("x-sdmesh-priority", priority.parse().unwrap());
-        request
-    };
+    let with_priority = |priority: &str| with_metadata(request(4, 32), "x-sdmesh-priority", priority);
     // Junk is the caller's mistake.
     let status = client(orchestrator).await.generate(with_priority("urgent")).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument);

@@ -35,6 +35,21 @@ async fn the_http_api_runs_the_same_jobs_as_grpc() {
     assert_eq!(got.images, expected.images);
     assert_eq!(response.json()["seed"], "7", "64-bit integers are strings, as the JSON mapping says");
 
+    // Accept: image/png or image/jpeg: the image itself, its seed in a header.
+    let accept_png = [("accept", "image/png")];
+    let response = http_request(&addr, "POST", "/v1/generate", &accept_png, JOB.as_bytes());
+    assert_eq!((response.status, response.header("content-type")), (200, Some("image/png")));
+    assert_eq!(response.body, expected.images[0].png);
+    assert_eq!(response.header("x-sdmesh-seed"), Some("7"));
+    let accept_jpeg = [("accept", "image/jpeg")];
+    let response = http_request(&addr, "POST", "/v1/generate", &accept_jpeg, JOB.as_bytes());
+    assert_eq!((response.status, response.header("content-type")), (200, Some("image/jpeg")));
+    assert_eq!(&response.body[..2], b"\xFF\xD8");
+    let two = br#"{"prompt": "x", "steps": 2, "numImages": 2, "height": 32, "width": 32}"#;
+    let response = http_request(&addr, "POST", "/v1/generate", &accept_png, two);
+    assert_eq!(response.status, 400);
+    assert!(response.json()["error"]["message"].as_str().unwrap().contains("num_images"));
+
     // Streamed: progress events, then the result, as Server-Sent Events.
     let response = http_request(&addr, "POST", "/v1/generate/stream", &json, JOB.as_bytes());
     assert_eq!(response.status, 200);
@@ -101,5 +116,6 @@ async fn the_http_api_runs_the_same_jobs_as_grpc() {
 
     let text = orchestrator.scrape();
     assert_eq!(metric(&text, "sdmesh_tenant_jobs_total", &[("tenant", "h"), ("code", "Ok")]), 2.0);
+    assert_eq!(metric(&text, "sdmesh_jobs_total", &[("code", "Ok")]), 5.0);
     assert_eq!(metric(&text, "sdmesh_jobs_total", &[("code", "DeadlineExceeded")]), 1.0);
 }

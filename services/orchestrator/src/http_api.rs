@@ -5,7 +5,9 @@
 //! of the gRPC messages (what grpcurl speaks: camelCase or proto field names, 64-bit integers
 //! and bytes as strings, bytes in base64):
 //!
-//! - `POST /v1/generate`: a GenerateRequest; answers a GenerateResponse.
+//! - `POST /v1/generate`: a GenerateRequest; answers a GenerateResponse, or with `Accept:
+//!   image/png` or `image/jpeg` the one image itself (its seed in `x-sdmesh-seed`), so
+//!   `curl -o out.png` just works.
 //! - `POST /v1/generate/stream`: a GenerateRequest; answers Server-Sent Events, one
 //!   GenerateEvent each (waiting, progress, then the result), or an `error` event.
 //! - `GET /v1/models`: the ListModelsResponse; 503 until the model services have answered.
@@ -49,15 +51,51 @@ fn request(headers: HeaderMap, body: &[u8]) -> Result<tonic::Request<v1::Generat
     Ok(request)
 }
 
+/// The image format an `Accept` header asks for, when it asks for an image.
+fn accepts_image(headers: &HeaderMap) -> Option<v1::ImageFormat> {
+    let accept = headers.get(axum::http::header::ACCEPT)?.to_str().ok()?;
+    if accept.contains("image/png") {
+        Some(v1::ImageFormat::Png)
+    } else if accept.contains("image/jpeg") {
+        Some(v1::ImageFormat::Jpeg)
+    } else {
+        None
+    }
+}
+
 async fn generate(State(service): State<OrchestratorService>, headers: HeaderMap, body: Bytes) -> Response {
-    let request = match request(headers, &body) {
+    let raw = accepts_image(&headers);
+    let mut request = match request(headers, &body) {
         Ok(r) => r,
         Err(status) => return error(&status),
     };
-    match service.generate(request).await {
-        Ok(response) => Json(response.into_inner()).into_response(),
-        Err(status) => error(&status),
+    if let Some(format) = raw {
+        let message = request.get_mut();
+        if message.num_images.unwrap_or(1) != 1 {
+            return error(&tonic::Status::invalid_argument(
+                "num_images: an Accept of image/png or image/jpeg returns one image; ask for JSON for several",
+            ));
+        }
+        message.image_format = format.into();
     }
+    let response = match service.generate(request).await {
+        Ok(response) => response.into_inner(),
+        Err(status) => return error(&status),
+    };
+    let Some(format) = raw else { return Json(response).into_response() };
+    let seed = response.seed;
+    let Some(image) = response.images.into_iter().next() else {
+        return error(&tonic::Status::internal("the job returned no image"));
+    };
+    let (content_type, bytes) = match format {
+        v1::ImageFormat::Jpeg => ("image/jpeg", image.jpeg),
+        _ => ("image/png", image.png),
+    };
+    let mut headers = HeaderMap::new();
+    headers.insert(axum::http::header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert("x-sdmesh-seed", HeaderValue::from(seed));
+    headers.insert("x-sdmesh-flagged", HeaderValue::from_static(if image.flagged { "true" } else { "false" }));
+    (headers, bytes).into_response()
 }
 
 async fn generate_stream(State(service): State<OrchestratorService>, headers: HeaderMap, body: Bytes) -> Response {

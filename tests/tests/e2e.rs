@@ -197,6 +197,26 @@ async fn sdmesh_generate_in_process_writes_the_same_png_as_the_mesh() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("seed 11"), "{}", String::from_utf8_lossy(&out.stdout));
     assert_eq!(std::fs::read(&mesh_png).unwrap(), std::fs::read(&local_png).unwrap(), "same job, same bytes");
 
+    // Live previews every second step: written as they come, an eighth of the image a side,
+    // and the image is the same.
+    let previews = tmp.join("previews");
+    let with_previews = tmp.join("with-previews.png");
+    let out = Command::new(bin("sdctl"))
+        .args(["generate", "--endpoint", &mesh.orchestrator.addr])
+        .args(&job)
+        .args(["--preview-every", "2", "--previews", previews.to_str().unwrap()])
+        .arg("--out")
+        .arg(&with_previews)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "sdctl: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read(&with_previews).unwrap(), std::fs::read(&mesh_png).unwrap());
+    let mut written: Vec<_> = std::fs::read_dir(&previews).unwrap().map(|e| e.unwrap().file_name()).collect();
+    written.sort();
+    assert_eq!(written, ["step-002.jpg", "step-004.jpg"]);
+    let preview = image::open(previews.join("step-004.jpg")).unwrap();
+    assert_eq!((preview.width(), preview.height()), (48 / 8, 64 / 8));
+
     // JPEG out (named by --out's extension), the same bytes both ways, with the parameters in
     // its comment segment, and the PNG's pixels within JPEG's loss.
     let write_jpeg = |command: &mut Command, name: &str| {

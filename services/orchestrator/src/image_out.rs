@@ -75,12 +75,16 @@ fn png(pixels: &[u8], width: u32, height: u32, parameters: &str) -> Result<Vec<u
 }
 
 /// The parameters go in a comment (COM) segment, UTF-8, after the JFIF header (what exiftool
-/// and most viewers show as the comment); cut at 65533 bytes, a COM segment's most.
+/// and most viewers show as the comment); cut at 65533 bytes, a COM segment's most. No
+/// parameters, no comment (previews).
 fn jpeg(pixels: &[u8], width: u32, height: u32, quality: u8, parameters: &str) -> Result<Vec<u8>> {
     let mut encoded = Vec::new();
     image::codecs::jpeg::JpegEncoder::new_with_quality(&mut encoded, quality)
         .encode(pixels, width, height, image::ExtendedColorType::Rgb8)
         .map_err(Error::internal)?;
+    if parameters.is_empty() {
+        return Ok(encoded);
+    }
     // SOI, then APP0 (JFIF) with its length: the comment goes right after it.
     let after_jfif = match encoded.get(2..6) {
         Some([0xFF, 0xE0, hi, lo]) => 4 + u16::from_be_bytes([*hi, *lo]) as usize,
@@ -101,6 +105,14 @@ fn jpeg(pixels: &[u8], width: u32, height: u32, quality: u8, parameters: &str) -
     out.extend_from_slice(text);
     out.extend_from_slice(&encoded[after_jfif..]);
     Ok(out)
+}
+
+/// JPEG quality of live previews: small and quick to send.
+const PREVIEW_QUALITY: u8 = 80;
+
+/// A live preview, f32 [h, w, 3] in [0, 1], as a JPEG without parameters.
+pub fn preview_jpeg(rgb: &Tensor) -> Result<Vec<u8>> {
+    Ok(Encoding::Jpeg(PREVIEW_QUALITY).encode(&rgb.unsqueeze(0)?, "")?.remove(0))
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ pub mod image_out;
 pub mod models;
 pub mod noise;
 pub mod pipeline;
+pub mod preview;
 pub mod redis_link;
 pub mod redis_store;
 pub mod safety;

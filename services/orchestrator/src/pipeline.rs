@@ -85,6 +85,8 @@ pub struct Job {
     /// Upscale the results x4 afterwards with the chained upscaler.
     pub then_upscale: Option<ChainedUpscale>,
     pub safety: crate::safety::Policy,
+    /// A preview in every `preview_every`-th step's progress (0: none).
+    pub preview_every: usize,
 }
 
 /// The second stage of a job that ends with an x4 upscale.
@@ -111,6 +113,9 @@ pub struct StepProgress {
     pub latents: Tensor,
     /// Times the job started over from step 1 (see [`Pipeline::run`]).
     pub restarts: usize,
+    /// The first image as the model now predicts it, f32 [h, w, 3] in [0, 1] at the latents'
+    /// size, when the job asked for a preview at this step ([`crate::preview`]).
+    pub preview: Option<Tensor>,
 }
 
 pub struct JobOutput {
@@ -260,7 +265,13 @@ impl Pipeline {
             input,
             then_upscale,
             safety: crate::safety::resolve(r.safety, &self.safety_settings, self.safety.is_some())?,
+            preview_every: r.preview_every as usize,
         };
+        if r.preview_every > 0 && task == Task::Upscale {
+            return Err(Error::invalid(
+                "preview_every: previews are for txt2img, img2img, inpainting and depth2img, not upscaling",
+            ));
+        }
         if let Some(t) = &r.init_latents {
             if task != Task::Txt2Img {
                 return Err(Error::invalid("init_latents: only txt2img takes initial latents"));
@@ -401,6 +412,7 @@ impl Pipeline {
             }),
             then_upscale: None,
             safety: crate::safety::Policy::Off,
+            preview_every: 0,
             ..first.clone()
         })
     }
@@ -519,12 +531,20 @@ impl Pipeline {
                 Some(tiling) => tiling.denoise(self.denoiser.as_ref(), step_input).instrument(span.clone()).await?,
                 None => self.denoiser.denoise(step_input).instrument(span.clone()).await?,
             };
+            let step = i + 1 - begin;
+            let preview = match job.preview_every {
+                every if every > 0 && step % every == 0 => span.in_scope(|| {
+                    let scales = scheduler.noise_scales(i);
+                    crate::preview::preview(&latents, &model_output, scales, self.scheduler_config.prediction_type())
+                })?,
+                _ => None,
+            };
             latents = span.in_scope(|| scheduler.step(&model_output, i, &latents, noise))?;
             if let Some(blend) = &blend {
                 latents = blend.apply(scheduler.as_ref(), &latents, i, timesteps.len())?;
             }
             metrics::counter!("sdmesh_steps_total").increment(1);
-            let step = StepProgress { step: i + 1 - begin, total, timestep: t, latents: latents.clone(), restarts: 0 };
+            let step = StepProgress { step, total, timestep: t, latents: latents.clone(), restarts: 0, preview };
             if !progress(step) {
                 return Err(Error::Remote(tonic::Status::cancelled("the client went away")));
             }

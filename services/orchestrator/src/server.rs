@@ -332,12 +332,15 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
             let _lease = lease;
             let progress_tx = tx.clone();
             let mut progress = move |p: StepProgress| {
+                // A preview that cannot be encoded is left out: it must not fail the job.
+                let preview = p.preview.as_ref().and_then(|rgb| crate::image_out::preview_jpeg(rgb).ok());
                 let event = v1::GenerateEvent {
                     event: Some(v1::generate_event::Event::Progress(v1::Progress {
                         step: p.step as u32,
                         total_steps: p.total as u32,
                         timestep: p.timestep,
                         restarts: p.restarts as u32,
+                        preview: preview.unwrap_or_default(),
                     })),
                 };
                 // A closed stream means the client went away: stop the job.

@@ -74,6 +74,7 @@ async fn upscale_defaults_and_bad_requests() {
     invalid(v1::GenerateRequest { noise_level: Some(351), ..base.clone() }, "noise_level: 351");
     invalid(v1::GenerateRequest { height: Some(64), ..base.clone() }, "do not apply to upscaling");
     invalid(v1::GenerateRequest { strength: Some(0.5), ..base.clone() }, "do not apply to upscaling");
+    invalid(v1::GenerateRequest { preview_every: 5, ..base.clone() }, "preview_every");
     let tiny = sdmesh_core::images::encode_png_rgb8(&image::RgbImage::new(6, 20)).unwrap();
     invalid(v1::GenerateRequest { image: tiny.into(), ..base.clone() }, "too small");
     let mut small_limits = p.clone();

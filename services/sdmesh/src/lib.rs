@@ -112,6 +112,12 @@ pub struct JobArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Ask for a live preview every N steps (approximate colours, an eighth of the size).
+    #[arg(long, default_value_t = 0)]
+    pub preview_every: u32,
+    /// Write the previews there as step-NNN.jpg (with --preview-every).
+    #[arg(long, requires = "preview_every")]
+    pub previews: Option<PathBuf>,
 }
 
 impl JobArgs {
@@ -185,6 +191,7 @@ impl JobArgs {
             model: self.model_name.clone().unwrap_or_default(),
             image_format: self.image_format().into(),
             jpeg_quality: self.jpeg_quality,
+            preview_every: self.preview_every,
         });
         if let Some(priority) = &self.priority {
             let value = priority.parse().expect("one of clap's values");
@@ -221,6 +228,11 @@ pub async fn write_results(args: &JobArgs, mut events: Events) -> anyhow::Result
                     bar.suspend(|| eprintln!("the job started over from step 1: the model it ran on left the pool"));
                 }
                 restarts = p.restarts;
+                if let (Some(dir), false) = (&args.previews, p.preview.is_empty()) {
+                    let path = dir.join(format!("step-{:03}.jpg", p.step));
+                    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+                    std::fs::write(&path, &p.preview).with_context(|| format!("writing {}", path.display()))?;
+                }
                 bar.set_length(p.total_steps as u64);
                 bar.set_position(p.step as u64);
                 bar.set_message(format!("{}", p.timestep));

@@ -31,7 +31,7 @@ enum Command {
         #[arg(long, env = "SDMESH_DTYPE", default_value = "f32", value_parser = sdmesh_core::parse_dtype)]
         dtype: candle_core::DType,
         #[command(flatten)]
-        job: sdmesh::JobArgs,
+        job: Box<sdmesh::JobArgs>,
     },
     /// Start text-encoder, unet, vae and the orchestrator in this process.
     Serve {
@@ -52,14 +52,14 @@ enum Command {
         #[arg(long, env = "SDMESH_DTYPE", default_value = "f32", value_parser = sdmesh_core::parse_dtype)]
         dtype: candle_core::DType,
         #[command(flatten)]
-        limits: sdmesh_orchestrator::LimitsArgs,
+        limits: Box<sdmesh_orchestrator::LimitsArgs>,
         /// Requests waiting for each model beyond which new ones get RESOURCE_EXHAUSTED.
         #[arg(long, env = "SDMESH_QUEUE_CAPACITY", default_value_t = 64)]
         queue_capacity: usize,
         #[command(flatten)]
         batching: sdmesh_unet::BatchingArgs,
         #[command(flatten)]
-        cache: sdmesh_orchestrator::CacheArgs,
+        cache: Box<sdmesh_orchestrator::CacheArgs>,
         #[command(flatten)]
         shutdown: ShutdownArgs,
         #[command(flatten)]
@@ -70,7 +70,7 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Generate { model, device, dtype, job } => generate(model, device, dtype, job).await,
+        Command::Generate { model, device, dtype, job } => generate(model, device, dtype, *job).await,
         Command::Serve {
             model,
             listen,

@@ -1,6 +1,7 @@
 //! Several replicas of a model service behind one orchestrator (`--unet-url A,B`), as real
 //! processes: a job's steps spread over them, and a replica killed in the middle of a job costs
-//! retries, not the job, which ends with the same bytes as on one replica.
+//! retries, not the job, which ends with the same bytes as on one replica. A unet of another
+//! kind of model than the orchestrator was set up for is refused.
 
 use sdmesh_proto::v1;
 use sdmesh_testkit::process::{metric, start, start_listening, wait_serving, Mesh, MeshOptions, Service};
@@ -169,4 +170,55 @@ async fn a_job_whose_model_goes_away_runs_again_on_the_new_one() {
         v1::orchestrator_client::OrchestratorClient::connect(mesh.orchestrator.addr.clone()).await.unwrap();
     let expected = client.generate(request).await.unwrap().into_inner();
     assert_eq!(result.array.unwrap().data, expected.array.unwrap().data, "the new model's result, bit for bit");
+}
+
+/// A unet of another kind of model than the orchestrator's folder describes (here sd21-tiny,
+/// v-prediction, under sd21-base-tiny's epsilon config) would make every image wrong and fail
+/// nothing: the orchestrator refuses to start over one, and a pool rolled over to one later
+/// fails each job with FAILED_PRECONDITION saying what differs.
+#[tokio::test]
+async fn a_unet_of_another_kind_of_model_is_refused_at_start_and_later() {
+    let mesh = Mesh::start("sd21-base-tiny").await;
+    let (base, v) = (sdmesh_testkit::model("sd21-base-tiny"), sdmesh_testkit::model("sd21-tiny"));
+    let (base, v) = (base.to_str().unwrap(), v.to_str().unwrap());
+    let other = start("sdmesh-unet", &["--model", v], &[]);
+    wait_serving(&other.addr).await;
+    let refused = std::process::Command::new(sdmesh_testkit::process::bin("sdmesh-orchestrator"))
+        .args(["--model", base, "--listen", "127.0.0.1:0", "--startup-timeout", "30"])
+        .args(["--text-encoder-url", &mesh.text_encoder.addr, "--unet-url", &other.addr, "--vae-url", &mesh.vae.addr])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("prediction_type \"v_prediction\""), "{stderr}");
+
+    // Later: the address the orchestrator knows starts serving the other model.
+    let listen = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let mut unet = start_listening("sdmesh-unet", &["--model", base], &[], &listen);
+    wait_serving(&unet.addr).await;
+    let orchestrator = mesh.orchestrator_over_unet("sd21-base-tiny", &unet.addr, &MeshOptions::default()).await;
+    let mut client = v1::orchestrator_client::OrchestratorClient::connect(orchestrator.addr.clone()).await.unwrap();
+    let request = v1::GenerateRequest {
+        prompt: "a harbour".into(),
+        steps: Some(2),
+        height: Some(32),
+        width: Some(32),
+        ..Default::default()
+    };
+    client.generate(request.clone()).await.expect("the unet fits");
+    unet.child.kill().unwrap();
+    unet.child.wait().unwrap();
+    let swapped = start_listening("sdmesh-unet", &["--model", v], &[], &listen);
+    wait_serving(&swapped.addr).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        let status = client.generate(request.clone()).await.unwrap_err();
+        // A call or two may still find the old process gone (retried, then UNAVAILABLE).
+        if status.code() != tonic::Code::Unavailable || Instant::now() > deadline {
+            break status;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("prediction_type \"v_prediction\""), "{}", status.message());
 }

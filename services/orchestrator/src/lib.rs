@@ -319,6 +319,8 @@ pub async fn pipeline_over(
             Err(e) => anyhow::bail!("model services did not come up: {e}"),
         }
     };
+    pipeline::check_unet_fits(&info.unet, &info.unet, &scheduler_config)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", model.display()))?;
     let upscaler = upscale::Upscaler::load(model)?;
     Ok(Pipeline {
         text_encoder,

@@ -64,6 +64,40 @@ pub struct ModelInfo {
 /// How many times a job runs again from its start when its model is no longer served.
 pub const MODEL_RESTARTS: usize = 2;
 
+/// Whether the unet service, which reports `now`, still serves the kind of model this
+/// pipeline was set up for (`started`, its own scheduler `config`): the same input channels,
+/// sample size, text width and class labels, and the prediction type of its config where it
+/// reports one. Otherwise FAILED_PRECONDITION: with another prediction type every image would
+/// be wrong, and nothing else would fail.
+pub fn check_unet_fits(started: &v1::UnetInfo, now: &v1::UnetInfo, config: &SchedulerConfig) -> Result<()> {
+    let mut differs = Vec::new();
+    let prediction = config.prediction_type().as_str();
+    if !now.prediction_type.is_empty() && now.prediction_type != prediction {
+        differs.push(format!(
+            "prediction_type {:?}, while this orchestrator's config says {prediction:?}",
+            now.prediction_type
+        ));
+    }
+    for (name, now, then) in [
+        ("in_channels", now.in_channels, started.in_channels),
+        ("sample_size", now.sample_size, started.sample_size),
+        ("cross_attention_dim", now.cross_attention_dim, started.cross_attention_dim),
+        ("num_class_embeds", now.num_class_embeds, started.num_class_embeds),
+    ] {
+        if now != then {
+            differs.push(format!("{name} {now}, was {then}"));
+        }
+    }
+    if differs.is_empty() {
+        return Ok(());
+    }
+    Err(Error::FailedPrecondition(format!(
+        "the unet service serves another kind of model than this orchestrator's --model folder describes ({}): \
+         roll the orchestrator out with that model's folder",
+        differs.join("; ")
+    )))
+}
+
 /// A validated job, every default resolved.
 #[derive(Debug, Clone)]
 pub struct Job {
@@ -423,6 +457,9 @@ impl Pipeline {
         noise: &mut dyn NoiseSource,
         progress: &mut (dyn FnMut(StepProgress) -> bool + Send),
     ) -> Result<JobOutput> {
+        // The unet pool may have been rolled over to another kind of model since start-up (the
+        // first call of the job also pins it to the model it then runs on).
+        check_unet_fits(&self.info.unet, &self.denoiser.info().await?, &self.scheduler_config)?;
         let mut warnings = Vec::new();
         // Prompt embeddings: [negative; prompt] in one call when guidance is on.
         let texts = if job.uses_guidance() {

@@ -167,6 +167,16 @@ impl sdmesh_core::serve::ModelIdentity for LocalUnet {
     }
 }
 
+/// The prediction type in the folder's scheduler/scheduler_config.json (diffusers' default,
+/// "epsilon", when the key is absent); empty without the file.
+fn prediction_type(model: &std::path::Path) -> std::result::Result<String, ModelDirError> {
+    let path = model.join("scheduler").join("scheduler_config.json");
+    let Ok(text) = std::fs::read_to_string(&path) else { return Ok(String::new()) };
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| ModelDirError::Malformed { path: path.clone(), message: e.to_string() })?;
+    Ok(json.get("prediction_type").and_then(|v| v.as_str()).unwrap_or("epsilon").to_string())
+}
+
 impl LocalUnet {
     pub fn load(opts: &UnetOptions) -> std::result::Result<Self, ModelDirError> {
         let dir = ComponentDir::open(&opts.model, "unet")?;
@@ -192,6 +202,7 @@ impl LocalUnet {
             sample_size: json.sample_size.unwrap_or(64) as u32,
             num_class_embeds: json.num_class_embeds.unwrap_or(0) as u32,
             fingerprint: dir.fingerprint(&["diffusion_pytorch_model"], &[], &opts.device, dtype)?,
+            prediction_type: prediction_type(&opts.model)?,
         };
         let model = Model { unet, device: opts.device.clone(), dtype };
         // Warm-up with a small guided step before reporting SERVING.

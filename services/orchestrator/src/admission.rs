@@ -144,6 +144,36 @@ impl State {
         Duration::from_secs_f64((mean * rounds).clamp(0.1, 60.0))
     }
 
+    /// In a full line, the waiting job whose place a new job of `tenant` at `priority` takes,
+    /// with the refusal's reason and message: the latest job of the lowest priority below
+    /// `priority`, else, among jobs of `priority`, the latest of the tenant with the most
+    /// waiting if `tenant` has at least two fewer. None: the new job is refused.
+    fn place_to_take(&self, tenant: &str, priority: Priority) -> Option<(u64, &'static str, String)> {
+        let outranked = self
+            .waiting
+            .iter()
+            .filter(|(_, w)| w.priority < priority)
+            .min_by_key(|(seq, w)| (w.priority, Reverse(**seq)));
+        if let Some((seq, w)) = outranked {
+            let message = format!(
+                "the line of waiting jobs is full and a job of higher priority took this {} priority job's \
+                 place; retry later",
+                w.priority.as_str()
+            );
+            return Some((*seq, "outranked", message));
+        }
+        let mut by_tenant: HashMap<&str, usize> = HashMap::new();
+        for w in self.waiting.values().filter(|w| w.priority == priority) {
+            *by_tenant.entry(w.tenant.as_str()).or_default() += 1;
+        }
+        let own = by_tenant.get(tenant).copied().unwrap_or(0);
+        let (longest, _) = by_tenant.into_iter().max_by_key(|(_, n)| *n).filter(|(_, n)| *n > own + 1)?;
+        let seq = self.waiting.iter().rev().find(|(_, w)| w.tenant == longest && w.priority == priority)?.0;
+        let message = "the line of waiting jobs is full and this tenant had the most jobs in it: another tenant's \
+                       job took this one's place; retry later";
+        Some((*seq, "place_taken", message.to_string()))
+    }
+
     fn gauges(&self) {
         metrics::gauge!("sdmesh_jobs_running", "model" => self.model.clone()).set(self.running as f64);
         metrics::gauge!("sdmesh_jobs_waiting", "model" => self.model.clone()).set(self.waiting.len() as f64);
@@ -283,10 +313,6 @@ impl Admission {
         Self { shared: Arc::new(Shared { limits, state: Mutex::new(state) }) }
     }
 
-    pub fn limits(&self) -> JobLimits {
-        self.shared.limits
-    }
-
     /// [`Admission::enter_at`] at normal priority.
     pub fn enter(&self, tenant: &str) -> Result<Ticket> {
         self.enter_at(tenant, Priority::Normal)
@@ -308,35 +334,7 @@ impl Admission {
         }
         if state.waiting.len() >= limits.max_waiting {
             let hint = state.hint(limits, state.waiting.len());
-            // The line is full: take the place of the latest job of the lowest priority below
-            // this one's, if any ...
-            let outranked = state
-                .waiting
-                .iter()
-                .filter(|(_, w)| w.priority < priority)
-                .min_by_key(|(seq, w)| (w.priority, Reverse(**seq)))
-                .map(|(seq, _)| *seq);
-            if let Some(seq) = outranked {
-                let bumped = state.waiting.remove(&seq).expect("just found");
-                metrics::counter!("sdmesh_jobs_refused_total", "reason" => "outranked").increment(1);
-                let _ = bumped.turn.send(Err(Error::ResourceExhausted {
-                    message: format!(
-                        "the line of waiting jobs is full and a job of higher priority took this {} priority                          job's place; retry later",
-                        bumped.priority.as_str()
-                    ),
-                    retry_after: hint,
-                }));
-                return Ok(self.wait_in_line(&mut state, tenant, priority));
-            }
-            // ... else, among jobs of this priority, the latest place of the tenant with the most
-            // waiting jobs if this tenant has fewer, else refuse.
-            let mut by_tenant: HashMap<&str, usize> = HashMap::new();
-            for w in state.waiting.values().filter(|w| w.priority == priority) {
-                *by_tenant.entry(w.tenant.as_str()).or_default() += 1;
-            }
-            let own = by_tenant.get(tenant).copied().unwrap_or(0);
-            let longest = by_tenant.into_iter().max_by_key(|(_, n)| *n).filter(|(_, n)| *n > own + 1);
-            let Some((longest, _)) = longest.map(|(t, n)| (t.to_string(), n)) else {
+            let Some((seq, reason, message)) = state.place_to_take(tenant, priority) else {
                 metrics::counter!("sdmesh_jobs_refused_total", "reason" => "line_full").increment(1);
                 return Err(Error::ResourceExhausted {
                     message: format!(
@@ -348,21 +346,9 @@ impl Admission {
                     retry_after: hint,
                 });
             };
-            let seq = state
-                .waiting
-                .iter()
-                .rev()
-                .find(|(_, w)| w.tenant == longest && w.priority == priority)
-                .map(|(s, _)| *s)
-                .expect("counted");
             let bumped = state.waiting.remove(&seq).expect("just found");
-            metrics::counter!("sdmesh_jobs_refused_total", "reason" => "place_taken").increment(1);
-            let _ = bumped.turn.send(Err(Error::ResourceExhausted {
-                message: "the line of waiting jobs is full and this tenant had the most jobs in it: another \
-                          tenant's job took this one's place; retry later"
-                    .into(),
-                retry_after: hint,
-            }));
+            metrics::counter!("sdmesh_jobs_refused_total", "reason" => reason).increment(1);
+            let _ = bumped.turn.send(Err(Error::ResourceExhausted { message, retry_after: hint }));
         }
         Ok(self.wait_in_line(&mut state, tenant, priority))
     }
@@ -465,7 +451,7 @@ mod tests {
         let mut high_2 = enter_at("c", Priority::High);
         let status = tonic::Status::from(came(&mut low).expect("refused at once").err().unwrap());
         assert_eq!(status.code(), tonic::Code::ResourceExhausted);
-        assert!(status.message().contains("higher priority"), "{}", status.message());
+        assert!(status.message().contains("took this low priority job's place"), "{}", status.message());
         // ... while a low job finds no place, and a normal one none of the high jobs'.
         assert_eq!(a.enter_at("d", Priority::Low).err().unwrap().code(), tonic::Code::ResourceExhausted);
         assert_eq!(a.enter_at("d", Priority::Normal).err().unwrap().code(), tonic::Code::ResourceExhausted);

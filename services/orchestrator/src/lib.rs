@@ -365,7 +365,20 @@ pub async fn run_with_http(
     http: Option<TcpListener>,
     shutdown: sdmesh_core::serve::Shutdown,
 ) -> anyhow::Result<()> {
-    models::check_names(&model_name(&opts.model), &opts.more_models)?;
+    // The `--model` one (the default) and the others, each with its services.
+    let default_model = models::ModelServices {
+        name: None,
+        model: opts.model.clone(),
+        text_encoder_url: None,
+        unet_url: opts.unet_url.clone(),
+        vae_url: opts.vae_url.clone(),
+        depth_url: opts.depth_url.clone(),
+        max_jobs: None,
+        max_waiting_jobs: None,
+        max_jobs_per_tenant: None,
+    };
+    let all_models: Vec<_> = std::iter::once(default_model).chain(opts.more_models.iter().cloned()).collect();
+    models::check_names(&all_models)?;
     let fleet_quota = match (&opts.fleet_quota, &opts.redis) {
         (None, _) => None,
         (Some(quota), Some(redis)) => {
@@ -375,7 +388,7 @@ pub async fn run_with_http(
         (Some(_), None) => anyhow::bail!("--fleet-max-jobs-per-tenant needs --redis-url (the orchestrators share it)"),
     };
     let health = Health::new(&[v1::orchestrator_server::SERVICE_NAME]).await;
-    let service = server::OrchestratorService::served(health.clone(), opts.jobs, fleet_quota);
+    let service = server::OrchestratorService::served(health.clone(), fleet_quota);
     let routes = health.routes().add_service(
         v1::orchestrator_server::OrchestratorServer::new(service.clone())
             .max_decoding_message_size(opts.limits.max_request_bytes())
@@ -451,24 +464,12 @@ pub async fn run_with_http(
             anyhow::Ok(pipeline)
         }
     };
-    let default = served(models::ModelServices {
-        name: None,
-        model: opts.model.clone(),
-        text_encoder_url: None,
-        unet_url: opts.unet_url.clone(),
-        vae_url: opts.vae_url.clone(),
-        depth_url: opts.depth_url.clone(),
-        max_jobs: None,
-        max_waiting_jobs: None,
-        max_jobs_per_tenant: None,
-    })
-    .await?;
-    let mut others = Vec::new();
-    for services in opts.more_models.clone() {
+    let mut served_models = Vec::with_capacity(all_models.len());
+    for services in all_models {
         let limits = services.job_limits(opts.jobs);
-        others.push(models::Served::new(served(services).await?, limits));
+        served_models.push(models::Served::new(served(services).await?, limits));
     }
-    service.set_models(models::Models::new(models::Served::new(default, opts.jobs), others)?);
+    service.set_models(models::Models::new(served_models)?);
     health.set(ServingStatus::Serving).await;
     tracing::info!("orchestrator ready");
     server.await??;

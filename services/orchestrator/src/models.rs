@@ -26,6 +26,7 @@
 use crate::admission::{Admission, JobLimits};
 use crate::image_job::Task;
 use crate::pipeline::Pipeline;
+use anyhow::Context;
 use sdmesh_core::{Error, Result};
 use sdmesh_proto::v1;
 use std::collections::BTreeMap;
@@ -90,15 +91,19 @@ pub fn read_models_file(path: &Path) -> anyhow::Result<Vec<ModelServices>> {
     Ok(file.models)
 }
 
-/// Checks that no two served models share a name, before any service is asked.
-pub fn check_names(default: &str, more: &[ModelServices]) -> anyhow::Result<()> {
-    let mut names = std::collections::BTreeSet::from([default.to_string()]);
-    for m in more {
-        let name = m.name();
+/// Checks that no two of `models` share a name (before any service is asked).
+pub fn check_names(models: &[ModelServices]) -> anyhow::Result<()> {
+    unique(models.iter().map(ModelServices::name))
+}
+
+fn unique(names: impl IntoIterator<Item = String>) -> anyhow::Result<()> {
+    let mut seen = std::collections::BTreeSet::new();
+    for name in names {
         anyhow::ensure!(
-            names.insert(name.clone()),
+            !seen.contains(&name),
             "two models are named {name:?}: give one another name (name = \"...\" in --models-file)"
         );
+        seen.insert(name);
     }
     Ok(())
 }
@@ -129,18 +134,12 @@ impl Models {
         Self { default: name.clone(), by_name: BTreeMap::from([(name, model)]) }
     }
 
-    /// `default` and `others`, each under its `model_name`, which must differ.
-    pub fn new(default: Served, others: Vec<Served>) -> anyhow::Result<Self> {
-        let mut models = Self::one(default);
-        for model in others {
-            let name = model.pipeline.model_name.clone();
-            anyhow::ensure!(
-                !models.by_name.contains_key(&name),
-                "two models are named {name:?}: give one another name (name = \"...\" in --models-file)"
-            );
-            models.by_name.insert(name, model);
-        }
-        Ok(models)
+    /// `models` (the first is the default), each under its `model_name`, which must differ.
+    pub fn new(models: Vec<Served>) -> anyhow::Result<Self> {
+        unique(models.iter().map(|m| m.pipeline.model_name.clone()))?;
+        let default = models.first().map(|m| m.pipeline.model_name.clone()).context("no model to serve")?;
+        let by_name = models.into_iter().map(|m| (m.pipeline.model_name.clone(), m)).collect();
+        Ok(Self { default, by_name })
     }
 
     /// The model a request names; "" is the default. INVALID_ARGUMENT naming the served models
@@ -234,8 +233,8 @@ mod tests {
         let own = JobLimits { max_running: 2, max_waiting: 256, max_running_per_tenant: 1 };
         assert_eq!(models[1].job_limits(flags), own);
         assert!(read("").unwrap().is_empty());
-        check_names("sd21", &models).unwrap();
-        let twice = check_names("depth", &models).unwrap_err().to_string();
+        check_names(&models).unwrap();
+        let twice = check_names(&[models.clone(), models[1..].to_vec()].concat()).unwrap_err().to_string();
         assert!(twice.contains("two models are named \"depth\""), "{twice}");
     }
 

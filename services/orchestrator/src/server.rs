@@ -24,28 +24,35 @@ pub struct OrchestratorService {
     /// The server's health, when served: jobs still running when the shutdown grace period
     /// ends fail with UNAVAILABLE.
     health: Option<Health>,
-    /// How many jobs of a model run and wait, when [`Self::set_pipeline`] serves one (a
-    /// [`Models`] brings each model's own).
-    jobs: JobLimits,
     /// Each tenant's bound across the orchestrators sharing a Redis, when set.
     fleet_quota: Option<FleetQuota>,
 }
 
+/// A job taken in: validated, its lease and its place held (given back when dropped).
+struct Admitted {
+    tenant: String,
+    /// The caller's deadline (`grpc-timeout`).
+    deadline: Option<Duration>,
+    job: Job,
+    encoding: Encoding,
+    return_array: bool,
+    lease: Option<QuotaLease>,
+    ticket: Ticket,
+    span: tracing::Span,
+}
+
 impl OrchestratorService {
-    /// A service over `pipeline` with the default job limits.
+    /// A service over `pipeline` alone, with the default job limits.
     pub fn new(pipeline: Pipeline) -> Self {
-        let service = Self::with_job_limits(None, JobLimits::default());
-        service.set_pipeline(pipeline);
+        let service = Self { models: Arc::default(), health: None, fleet_quota: None };
+        service.set_models(Models::one(Served::new(pipeline, JobLimits::default())));
         service
     }
 
-    /// A service whose jobs end with UNAVAILABLE when `health`'s shutdown grace period is over.
-    pub fn served(health: Health, jobs: JobLimits, fleet_quota: Option<FleetQuota>) -> Self {
-        Self { fleet_quota, ..Self::with_job_limits(Some(health), jobs) }
-    }
-
-    fn with_job_limits(health: Option<Health>, jobs: JobLimits) -> Self {
-        Self { models: Arc::default(), health, jobs, fleet_quota: None }
+    /// A service whose jobs end with UNAVAILABLE when `health`'s shutdown grace period is over;
+    /// UNAVAILABLE to calls until [`Self::set_models`].
+    pub fn served(health: Health, fleet_quota: Option<FleetQuota>) -> Self {
+        Self { models: Arc::default(), health: Some(health), fleet_quota }
     }
 
     /// A place for a job of `tenant` on `model`: its lease in the fleet-wide quota
@@ -74,11 +81,6 @@ impl OrchestratorService {
         }
     }
 
-    /// Serves `pipeline` as the one model.
-    pub fn set_pipeline(&self, pipeline: Pipeline) {
-        self.set_models(Models::one(Served::new(pipeline, self.jobs)));
-    }
-
     pub fn set_models(&self, models: Models) {
         let _ = self.models.set(models);
     }
@@ -90,6 +92,48 @@ impl OrchestratorService {
     /// The model `name` (`""`: the default).
     fn model(&self, name: &str) -> std::result::Result<&Served, tonic::Status> {
         Ok(self.models()?.get(name)?)
+    }
+
+    /// Takes a request in: the model it names, its job validated, its lease in the fleet-wide
+    /// quota and its place among the model's jobs.
+    async fn admit(
+        &self,
+        request: tonic::Request<v1::GenerateRequest>,
+    ) -> std::result::Result<(&Served, Admitted), tonic::Status> {
+        let tenant = tenant(request.metadata());
+        let priority = priority(request.metadata())?;
+        let deadline = grpc_timeout(request.metadata());
+        let request = request.into_inner();
+        let model = self.model(&request.model)?;
+        let job = model.pipeline.validate(&request)?;
+        let encoding = Encoding::of(&request)?;
+        let (lease, ticket) = self.enter(model, tenant.as_deref(), priority).await?;
+        let span = job_span(&model.pipeline, &job, tenant.as_deref(), priority);
+        let tenant = tenant.unwrap_or_default();
+        let admitted =
+            Admitted { tenant, deadline, job, encoding, return_array: request.return_array, lease, ticket, span };
+        Ok((model, admitted))
+    }
+
+    /// Runs an admitted job on `pipeline` (see [`observe_job`]): waits for its turn (CANCELLED
+    /// once `gone` resolves, as when its caller went away), runs, and answers.
+    async fn run(
+        &self,
+        pipeline: &Pipeline,
+        admitted: Admitted,
+        gone: impl std::future::Future<Output = ()>,
+        progress: &mut (dyn FnMut(StepProgress) -> bool + Send),
+    ) -> Result<v1::GenerateResponse> {
+        let Admitted { tenant, deadline, job, encoding, return_array, lease, ticket, span } = admitted;
+        // Both places are given back when the job ends (or its caller goes away).
+        let _lease = lease;
+        let job_run = async {
+            let mut running = turn(ticket, self.health.as_ref(), gone).await?;
+            let out = pipeline.run(&job, &mut SeededNoise::new(job.seed), progress).await?;
+            running.finished();
+            Self::response(pipeline, &job, out, encoding, return_array)
+        };
+        observe_job(&tenant, &pipeline.model_name, deadline, self.until_grace_over(job_run.instrument(span))).await
     }
 
     fn response(
@@ -272,35 +316,12 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
         &self,
         request: tonic::Request<v1::GenerateRequest>,
     ) -> std::result::Result<tonic::Response<v1::GenerateResponse>, tonic::Status> {
-        let tenant = tenant(request.metadata());
-        let priority = priority(request.metadata())?;
+        let (model, mut admitted) = self.admit(request).await?;
         // tonic ends a call past its deadline with CANCELLED: end the job a little earlier, so
         // that the caller gets DEADLINE_EXCEEDED.
-        let deadline = grpc_timeout(request.metadata()).map(|t| t.saturating_sub((t / 20).min(DEADLINE_MARGIN)));
-        let request = request.into_inner();
-        let model = self.model(&request.model)?;
-        let pipeline = &model.pipeline;
-        let job = pipeline.validate(&request)?;
-        let encoding = Encoding::of(&request)?;
-        // Both places are given back when this call ends (or its caller goes away).
-        let (_lease, ticket) = self.enter(model, tenant.as_deref(), priority).await?;
-        let span = job_span(pipeline, &job, tenant.as_deref(), priority);
-        let response = observe_job(
-            tenant.as_deref().unwrap_or(""),
-            &pipeline.model_name,
-            deadline,
-            self.until_grace_over(
-                async {
-                    // A caller that goes away drops this future, and the job leaves the line.
-                    let mut running = turn(ticket, self.health.as_ref(), std::future::pending()).await?;
-                    let out = pipeline.run(&job, &mut SeededNoise::new(job.seed), &mut |_| true).await?;
-                    running.finished();
-                    Self::response(pipeline, &job, out, encoding, request.return_array)
-                }
-                .instrument(span),
-            ),
-        )
-        .await?;
+        admitted.deadline = admitted.deadline.map(|t| t.saturating_sub((t / 20).min(DEADLINE_MARGIN)));
+        // A caller that goes away drops this future, and the job leaves the line.
+        let response = self.run(&model.pipeline, admitted, std::future::pending(), &mut |_| true).await?;
         Ok(tonic::Response::new(response))
     }
 
@@ -310,26 +331,17 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
         &self,
         request: tonic::Request<v1::GenerateRequest>,
     ) -> std::result::Result<tonic::Response<Self::GenerateStreamStream>, tonic::Status> {
-        let tenant = tenant(request.metadata());
-        let priority = priority(request.metadata())?;
         // tonic does not hold a stream to its deadline: the job does.
-        let deadline = grpc_timeout(request.metadata());
-        let request = request.into_inner();
-        let model = self.model(&request.model)?;
+        let (model, admitted) = self.admit(request).await?;
         let pipeline = model.pipeline.clone();
-        let job = pipeline.validate(&request)?;
-        let encoding = Encoding::of(&request)?;
-        let (lease, ticket) = self.enter(model, tenant.as_deref(), priority).await?;
-        let span = job_span(&pipeline, &job, tenant.as_deref(), priority);
         // Room for every event, so the job never waits on a slow reader.
-        let (tx, rx) = mpsc::channel(job.steps + 3);
-        if let Some((ahead, running)) = ticket.line() {
+        let (tx, rx) = mpsc::channel(admitted.job.steps + 3);
+        if let Some((ahead, running)) = admitted.ticket.line() {
             let waiting = v1::Waiting { jobs_ahead: ahead as u32, jobs_running: running as u32 };
             let _ = tx.try_send(Ok(v1::GenerateEvent { event: Some(v1::generate_event::Event::Waiting(waiting)) }));
         }
         let service = self.clone();
         tokio::spawn(async move {
-            let _lease = lease;
             let progress_tx = tx.clone();
             let mut progress = move |p: StepProgress| {
                 // A preview that cannot be encoded is left out: it must not fail the job.
@@ -346,21 +358,7 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
                 // A closed stream means the client went away: stop the job.
                 progress_tx.try_send(Ok(event)).is_ok() || !progress_tx.is_closed()
             };
-            let result = observe_job(
-                tenant.as_deref().unwrap_or(""),
-                &pipeline.model_name,
-                deadline,
-                service.until_grace_over(
-                    async {
-                        let mut running = turn(ticket, service.health.as_ref(), tx.closed()).await?;
-                        let out = pipeline.run(&job, &mut SeededNoise::new(job.seed), &mut progress).await?;
-                        running.finished();
-                        Self::response(&pipeline, &job, out, encoding, request.return_array)
-                    }
-                    .instrument(span),
-                ),
-            )
-            .await;
+            let result = service.run(&pipeline, admitted, tx.closed(), &mut progress).await;
             let event = match result {
                 Ok(r) => Ok(v1::GenerateEvent { event: Some(v1::generate_event::Event::Result(r)) }),
                 Err(e) => Err(tonic::Status::from(e)),

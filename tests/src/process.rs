@@ -183,17 +183,11 @@ impl Mesh {
     }
 }
 
-/// GET `path` from `addr` (host:port) over plain HTTP/1.1; the body.
+/// GET `path` from `addr` (host:port) over plain HTTP/1.1; the body (the status must be 200).
 pub fn http_get(addr: &str, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or_else(|| panic!("not HTTP: {response:?}"));
-    assert!(head.starts_with("HTTP/1.1 200"), "GET {path}: {head}");
-    body.to_string()
+    let response = http_request(addr, "GET", path, &[], b"");
+    assert_eq!(response.status, 200, "GET {path}: {}", String::from_utf8_lossy(&response.body));
+    String::from_utf8(response.body).expect("a UTF-8 body")
 }
 
 /// An HTTP/1.1 response: status, headers (names lower-cased) and body (de-chunked).

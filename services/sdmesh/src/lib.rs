@@ -219,6 +219,9 @@ pub async fn write_results(args: &JobArgs, mut events: Events) -> anyhow::Result
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] t={msg}")
             .expect("a valid template"),
     );
+    if let Some(dir) = &args.previews {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
     let mut result = None;
     let mut restarts = 0;
     while let Some(event) = events.next().await {
@@ -230,7 +233,6 @@ pub async fn write_results(args: &JobArgs, mut events: Events) -> anyhow::Result
                 restarts = p.restarts;
                 if let (Some(dir), false) = (&args.previews, p.preview.is_empty()) {
                     let path = dir.join(format!("step-{:03}.jpg", p.step));
-                    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
                     std::fs::write(&path, &p.preview).with_context(|| format!("writing {}", path.display()))?;
                 }
                 bar.set_length(p.total_steps as u64);

@@ -171,10 +171,11 @@ impl sdmesh_core::serve::ModelIdentity for LocalUnet {
 /// "epsilon", when the key is absent); empty without the file.
 fn prediction_type(model: &std::path::Path) -> std::result::Result<String, ModelDirError> {
     let path = model.join("scheduler").join("scheduler_config.json");
-    let Ok(text) = std::fs::read_to_string(&path) else { return Ok(String::new()) };
-    let json: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| ModelDirError::Malformed { path: path.clone(), message: e.to_string() })?;
-    Ok(json.get("prediction_type").and_then(|v| v.as_str()).unwrap_or("epsilon").to_string())
+    match sdmesh_core::model_dir::read_json::<serde_json::Value>(&path) {
+        Ok(json) => Ok(json.get("prediction_type").and_then(|v| v.as_str()).unwrap_or("epsilon").to_string()),
+        Err(ModelDirError::Missing { .. }) => Ok(String::new()),
+        Err(e) => Err(e),
+    }
 }
 
 impl LocalUnet {

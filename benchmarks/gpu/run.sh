@@ -1,16 +1,15 @@
 #!/usr/bin/env bash
 # The GPU benchmark, run on the GPU machine (device tool) from the repo root, after
 # benchmarks/gpu/prepare.sh here:
-#   run(command="benchmarks/gpu/run.sh", carry=["benchmarks/gpu/carry"], timeout_s=600)
-# Stages (GPU_STAGES, default all, in this order; each appends JSON lines to $OUT/gpu.jsonl and
-# its log to $OUT/gpu.log, and a failing stage does not stop the next):
+#   run(command="GPU_DEADLINE=570 benchmarks/gpu/run.sh", carry=["benchmarks/gpu/carry"], timeout_s=600)
+# Stages (GPU_STAGES, default all, in this order: what issue 6 needs most first; each appends
+# JSON lines to $OUT/gpu.jsonl and its log to $OUT/gpu.log, and a failing stage does not stop
+# the next):
 #   agreement  f16 and bf16 against the f32 CPU reference: components of the SD 2.1-768
 #              architecture at 768x768 (NaN check with upcast_attention), a whole 10-step job
 #              on the medium model; flash attention, the GroupNorm or GEGLU kernel or cuDNN's
 #              convolutions, if its check fails in the timed dtype (or never reports), is off
 #              for the later stages
-#   invariance a UNet step alone and in one pass with other jobs' steps (9 rows, 768x768):
-#              whether step-level batching keeps each job's bits on the GPU (issue 5's promise)
 #   components candle vs diffusers, UNet step / text encoder / VAE decode, 512 and 768, f16;
 #              at 768 also with candle's convolutions (SDMESH_CUDNN_CONV=0), and with candle's
 #              convolutions, attention, GroupNorm and GEGLU (also SDMESH_FLASH_ATTENTION=0
@@ -18,9 +17,14 @@
 #              buy; and where the UNet step's and the VAE decode's time goes (spans, waiting for
 #              the GPU at each)
 #   job        a whole 768x768 50-step DDIM job: through the mesh and in process, and diffusers
-#   throughput images/s at 1 and 8 concurrent jobs, batching on and off (medium model, 512 px)
 #   batch8     a UNet step at 768x768, batch 8 (the size that crashed candle's attention), and
 #              batch 32 (one request of 16 guided images, the largest pass the service runs)
+#   throughput images/s at 1 and 8 concurrent jobs, batching on and off (medium model, 512 px)
+#   invariance a UNet step alone and in one pass with other jobs' steps (9 rows, 768x768):
+#              whether step-level batching keeps each job's bits on the GPU (issue 5's promise)
+# GPU_DEADLINE (seconds from the start, unset: none) bounds the whole run: each stage's limit is
+# cut to what is left of it, and a stage with under 20 s left is skipped, so the run ends, with
+# its table printed, inside the device call's timeout_s.
 # A dry run of the script's plumbing on a CPU, tiny models, in minutes (make test runs it, with
 # GPU_DIFFUSERS=0 to skip the diffusers stages: services/sdmesh/tests/gpu_script_dry_run.rs):
 #   GPU_DEVICE=cpu GPU_BENCH=target/release/sdmesh-bench PYTHON=.venv/bin/python GPU_SIZES=64 \
@@ -35,7 +39,7 @@ big_size=${sizes##* }
 OUT=${OUT:-/tmp/sdmesh-gpu-out}
 mkdir -p "$OUT"
 log="$OUT/gpu.log"; results="$OUT/gpu.jsonl"
-stages=${GPU_STAGES:-agreement invariance components job throughput batch8}
+stages=${GPU_STAGES:-agreement components job batch8 throughput invariance}
 models=/tmp/sdmesh-models
 carry=benchmarks/gpu/carry
 dtype=${GPU_DTYPE:-f16}
@@ -43,7 +47,7 @@ exec > >(tee -a "$log") 2>&1
 
 # diffusers, installed by prepare.sh and packed as a tar.xz (a third of the wheel's size).
 if [ -f "$carry/site.tar.xz" ]; then
-  mkdir -p /tmp/site && xz -dc "$carry/site.tar.xz" | tar -x -C /tmp/site && export PYTHONPATH=/tmp/site || exit 1
+  site=$(mktemp -d) && trap 'rm -rf "$site"' EXIT && xz -dc "$carry/site.tar.xz" | tar -x -C "$site" && export PYTHONPATH=$site || exit 1
 fi
 # The CUDA 13 runtime libraries candle links (cublas, curand, nvrtc) from the image's wheels, and
 # cuDNN 9 (nvidia-cudnn-cu13), which sdmesh opens at run time for its convolutions.
@@ -69,6 +73,11 @@ big=${GPU_BIG:-$models/sd21-768-arch} medium=${GPU_MEDIUM:-$models/sd21-medium}
 stage() {  # stage NAME SECONDS COMMAND...: runs one measurement, JSON lines to $results
   local name=$1 limit=$2; shift 2
   case $name in *diffusers*) if [ "${GPU_DIFFUSERS:-1}" = 0 ]; then echo "== $name: skipped (GPU_DIFFUSERS=0)"; return; fi ;; esac
+  if [ -n "${GPU_DEADLINE:-}" ]; then
+    local left=$((GPU_DEADLINE - SECONDS - 10))
+    if [ "$left" -lt 20 ]; then echo "== $name: skipped (deadline, ${left} s left)"; return; fi
+    if [ "$left" -lt "$limit" ]; then limit=$left; fi
+  fi
   echo "== $name: $*"
   local started=$SECONDS
   timeout "$limit" "$@" >> "$results"
@@ -130,4 +139,5 @@ PY
   *) echo "unknown stage $s" ;;
 esac; done
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv 2>/dev/null
+"$python" benchmarks/table.py "$results" > "$OUT/table.md" && cat "$OUT/table.md"
 echo "results: $results"

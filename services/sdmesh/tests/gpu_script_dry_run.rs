@@ -4,14 +4,14 @@
 //! finish with status 0 and leave the measurements it exists for. The diffusers stages are
 //! skipped (CI has no PyTorch); `benchmarks/README.md` has the command that runs them too.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-#[test]
-fn the_gpu_benchmark_script_runs_every_stage_on_the_cpu() {
+/// Runs the script as the GPU session would, on the CPU, with `env` added; its output folder.
+fn run_script(env: &[(&str, &str)]) -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let fixtures = root.join("tests/fixtures/models");
-    let out = std::env::temp_dir().join(format!("sdmesh-gpu-dry-run-{}", std::process::id()));
+    let out = std::env::temp_dir().join(format!("sdmesh-gpu-dry-run-{}-{}", std::process::id(), env.len()));
     let _ = std::fs::remove_dir_all(&out);
     let status = Command::new("bash")
         .arg("benchmarks/gpu/run.sh")
@@ -27,11 +27,19 @@ fn the_gpu_benchmark_script_runs_every_stage_on_the_cpu() {
         .env("GPU_DIFFUSERS", "0")
         .env("PYTHON", "python3")
         .env("RUST_LOG", "warn")
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
         .expect("bash runs");
     assert!(status.success(), "run.sh exited with {status}");
+    out
+}
+
+#[test]
+fn the_gpu_benchmark_script_runs_every_stage_on_the_cpu() {
+    // As the GPU session runs it: under a whole-run deadline (here one that is never reached).
+    let out = run_script(&[("GPU_DEADLINE", "3000")]);
     let log = std::fs::read_to_string(out.join("gpu.log")).expect("gpu.log");
     let finished: Vec<&str> = log.lines().filter(|l| l.starts_with("== ") && l.contains(": rc ")).collect();
     for stage in [
@@ -69,5 +77,19 @@ fn the_gpu_benchmark_script_runs_every_stage_on_the_cpu() {
     let components = of("components");
     assert!(components.iter().any(|l| l["component"] == "unet_step" && l["batch"] == 32 && l["guided"] == true));
     assert!(!of("overhead").is_empty() && of("throughput").len() == 4, "job and throughput lines:\n{results}");
+    // The tables the reply's output ends with.
+    let table = std::fs::read_to_string(out.join("table.md")).expect("table.md");
+    assert!(table.contains("## Agreement with the f32 CPU reference"), "{table}");
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn past_the_deadline_the_script_skips_stages_and_still_ends_with_its_table() {
+    let out = run_script(&[("GPU_DEADLINE", "15"), ("GPU_STAGES", "agreement components job")]);
+    let log = std::fs::read_to_string(out.join("gpu.log")).expect("gpu.log");
+    let stages: Vec<&str> = log.lines().filter(|l| l.starts_with("== ") && !l.starts_with("== agreement:")).collect();
+    assert!(stages.len() >= 8, "{log}");
+    assert!(stages.iter().all(|l| l.contains(": skipped (")), "a stage ran with under 20 s left:\n{log}");
+    assert!(out.join("table.md").exists(), "{log}");
     let _ = std::fs::remove_dir_all(&out);
 }

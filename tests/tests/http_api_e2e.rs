@@ -1,6 +1,7 @@
 //! The orchestrator's HTTP/JSON API across real processes (`--http-listen`): the same job as
 //! over gRPC gives the same bytes, unary and as Server-Sent Events; the models list; bad input
-//! is 400, backpressure 429 with Retry-After, a missed deadline 504; the tenant header counts.
+//! is 400, backpressure 429 with Retry-After, a missed deadline 504; the tenant header counts;
+//! every JSON answer conforms to the OpenAPI document the orchestrator serves.
 
 use sdmesh_proto::v1;
 use sdmesh_testkit::process::{http_request, metric, Mesh, MeshOptions, Service};
@@ -8,6 +9,14 @@ use std::time::Duration;
 
 fn http(orchestrator: &Service) -> &str {
     orchestrator.http.as_deref().expect("started with --http-listen")
+}
+
+/// Checks `value` against the schema `name` of the OpenAPI document `doc`.
+fn conforms(doc: &serde_json::Value, name: &str, value: &serde_json::Value) {
+    let root = serde_json::json!({"$ref": format!("#/components/schemas/{name}"), "components": doc["components"]});
+    let validator = jsonschema::draft202012::new(&root).expect("the document's schemas compile");
+    let errors: Vec<String> = validator.iter_errors(value).map(|e| format!("{e} at {}", e.instance_path())).collect();
+    assert!(errors.is_empty(), "{name}: {errors:?}\n{value}");
 }
 
 const JOB: &str = r#"{"prompt": "a quiet street", "steps": 4, "seed": "7", "height": 32, "width": 32}"#;
@@ -35,6 +44,14 @@ async fn the_http_api_runs_the_same_jobs_as_grpc() {
     assert_eq!(got.images, expected.images);
     assert_eq!(response.json()["seed"], "7", "64-bit integers are strings, as the JSON mapping says");
 
+    // The OpenAPI document, which every JSON answer below conforms to.
+    let openapi = http_request(&addr, "GET", "/v1/openapi.json", &[], b"");
+    assert_eq!((openapi.status, openapi.header("content-type")), (200, Some("application/json")));
+    let doc = openapi.json();
+    assert_eq!(doc["openapi"], "3.1.1");
+    assert!(doc["paths"]["/v1/generate"]["post"].is_object(), "{doc}");
+    conforms(&doc, "GenerateResponse", &response.json());
+
     // Accept: image/png or image/jpeg: the image itself, its seed in a header.
     let accept_png = [("accept", "image/png")];
     let response = http_request(&addr, "POST", "/v1/generate", &accept_png, JOB.as_bytes());
@@ -58,7 +75,10 @@ async fn the_http_api_runs_the_same_jobs_as_grpc() {
         .unwrap()
         .lines()
         .filter_map(|l| l.strip_prefix("data: "))
-        .map(|data| serde_json::from_str(data).unwrap())
+        .map(|data| {
+            conforms(&doc, "GenerateEvent", &serde_json::from_str(data).unwrap());
+            serde_json::from_str(data).unwrap()
+        })
         .collect();
     assert_eq!(events.len(), 5, "{events:?}");
     let steps: Vec<u32> = events[..4]
@@ -76,11 +96,13 @@ async fn the_http_api_runs_the_same_jobs_as_grpc() {
     let models = http_request(&addr, "GET", "/v1/models", &[], b"").json();
     assert_eq!(models["models"][0]["name"], "sd21-base-tiny");
     assert_eq!(models["models"][0]["isDefault"], true);
+    conforms(&doc, "ListModelsResponse", &models);
 
     // The caller's mistakes: 400, with the gRPC status and the message.
     let response = http_request(&addr, "POST", "/v1/generate", &json, b"{\"prompt\": ");
     assert_eq!(response.status, 400);
     assert_eq!(response.json()["error"]["status"], "INVALID_ARGUMENT");
+    conforms(&doc, "Error", &response.json());
     let response = http_request(&addr, "POST", "/v1/generate", &json, br#"{"prompt": "x", "steps": 0}"#);
     assert_eq!(response.status, 400);
     assert!(response.json()["error"]["message"].as_str().unwrap().contains("steps"), "{}", response.json());
@@ -95,6 +117,7 @@ async fn the_http_api_runs_the_same_jobs_as_grpc() {
     let response = http_request(&addr, "POST", "/v1/generate", &json, JOB.as_bytes());
     assert_eq!(response.status, 429, "{}", String::from_utf8_lossy(&response.body));
     assert_eq!(response.json()["error"]["status"], "RESOURCE_EXHAUSTED");
+    conforms(&doc, "Error", &response.json());
     assert!(response.header("retry-after").unwrap().parse::<u64>().unwrap() >= 1);
     drop(long);
 

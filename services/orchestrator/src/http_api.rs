@@ -11,6 +11,7 @@
 //! - `POST /v1/generate/stream`: a GenerateRequest; answers Server-Sent Events, one
 //!   GenerateEvent each (waiting, progress, then the result), or an `error` event.
 //! - `GET /v1/models`: the ListModelsResponse; 503 until the model services have answered.
+//! - `GET /v1/openapi.json`: the OpenAPI 3.1 document of these routes (`openapi`).
 //!
 //! Request headers are the gRPC metadata: `x-sdmesh-tenant`, `x-sdmesh-priority`,
 //! `grpc-timeout` (e.g. `30S`) and `traceparent`. An error is `{"error": {"code": HTTP,
@@ -37,6 +38,7 @@ pub fn router(service: OrchestratorService, max_body_bytes: usize) -> Router {
         .route("/v1/generate", post(generate))
         .route("/v1/generate/stream", post(generate_stream))
         .route("/v1/models", get(list_models))
+        .route("/v1/openapi.json", get(openapi))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(service)
 }
@@ -126,6 +128,10 @@ async fn list_models(State(service): State<OrchestratorService>) -> Response {
     }
 }
 
+async fn openapi() -> Json<&'static serde_json::Value> {
+    Json(crate::openapi::document())
+}
+
 /// The HTTP status of a gRPC code (as Google's HTTP APIs map them).
 pub fn http_status(code: tonic::Code) -> StatusCode {
     use tonic::Code;
@@ -147,7 +153,7 @@ pub fn http_status(code: tonic::Code) -> StatusCode {
 }
 
 /// `ResourceExhausted` -> `RESOURCE_EXHAUSTED`, as gRPC names the codes.
-fn status_name(code: tonic::Code) -> String {
+pub(crate) fn status_name(code: tonic::Code) -> String {
     let mut name = String::new();
     for (i, ch) in format!("{code:?}").chars().enumerate() {
         if ch.is_ascii_uppercase() && i > 0 {
@@ -158,7 +164,7 @@ fn status_name(code: tonic::Code) -> String {
     name
 }
 
-fn error_body(status: &tonic::Status) -> serde_json::Value {
+pub(crate) fn error_body(status: &tonic::Status) -> serde_json::Value {
     serde_json::json!({"error": {
         "code": http_status(status.code()).as_u16(),
         "status": status_name(status.code()),

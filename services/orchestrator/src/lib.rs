@@ -10,6 +10,7 @@ pub mod image_job;
 pub mod image_out;
 pub mod models;
 pub mod noise;
+pub mod openapi;
 pub mod pipeline;
 pub mod preview;
 pub mod redis_link;

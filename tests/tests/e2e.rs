@@ -217,6 +217,30 @@ async fn sdmesh_generate_in_process_writes_the_same_png_as_the_mesh() {
     let preview = image::open(previews.join("step-004.jpg")).unwrap();
     assert_eq!((preview.width(), preview.height()), (48 / 8, 64 / 8));
 
+    // Decoded previews (through the vae service): the image's size, and the last one is the
+    // image (euler_a's last step lands on sigma 0, so its prediction is the final latents): the
+    // same pixels as the result as a JPEG of the previews' quality (80), to rounding.
+    let decoded = tmp.join("decoded-previews");
+    let result_jpeg = tmp.join("decoded.jpg");
+    let out = Command::new(bin("sdctl"))
+        .args(["generate", "--endpoint", &mesh.orchestrator.addr])
+        .args(&job)
+        .args(["--preview-every", "2", "--preview-kind", "decoded", "--previews", decoded.to_str().unwrap()])
+        .args(["--jpeg-quality", "80", "--out", result_jpeg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "sdctl: {}", String::from_utf8_lossy(&out.stderr));
+    let image = image::open(&result_jpeg).unwrap().to_rgb8();
+    let error = |preview: &str| {
+        let preview = image::open(decoded.join(preview)).unwrap().to_rgb8();
+        assert_eq!(preview.dimensions(), image.dimensions(), "{preview:?}");
+        let diffs = preview.as_raw().iter().zip(image.as_raw()).map(|(&a, &b)| (f64::from(a) - f64::from(b)).abs());
+        diffs.sum::<f64>() / image.as_raw().len() as f64
+    };
+    let (last, earlier) = (error("step-004.jpg"), error("step-002.jpg"));
+    assert!(last < 0.5, "the last decoded preview is {last} per channel from the image");
+    assert!(earlier > 1.0, "step 2's preview, {earlier} from the image ({last} for step 4's), is a noisier prediction");
+
     // JPEG out (named by --out's extension), the same bytes both ways, with the parameters in
     // its comment segment, and the PNG's pixels within JPEG's loss.
     let write_jpeg = |command: &mut Command, name: &str| {

@@ -423,6 +423,7 @@ mod tests {
             image_format: v1::ImageFormat::Jpeg.into(),
             jpeg_quality: Some(85),
             preview_every: 5,
+            preview_kind: v1::PreviewKind::Decoded.into(),
         }
     }
 

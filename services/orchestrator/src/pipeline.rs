@@ -121,6 +121,7 @@ pub struct Job {
     pub safety: crate::safety::Policy,
     /// A preview in every `preview_every`-th step's progress (0: none).
     pub preview_every: usize,
+    pub preview_kind: crate::preview::PreviewKind,
 }
 
 /// The second stage of a job that ends with an x4 upscale.
@@ -147,8 +148,9 @@ pub struct StepProgress {
     pub latents: Tensor,
     /// Times the job started over from step 1 (see [`Pipeline::run`]).
     pub restarts: usize,
-    /// The first image as the model now predicts it, f32 [h, w, 3] in [0, 1] at the latents'
-    /// size, when the job asked for a preview at this step ([`crate::preview`]).
+    /// The first image as the model now predicts it, f32 [h, w, 3] in [0, 1] (at the latents'
+    /// size, or decoded at the image's), when the job asked for a preview at this step
+    /// ([`crate::preview`]).
     pub preview: Option<Tensor>,
 }
 
@@ -300,6 +302,7 @@ impl Pipeline {
             then_upscale,
             safety: crate::safety::resolve(r.safety, &self.safety_settings, self.safety.is_some())?,
             preview_every: r.preview_every as usize,
+            preview_kind: crate::preview::PreviewKind::from_request(r.preview_kind, r.preview_every)?,
         };
         if r.preview_every > 0 && task == Task::Upscale {
             return Err(Error::invalid(
@@ -570,10 +573,17 @@ impl Pipeline {
             };
             let step = i + 1 - begin;
             let preview = match job.preview_every {
-                every if every > 0 && step % every == 0 => span.in_scope(|| {
-                    let scales = scheduler.noise_scales(i);
-                    crate::preview::preview(&latents, &model_output, scales, self.scheduler_config.prediction_type())
-                })?,
+                every if every > 0 && step % every == 0 => {
+                    let (scales, prediction) = (scheduler.noise_scales(i), self.scheduler_config.prediction_type());
+                    let x0 = span.in_scope(|| crate::preview::first_x0(&latents, &model_output, scales, prediction))?;
+                    match (x0, job.preview_kind) {
+                        (Some(x0), crate::preview::PreviewKind::Decoded) => {
+                            self.decoded_preview(job, x0).instrument(span.clone()).await
+                        }
+                        (Some(x0), crate::preview::PreviewKind::Latent) => crate::preview::latent_rgb(&x0)?,
+                        (None, _) => None,
+                    }
+                }
                 _ => None,
             };
             latents = span.in_scope(|| scheduler.step(&model_output, i, &latents, noise))?;
@@ -588,6 +598,32 @@ impl Pipeline {
         }
         let images = self.vae.decode(latents).instrument(tracing::info_span!("decode", batch = job.num_images)).await?;
         Ok(JobOutput { images, warnings, safety: Default::default() })
+    }
+
+    /// The first image's predicted latents `x0` decoded, f32 [h, w, 3]; None, logged, where it
+    /// could not be made or must not be shown: the safety checker flagged it under the replace
+    /// policy, or could not check it. A preview never fails its job.
+    async fn decoded_preview(&self, job: &Job, x0: Tensor) -> Option<Tensor> {
+        let left_out = |why: String| {
+            tracing::warn!("preview left out: {why}");
+            metrics::counter!("sdmesh_previews_left_out_total").increment(1);
+            None
+        };
+        let image = match self.vae.decode(x0).instrument(tracing::info_span!("preview_decode")).await {
+            Ok(image) => image,
+            Err(e) => return left_out(format!("the VAE could not decode it: {e}")),
+        };
+        if job.safety != crate::safety::Policy::Off {
+            let Some(checker) = self.safety.as_deref() else { return left_out("no safety checker".into()) };
+            match checker.check(image.clone()).await {
+                Ok(verdicts) if job.safety == crate::safety::Policy::Replace && verdicts.iter().any(|v| v.flagged) => {
+                    return left_out("the safety checker flagged it".into())
+                }
+                Ok(_) => {}
+                Err(e) => return left_out(format!("the safety checker could not check it: {e}")),
+            }
+        }
+        image.get(0).ok()
     }
 
     /// The generation parameters, A1111-style, as written into each PNG.

@@ -1,13 +1,43 @@
 //! Live previews: what the image will look like, every N steps of a streamed job, for UIs.
 //!
-//! A preview is the model's current estimate of the final latents (x0, from this step's
-//! sample and guided output), mapped to RGB by a fixed linear map of the four latent channels
-//! (the approximation UIs use instead of a VAE decode: no model call, well under a millisecond).
-//! It is as large as the latents (an eighth of the image a side) and only approximates the
-//! colours; the job's result is unchanged by previews.
+//! A preview is the model's current estimate of the first image's final latents (x0, from this
+//! step's sample and guided output), made visible one of two ways:
+//! - latent (the default): mapped to RGB by a fixed linear map of the four latent channels (the
+//!   approximation UIs use instead of a VAE decode: no model call, well under a millisecond),
+//!   as large as the latents (an eighth of the image a side), the colours approximate;
+//! - decoded: decoded by the VAE service (`Pipeline::decoded_preview`), the image's size and
+//!   what the job would end with now, at one VAE decode each (and a safety check when the job's
+//!   images are checked: a preview must not show what the result would hide).
+//!
+//! The job's result is unchanged by previews.
 
 use crate::scheduler::PredictionType;
 use candle_core::Tensor;
+use sdmesh_core::{Error, Result};
+use sdmesh_proto::v1;
+
+/// How previews are made (GenerateRequest.preview_kind).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PreviewKind {
+    #[default]
+    Latent,
+    Decoded,
+}
+
+impl PreviewKind {
+    /// The request's kind; a decoded preview with no preview_every asks for nothing.
+    pub fn from_request(kind: i32, preview_every: u32) -> Result<Self> {
+        let kind = v1::PreviewKind::try_from(kind)
+            .map_err(|_| Error::invalid(format!("preview_kind: unknown value {kind}")))?;
+        Ok(match kind {
+            v1::PreviewKind::Unspecified | v1::PreviewKind::Latent => PreviewKind::Latent,
+            v1::PreviewKind::Decoded if preview_every == 0 => {
+                return Err(Error::invalid("preview_kind: PREVIEW_KIND_DECODED needs preview_every above 0"))
+            }
+            v1::PreviewKind::Decoded => PreviewKind::Decoded,
+        })
+    }
+}
 
 /// RGB from SD's four latent channels (the SD 1.x/2.x autoencoder; ComfyUI's factors for it),
 /// one row per channel: rgb = latents · FACTORS, then (rgb + 1) / 2.
@@ -50,8 +80,8 @@ pub fn latent_rgb(latents: &Tensor) -> candle_core::Result<Option<Tensor>> {
     Ok(Some(rgb.affine(0.5, 0.5)?.clamp(0f32, 1f32)?))
 }
 
-/// [`latent_rgb`] of the x0 prediction; None where there is no preview to give.
-pub fn preview(
+/// The first image's x0 prediction, [1, channels, h, w]; None where there is no preview to give.
+pub fn first_x0(
     sample: &Tensor,
     output: &Tensor,
     scales: (f32, f32),
@@ -60,7 +90,8 @@ pub fn preview(
     if sample.dims().len() != 4 || output.dims() != sample.dims() {
         return Ok(None);
     }
-    latent_rgb(&predicted_original(sample, output, scales, prediction)?)
+    let (sample, output) = (sample.narrow(0, 0, 1)?, output.narrow(0, 0, 1)?);
+    predicted_original(&sample, &output, scales, prediction).map(Some)
 }
 
 #[cfg(test)]

@@ -63,3 +63,107 @@ async fn previews_come_every_n_steps_and_the_last_one_is_the_final_latents() {
         assert_eq!(a.to_vec1::<f32>().unwrap(), b.to_vec1::<f32>().unwrap(), "{model} {scheduler}");
     }
 }
+
+fn max_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+}
+
+/// Runs `request` and gives each step's preview (None where none came) and the job's images.
+async fn previews_of(
+    pipeline: &sdmesh_orchestrator::pipeline::Pipeline,
+    request: &v1::GenerateRequest,
+) -> sdmesh_core::Result<(Vec<Option<candle_core::Tensor>>, candle_core::Tensor)> {
+    let job = pipeline.validate(request)?;
+    let mut previews = Vec::new();
+    let out = pipeline
+        .run(&job, &mut SeededNoise::new(1), &mut |p: StepProgress| {
+            previews.push(p.preview);
+            true
+        })
+        .await?;
+    Ok((previews, out.images))
+}
+
+fn decoded_request(scheduler: &str) -> v1::GenerateRequest {
+    v1::GenerateRequest {
+        prompt: "a lighthouse".into(),
+        steps: Some(4),
+        seed: Some(1),
+        height: Some(32),
+        width: Some(24),
+        num_images: Some(2),
+        preview_every: 2,
+        preview_kind: v1::PreviewKind::Decoded.into(),
+        scheduler: Some(v1::SchedulerOptions { name: scheduler.into(), ..Default::default() }),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn decoded_previews_are_the_image_the_job_would_end_with() {
+    let mut pipelines = Pipelines::default();
+    for (model, scheduler) in [("sd21-base-tiny", "euler"), ("sd21-tiny", "dpm++2m")] {
+        let pipeline = pipelines.get(model).await.clone();
+        let request = decoded_request(scheduler);
+        let (previews, images) = previews_of(&pipeline, &request).await.unwrap();
+        let steps: Vec<usize> = previews.iter().enumerate().filter(|(_, p)| p.is_some()).map(|(i, _)| i + 1).collect();
+        assert_eq!(steps, [2, 4], "{model} {scheduler}");
+        let last = previews[3].as_ref().unwrap();
+        assert_eq!(last.dims(), [32, 24, 3], "the image's size");
+        // The last step lands on sigma 0: its prediction is the final latents, decoded alike.
+        let diff = max_diff(last, &images.get(0).unwrap());
+        assert!(diff <= 1e-5, "{model} {scheduler}: the last decoded preview is {diff} from the first image");
+        // The earlier one is the prediction of a noisier step: another image.
+        assert!(max_diff(previews[1].as_ref().unwrap(), &images.get(0).unwrap()) > 1e-3);
+        let plain = v1::GenerateRequest { preview_every: 0, preview_kind: 0, ..request };
+        let (_, without) = previews_of(&pipeline, &plain).await.unwrap();
+        assert_eq!(max_diff(&images, &without), 0.0, "previews change nothing");
+    }
+    // Asking for decoded previews without preview_every, or an unknown kind: INVALID_ARGUMENT.
+    let pipeline = pipelines.get("sd21-base-tiny").await;
+    for (every, kind, needle) in [(0, 2, "needs preview_every"), (2, 9, "unknown value 9")] {
+        let request = v1::GenerateRequest { preview_every: every, preview_kind: kind, ..decoded_request("euler") };
+        let err = tonic::Status::from(pipeline.validate(&request).unwrap_err());
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.message().contains(needle), "{}", err.message());
+    }
+}
+
+/// A safety checker that flags every image, or cannot answer.
+struct Checker {
+    answers: bool,
+}
+
+#[async_trait::async_trait]
+impl sdmesh_core::SafetyChecker for Checker {
+    async fn check(&self, images: candle_core::Tensor) -> sdmesh_core::Result<Vec<sdmesh_core::SafetyVerdict>> {
+        if !self.answers {
+            return Err(sdmesh_core::Error::Unavailable("the checker is away".into()));
+        }
+        let verdict = sdmesh_core::SafetyVerdict { flagged: true, concept_scores: vec![0.1], special_scores: vec![] };
+        Ok(vec![verdict; images.dim(0).unwrap()])
+    }
+}
+
+#[tokio::test]
+async fn a_decoded_preview_never_shows_what_the_safety_policy_would_hide() {
+    let mut pipeline = common::local_pipeline("sd21-base-tiny").await;
+    let shown = |previews: &[Option<candle_core::Tensor>]| previews.iter().filter(|p| p.is_some()).count();
+    let with = |policy: v1::SafetyPolicy| v1::GenerateRequest { safety: policy.into(), ..decoded_request("euler") };
+
+    pipeline.safety = Some(std::sync::Arc::new(Checker { answers: true }));
+    // Replace: the images come back black, and no preview of them was sent.
+    let (previews, images) = previews_of(&pipeline, &with(v1::SafetyPolicy::Replace)).await.unwrap();
+    assert_eq!(shown(&previews), 0, "a flagged preview was sent under replace");
+    assert_eq!(images.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap(), 0.0);
+    // Flag (the images are kept) and off: the previews come.
+    assert_eq!(shown(&previews_of(&pipeline, &with(v1::SafetyPolicy::Flag)).await.unwrap().0), 2);
+    assert_eq!(shown(&previews_of(&pipeline, &with(v1::SafetyPolicy::Off)).await.unwrap().0), 2);
+
+    // A checker that cannot answer: no unchecked preview leaves (here the images do, unchecked,
+    // as --safety-on-unavailable flag-only says).
+    pipeline.safety = Some(std::sync::Arc::new(Checker { answers: false }));
+    pipeline.safety_settings.on_unavailable = sdmesh_orchestrator::safety::OnUnavailable::FlagOnly;
+    let (previews, _) = previews_of(&pipeline, &with(v1::SafetyPolicy::Flag)).await.unwrap();
+    assert_eq!(shown(&previews), 0, "an unchecked preview was sent");
+}

@@ -112,9 +112,13 @@ pub struct JobArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
-    /// Ask for a live preview every N steps (approximate colours, an eighth of the size).
+    /// Ask for a live preview every N steps.
     #[arg(long, default_value_t = 0)]
     pub preview_every: u32,
+    /// What previews are: latent (approximate colours, an eighth of the size, free) or decoded
+    /// (by the VAE: exact, full size, one decode each).
+    #[arg(long, requires = "preview_every", value_parser = ["latent", "decoded"])]
+    pub preview_kind: Option<String>,
     /// Write the previews there as step-NNN.jpg (with --preview-every).
     #[arg(long, requires = "preview_every")]
     pub previews: Option<PathBuf>,
@@ -192,6 +196,12 @@ impl JobArgs {
             image_format: self.image_format().into(),
             jpeg_quality: self.jpeg_quality,
             preview_every: self.preview_every,
+            preview_kind: match self.preview_kind.as_deref() {
+                Some("decoded") => v1::PreviewKind::Decoded,
+                Some(_) => v1::PreviewKind::Latent,
+                None => v1::PreviewKind::Unspecified,
+            }
+            .into(),
         });
         if let Some(priority) = &self.priority {
             let value = priority.parse().expect("one of clap's values");

@@ -159,6 +159,10 @@ fn describe_metrics() {
     metrics::describe_histogram!("sdmesh_job_duration_seconds", "generation job latency, by model");
     metrics::describe_counter!("sdmesh_steps_total", "denoising steps run by the orchestrator");
     metrics::describe_counter!(
+        "sdmesh_previews_left_out_total",
+        "decoded previews not sent: the VAE or safety checker failed, or the checker flagged one under replace"
+    );
+    metrics::describe_counter!(
         "sdmesh_jobs_restarted_total",
         "jobs run again from their start because a pool no longer serves the model they began on"
     );

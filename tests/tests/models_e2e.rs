@@ -3,7 +3,8 @@
 //! sd2-inpaint-tiny's. ListModels (and `sdctl models`) says what each can do; each request runs
 //! on the model it names, with the bytes an orchestrator of that model alone gives; an unknown
 //! name is INVALID_ARGUMENT naming the served models. Each model has its own places to run
-//! (`--max-jobs` holds per model), and jobs are counted by model.
+//! (`--max-jobs` holds per model), and jobs are counted by model. `sdmesh serve --also-model`
+//! does the same in one process.
 
 use sdmesh_proto::v1;
 use sdmesh_testkit::process::{bin, metric, Mesh, MeshOptions, Service};
@@ -147,4 +148,52 @@ async fn one_orchestrator_serves_each_request_on_the_model_it_names() {
     assert_eq!(metric(&text, "sdmesh_jobs_total", &[("model", "inpaint"), ("code", "Ok")]), 3.0);
     assert_eq!(metric(&text, "sdmesh_jobs_total", &[("model", "sd21-base-tiny"), ("code", "Ok")]), 3.0);
     assert_eq!(metric(&text, "sdmesh_job_duration_seconds_count", &[("model", "inpaint")]), 3.0);
+}
+
+/// `sdmesh serve --also-model`: one process serves several models, each on its own services,
+/// with the bytes of that model's own mesh.
+#[tokio::test]
+async fn sdmesh_serve_serves_more_models_in_one_process() {
+    let inpaint = Mesh::start("sd2-inpaint-tiny").await;
+    let also = format!("inpaint={}", model("sd2-inpaint-tiny").to_str().unwrap());
+    let base = model("sd21-base-tiny");
+    let serve = sdmesh_testkit::process::start(
+        "sdmesh",
+        &["serve", "--model", base.to_str().unwrap(), "--also-model", &also],
+        &[],
+    );
+    sdmesh_testkit::process::wait_serving(&serve.addr).await;
+    let models = client(&serve).await.list_models(v1::ListModelsRequest {}).await.unwrap().into_inner().models;
+    let names: Vec<_> = models.iter().map(|m| (m.name.as_str(), m.tasks.clone())).collect();
+    assert_eq!(
+        names,
+        [
+            ("sd21-base-tiny", vec!["txt2img".to_string(), "img2img".into(), "inpaint".into()]),
+            ("inpaint", vec!["inpaint".into()])
+        ]
+    );
+    let repaint = v1::GenerateRequest {
+        prompt: "a red door".into(),
+        steps: Some(3),
+        seed: Some(5),
+        image: input("img64.png"),
+        mask: input("mask64.png"),
+        ..Default::default()
+    };
+    let expected = client(&inpaint.orchestrator).await.generate(repaint.clone()).await.unwrap().into_inner();
+    let request = v1::GenerateRequest { model: "inpaint".into(), ..repaint };
+    let got = client(&serve).await.generate(request).await.unwrap().into_inner();
+    let pixels = |png: &[u8]| image::load_from_memory(png).unwrap().to_rgb8().into_raw();
+    assert_eq!(pixels(&got.images[0].png), pixels(&expected.images[0].png));
+
+    // A folder that is not a model: sdmesh serve says so and exits.
+    let out = std::process::Command::new(bin("sdmesh"))
+        .args(["serve", "--model", base.to_str().unwrap(), "--also-model", "x=/nonexistent"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("/nonexistent is not a diffusers-layout model folder"),
+        "{stderr}"
+    );
 }

@@ -33,11 +33,18 @@ enum Command {
         #[command(flatten)]
         job: Box<sdmesh::JobArgs>,
     },
-    /// Start text-encoder, unet, vae and the orchestrator in this process.
+    /// Start text-encoder, unet, vae and the orchestrator in this process (and more models'
+    /// services, with --also-model).
     Serve {
         /// Diffusers-layout model folder (e.g. a local stabilityai/stable-diffusion-2-1).
         #[arg(long, env = "SDMESH_MODEL")]
         model: PathBuf,
+        /// Another model to serve beside --model, as [NAME=]DIR (NAME defaults to the folder's
+        /// name; requests pick it with GenerateRequest.model, sdctl --model-name). Each gets its
+        /// own text-encoder, unet and vae services (and depth, for a depth checkpoint).
+        /// Repeatable; in the environment, comma-separated.
+        #[arg(long, env = "SDMESH_ALSO_MODELS", value_delimiter = ',', value_parser = sdmesh::mesh::parse_also_model)]
+        also_model: Vec<(Option<String>, PathBuf)>,
         /// Address of the public API (the orchestrator).
         #[arg(long, env = "SDMESH_LISTEN", default_value = "127.0.0.1:50050")]
         listen: String,
@@ -73,6 +80,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Generate { model, device, dtype, job } => generate(model, device, dtype, *job).await,
         Command::Serve {
             model,
+            also_model,
             listen,
             http_listen,
             device,
@@ -94,6 +102,7 @@ async fn main() -> anyhow::Result<()> {
                 redis: cache.redis_options(),
                 batching,
                 dtype,
+                also_models: also_model,
                 ..MeshOptions::new(model, device)
             };
             serve(opts, listen, http_listen, shutdown, telemetry).await

@@ -1,10 +1,11 @@
 //! The whole mesh in one process: each model service (and the depth service, for a depth
 //! checkpoint) on its own loopback port, the orchestrator reaching them over gRPC exactly as
-//! across machines.
+//! across machines. More models (`also_models`) each get their own services, and the one
+//! orchestrator serves them all (GenerateRequest.model picks one).
 
 use sdmesh_core::serve::Shutdown;
 use sdmesh_orchestrator::pipeline::Limits;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::net::TcpListener;
 
@@ -25,6 +26,8 @@ pub struct MeshOptions {
     pub redis: Option<sdmesh_orchestrator::redis_store::RedisOptions>,
     /// The unet service's batching and conditioning cache.
     pub batching: sdmesh_unet::BatchingArgs,
+    /// More models served beside `model`: (name, default the folder's; folder).
+    pub also_models: Vec<(Option<String>, PathBuf)>,
 }
 
 impl MeshOptions {
@@ -41,8 +44,82 @@ impl MeshOptions {
             embedding_cache_bytes: 256 << 20,
             redis: None,
             batching: Default::default(),
+            also_models: Vec::new(),
         }
     }
+}
+
+/// `[NAME=]DIR`: a model served beside the first, named NAME (default the folder's name).
+pub fn parse_also_model(arg: &str) -> Result<(Option<String>, PathBuf), String> {
+    let (name, dir) = match arg.split_once('=') {
+        Some((name, dir)) if !name.is_empty() && !name.contains('/') => (Some(name.to_string()), dir),
+        _ => (None, arg),
+    };
+    let dir = PathBuf::from(dir);
+    if !dir.join("model_index.json").is_file() {
+        return Err(format!("{} is not a diffusers-layout model folder (no model_index.json)", dir.display()));
+    }
+    Ok((name, dir))
+}
+
+/// Where one model folder's services listen.
+struct ModelUrls {
+    text_encoder: String,
+    unet: String,
+    vae: String,
+    depth: Option<String>,
+}
+
+/// Starts `model`'s text-encoder, unet, vae (and, for a depth checkpoint, depth) services on
+/// loopback ports, into `tasks`, each stopping on `stop()`.
+async fn start_model_services(
+    model: &Path,
+    opts: &MeshOptions,
+    tasks: &mut tokio::task::JoinSet<anyhow::Result<()>>,
+    stop: &impl Fn() -> Shutdown,
+) -> anyhow::Result<ModelUrls> {
+    let loopback = || TcpListener::bind("127.0.0.1:0");
+    let url = |l: &TcpListener| l.local_addr().map(|a| format!("http://{a}"));
+    let (te, unet, vae) = (loopback().await?, loopback().await?, loopback().await?);
+    // A depth checkpoint (depth_estimator/ in the folder) gets the depth service too.
+    let depth = if sdmesh_orchestrator::has_depth_estimator(model) { Some(loopback().await?) } else { None };
+    let urls = ModelUrls {
+        text_encoder: url(&te)?,
+        unet: url(&unet)?,
+        vae: url(&vae)?,
+        depth: depth.as_ref().map(url).transpose()?,
+    };
+    let (model, device, dtype, queue_capacity) =
+        (model.to_path_buf(), opts.device.clone(), opts.dtype, opts.queue_capacity);
+    tasks.spawn(sdmesh_text_encoder::run(
+        sdmesh_text_encoder::TextEncoderOptions {
+            dtype,
+            queue_capacity,
+            ..sdmesh_text_encoder::TextEncoderOptions::new(model.clone(), device.clone())
+        },
+        te,
+        stop(),
+    ));
+    tasks.spawn(sdmesh_unet::run(
+        opts.batching.clone().apply(sdmesh_unet::UnetOptions {
+            dtype,
+            queue_capacity,
+            ..sdmesh_unet::UnetOptions::new(model.clone(), device.clone())
+        }),
+        unet,
+        stop(),
+    ));
+    if let Some(listener) = depth {
+        let depth_opts = sdmesh_depth::DepthOptions {
+            dtype,
+            queue_capacity,
+            ..sdmesh_depth::DepthOptions::new(model.clone(), device.clone())
+        };
+        tasks.spawn(sdmesh_depth::run(depth_opts, listener, stop()));
+    }
+    let vae_opts = sdmesh_vae::VaeOptions { dtype, queue_capacity, ..sdmesh_vae::VaeOptions::new(model, device) };
+    tasks.spawn(sdmesh_vae::run(vae_opts, vae, stop()));
+    Ok(urls)
 }
 
 /// Serves the mesh, the orchestrator on `listener` (and its HTTP/JSON API on `http`), until
@@ -66,22 +143,46 @@ pub async fn serve_mesh(
             grace,
         )
     };
-    let loopback = || TcpListener::bind("127.0.0.1:0");
-    let (te, unet, vae) = (loopback().await?, loopback().await?, loopback().await?);
-    // A depth checkpoint (depth_estimator/ in the folder) gets the depth service too.
-    let depth = if sdmesh_orchestrator::has_depth_estimator(&opts.model) { Some(loopback().await?) } else { None };
+    let mut tasks = tokio::task::JoinSet::new();
+    let main = start_model_services(&opts.model, &opts, &mut tasks, &after_orchestrator).await?;
+    let mut more_models = Vec::new();
+    for (name, model) in &opts.also_models {
+        let urls = start_model_services(model, &opts, &mut tasks, &after_orchestrator).await?;
+        more_models.push(sdmesh_orchestrator::models::ModelServices {
+            name: name.clone(),
+            model: model.clone(),
+            text_encoder_url: Some(urls.text_encoder),
+            unet_url: urls.unet,
+            vae_url: urls.vae,
+            depth_url: urls.depth,
+            max_jobs: None,
+            max_waiting_jobs: None,
+            max_jobs_per_tenant: None,
+        });
+    }
     // A folder with safety_checker/ gets the safety service, flagged images replaced by default.
-    let safety = if opts.model.join("safety_checker").is_dir() { Some(loopback().await?) } else { None };
-    let url = |l: &TcpListener| l.local_addr().map(|a| format!("http://{a}"));
+    let safety = if opts.model.join("safety_checker").is_dir() {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let safety_opts = sdmesh_safety::SafetyOptions {
+            dtype: opts.dtype,
+            queue_capacity: opts.queue_capacity,
+            ..sdmesh_safety::SafetyOptions::new(opts.model.clone(), opts.device.clone())
+        };
+        tasks.spawn(sdmesh_safety::run(safety_opts, listener, after_orchestrator()));
+        Some(url)
+    } else {
+        None
+    };
     let orchestrator_opts = sdmesh_orchestrator::OrchestratorOptions {
         model: opts.model.clone(),
-        text_encoder_url: url(&te)?,
-        unet_url: url(&unet)?,
-        vae_url: url(&vae)?,
-        depth_url: depth.as_ref().map(url).transpose()?,
+        text_encoder_url: main.text_encoder,
+        unet_url: main.unet,
+        vae_url: main.vae,
+        depth_url: main.depth,
         upscaler: None,
-        more_models: Vec::new(),
-        safety_url: safety.as_ref().map(url).transpose()?,
+        more_models,
+        safety_url: safety,
         // With a safety service, flagged images are replaced unless a request says otherwise.
         safety: Default::default(),
         limits: opts.limits,
@@ -95,47 +196,9 @@ pub async fn serve_mesh(
         text_encoder = %orchestrator_opts.text_encoder_url,
         unet = %orchestrator_opts.unet_url,
         vae = %orchestrator_opts.vae_url,
+        more_models = orchestrator_opts.more_models.len(),
         "model services"
     );
-    let (model, device, dtype, queue_capacity) =
-        (opts.model.clone(), opts.device.clone(), opts.dtype, opts.queue_capacity);
-    let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(sdmesh_text_encoder::run(
-        sdmesh_text_encoder::TextEncoderOptions {
-            dtype,
-            queue_capacity,
-            ..sdmesh_text_encoder::TextEncoderOptions::new(model.clone(), device.clone())
-        },
-        te,
-        after_orchestrator(),
-    ));
-    tasks.spawn(sdmesh_unet::run(
-        opts.batching.apply(sdmesh_unet::UnetOptions {
-            dtype,
-            queue_capacity,
-            ..sdmesh_unet::UnetOptions::new(model.clone(), device.clone())
-        }),
-        unet,
-        after_orchestrator(),
-    ));
-    if let Some(listener) = safety {
-        let safety_opts = sdmesh_safety::SafetyOptions {
-            dtype,
-            queue_capacity,
-            ..sdmesh_safety::SafetyOptions::new(model.clone(), device.clone())
-        };
-        tasks.spawn(sdmesh_safety::run(safety_opts, listener, after_orchestrator()));
-    }
-    if let Some(listener) = depth {
-        let depth_opts = sdmesh_depth::DepthOptions {
-            dtype,
-            queue_capacity,
-            ..sdmesh_depth::DepthOptions::new(model.clone(), device.clone())
-        };
-        tasks.spawn(sdmesh_depth::run(depth_opts, listener, after_orchestrator()));
-    }
-    let vae_opts = sdmesh_vae::VaeOptions { dtype, queue_capacity, ..sdmesh_vae::VaeOptions::new(model, device) };
-    tasks.spawn(sdmesh_vae::run(vae_opts, vae, after_orchestrator()));
     let orchestrator = sdmesh_orchestrator::run_with_http(orchestrator_opts, listener, http, shutdown);
     tasks.spawn(async move {
         let result = orchestrator.await;

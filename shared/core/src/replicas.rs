@@ -10,8 +10,11 @@
 //! Each call goes to the replica with the fewest calls in flight (ties in turn), skipping
 //! replicas that failed lately. A replica fails when its connection does (refused, reset,
 //! timed out) or when it answers UNAVAILABLE (loading, draining); it then rests for a time that
-//! doubles with each failure in a row ([`FIRST_REST`] to [`LONGEST_REST`]), unless every
-//! replica rests. The failed call fails with UNAVAILABLE, and
+//! doubles with each failure in a row ([`FIRST_REST`] to [`LONGEST_REST`]). When every replica
+//! rests, a call goes to the one that failed longest ago, so that the retries of a call whose
+//! replica just died go to the others, however long they rest (one may be up by now: the last
+//! replica of a rollout's old side dies under a job while the new side is still resting from
+//! failures before it came up). The failed call fails with UNAVAILABLE, and
 //! [`call_with_retries`](crate::client::call_with_retries) sends it again, to another replica:
 //! every call is idempotent, so a replica that dies costs a retry, not a job.
 //!
@@ -170,6 +173,8 @@ struct Replica {
 struct Health {
     failures_in_a_row: u32,
     resting_until: Option<Instant>,
+    /// When it last failed, even while resting.
+    last_failure: Option<Instant>,
 }
 
 impl Replica {
@@ -192,6 +197,11 @@ impl Replica {
         self.health.lock().ok()?.resting_until.filter(|&t| t > now)
     }
 
+    /// When it last failed (None: never, or it answered since).
+    fn last_failure(&self) -> Option<Instant> {
+        self.health.lock().ok()?.last_failure
+    }
+
     /// Its call failed: it rests, twice as long as last time if it failed again after its
     /// rest. Other calls that fail while it rests (those in flight when it died) do not
     /// lengthen the rest.
@@ -199,6 +209,7 @@ impl Replica {
         metrics::counter!("sdmesh_replica_failures_total", "replica" => self.uri.clone()).increment(1);
         let Ok(mut h) = self.health.lock() else { return };
         let now = Instant::now();
+        h.last_failure = Some(now);
         if h.resting_until.is_some_and(|t| t > now) {
             tracing::debug!(replica = %self.uri, "replica failed again while resting: {why}");
             return;
@@ -249,7 +260,8 @@ struct Inner {
 impl Inner {
     /// The replica `pinned` names if it is listed and not resting; else the one with the fewest
     /// calls in flight among those not resting that may serve `model` (all those not resting if
-    /// none may: one refuses, and says what it serves); if all rest, the one that is back first.
+    /// none may: one refuses, and says what it serves); if all rest, the one that failed
+    /// longest ago.
     fn pick(&self, pinned: Option<&str>, model: Option<&http::HeaderValue>) -> Option<Arc<Replica>> {
         let replicas = self.replicas.read().ok()?;
         let now = Instant::now();
@@ -258,7 +270,7 @@ impl Inner {
             return Some((*r).clone());
         }
         if awake.is_empty() {
-            return replicas.iter().min_by_key(|r| r.resting_until(now)).cloned();
+            return replicas.iter().min_by_key(|r| r.last_failure()).cloned();
         }
         if awake.iter().any(|r| r.may_serve(model)) {
             awake.retain(|r| r.may_serve(model));
@@ -540,7 +552,7 @@ mod tests {
         let rest = |r: &Replica| r.resting_until(Instant::now()).map(|t| t - Instant::now());
         b.failed("test");
         assert!(rest(&b).unwrap() <= FIRST_REST, "failing again while resting does not lengthen the rest");
-        // All rest: the one back first (c rested first; a and b as long, but later).
+        // All rest: the one that failed longest ago (c; then a, then b).
         assert_eq!(picked(&inner), "http://c:1");
         c.answered();
         assert!((0..4).all(|_| picked(&inner) == "http://c:1"));
@@ -554,6 +566,28 @@ mod tests {
             b.failed("test");
         }
         assert!(rest(&b).unwrap() > LONGEST_REST / 2 && rest(&b).unwrap() <= LONGEST_REST);
+    }
+
+    /// The last replica that served dies while the only other one rests longer (it failed
+    /// over and over before it came up): the retries go to that one, not to the dead one again
+    /// each time its short rest ends.
+    #[tokio::test]
+    async fn when_all_rest_a_call_goes_to_the_one_that_failed_longest_ago() {
+        let inner = set(&["http://old:1", "http://new:1"]);
+        let r: Vec<Arc<Replica>> = inner.replicas.read().unwrap().clone();
+        let (old, new) = (&r[0], &r[1]);
+        for _ in 0..4 {
+            new.health.lock().unwrap().resting_until = Some(Instant::now());
+            new.failed("not up yet");
+        }
+        assert!(new.resting_until(Instant::now()).unwrap() > Instant::now() + FIRST_REST * 4);
+        assert!((0..4).all(|_| picked(&inner) == "http://old:1"));
+        old.failed("killed");
+        assert_eq!(picked(&inner), "http://new:1", "it rests longer, but failed longer ago");
+        new.failed("still down");
+        assert_eq!(picked(&inner), "http://old:1", "a failure while resting counts too: calls go round");
+        new.answered();
+        assert_eq!(picked(&inner), "http://new:1");
     }
 
     #[tokio::test]

@@ -69,14 +69,42 @@ pub fn start(name: &str, args: &[&str], envs: &[(&str, &str)]) -> Service {
 
 /// [`start`], listening on `listen`.
 pub fn start_listening(name: &str, args: &[&str], envs: &[(&str, &str)], listen: &str) -> Service {
-    let mut child = Command::new(bin(name))
+    let mut command = Command::new(bin(name));
+    command.args(args).args(["--listen", listen]).env("RUST_LOG", "warn").envs(envs.iter().copied());
+    spawn_service(name, command)
+}
+
+/// [`start`] with `--log-format json`, its log filtered by `rust_log`: each log line it writes,
+/// parsed, comes through the receiver.
+pub fn start_with_json_log(
+    name: &str,
+    args: &[&str],
+    rust_log: &str,
+) -> (Service, std::sync::mpsc::Receiver<serde_json::Value>) {
+    let mut command = Command::new(bin(name));
+    command
         .args(args)
-        .args(["--listen", listen])
-        .env("RUST_LOG", "warn")
-        .envs(envs.iter().copied())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+        .env("RUST_LOG", rust_log)
+        .stderr(Stdio::piped());
+    let mut service = spawn_service(name, command);
+    let stderr = BufReader::new(service.child.stderr.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            let parsed =
+                serde_json::from_str(&line).unwrap_or_else(|e| panic!("a log line that is not JSON ({e}): {line}"));
+            if tx.send(parsed).is_err() {
+                return;
+            }
+        }
+    });
+    (service, rx)
+}
+
+/// Spawns `command` and reads the addresses it prints, up to `listening on ADDR`.
+fn spawn_service(name: &str, mut command: Command) -> Service {
+    let mut child = command.stdout(Stdio::piped()).spawn().unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let (mut metrics, mut http) = (None, None);
     let addr = loop {

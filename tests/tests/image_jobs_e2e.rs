@@ -6,7 +6,7 @@
 
 use sdmesh_proto::v1;
 use sdmesh_testkit::process::{bin, Mesh};
-use sdmesh_testkit::{assert_close, fixtures, load_fixture_json, load_fixture_tensors};
+use sdmesh_testkit::{assert_close, fixtures, load_fixture_json, load_fixture_tensors, model};
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
@@ -14,19 +14,23 @@ fn inputs(name: &str) -> PathBuf {
     fixtures().join("reference-jobs/inputs").join(name)
 }
 
+/// A new folder (tests run at once, some on the same case).
 fn tmp_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("sdmesh-{tag}-{}", std::process::id()));
+    static MADE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("sdmesh-{tag}-{}-{n}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
 
-/// `sdctl COMMAND` for reference case `name` against `mesh`; the output array's path.
-fn sdctl_case(command: &str, mesh: &Mesh, name: &str, extra: &[&str], tmp: &std::path::Path) -> (Output, PathBuf) {
+/// `sdctl COMMAND` for reference case `name` against the orchestrator at `endpoint`; the
+/// output array's path.
+fn sdctl_case(command: &str, endpoint: &str, name: &str, extra: &[&str], tmp: &std::path::Path) -> (Output, PathBuf) {
     let cases = load_fixture_json("reference-jobs/cases.json");
     let case = cases.as_array().unwrap().iter().find(|c| c["name"] == name).unwrap().clone();
     let array = tmp.join(format!("{name}.npy"));
     let mut cmd = Command::new(bin("sdctl"));
-    cmd.args([command, "--endpoint", &mesh.orchestrator.addr, "--quiet"])
+    cmd.args([command, "--endpoint", endpoint, "--quiet"])
         .args(["--prompt", case["prompt"].as_str().unwrap()])
         .args(["--steps", &case["steps"].to_string(), "--guidance", &case["guidance_scale"].to_string()])
         .args(["--seed", &case["seed"].to_string()])
@@ -54,9 +58,9 @@ fn sdctl_case(command: &str, mesh: &Mesh, name: &str, extra: &[&str], tmp: &std:
     (out, array)
 }
 
-fn check_seed_case(command: &str, mesh: &Mesh, name: &str) {
+fn check_seed_case(command: &str, endpoint: &str, name: &str, extra: &[&str]) {
     let tmp = tmp_dir(name);
-    let (out, array) = sdctl_case(command, mesh, name, &[], &tmp);
+    let (out, array) = sdctl_case(command, endpoint, name, extra, &tmp);
     assert!(out.status.success(), "sdctl {command}: {}", String::from_utf8_lossy(&out.stderr));
     let image = candle_core::Tensor::read_npy(&array).unwrap();
     let r = load_fixture_tensors(&format!("reference-jobs/cases/{name}.safetensors"));
@@ -69,28 +73,34 @@ fn check_seed_case(command: &str, mesh: &Mesh, name: &str) {
 #[tokio::test]
 async fn sdctl_img2img_through_separate_processes_equals_diffusers_by_seed() {
     let mesh = Mesh::start("sd21-tiny").await;
-    check_seed_case("img2img", &mesh, "seed_i2i_sd21_ddim_s075");
+    check_seed_case("img2img", &mesh.orchestrator.addr, "seed_i2i_sd21_ddim_s075", &[]);
 }
 
 #[tokio::test]
 async fn sdctl_inpaint_through_separate_processes_equals_diffusers_by_seed() {
     let mesh = Mesh::start("sd2-inpaint-tiny").await;
-    check_seed_case("inpaint", &mesh, "seed_inp_ddim_s07");
+    check_seed_case("inpaint", &mesh.orchestrator.addr, "seed_inp_ddim_s07", &[]);
 
     // Bad input comes back as INVALID_ARGUMENT saying why, and the mesh goes on serving.
     let tmp = tmp_dir("inpaint-bad");
     let wrong_mask = inputs("mask48x64.png");
-    let (out, _) = sdctl_case("inpaint", &mesh, "seed_inp_ddim_s07", &["--mask", wrong_mask.to_str().unwrap()], &tmp);
+    let (out, _) = sdctl_case(
+        "inpaint",
+        &mesh.orchestrator.addr,
+        "seed_inp_ddim_s07",
+        &["--mask", wrong_mask.to_str().unwrap()],
+        &tmp,
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("InvalidArgument") && stderr.contains("mask"), "{stderr}");
-    let (out, _) = sdctl_case("inpaint", &mesh, "seed_inp_ddim_s07", &["--strength", "1.5"], &tmp);
+    let (out, _) = sdctl_case("inpaint", &mesh.orchestrator.addr, "seed_inp_ddim_s07", &["--strength", "1.5"], &tmp);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("InvalidArgument") && stderr.contains("strength"), "{stderr}");
     // img2img on an inpainting checkpoint: FAILED_PRECONDITION.
-    let (out, _) = sdctl_case("img2img", &mesh, "seed_inp_ddim_s07", &[], &tmp);
+    let (out, _) = sdctl_case("img2img", &mesh.orchestrator.addr, "seed_inp_ddim_s07", &[], &tmp);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("FailedPrecondition"), "{stderr}");
-    check_seed_case("inpaint", &mesh, "seed_inp_ddim_s07");
+    check_seed_case("inpaint", &mesh.orchestrator.addr, "seed_inp_ddim_s07", &[]);
     std::fs::remove_dir_all(&tmp).unwrap();
 }
 
@@ -98,7 +108,7 @@ async fn sdctl_inpaint_through_separate_processes_equals_diffusers_by_seed() {
 async fn sdctl_depth_through_separate_processes_equals_diffusers_by_seed() {
     let mesh = Mesh::start("sd2-depth-tiny").await;
     assert!(mesh.depth.is_some(), "the depth checkpoint starts the depth service");
-    check_seed_case("depth", &mesh, "seed_depth_ddim_s08");
+    check_seed_case("depth", &mesh.orchestrator.addr, "seed_depth_ddim_s08", &[]);
 
     // The depth service on its own: the map as a tensor and as a 16-bit PNG.
     let depth = mesh.depth.as_ref().unwrap();
@@ -128,4 +138,46 @@ async fn sdctl_depth_through_separate_processes_equals_diffusers_by_seed() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+}
+
+/// `sdmesh serve --also-model`: sd21-tiny, sd2-inpaint-tiny and sd2-depth-tiny have the same
+/// text encoder and vae (as every SD 2.x checkpoint but the upscaler does), so one process
+/// serves the three on one text-encoder and one vae service, and a unet each (its log says
+/// which services each model has); each model's job still equals diffusers by seed.
+#[tokio::test]
+async fn sdmesh_serve_shares_the_text_encoder_and_vae_its_models_have_in_common() {
+    let (inpaint, depth) = (model("sd2-inpaint-tiny"), model("sd2-depth-tiny"));
+    let (serve, log) = sdmesh_testkit::process::start_with_json_log(
+        "sdmesh",
+        &[
+            "serve",
+            "--model",
+            model("sd21-tiny").to_str().unwrap(),
+            "--also-model",
+            &format!("inpaint={}", inpaint.to_str().unwrap()),
+            "--also-model",
+            &format!("depth={}", depth.to_str().unwrap()),
+        ],
+        "warn,sdmesh::mesh=info",
+    );
+    sdmesh_testkit::process::wait_serving(&serve.addr).await;
+    let mut services = Vec::new();
+    while services.len() < 3 {
+        let line = log.recv_timeout(std::time::Duration::from_secs(30)).expect("a log line per model's services");
+        if line["fields"]["message"] == "a model's services" {
+            services.push(line["fields"].clone());
+        }
+    }
+    assert_eq!(services.len(), 3, "{services:?}");
+    let of = |i: usize, service: &str| services[i][service].as_str().unwrap().to_string();
+    for i in 1..3 {
+        assert_eq!(of(i, "text_encoder"), of(0, "text_encoder"), "{services:?}");
+        assert_eq!(of(i, "vae"), of(0, "vae"), "{services:?}");
+        assert_ne!(of(i, "unet"), of(0, "unet"), "{services:?}");
+    }
+    assert!(of(2, "depth").starts_with("http://") && of(0, "depth").is_empty(), "{services:?}");
+
+    check_seed_case("depth", &serve.addr, "seed_depth_ddim_s08", &["--model-name", "depth"]);
+    check_seed_case("inpaint", &serve.addr, "seed_inp_ddim_s07", &["--model-name", "inpaint"]);
+    check_seed_case("img2img", &serve.addr, "seed_i2i_sd21_ddim_s075", &[]);
 }

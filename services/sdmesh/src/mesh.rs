@@ -1,10 +1,13 @@
 //! The whole mesh in one process: each model service (and the depth service, for a depth
 //! checkpoint) on its own loopback port, the orchestrator reaching them over gRPC exactly as
-//! across machines. More models (`also_models`) each get their own services, and the one
-//! orchestrator serves them all (GenerateRequest.model picks one).
+//! across machines. More models (`also_models`) each get their own unet (and depth) services,
+//! and share the text-encoder and vae services of an earlier folder with the same weights
+//! (every SD 2.x checkpoint but the upscaler has the same OpenCLIP ViT-H and autoencoder); the
+//! one orchestrator serves them all (GenerateRequest.model picks one).
 
 use sdmesh_core::serve::Shutdown;
 use sdmesh_orchestrator::pipeline::Limits;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -70,36 +73,77 @@ struct ModelUrls {
     depth: Option<String>,
 }
 
-/// Starts `model`'s text-encoder, unet, vae (and, for a depth checkpoint, depth) services on
-/// loopback ports, into `tasks`, each stopping on `stop()`.
+/// The text-encoder and vae services started so far, by what each serves (its fingerprint).
+#[derive(Default)]
+struct SharedServices {
+    text_encoders: HashMap<String, String>,
+    vaes: HashMap<String, String>,
+}
+
+/// Hashes a component's files off the async threads (a real text encoder is over a GB).
+async fn fingerprint_of<O: Send + 'static>(
+    opts: O,
+    fingerprint: fn(&O) -> Result<String, sdmesh_core::model_dir::ModelDirError>,
+) -> anyhow::Result<String> {
+    Ok(tokio::task::spawn_blocking(move || fingerprint(&opts)).await??)
+}
+
+/// Starts `model`'s unet (and, for a depth checkpoint, depth) services on loopback ports, into
+/// `tasks`, each stopping on `stop()`; and its text-encoder and vae services, unless `shared`
+/// has one that serves the same weights, config and tokenizer (same fingerprint), which it
+/// then uses: the weights are in memory once, and the folders' encodes batch together.
 async fn start_model_services(
     model: &Path,
     opts: &MeshOptions,
+    shared: &mut SharedServices,
     tasks: &mut tokio::task::JoinSet<anyhow::Result<()>>,
     stop: &impl Fn() -> Shutdown,
 ) -> anyhow::Result<ModelUrls> {
     let loopback = || TcpListener::bind("127.0.0.1:0");
     let url = |l: &TcpListener| l.local_addr().map(|a| format!("http://{a}"));
-    let (te, unet, vae) = (loopback().await?, loopback().await?, loopback().await?);
-    // A depth checkpoint (depth_estimator/ in the folder) gets the depth service too.
-    let depth = if sdmesh_orchestrator::has_depth_estimator(model) { Some(loopback().await?) } else { None };
-    let urls = ModelUrls {
-        text_encoder: url(&te)?,
-        unet: url(&unet)?,
-        vae: url(&vae)?,
-        depth: depth.as_ref().map(url).transpose()?,
-    };
     let (model, device, dtype, queue_capacity) =
         (model.to_path_buf(), opts.device.clone(), opts.dtype, opts.queue_capacity);
-    tasks.spawn(sdmesh_text_encoder::run(
-        sdmesh_text_encoder::TextEncoderOptions {
-            dtype,
-            queue_capacity,
-            ..sdmesh_text_encoder::TextEncoderOptions::new(model.clone(), device.clone())
-        },
-        te,
-        stop(),
-    ));
+    let te_opts = sdmesh_text_encoder::TextEncoderOptions {
+        dtype,
+        queue_capacity,
+        ..sdmesh_text_encoder::TextEncoderOptions::new(model.clone(), device.clone())
+    };
+    let te_fingerprint = fingerprint_of(te_opts.clone(), sdmesh_text_encoder::fingerprint).await?;
+    let text_encoder = match shared.text_encoders.get(&te_fingerprint) {
+        Some(url) => url.clone(),
+        None => {
+            let listener = loopback().await?;
+            let te_url = url(&listener)?;
+            tasks.spawn(sdmesh_text_encoder::run(te_opts, listener, stop()));
+            shared.text_encoders.insert(te_fingerprint, te_url.clone());
+            te_url
+        }
+    };
+    let vae_opts =
+        sdmesh_vae::VaeOptions { dtype, queue_capacity, ..sdmesh_vae::VaeOptions::new(model.clone(), device.clone()) };
+    let vae_fingerprint = fingerprint_of(vae_opts.clone(), sdmesh_vae::fingerprint).await?;
+    let vae = match shared.vaes.get(&vae_fingerprint) {
+        Some(url) => url.clone(),
+        None => {
+            let listener = loopback().await?;
+            let vae_url = url(&listener)?;
+            tasks.spawn(sdmesh_vae::run(vae_opts, listener, stop()));
+            shared.vaes.insert(vae_fingerprint, vae_url.clone());
+            vae_url
+        }
+    };
+    let unet = loopback().await?;
+    // A depth checkpoint (depth_estimator/ in the folder) gets the depth service too.
+    let depth = if sdmesh_orchestrator::has_depth_estimator(&model) { Some(loopback().await?) } else { None };
+    let urls = ModelUrls { text_encoder, unet: url(&unet)?, vae, depth: depth.as_ref().map(url).transpose()? };
+    tracing::info!(
+        model = %model.display(),
+        text_encoder = %urls.text_encoder,
+        unet = %urls.unet,
+        vae = %urls.vae,
+        depth = urls.depth.as_deref().unwrap_or(""),
+        "a model's services"
+    );
     tasks.spawn(sdmesh_unet::run(
         opts.batching.clone().apply(sdmesh_unet::UnetOptions {
             dtype,
@@ -117,8 +161,6 @@ async fn start_model_services(
         };
         tasks.spawn(sdmesh_depth::run(depth_opts, listener, stop()));
     }
-    let vae_opts = sdmesh_vae::VaeOptions { dtype, queue_capacity, ..sdmesh_vae::VaeOptions::new(model, device) };
-    tasks.spawn(sdmesh_vae::run(vae_opts, vae, stop()));
     Ok(urls)
 }
 
@@ -144,10 +186,11 @@ pub async fn serve_mesh(
         )
     };
     let mut tasks = tokio::task::JoinSet::new();
-    let main = start_model_services(&opts.model, &opts, &mut tasks, &after_orchestrator).await?;
+    let mut shared = SharedServices::default();
+    let main = start_model_services(&opts.model, &opts, &mut shared, &mut tasks, &after_orchestrator).await?;
     let mut more_models = Vec::new();
     for (name, model) in &opts.also_models {
-        let urls = start_model_services(model, &opts, &mut tasks, &after_orchestrator).await?;
+        let urls = start_model_services(model, &opts, &mut shared, &mut tasks, &after_orchestrator).await?;
         more_models.push(sdmesh_orchestrator::models::ModelServices {
             name: name.clone(),
             model: model.clone(),

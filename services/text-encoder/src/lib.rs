@@ -69,11 +69,6 @@ impl LocalTextEncoder {
             .map_err(|message| ModelDirError::Malformed { path: dir.path.clone(), message })?;
         let tokenizer_dir = ComponentDir::open(&opts.model, "tokenizer")?;
         let tokenizer = tokenizer::ClipTokenizer::load(&tokenizer_dir, model.max_positions())?;
-        let tokenizer_files: Vec<PathBuf> =
-            ["vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json"]
-                .into_iter()
-                .filter_map(|name| tokenizer_dir.file(name).ok())
-                .collect();
         if tokenizer.context_length() > MAX_CONTEXT_LENGTH || model.hidden_size() > MAX_HIDDEN_SIZE {
             return Err(ModelDirError::Malformed {
                 path: dir.path.clone(),
@@ -88,7 +83,7 @@ impl LocalTextEncoder {
         let info = v1::TextEncoderInfo {
             context_length: tokenizer.context_length() as u32,
             hidden_size: model.hidden_size() as u32,
-            fingerprint: dir.fingerprint(&["model"], &tokenizer_files, &opts.device, opts.dtype)?,
+            fingerprint: dir.fingerprint(&["model"], &tokenizer_files(&tokenizer_dir), &opts.device, opts.dtype)?,
         };
         let device = opts.device.clone();
         // Warm-up: the first forward pass allocates; do it before reporting SERVING.
@@ -101,6 +96,22 @@ impl LocalTextEncoder {
         });
         Ok(Self { worker, info })
     }
+}
+
+/// What a service with `opts` serves ([`v1::TextEncoderInfo::fingerprint`]), without loading
+/// the model: folders with the same one can share one service.
+pub fn fingerprint(opts: &TextEncoderOptions) -> std::result::Result<String, ModelDirError> {
+    let dir = ComponentDir::open(&opts.model, "text_encoder")?;
+    let tokenizer_dir = ComponentDir::open(&opts.model, "tokenizer")?;
+    dir.fingerprint(&["model"], &tokenizer_files(&tokenizer_dir), &opts.device, opts.dtype)
+}
+
+/// The tokenizer's files its output depends on.
+fn tokenizer_files(dir: &ComponentDir) -> Vec<PathBuf> {
+    ["vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json"]
+        .into_iter()
+        .filter_map(|name| dir.file(name).ok())
+        .collect()
 }
 
 fn encode_batch(

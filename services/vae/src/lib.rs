@@ -101,6 +101,12 @@ impl VaeOptions {
     }
 }
 
+/// What a service with `opts` serves ([`v1::VaeInfo::fingerprint`]), without loading the
+/// model: folders with the same one can share one service.
+pub fn fingerprint(opts: &VaeOptions) -> std::result::Result<String, ModelDirError> {
+    ComponentDir::open(&opts.model, "vae")?.fingerprint(&["diffusion_pytorch_model"], &[], &opts.device, opts.dtype)
+}
+
 /// Default decode tile: 128 latents (1024 px for SD's VAE, 512 px for the x4 upscaler's), so
 /// SD decodes up to 1024x1024 are never tiled and larger ones stay within one tile's memory.
 pub const DEFAULT_DECODE_TILE_LATENTS: usize = 128;
@@ -271,7 +277,7 @@ impl LocalVae {
             latent_channels: json.latent_channels as u32,
             scale_factor: 1 << (json.block_out_channels.len() - 1),
             scaling_factor: json.scaling_factor,
-            fingerprint: dir.fingerprint(&["diffusion_pytorch_model"], &[], &opts.device, dtype)?,
+            fingerprint: fingerprint(opts)?,
         };
         let model = Model {
             vae,

@@ -1,6 +1,7 @@
 //! Logs, traces and metrics for every binary.
 //!
-//! - Logs go to stderr, filtered by RUST_LOG (default `info`).
+//! - Logs go to stderr, filtered by RUST_LOG (default `info`): text lines (coloured only on a
+//!   terminal), or with `--log-format json` one JSON object per line for a log collector.
 //! - Traces are exported over OTLP/gRPC when an endpoint is set. W3C trace context travels in
 //!   the gRPC metadata: [`traced`] injects it into outgoing calls and [`server_span`] (installed
 //!   by [`crate::serve::serve`]) extracts it, so one generation is one trace across the mesh.
@@ -29,6 +30,18 @@ pub struct TelemetryArgs {
     /// `metrics on ADDR`); none = no metrics endpoint.
     #[arg(long, env = "SDMESH_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
+    /// Log lines on stderr: text (coloured on a terminal) or json (one object per line:
+    /// timestamp, level, target, fields and the spans it is in).
+    #[arg(long, env = "SDMESH_LOG_FORMAT", value_enum, default_value_t)]
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 /// What [`init`] set up; [`Telemetry::shutdown`] flushes the spans still buffered.
@@ -45,7 +58,15 @@ const TRACED_CRATES: &[&str] =
 pub async fn init(service_name: &'static str, args: &TelemetryArgs) -> anyhow::Result<Telemetry> {
     let log_filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(log_filter);
+    let fmt = match args.log_format {
+        LogFormat::Text => {
+            use std::io::IsTerminal;
+            let ansi = std::io::stderr().is_terminal();
+            tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi).boxed()
+        }
+        LogFormat::Json => tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr).boxed(),
+    }
+    .with_filter(log_filter);
     let tracer_provider = match &args.otlp_endpoint {
         Some(endpoint) => Some(tracer_provider(service_name, endpoint)?),
         None => None,

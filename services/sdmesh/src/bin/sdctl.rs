@@ -136,7 +136,7 @@ async fn main() {
         // the final error says what went wrong.
         std::env::set_var("RUST_LOG", "warn,sdmesh_core::replicas=error");
     }
-    let telemetry = TelemetryArgs { otlp_endpoint: args.otlp_endpoint.clone(), metrics_listen: None };
+    let telemetry = TelemetryArgs { otlp_endpoint: args.otlp_endpoint.clone(), ..Default::default() };
     let telemetry = match sdmesh_core::telemetry::init("sdctl", &telemetry).await {
         Ok(t) => t,
         Err(e) => {

@@ -162,6 +162,30 @@ pub struct JobOutput {
     pub safety: crate::safety::Outcome,
 }
 
+/// A decoded preview on its way (see [`Pipeline::decoded_preview`]).
+type PreviewDecode<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Option<Tensor>> + Send + 'a>>;
+
+fn cancelled() -> Error {
+    Error::Remote(tonic::Status::cancelled("the client went away"))
+}
+
+/// Runs `call`, and the preview `held` (if any) at the same time; then sends the held step's
+/// progress, its preview in it. `call`'s error comes first: the job ends without that progress.
+async fn with_held_preview<T>(
+    call: impl std::future::Future<Output = Result<T>>,
+    held: &mut Option<(StepProgress, PreviewDecode<'_>)>,
+    progress: &mut (dyn FnMut(StepProgress) -> bool + Send),
+) -> Result<T> {
+    let Some((mut step, preview)) = held.take() else { return call.await };
+    let (out, preview) = tokio::join!(call, preview);
+    let out = out?;
+    step.preview = preview;
+    if !progress(step) {
+        return Err(cancelled());
+    }
+    Ok(out)
+}
+
 #[derive(Clone)]
 pub struct Pipeline {
     pub text_encoder: Arc<dyn TextEncoder>,
@@ -553,6 +577,11 @@ impl Pipeline {
             }
             _ => None,
         };
+        // A decoded preview is made while the job's next call (the next step, or the final
+        // decode) runs: both are calls to other services, and the unet need not wait for the
+        // vae. Its step's progress is held until it is ready, so progress stays in order, at
+        // most one step late.
+        let mut held: Option<(StepProgress, PreviewDecode<'_>)> = None;
         for (i, &t) in timesteps.iter().enumerate().skip(begin) {
             let span = tracing::info_span!("step", step = i, timestep = t, batch = job.num_images);
             let model_input = span.in_scope(|| scheduler.scale_model_input(&latents, i))?;
@@ -567,18 +596,24 @@ impl Pipeline {
                 guidance_rescale: job.guidance_rescale,
                 class_label: job.input.as_ref().filter(|_| job.task == Task::Upscale).map(|i| i.noise_level),
             };
-            let model_output = match &tiling {
-                Some(tiling) => tiling.denoise(self.denoiser.as_ref(), step_input).instrument(span.clone()).await?,
-                None => self.denoiser.denoise(step_input).instrument(span.clone()).await?,
+            let denoise = async {
+                match &tiling {
+                    Some(tiling) => tiling.denoise(self.denoiser.as_ref(), step_input).instrument(span.clone()).await,
+                    None => self.denoiser.denoise(step_input).instrument(span.clone()).await,
+                }
             };
+            let model_output = with_held_preview(denoise, &mut held, progress).await?;
             let step = i + 1 - begin;
+            let mut decode_preview = None;
             let preview = match job.preview_every {
                 every if every > 0 && step % every == 0 => {
                     let (scales, prediction) = (scheduler.noise_scales(i), self.scheduler_config.prediction_type());
                     let x0 = span.in_scope(|| crate::preview::first_x0(&latents, &model_output, scales, prediction))?;
                     match (x0, job.preview_kind) {
                         (Some(x0), crate::preview::PreviewKind::Decoded) => {
-                            self.decoded_preview(job, x0).instrument(span.clone()).await
+                            decode_preview =
+                                Some(Box::pin(self.decoded_preview(job, x0).instrument(span.clone())) as _);
+                            None
                         }
                         (Some(x0), crate::preview::PreviewKind::Latent) => crate::preview::latent_rgb(&x0)?,
                         (None, _) => None,
@@ -592,11 +627,14 @@ impl Pipeline {
             }
             metrics::counter!("sdmesh_steps_total").increment(1);
             let step = StepProgress { step, total, timestep: t, latents: latents.clone(), restarts: 0, preview };
-            if !progress(step) {
-                return Err(Error::Remote(tonic::Status::cancelled("the client went away")));
+            match decode_preview {
+                Some(decode) => held = Some((step, decode)),
+                None if !progress(step) => return Err(cancelled()),
+                None => {}
             }
         }
-        let images = self.vae.decode(latents).instrument(tracing::info_span!("decode", batch = job.num_images)).await?;
+        let decode = self.vae.decode(latents).instrument(tracing::info_span!("decode", batch = job.num_images));
+        let images = with_held_preview(decode, &mut held, progress).await?;
         Ok(JobOutput { images, warnings, safety: Default::default() })
     }
 

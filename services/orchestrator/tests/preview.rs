@@ -167,3 +167,92 @@ async fn a_decoded_preview_never_shows_what_the_safety_policy_would_hide() {
     let (previews, _) = previews_of(&pipeline, &with(v1::SafetyPolicy::Flag)).await.unwrap();
     assert_eq!(shown(&previews), 0, "an unchecked preview was sent");
 }
+
+/// The job's calls to the unet and its final decodes: how many are running, and how many ran.
+#[derive(Default)]
+struct Calls {
+    running: tokio::sync::watch::Sender<usize>,
+    made: std::sync::atomic::AtomicUsize,
+}
+
+impl Calls {
+    async fn counted<T>(&self, call: impl std::future::Future<Output = T>) -> T {
+        self.made.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.running.send_modify(|n| *n += 1);
+        let out = call.await;
+        self.running.send_modify(|n| *n -= 1);
+        out
+    }
+}
+
+struct CountingDenoiser {
+    inner: std::sync::Arc<dyn sdmesh_core::Denoiser>,
+    calls: std::sync::Arc<Calls>,
+}
+
+#[async_trait::async_trait]
+impl sdmesh_core::Denoiser for CountingDenoiser {
+    async fn denoise(&self, input: sdmesh_core::DenoiseInput) -> sdmesh_core::Result<candle_core::Tensor> {
+        self.calls.counted(self.inner.denoise(input)).await
+    }
+    async fn info(&self) -> sdmesh_core::Result<sdmesh_proto::v1::UnetInfo> {
+        self.inner.info().await
+    }
+}
+
+/// A vae that decodes a preview (one image; the jobs here make two) only while another call of
+/// the job runs: the job must not wait for its preview to go on.
+struct PreviewWaitsVae {
+    inner: std::sync::Arc<dyn sdmesh_core::Vae>,
+    calls: std::sync::Arc<Calls>,
+}
+
+#[async_trait::async_trait]
+impl sdmesh_core::Vae for PreviewWaitsVae {
+    async fn decode(&self, latents: candle_core::Tensor) -> sdmesh_core::Result<candle_core::Tensor> {
+        if latents.dim(0)? > 1 {
+            return self.calls.counted(self.inner.decode(latents)).await;
+        }
+        let mut running = self.calls.running.subscribe();
+        let another_call = tokio::time::timeout(std::time::Duration::from_secs(10), running.wait_for(|n| *n > 0));
+        if another_call.await.is_err() {
+            return Err(sdmesh_core::Error::Unavailable("the job waited for its preview".into()));
+        }
+        self.inner.decode(latents).await
+    }
+    async fn encode(
+        &self,
+        images: candle_core::Tensor,
+        noise: Option<candle_core::Tensor>,
+    ) -> sdmesh_core::Result<sdmesh_core::EncodedImages> {
+        self.inner.encode(images, noise).await
+    }
+    async fn info(&self) -> sdmesh_core::Result<sdmesh_proto::v1::VaeInfo> {
+        self.inner.info().await
+    }
+}
+
+/// A decoded preview is made while the job's next call runs (step 2's with step 3's unet call,
+/// step 4's with the final decode), and each step's progress still comes in order.
+#[tokio::test]
+async fn a_decoded_preview_is_made_while_the_job_goes_on() {
+    let mut pipeline = common::local_pipeline("sd21-base-tiny").await;
+    let calls = std::sync::Arc::new(Calls::default());
+    pipeline.denoiser =
+        std::sync::Arc::new(CountingDenoiser { inner: pipeline.denoiser.clone(), calls: calls.clone() });
+    pipeline.vae = std::sync::Arc::new(PreviewWaitsVae { inner: pipeline.vae.clone(), calls: calls.clone() });
+    let request = decoded_request("euler");
+    let job = pipeline.validate(&request).unwrap();
+    let mut seen = Vec::new();
+    let out = pipeline
+        .run(&job, &mut SeededNoise::new(1), &mut |p: StepProgress| {
+            seen.push((p.step, p.preview));
+            true
+        })
+        .await
+        .unwrap();
+    let steps: Vec<_> = seen.iter().map(|(step, preview)| (*step, preview.is_some())).collect();
+    assert_eq!(steps, [(1, false), (2, true), (3, false), (4, true)], "in order, the previews made");
+    assert!(max_diff(seen[3].1.as_ref().unwrap(), &out.images.get(0).unwrap()) <= 1e-5);
+    assert_eq!(calls.made.load(std::sync::atomic::Ordering::Relaxed), 5, "four steps and the final decode");
+}

@@ -1,6 +1,7 @@
 //! The x4 upscaler and the safety checker end to end across real processes, driven by sdctl:
 //! `sdctl upscale` by seed equals diffusers; a txt2img job chained with an upscale (the
-//! upscaler's unet and vae as their own processes) equals the same chain run in process;
+//! upscaler's unet and vae as their own processes, or inside `sdmesh serve`, or `sdmesh
+//! generate` with no gRPC) equals the same chain run in process;
 //! `sdctl check` prints the reference verdicts; an orchestrator with --safety-url reports
 //! flags, fails closed with UNAVAILABLE when the safety service is gone, or (flag-only)
 //! delivers with a warning.
@@ -97,34 +98,68 @@ async fn a_txt2img_job_chained_with_an_upscale_through_separate_processes() {
         Mesh::start_with("sd21-tiny", &MeshOptions { orchestrator_args: args.to_vec(), ..Default::default() }).await;
     let tmp = tmp_dir("chain");
     let npy = tmp.join("chain.npy");
-    let out = sdctl(&[
-        "generate",
-        "--endpoint",
-        &mesh.orchestrator.addr,
-        "--quiet",
-        "--prompt",
-        "a red fox",
-        "--steps",
-        "3",
-        "--height",
-        "32",
-        "--width",
-        "32",
-        "--seed",
-        "5",
-        "--then-upscale",
-        "--upscale-steps",
-        "3",
-        "--noise-level",
-        "40",
-        "--out",
-        tmp.join("chain.png").to_str().unwrap(),
-        "--out-array",
-        npy.to_str().unwrap(),
-    ]);
-    ok(&out, "sdctl generate --then-upscale");
+    let job = |npy: &std::path::Path| -> Vec<String> {
+        [
+            "--quiet",
+            "--prompt",
+            "a red fox",
+            "--steps",
+            "3",
+            "--height",
+            "32",
+            "--width",
+            "32",
+            "--seed",
+            "5",
+            "--then-upscale",
+            "--upscale-steps",
+            "3",
+            "--noise-level",
+            "40",
+            "--out",
+            npy.with_extension("png").to_str().unwrap(),
+            "--out-array",
+            npy.to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let out =
+        Command::new(bin("sdctl")).args(["generate", "--endpoint", &mesh.orchestrator.addr]).args(job(&npy)).output();
+    ok(&out.unwrap(), "sdctl generate --then-upscale");
     let array = candle_core::Tensor::read_npy(&npy).unwrap();
     assert_eq!(array.dims(), &[1, 128, 128, 3]);
+
+    // The same with `sdmesh serve --upscaler-model` (the upscaler's services in its process),
+    // and in-process with `sdmesh generate --upscaler-model`: the same numbers.
+    let sd = model("sd21-tiny");
+    let serve = start(
+        "sdmesh",
+        &["serve", "--model", sd.to_str().unwrap(), "--upscaler-model", up_model.to_str().unwrap()],
+        &[],
+    );
+    wait_serving(&serve.addr).await;
+    let served = tmp.join("served.npy");
+    let out = Command::new(bin("sdctl")).args(["generate", "--endpoint", &serve.addr]).args(job(&served)).output();
+    ok(&out.unwrap(), "sdctl generate --then-upscale against sdmesh serve");
+    let in_process = tmp.join("in-process.npy");
+    let out = Command::new(bin("sdmesh"))
+        .args(["generate", "--model", sd.to_str().unwrap(), "--upscaler-model", up_model.to_str().unwrap()])
+        .args(job(&in_process))
+        .output();
+    ok(&out.unwrap(), "sdmesh generate --then-upscale");
+    for (what, path) in [("sdmesh serve", &served), ("sdmesh generate", &in_process)] {
+        let other = candle_core::Tensor::read_npy(path).unwrap();
+        assert_close(&format!("chain through {what} vs the mesh"), &other, &array, 1e-6);
+    }
+    // An --upscaler-model that is no upscaler: refused.
+    let out = Command::new(bin("sdmesh"))
+        .args(["generate", "--model", sd.to_str().unwrap(), "--upscaler-model", sd.to_str().unwrap()])
+        .args(job(&in_process))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("not an x4 upscaler"), "{stderr}");
 
     // The same chain in this process.
     let limits = sdmesh_orchestrator::pipeline::Limits::default();

@@ -30,6 +30,9 @@ enum Command {
         /// The models' float type: f32, f16 or bf16.
         #[arg(long, env = "SDMESH_DTYPE", default_value = "f32", value_parser = sdmesh_core::parse_dtype)]
         dtype: candle_core::DType,
+        /// An x4 upscaler folder (stable-diffusion-x4-upscaler), for --then-upscale.
+        #[arg(long, env = "SDMESH_UPSCALER_MODEL")]
+        upscaler_model: Option<PathBuf>,
         #[command(flatten)]
         job: Box<sdmesh::JobArgs>,
     },
@@ -41,10 +44,16 @@ enum Command {
         model: PathBuf,
         /// Another model to serve beside --model, as [NAME=]DIR (NAME defaults to the folder's
         /// name; requests pick it with GenerateRequest.model, sdctl --model-name). Each gets its
-        /// own text-encoder, unet and vae services (and depth, for a depth checkpoint).
-        /// Repeatable; in the environment, comma-separated.
+        /// own unet service (and depth, for a depth checkpoint), and shares the text-encoder
+        /// and vae services of an earlier folder with the same files. Repeatable; in the
+        /// environment, comma-separated.
         #[arg(long, env = "SDMESH_ALSO_MODELS", value_delimiter = ',', value_parser = sdmesh::mesh::parse_also_model)]
         also_model: Vec<(Option<String>, PathBuf)>,
+        /// An x4 upscaler folder (stable-diffusion-x4-upscaler) that jobs can chain after
+        /// themselves (GenerateRequest.upscale, sdctl --then-upscale); its services run here
+        /// too (its text encoder shared with --model's when the same).
+        #[arg(long, env = "SDMESH_UPSCALER_MODEL", value_parser = sdmesh::mesh::parse_model_dir)]
+        upscaler_model: Option<PathBuf>,
         /// Address of the public API (the orchestrator).
         #[arg(long, env = "SDMESH_LISTEN", default_value = "127.0.0.1:50050")]
         listen: String,
@@ -77,10 +86,13 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Generate { model, device, dtype, job } => generate(model, device, dtype, *job).await,
+        Command::Generate { model, device, dtype, upscaler_model, job } => {
+            generate(model, device, dtype, upscaler_model, *job).await
+        }
         Command::Serve {
             model,
             also_model,
+            upscaler_model,
             listen,
             http_listen,
             device,
@@ -103,6 +115,7 @@ async fn main() -> anyhow::Result<()> {
                 batching,
                 dtype,
                 also_models: also_model,
+                upscaler_model,
                 ..MeshOptions::new(model, device)
             };
             serve(opts, listen, http_listen, shutdown, telemetry).await
@@ -133,6 +146,7 @@ async fn generate(
     model: PathBuf,
     device: String,
     dtype: candle_core::DType,
+    upscaler_model: Option<PathBuf>,
     job: sdmesh::JobArgs,
 ) -> anyhow::Result<()> {
     use sdmesh_proto::v1::orchestrator_server::Orchestrator;
@@ -141,7 +155,12 @@ async fn generate(
     }
     let telemetry = sdmesh_core::telemetry::init("sdmesh", &TelemetryArgs::default()).await?;
     let device = sdmesh_core::parse_device(&device).map_err(anyhow::Error::msg)?;
-    let pipeline = sdmesh_orchestrator::local_pipeline(&model, &device, dtype, 64, Limits::default()).await?;
+    let mut pipeline = sdmesh_orchestrator::local_pipeline(&model, &device, dtype, 64, Limits::default()).await?;
+    if let Some(upscaler) = upscaler_model {
+        let upscaler = sdmesh_orchestrator::local_pipeline(&upscaler, &device, dtype, 64, Limits::default()).await?;
+        anyhow::ensure!(upscaler.upscaler.is_some(), "--upscaler-model: not an x4 upscaler checkpoint");
+        pipeline.chained_upscaler = Some(std::sync::Arc::new(upscaler));
+    }
     let service = sdmesh_orchestrator::server::OrchestratorService::new(pipeline);
     let events = service.generate_stream(job.request()?).await.map_err(sdmesh::status_error)?.into_inner();
     let result = sdmesh::write_results(&job, events).await;

@@ -31,6 +31,8 @@ pub struct MeshOptions {
     pub batching: sdmesh_unet::BatchingArgs,
     /// More models served beside `model`: (name, default the folder's; folder).
     pub also_models: Vec<(Option<String>, PathBuf)>,
+    /// The x4 upscaler jobs can chain after themselves.
+    pub upscaler_model: Option<PathBuf>,
 }
 
 impl MeshOptions {
@@ -48,6 +50,7 @@ impl MeshOptions {
             redis: None,
             batching: Default::default(),
             also_models: Vec::new(),
+            upscaler_model: None,
         }
     }
 }
@@ -58,11 +61,16 @@ pub fn parse_also_model(arg: &str) -> Result<(Option<String>, PathBuf), String> 
         Some((name, dir)) if !name.is_empty() && !name.contains('/') => (Some(name.to_string()), dir),
         _ => (None, arg),
     };
+    Ok((name, parse_model_dir(dir)?))
+}
+
+/// A diffusers-layout model folder (one with model_index.json).
+pub fn parse_model_dir(dir: &str) -> Result<PathBuf, String> {
     let dir = PathBuf::from(dir);
     if !dir.join("model_index.json").is_file() {
         return Err(format!("{} is not a diffusers-layout model folder (no model_index.json)", dir.display()));
     }
-    Ok((name, dir))
+    Ok(dir)
 }
 
 /// Where one model folder's services listen.
@@ -203,6 +211,18 @@ pub async fn serve_mesh(
             max_jobs_per_tenant: None,
         });
     }
+    let upscaler = match &opts.upscaler_model {
+        Some(model) => {
+            let urls = start_model_services(model, &opts, &mut shared, &mut tasks, &after_orchestrator).await?;
+            Some(sdmesh_orchestrator::UpscalerServices {
+                model: model.clone(),
+                text_encoder_url: urls.text_encoder,
+                unet_url: urls.unet,
+                vae_url: urls.vae,
+            })
+        }
+        None => None,
+    };
     // A folder with safety_checker/ gets the safety service, flagged images replaced by default.
     let safety = if opts.model.join("safety_checker").is_dir() {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
@@ -223,7 +243,7 @@ pub async fn serve_mesh(
         unet_url: main.unet,
         vae_url: main.vae,
         depth_url: main.depth,
-        upscaler: None,
+        upscaler,
         more_models,
         safety_url: safety,
         // With a safety service, flagged images are replaced unless a request says otherwise.

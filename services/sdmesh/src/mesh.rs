@@ -88,12 +88,30 @@ struct SharedServices {
     vaes: HashMap<String, String>,
 }
 
-/// Hashes a component's files off the async threads (a real text encoder is over a GB).
-async fn fingerprint_of<O: Send + 'static>(
+/// The URL of the service in `started` that serves what one with `opts` would (same
+/// `fingerprint`), else of a new one on a loopback port, started by `run` into `tasks`.
+async fn shared_or_started<O, F>(
+    started: &mut HashMap<String, String>,
     opts: O,
     fingerprint: fn(&O) -> Result<String, sdmesh_core::model_dir::ModelDirError>,
-) -> anyhow::Result<String> {
-    Ok(tokio::task::spawn_blocking(move || fingerprint(&opts)).await??)
+    run: impl FnOnce(O, TcpListener) -> F,
+    tasks: &mut tokio::task::JoinSet<anyhow::Result<()>>,
+) -> anyhow::Result<String>
+where
+    O: Clone + Send + 'static,
+    F: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    // Off the async threads: a real text encoder is over a GB to hash.
+    let of_opts = opts.clone();
+    let fingerprint = tokio::task::spawn_blocking(move || fingerprint(&of_opts)).await??;
+    if let Some(url) = started.get(&fingerprint) {
+        return Ok(url.clone());
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    tasks.spawn(run(opts, listener));
+    started.insert(fingerprint, url.clone());
+    Ok(url)
 }
 
 /// Starts `model`'s unet (and, for a depth checkpoint, depth) services on loopback ports, into
@@ -116,30 +134,24 @@ async fn start_model_services(
         queue_capacity,
         ..sdmesh_text_encoder::TextEncoderOptions::new(model.clone(), device.clone())
     };
-    let te_fingerprint = fingerprint_of(te_opts.clone(), sdmesh_text_encoder::fingerprint).await?;
-    let text_encoder = match shared.text_encoders.get(&te_fingerprint) {
-        Some(url) => url.clone(),
-        None => {
-            let listener = loopback().await?;
-            let te_url = url(&listener)?;
-            tasks.spawn(sdmesh_text_encoder::run(te_opts, listener, stop()));
-            shared.text_encoders.insert(te_fingerprint, te_url.clone());
-            te_url
-        }
-    };
+    let text_encoder = shared_or_started(
+        &mut shared.text_encoders,
+        te_opts,
+        sdmesh_text_encoder::fingerprint,
+        |opts, listener| sdmesh_text_encoder::run(opts, listener, stop()),
+        tasks,
+    )
+    .await?;
     let vae_opts =
         sdmesh_vae::VaeOptions { dtype, queue_capacity, ..sdmesh_vae::VaeOptions::new(model.clone(), device.clone()) };
-    let vae_fingerprint = fingerprint_of(vae_opts.clone(), sdmesh_vae::fingerprint).await?;
-    let vae = match shared.vaes.get(&vae_fingerprint) {
-        Some(url) => url.clone(),
-        None => {
-            let listener = loopback().await?;
-            let vae_url = url(&listener)?;
-            tasks.spawn(sdmesh_vae::run(vae_opts, listener, stop()));
-            shared.vaes.insert(vae_fingerprint, vae_url.clone());
-            vae_url
-        }
-    };
+    let vae = shared_or_started(
+        &mut shared.vaes,
+        vae_opts,
+        sdmesh_vae::fingerprint,
+        |opts, listener| sdmesh_vae::run(opts, listener, stop()),
+        tasks,
+    )
+    .await?;
     let unet = loopback().await?;
     // A depth checkpoint (depth_estimator/ in the folder) gets the depth service too.
     let depth = if sdmesh_orchestrator::has_depth_estimator(&model) { Some(loopback().await?) } else { None };

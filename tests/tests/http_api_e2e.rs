@@ -1,7 +1,9 @@
 //! The orchestrator's HTTP/JSON API across real processes (`--http-listen`): the same job as
 //! over gRPC gives the same bytes, unary and as Server-Sent Events; the models list; bad input
 //! is 400, backpressure 429 with Retry-After, a missed deadline 504; the tenant header counts;
-//! every JSON answer conforms to the OpenAPI document the orchestrator serves.
+//! every JSON answer conforms to the OpenAPI document the orchestrator serves. With
+//! `--api-keys-file`, each call needs a key, over HTTP and gRPC (sdctl), and runs for the key's
+//! tenant.
 
 use sdmesh_proto::v1;
 use sdmesh_testkit::process::{http_request, metric, Mesh, MeshOptions, Service};
@@ -141,4 +143,83 @@ async fn the_http_api_runs_the_same_jobs_as_grpc() {
     assert_eq!(metric(&text, "sdmesh_tenant_jobs_total", &[("tenant", "h"), ("code", "Ok")]), 2.0);
     assert_eq!(metric(&text, "sdmesh_jobs_total", &[("code", "Ok")]), 5.0);
     assert_eq!(metric(&text, "sdmesh_jobs_total", &[("code", "DeadlineExceeded")]), 1.0);
+}
+
+/// SHA-256 of `key`, in hex, as `sha256sum` prints it (what the keys file holds).
+fn sha256_hex(key: &str) -> String {
+    let out = std::process::Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child.stdin.take().unwrap().write_all(key.as_bytes())?;
+            child.wait_with_output()
+        })
+        .expect("sha256sum runs");
+    String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn with_api_keys_each_call_needs_one_and_runs_for_its_tenant() {
+    let keys = std::env::temp_dir().join(format!("sdmesh-api-keys-{}.toml", std::process::id()));
+    let text = format!(
+        "[[keys]]\ntenant = \"acme\"\nsha256 = \"{}\"\n\n[[keys]]\nany_tenant = true\nsha256 = \"{}\"\n",
+        sha256_hex("acme-secret"),
+        sha256_hex("gateway-secret")
+    );
+    std::fs::write(&keys, text).unwrap();
+    let opts = MeshOptions {
+        common_args: vec!["--metrics-listen", "127.0.0.1:0"],
+        orchestrator_args: vec!["--http-listen", "127.0.0.1:0", "--api-keys-file", keys.to_str().unwrap()],
+        ..Default::default()
+    };
+    let mesh = Mesh::start_with("sd21-base-tiny", &opts).await;
+    let addr = http(&mesh.orchestrator).to_string();
+    let doc = http_request(&addr, "GET", "/v1/openapi.json", &[], b"").json();
+
+    // HTTP: none or a wrong key is 401, saying what to send; acme's key naming another tenant 403.
+    for headers in [vec![], vec![("authorization", "Bearer wrong")]] {
+        let response = http_request(&addr, "POST", "/v1/generate", &headers, JOB.as_bytes());
+        assert_eq!((response.status, response.header("www-authenticate")), (401, Some("Bearer")));
+        assert_eq!(response.json()["error"]["status"], "UNAUTHENTICATED");
+        conforms(&doc, "Error", &response.json());
+        assert_eq!(http_request(&addr, "GET", "/v1/models", &headers, b"").status, 401);
+    }
+    let acme = ("authorization", "Bearer acme-secret");
+    let response = http_request(&addr, "POST", "/v1/generate", &[acme, ("x-sdmesh-tenant", "zeta")], JOB.as_bytes());
+    assert_eq!(response.status, 403, "{}", String::from_utf8_lossy(&response.body));
+    let response = http_request(&addr, "POST", "/v1/generate", &[acme], JOB.as_bytes());
+    assert_eq!(response.status, 200, "{}", String::from_utf8_lossy(&response.body));
+    assert_eq!(http_request(&addr, "GET", "/v1/models", &[acme], b"").status, 200);
+    // The gateway's key runs calls for the tenant they name.
+    let gateway = [("authorization", "Bearer gateway-secret"), ("x-sdmesh-tenant", "zeta")];
+    assert_eq!(http_request(&addr, "POST", "/v1/generate", &gateway, JOB.as_bytes()).status, 200);
+
+    // gRPC, through sdctl: --api-key (or SDMESH_API_KEY) is the key.
+    let sdctl = |args: &[&str], key: Option<&str>| {
+        let mut command = std::process::Command::new(sdmesh_testkit::process::bin("sdctl"));
+        command.args(args).args(["--endpoint", &mesh.orchestrator.addr]).env_remove("SDMESH_API_KEY");
+        if let Some(key) = key {
+            command.env("SDMESH_API_KEY", key);
+        }
+        command.output().unwrap()
+    };
+    let out_png = std::env::temp_dir().join(format!("sdmesh-api-keys-{}.png", std::process::id()));
+    let job = ["generate", "--quiet", "--prompt", "a quiet street", "--steps", "2", "--height", "32", "--width", "32"];
+    let job: Vec<&str> = job.into_iter().chain(["--out", out_png.to_str().unwrap()]).collect();
+    let refused = sdctl(&job, None);
+    assert!(!refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains("Unauthenticated"));
+    let models = sdctl(&["models"], None);
+    assert!(!models.status.success() && String::from_utf8_lossy(&models.stderr).contains("Unauthenticated"));
+    let ran = sdctl(&job, Some("acme-secret"));
+    assert!(ran.status.success(), "{}", String::from_utf8_lossy(&ran.stderr));
+    assert!(sdctl(&["models"], Some("acme-secret")).status.success());
+
+    // Each job counted for its key's tenant.
+    let text = mesh.orchestrator.scrape();
+    assert_eq!(metric(&text, "sdmesh_tenant_jobs_total", &[("tenant", "acme"), ("code", "Ok")]), 2.0);
+    assert_eq!(metric(&text, "sdmesh_tenant_jobs_total", &[("tenant", "zeta"), ("code", "Ok")]), 1.0);
+    std::fs::remove_file(keys).unwrap();
+    std::fs::remove_file(out_png).unwrap();
 }

@@ -121,8 +121,10 @@ async fn generate_stream(State(service): State<OrchestratorService>, headers: He
     Sse::new(events).into_response()
 }
 
-async fn list_models(State(service): State<OrchestratorService>) -> Response {
-    match service.list_models(tonic::Request::new(v1::ListModelsRequest {})).await {
+async fn list_models(State(service): State<OrchestratorService>, headers: HeaderMap) -> Response {
+    let mut request = tonic::Request::new(v1::ListModelsRequest {});
+    *request.metadata_mut() = tonic::metadata::MetadataMap::from_headers(headers);
+    match service.list_models(request).await {
         Ok(response) => Json(response.into_inner()).into_response(),
         Err(status) => error(&status),
     }
@@ -172,9 +174,13 @@ pub(crate) fn error_body(status: &tonic::Status) -> serde_json::Value {
     }})
 }
 
-/// An error response; backpressure says when to retry (`Retry-After`, whole seconds).
+/// An error response; backpressure says when to retry (`Retry-After`, whole seconds), and a
+/// call without a good API key what to send (`WWW-Authenticate`).
 fn error(status: &tonic::Status) -> Response {
     let mut response = (http_status(status.code()), Json(error_body(status))).into_response();
+    if status.code() == tonic::Code::Unauthenticated {
+        response.headers_mut().insert("www-authenticate", HeaderValue::from_static("Bearer"));
+    }
     if let Some(after) = sdmesh_core::retry_after(status) {
         let seconds = after.as_secs() + u64::from(after.subsec_nanos() > 0);
         response.headers_mut().insert("retry-after", HeaderValue::from(seconds.max(1)));

@@ -3,6 +3,7 @@
 //! models: the components are traits) for the heavy work. It needs no GPU.
 
 pub mod admission;
+pub mod api_keys;
 pub mod embedding_cache;
 pub mod fleet_quota;
 pub mod http_api;
@@ -77,6 +78,8 @@ pub struct OrchestratorOptions {
     pub embedding_cache_bytes: usize,
     /// Keep prompt embeddings in Redis instead of in this process.
     pub redis: Option<redis_store::RedisOptions>,
+    /// The API keys file: every call needs a key it lists (see [`api_keys`]).
+    pub api_keys: Option<PathBuf>,
 }
 
 /// The chained upscaler: its model folder (the orchestrator reads scheduler/,
@@ -389,7 +392,8 @@ pub async fn run_with_http(
         (Some(_), None) => anyhow::bail!("--fleet-max-jobs-per-tenant needs --redis-url (the orchestrators share it)"),
     };
     let health = Health::new(&[v1::orchestrator_server::SERVICE_NAME]).await;
-    let service = server::OrchestratorService::served(health.clone(), fleet_quota);
+    let api_keys = opts.api_keys.as_deref().map(api_keys::ApiKeys::load).transpose()?.map(Arc::new);
+    let service = server::OrchestratorService::served(health.clone(), fleet_quota, api_keys);
     let routes = health.routes().add_service(
         v1::orchestrator_server::OrchestratorServer::new(service.clone())
             .max_decoding_message_size(opts.limits.max_request_bytes())

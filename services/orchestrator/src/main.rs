@@ -52,6 +52,8 @@ struct Args {
     #[command(flatten)]
     cache: sdmesh_orchestrator::CacheArgs,
     #[command(flatten)]
+    api_keys: sdmesh_orchestrator::api_keys::ApiKeysArgs,
+    #[command(flatten)]
     shutdown: ShutdownArgs,
     #[command(flatten)]
     telemetry: TelemetryArgs,
@@ -84,6 +86,7 @@ async fn main() -> anyhow::Result<()> {
         startup_timeout: Duration::from_secs(a.startup_timeout),
         embedding_cache_bytes: a.cache.embedding_cache_bytes,
         redis: a.cache.redis_options(),
+        api_keys: a.api_keys.api_keys_file,
     };
     let result = run_with_http(opts, listener, http, Shutdown::on_signal(a.shutdown.grace())).await;
     telemetry.shutdown().await;

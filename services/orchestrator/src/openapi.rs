@@ -64,13 +64,29 @@ fn build(files: &[FileDescriptorProto]) -> Value {
                 64-bit integers as strings, bytes in base64, enums by name.",
         },
         "paths": paths,
-        "components": {"schemas": used, "responses": responses},
+        "components": {
+            "schemas": used,
+            "responses": responses,
+            "securitySchemes": {"apiKey": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "An API key, when the orchestrator runs with --api-keys-file: each call to \
+                    /v1/generate, /v1/generate/stream and /v1/models then sends `Authorization: Bearer KEY`, \
+                    and runs for the key's tenant.",
+            }},
+        },
     })
 }
 
 /// The error answers the routes refer to.
 fn responses() -> Value {
     json!({
+        "Unauthenticated": {
+            "description": "UNAUTHENTICATED: the orchestrator needs an API key and the call sent none, \
+                or one it does not know.",
+            "headers": {"WWW-Authenticate": {"description": "Bearer.", "schema": {"type": "string"}}},
+            "content": {"application/json": {"schema": {"$ref": format!("{SCHEMAS}Error")}}},
+        },
         "Error": {
             "description": "The job failed: the HTTP status of its gRPC code (400 for the caller's \
                 mistakes, 503 for a retryable outage, 504 past the deadline, 499 when the caller \
@@ -251,7 +267,8 @@ fn paths() -> Value {
         header(
             "x-sdmesh-tenant",
             "Who the job is for: places are shared fairly between tenants, and per-tenant limits \
-             and metrics count by it. Unset = the anonymous tenant.",
+             and metrics count by it. Unset = the anonymous tenant. With API keys, a tenant's key \
+             sets it (naming another is 403), a gateway's key (any_tenant) passes it on.",
             json!({"type": "string"})
         ),
         header(
@@ -271,6 +288,8 @@ fn paths() -> Value {
         json!({"required": true, "content": {"application/json": {"schema": schema("GenerateRequest")}}});
     let errors = json!({
         "400": {"$ref": "#/components/responses/Error"},
+        "401": {"$ref": "#/components/responses/Unauthenticated"},
+        "403": {"$ref": "#/components/responses/Error"},
         "429": {"$ref": "#/components/responses/Backpressure"},
         "503": {"$ref": "#/components/responses/Error"},
         "504": {"$ref": "#/components/responses/Error"},
@@ -282,6 +301,8 @@ fn paths() -> Value {
         responses
     };
     let image = json!({"schema": {"type": "string", "format": "binary"}});
+    // A key where the orchestrator asks for one (--api-keys-file), else none.
+    let secured = json!([{}, {"apiKey": []}]);
     json!({
         "/v1/generate": {"post": {
             "operationId": "generate",
@@ -290,6 +311,7 @@ fn paths() -> Value {
                 image itself, its seed in `x-sdmesh-seed`.",
             "parameters": job_headers,
             "requestBody": request_body,
+            "security": secured,
             "responses": with_errors(json!({
                 "description": "The job's result.",
                 "headers": {
@@ -313,6 +335,7 @@ fn paths() -> Value {
                 Error. Closing the connection cancels the job.",
             "parameters": job_headers,
             "requestBody": request_body,
+            "security": secured,
             "responses": with_errors(json!({
                 "description": "The job's events.",
                 "content": {"text/event-stream": {"schema": {"type": "string"}}},
@@ -322,7 +345,9 @@ fn paths() -> Value {
         "/v1/models": {"get": {
             "operationId": "listModels",
             "summary": "The models this orchestrator serves (GenerateRequest.model picks one).",
+            "security": secured,
             "responses": {
+                "401": {"$ref": "#/components/responses/Unauthenticated"},
                 "200": {"description": "The default model first.",
                     "content": {"application/json": {"schema": schema("ListModelsResponse")}}},
                 "503": {"$ref": "#/components/responses/Error"},

@@ -26,6 +26,8 @@ pub struct OrchestratorService {
     health: Option<Health>,
     /// Each tenant's bound across the orchestrators sharing a Redis, when set.
     fleet_quota: Option<FleetQuota>,
+    /// The keys calls must carry, when set.
+    api_keys: Option<Arc<crate::api_keys::ApiKeys>>,
 }
 
 /// A job taken in: validated, its lease and its place held (given back when dropped).
@@ -44,15 +46,30 @@ struct Admitted {
 impl OrchestratorService {
     /// A service over `pipeline` alone, with the default job limits.
     pub fn new(pipeline: Pipeline) -> Self {
-        let service = Self { models: Arc::default(), health: None, fleet_quota: None };
+        let service = Self { models: Arc::default(), health: None, fleet_quota: None, api_keys: None };
         service.set_models(Models::one(Served::new(pipeline, JobLimits::default())));
         service
     }
 
     /// A service whose jobs end with UNAVAILABLE when `health`'s shutdown grace period is over;
-    /// UNAVAILABLE to calls until [`Self::set_models`].
-    pub fn served(health: Health, fleet_quota: Option<FleetQuota>) -> Self {
-        Self { models: Arc::default(), health: Some(health), fleet_quota }
+    /// UNAVAILABLE to calls until [`Self::set_models`]; with `api_keys`, only to calls with a
+    /// key.
+    pub fn served(
+        health: Health,
+        fleet_quota: Option<FleetQuota>,
+        api_keys: Option<Arc<crate::api_keys::ApiKeys>>,
+    ) -> Self {
+        Self { models: Arc::default(), health: Some(health), fleet_quota, api_keys }
+    }
+
+    /// The tenant a call is for: its `x-sdmesh-tenant`, or with API keys, its key's
+    /// (UNAUTHENTICATED without a key the file lists).
+    fn caller(&self, metadata: &tonic::metadata::MetadataMap) -> std::result::Result<Option<String>, tonic::Status> {
+        let claimed = tenant(metadata);
+        match &self.api_keys {
+            Some(keys) => keys.tenant(metadata, claimed),
+            None => Ok(claimed),
+        }
     }
 
     /// A place for a job of `tenant` on `model`: its lease in the fleet-wide quota
@@ -100,7 +117,7 @@ impl OrchestratorService {
         &self,
         request: tonic::Request<v1::GenerateRequest>,
     ) -> std::result::Result<(&Served, Admitted), tonic::Status> {
-        let tenant = tenant(request.metadata());
+        let tenant = self.caller(request.metadata())?;
         let priority = priority(request.metadata())?;
         let deadline = grpc_timeout(request.metadata());
         let request = request.into_inner();
@@ -370,8 +387,9 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
 
     async fn list_models(
         &self,
-        _request: tonic::Request<v1::ListModelsRequest>,
+        request: tonic::Request<v1::ListModelsRequest>,
     ) -> std::result::Result<tonic::Response<v1::ListModelsResponse>, tonic::Status> {
+        self.caller(request.metadata())?;
         Ok(tonic::Response::new(self.models()?.list()))
     }
 }

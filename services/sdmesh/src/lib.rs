@@ -50,6 +50,10 @@ pub struct JobArgs {
     /// Tenant the job runs for (sent as x-sdmesh-tenant metadata, recorded on its trace).
     #[arg(long, env = "SDMESH_TENANT")]
     pub tenant: Option<String>,
+    /// API key, for an orchestrator started with --api-keys-file (sent as `authorization:
+    /// Bearer KEY`).
+    #[arg(long, env = "SDMESH_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
     /// How soon the job runs next to others waiting for a place: high, normal (the default) or
     /// low (sent as x-sdmesh-priority metadata).
     #[arg(long, value_parser = ["high", "normal", "low"])]
@@ -211,8 +215,19 @@ impl JobArgs {
             let value = tenant.parse().map_err(|_| anyhow::anyhow!("--tenant must be printable ASCII"))?;
             request.metadata_mut().insert(sdmesh_orchestrator::server::TENANT_METADATA, value);
         }
+        with_api_key(&mut request, self.api_key.as_deref())?;
         Ok(request)
     }
+}
+
+/// Sends `key` (if any) as `authorization: Bearer KEY`.
+pub fn with_api_key<T>(request: &mut tonic::Request<T>, key: Option<&str>) -> anyhow::Result<()> {
+    if let Some(key) = key {
+        let value =
+            format!("Bearer {key}").parse().map_err(|_| anyhow::anyhow!("--api-key must be printable ASCII"))?;
+        request.metadata_mut().insert("authorization", value);
+    }
+    Ok(())
 }
 
 /// The events of one GenerateStream call, from the mesh or from an in-process orchestrator.

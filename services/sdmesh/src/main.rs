@@ -77,6 +77,8 @@ enum Command {
         #[command(flatten)]
         cache: Box<sdmesh_orchestrator::CacheArgs>,
         #[command(flatten)]
+        api_keys: sdmesh_orchestrator::api_keys::ApiKeysArgs,
+        #[command(flatten)]
         shutdown: ShutdownArgs,
         #[command(flatten)]
         telemetry: TelemetryArgs,
@@ -101,6 +103,7 @@ async fn main() -> anyhow::Result<()> {
             queue_capacity,
             batching,
             cache,
+            api_keys,
             shutdown,
             telemetry,
         } => {
@@ -116,6 +119,7 @@ async fn main() -> anyhow::Result<()> {
                 dtype,
                 also_models: also_model,
                 upscaler_model,
+                api_keys: api_keys.api_keys_file,
                 ..MeshOptions::new(model, device)
             };
             serve(opts, listen, http_listen, shutdown, telemetry).await

@@ -33,6 +33,8 @@ pub struct MeshOptions {
     pub also_models: Vec<(Option<String>, PathBuf)>,
     /// The x4 upscaler jobs can chain after themselves.
     pub upscaler_model: Option<PathBuf>,
+    /// The API keys file: every call needs a key it lists.
+    pub api_keys: Option<PathBuf>,
 }
 
 impl MeshOptions {
@@ -51,6 +53,7 @@ impl MeshOptions {
             batching: Default::default(),
             also_models: Vec::new(),
             upscaler_model: None,
+            api_keys: None,
         }
     }
 }
@@ -266,6 +269,7 @@ pub async fn serve_mesh(
         startup_timeout: Duration::from_secs(600),
         embedding_cache_bytes: opts.embedding_cache_bytes,
         redis: opts.redis.clone(),
+        api_keys: opts.api_keys.clone(),
     };
     tracing::info!(
         text_encoder = %orchestrator_opts.text_encoder_url,

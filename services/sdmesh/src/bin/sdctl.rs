@@ -50,13 +50,18 @@ struct ModelsArgs {
     /// Orchestrator URL.
     #[arg(long, env = "SDMESH_ENDPOINT", default_value = "http://127.0.0.1:50050")]
     endpoint: String,
+    /// API key, for an orchestrator started with --api-keys-file.
+    #[arg(long, env = "SDMESH_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
 }
 
 /// `sdctl models`: one JSON line per served model.
 async fn models(a: ModelsArgs) -> anyhow::Result<()> {
     let channel = sdmesh_core::client::lazy_channel(&a.endpoint).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut client = v1::orchestrator_client::OrchestratorClient::new(channel);
-    let list = client.list_models(v1::ListModelsRequest {}).await.map_err(status_error)?.into_inner();
+    let mut request = tonic::Request::new(v1::ListModelsRequest {});
+    sdmesh::with_api_key(&mut request, a.api_key.as_deref())?;
+    let list = client.list_models(request).await.map_err(status_error)?.into_inner();
     for m in list.models {
         let line = serde_json::json!({
             "name": m.name,

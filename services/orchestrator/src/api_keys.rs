@@ -1,0 +1,279 @@
+//! API keys. With `--api-keys-file`, every call to the public API (gRPC and HTTP; health is
+//! open) carries `authorization: Bearer KEY`, and the key says whose call it is: a platform can
+//! then let its tenants call the orchestrator, each held to its own limits, quota and usage
+//! metrics, without a gateway that could be bypassed. A call without a key, or with one the
+//! file does not list, is UNAUTHENTICATED (HTTP 401); a tenant's key naming another tenant in
+//! `x-sdmesh-tenant` is PERMISSION_DENIED (403).
+//!
+//! The file (TOML) holds SHA-256 digests of the keys, never the keys:
+//!
+//! ```toml
+//! [[keys]]
+//! tenant = "acme"      # its calls are acme's (x-sdmesh-tenant may be left out)
+//! sha256 = "…"         # printf %s "$KEY" | sha256sum
+//!
+//! [[keys]]
+//! any_tenant = true    # a trusted gateway's key: its calls name their tenant in x-sdmesh-tenant
+//! sha256 = "…"
+//! ```
+//!
+//! The file is read again when it changes (looked at once a second at most), so keys are added
+//! and revoked without a restart; a change that does not parse keeps the keys before it, and
+//! says why in the log.
+
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// The orchestrator's flag for API keys.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ApiKeysArgs {
+    /// A TOML file of [[keys]] (sha256 of the key, and the tenant it is for or any_tenant =
+    /// true): every call then needs `authorization: Bearer KEY`. Re-read when it changes.
+    #[arg(long, env = "SDMESH_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeysFile {
+    #[serde(default)]
+    keys: Vec<KeyEntry>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyEntry {
+    sha256: String,
+    tenant: Option<String>,
+    #[serde(default)]
+    any_tenant: bool,
+}
+
+/// What a key lets its caller do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Grant {
+    /// Call as this tenant only.
+    Tenant(String),
+    /// Call as the tenant the call names (a gateway).
+    AnyTenant,
+}
+
+type Keys = HashMap<[u8; 32], Grant>;
+
+pub struct ApiKeys {
+    path: PathBuf,
+    /// How long the file's text is trusted before it is read again.
+    reread_after: Duration,
+    state: Mutex<State>,
+}
+
+struct State {
+    text: String,
+    keys: Keys,
+    read_at: Instant,
+}
+
+/// How long the keys file is trusted before it is read again.
+const REREAD_AFTER: Duration = Duration::from_secs(1);
+
+impl ApiKeys {
+    /// Reads the keys file at `path`: an error says what is wrong in it.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        Self::load_rereading_after(path, REREAD_AFTER)
+    }
+
+    fn load_rereading_after(path: &Path, reread_after: Duration) -> anyhow::Result<Self> {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("--api-keys-file {}: {e}", path.display()))?;
+        let keys = parse(&text).map_err(|e| anyhow::anyhow!("--api-keys-file {}: {e}", path.display()))?;
+        tracing::info!(path = %path.display(), keys = keys.len(), "calls need an API key");
+        let state = Mutex::new(State { text, keys, read_at: Instant::now() });
+        Ok(Self { path: path.to_path_buf(), reread_after, state })
+    }
+
+    /// The tenant a call is for, given its metadata (`claimed`: its `x-sdmesh-tenant`).
+    pub fn tenant(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+        claimed: Option<String>,
+    ) -> Result<Option<String>, tonic::Status> {
+        let key = bearer(metadata)?;
+        let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
+        let grant = self.keys_now(|keys| keys.get(&digest).cloned());
+        match (grant, claimed) {
+            (None, _) => Err(tonic::Status::unauthenticated("unknown API key")),
+            (Some(Grant::AnyTenant), claimed) => Ok(claimed),
+            (Some(Grant::Tenant(tenant)), Some(claimed)) if claimed != tenant => Err(tonic::Status::permission_denied(
+                format!("this API key is tenant {tenant:?}'s; x-sdmesh-tenant names {claimed:?}"),
+            )),
+            (Some(Grant::Tenant(tenant)), _) => Ok(Some(tenant)),
+        }
+    }
+
+    /// Runs `f` on the keys, read again first if the file may have changed.
+    fn keys_now<T>(&self, f: impl FnOnce(&Keys) -> T) -> T {
+        let mut state = self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if state.read_at.elapsed() >= self.reread_after {
+            state.read_at = Instant::now();
+            match std::fs::read_to_string(&self.path) {
+                Ok(text) if text == state.text => {}
+                Ok(text) => match parse(&text) {
+                    Ok(keys) => {
+                        tracing::info!(path = %self.path.display(), keys = keys.len(), "API keys read again");
+                        state.keys = keys;
+                        state.text = text;
+                    }
+                    Err(e) => {
+                        tracing::error!(path = %self.path.display(), "API keys file not taken, the keys before stay: {e}");
+                        // Said once per change.
+                        state.text = text;
+                    }
+                },
+                Err(e) => {
+                    tracing::error!(path = %self.path.display(), "API keys file unreadable, the keys before stay: {e}")
+                }
+            }
+        }
+        f(&state.keys)
+    }
+}
+
+/// The key of `authorization: Bearer KEY`.
+fn bearer(metadata: &tonic::metadata::MetadataMap) -> Result<&str, tonic::Status> {
+    let missing = || tonic::Status::unauthenticated("this API needs a key: send `authorization: Bearer KEY`");
+    let value = metadata.get("authorization").ok_or_else(missing)?.to_str().map_err(|_| missing())?;
+    let (scheme, key) = value.trim().split_once(' ').ok_or_else(missing)?;
+    if !scheme.eq_ignore_ascii_case("bearer") || key.trim().is_empty() {
+        return Err(missing());
+    }
+    Ok(key.trim())
+}
+
+fn parse(text: &str) -> Result<Keys, String> {
+    let file: KeysFile = toml::from_str(text).map_err(|e| e.to_string())?;
+    let mut keys = Keys::new();
+    for (i, entry) in file.keys.iter().enumerate() {
+        let at = |why: String| format!("keys[{i}]: {why}");
+        let digest = hex_digest(&entry.sha256).ok_or_else(|| at("sha256 must be 64 hex digits".into()))?;
+        let grant = match (&entry.tenant, entry.any_tenant) {
+            (Some(tenant), false) => {
+                if tenant.is_empty() || !tenant.chars().all(|c| c.is_ascii_graphic() || c == ' ') {
+                    return Err(at(format!("tenant {tenant:?} must be printable ASCII (it travels as metadata)")));
+                }
+                Grant::Tenant(tenant.clone())
+            }
+            (None, true) => Grant::AnyTenant,
+            _ => return Err(at("give either tenant or any_tenant = true".into())),
+        };
+        if keys.insert(digest, grant).is_some() {
+            return Err(at("the same key is listed twice".into()));
+        }
+    }
+    Ok(keys)
+}
+
+fn hex_digest(hex: &str) -> Option<[u8; 32]> {
+    let hex = hex.trim();
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sha256(key: &str) -> String {
+        Sha256::digest(key.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    fn metadata(key: Option<&str>) -> tonic::metadata::MetadataMap {
+        let mut m = tonic::metadata::MetadataMap::new();
+        if let Some(key) = key {
+            m.insert("authorization", key.parse().unwrap());
+        }
+        m
+    }
+
+    fn file(text: &str) -> PathBuf {
+        static MADE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("sdmesh-keys-{}-{n}.toml", std::process::id()));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn keys_file(entries: &[(&str, Option<&str>)]) -> String {
+        entries
+            .iter()
+            .map(|(key, tenant)| match tenant {
+                Some(t) => format!("[[keys]]\ntenant = {t:?}\nsha256 = {:?}\n", sha256(key)),
+                None => format!("[[keys]]\nany_tenant = true\nsha256 = {:?}\n", sha256(key)),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_key_says_whose_call_it_is() {
+        let path = file(&keys_file(&[("acme-secret", Some("acme")), ("gateway-secret", None)]));
+        let keys = ApiKeys::load(&path).unwrap();
+        let tenant = |key: Option<&str>, claimed: Option<&str>| keys.tenant(&metadata(key), claimed.map(String::from));
+        assert_eq!(tenant(Some("Bearer acme-secret"), None).unwrap().as_deref(), Some("acme"));
+        assert_eq!(tenant(Some("bearer  acme-secret "), Some("acme")).unwrap().as_deref(), Some("acme"));
+        assert_eq!(tenant(Some("Bearer gateway-secret"), Some("zeta")).unwrap().as_deref(), Some("zeta"));
+        assert_eq!(tenant(Some("Bearer gateway-secret"), None).unwrap(), None);
+        let code = |key: Option<&str>, claimed: Option<&str>| tenant(key, claimed).unwrap_err().code();
+        assert_eq!(code(Some("Bearer acme-secret"), Some("zeta")), tonic::Code::PermissionDenied);
+        for refused in [None, Some("Bearer wrong"), Some("acme-secret"), Some("Basic acme-secret"), Some("Bearer ")] {
+            assert_eq!(code(refused, None), tonic::Code::Unauthenticated, "{refused:?}");
+        }
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn a_malformed_file_says_what_is_wrong() {
+        let digest = sha256("k");
+        for (text, needle) in [
+            ("[[keys]]\ntenant = \"a\"\nsha256 = \"abc\"\n".to_string(), "64 hex digits"),
+            (format!("[[keys]]\nsha256 = {digest:?}\n"), "either tenant or any_tenant"),
+            (format!("[[keys]]\ntenant = \"a\"\nany_tenant = true\nsha256 = {digest:?}\n"), "either tenant"),
+            (format!("[[keys]]\ntenant = \"a\\n\"\nsha256 = {digest:?}\n"), "printable ASCII"),
+            (
+                format!(
+                    "[[keys]]\ntenant = \"a\"\nsha256 = {digest:?}\n[[keys]]\nany_tenant = true\nsha256 = {digest:?}\n"
+                ),
+                "twice",
+            ),
+            (format!("[[keys]]\ntenant = \"a\"\nkey = \"plain\"\nsha256 = {digest:?}\n"), "unknown field"),
+        ] {
+            let path = file(&text);
+            let e = ApiKeys::load(&path).err().expect("refused").to_string();
+            assert!(e.contains(needle), "{e}");
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+
+    #[test]
+    fn keys_are_added_and_revoked_by_changing_the_file() {
+        let path = file(&keys_file(&[("old", Some("acme"))]));
+        let keys = ApiKeys::load_rereading_after(&path, Duration::ZERO).unwrap();
+        let code = |key: &str| keys.tenant(&metadata(Some(&format!("Bearer {key}"))), None).map_err(|e| e.code());
+        assert!(code("old").is_ok());
+        std::fs::write(&path, keys_file(&[("new", Some("acme"))])).unwrap();
+        assert_eq!(code("old"), Err(tonic::Code::Unauthenticated), "revoked");
+        assert!(code("new").is_ok(), "added");
+        // A change that does not parse keeps the keys before it.
+        std::fs::write(&path, "[[keys]]\nsha256 = 1\n").unwrap();
+        assert!(code("new").is_ok());
+        std::fs::remove_file(&path).unwrap();
+        assert!(code("new").is_ok(), "a file gone keeps the keys before");
+    }
+}

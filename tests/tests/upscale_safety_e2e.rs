@@ -272,3 +272,47 @@ async fn the_orchestrator_applies_the_safety_policy_and_fails_closed() {
     assert!(String::from_utf8_lossy(&open.stderr).contains("not checked"), "{}", String::from_utf8_lossy(&open.stderr));
     std::fs::remove_dir_all(&tmp).unwrap();
 }
+
+/// `sdmesh serve --safety-model` (the checker's service in its process) and `sdmesh generate
+/// --safety-model` (no gRPC) check a job as a mesh with its own safety service does: the same
+/// verdict, the same image, by default (replace) and under flag; without one, flag is refused.
+#[tokio::test]
+async fn sdmesh_serve_and_generate_check_with_a_safety_model() {
+    let checker = model("safety-checker-tiny");
+    let safety = start("sdmesh-safety", &["--model", checker.to_str().unwrap()], &[]);
+    wait_serving(&safety.addr).await;
+    let with_safety = ["--safety-url", safety.addr.as_str()];
+    let mesh =
+        Mesh::start_with("sd21-tiny", &MeshOptions { orchestrator_args: with_safety.to_vec(), ..Default::default() })
+            .await;
+    let sd = model("sd21-tiny");
+    let serve =
+        start("sdmesh", &["serve", "--model", sd.to_str().unwrap(), "--safety-model", checker.to_str().unwrap()], &[]);
+    wait_serving(&serve.addr).await;
+    let tmp = tmp_dir("safety-model");
+    // Each way's stdout line (its verdict) and PNG.
+    let run = |how: &[&str], policy: &[&str], tag: &str| {
+        let png = tmp.join(format!("{tag}.png"));
+        let job = ["--quiet", "--prompt", "a cat", "--steps", "2", "--height", "32", "--width", "32", "--seed", "9"];
+        let out =
+            Command::new(bin(how[0])).args(&how[1..]).args(job).args(policy).arg("--out").arg(&png).output().unwrap();
+        ok(&out, tag);
+        let line = String::from_utf8_lossy(&out.stdout).replace(png.to_str().unwrap(), "OUT");
+        (line, std::fs::read(&png).unwrap())
+    };
+    let generate = ["sdmesh", "generate", "--model", sd.to_str().unwrap(), "--safety-model", checker.to_str().unwrap()];
+    for policy in [&[][..], &["--safety", "flag"][..]] {
+        let expected = run(&["sdctl", "generate", "--endpoint", &mesh.orchestrator.addr], policy, "mesh");
+        assert!(expected.0.contains("the safety checker"), "{}", expected.0);
+        assert_eq!(run(&["sdctl", "generate", "--endpoint", &serve.addr], policy, "serve"), expected, "{policy:?}");
+        assert_eq!(run(&generate, policy, "in-process"), expected, "{policy:?}");
+    }
+    let unchecked = Command::new(bin("sdmesh"))
+        .args(["generate", "--model", sd.to_str().unwrap(), "--prompt", "a cat", "--steps", "2", "--safety", "flag"])
+        .args(["--height", "32", "--width", "32", "--out", tmp.join("x.png").to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&unchecked.stderr);
+    assert!(!unchecked.status.success() && stderr.contains("no safety checker"), "{stderr}");
+    std::fs::remove_dir_all(&tmp).unwrap();
+}

@@ -33,6 +33,11 @@ enum Command {
         /// An x4 upscaler folder (stable-diffusion-x4-upscaler), for --then-upscale.
         #[arg(long, env = "SDMESH_UPSCALER_MODEL")]
         upscaler_model: Option<PathBuf>,
+        /// The safety checker (e.g. CompVis/stable-diffusion-safety-checker; default: --model's
+        /// safety_checker/, when it has one): flagged images are replaced unless --safety says
+        /// otherwise.
+        #[arg(long, env = "SDMESH_SAFETY_MODEL")]
+        safety_model: Option<PathBuf>,
         #[command(flatten)]
         job: Box<sdmesh::JobArgs>,
     },
@@ -54,6 +59,11 @@ enum Command {
         /// too (its text encoder shared with --model's when the same).
         #[arg(long, env = "SDMESH_UPSCALER_MODEL", value_parser = sdmesh::mesh::parse_model_dir)]
         upscaler_model: Option<PathBuf>,
+        /// The safety checker (e.g. CompVis/stable-diffusion-safety-checker, or a pipeline
+        /// folder with safety_checker/ and feature_extractor/; default: --model's, when it has
+        /// one), as a service here: flagged images are replaced unless a request says otherwise.
+        #[arg(long, env = "SDMESH_SAFETY_MODEL")]
+        safety_model: Option<PathBuf>,
         /// Address of the public API (the orchestrator).
         #[arg(long, env = "SDMESH_LISTEN", default_value = "127.0.0.1:50050")]
         listen: String,
@@ -88,13 +98,14 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Generate { model, device, dtype, upscaler_model, job } => {
-            generate(model, device, dtype, upscaler_model, *job).await
+        Command::Generate { model, device, dtype, upscaler_model, safety_model, job } => {
+            generate(model, device, dtype, upscaler_model, safety_model, *job).await
         }
         Command::Serve {
             model,
             also_model,
             upscaler_model,
+            safety_model,
             listen,
             http_listen,
             device,
@@ -120,6 +131,7 @@ async fn main() -> anyhow::Result<()> {
                 also_models: also_model,
                 upscaler_model,
                 api_keys: api_keys.api_keys_file,
+                safety_model,
                 ..MeshOptions::new(model, device)
             };
             serve(opts, listen, http_listen, shutdown, telemetry).await
@@ -151,6 +163,7 @@ async fn generate(
     device: String,
     dtype: candle_core::DType,
     upscaler_model: Option<PathBuf>,
+    safety_model: Option<PathBuf>,
     job: sdmesh::JobArgs,
 ) -> anyhow::Result<()> {
     use sdmesh_proto::v1::orchestrator_server::Orchestrator;
@@ -164,6 +177,10 @@ async fn generate(
         let upscaler = sdmesh_orchestrator::local_pipeline(&upscaler, &device, dtype, 64, Limits::default()).await?;
         anyhow::ensure!(upscaler.upscaler.is_some(), "--upscaler-model: not an x4 upscaler checkpoint");
         pipeline.chained_upscaler = Some(std::sync::Arc::new(upscaler));
+    }
+    if let Some(checker) = sdmesh::mesh::safety_model(&model, safety_model.as_deref()) {
+        let opts = sdmesh_safety::SafetyOptions { dtype, ..sdmesh_safety::SafetyOptions::new(checker, device.clone()) };
+        pipeline.safety = Some(std::sync::Arc::new(sdmesh_safety::LocalSafety::load(&opts)?));
     }
     let service = sdmesh_orchestrator::server::OrchestratorService::new(pipeline);
     let events = service.generate_stream(job.request()?).await.map_err(sdmesh::status_error)?.into_inner();

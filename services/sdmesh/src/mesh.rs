@@ -35,6 +35,8 @@ pub struct MeshOptions {
     pub upscaler_model: Option<PathBuf>,
     /// The API keys file: every call needs a key it lists.
     pub api_keys: Option<PathBuf>,
+    /// The safety checker's folder (default: `model`, when it has safety_checker/).
+    pub safety_model: Option<PathBuf>,
 }
 
 impl MeshOptions {
@@ -54,6 +56,7 @@ impl MeshOptions {
             also_models: Vec::new(),
             upscaler_model: None,
             api_keys: None,
+            safety_model: None,
         }
     }
 }
@@ -74,6 +77,11 @@ pub fn parse_model_dir(dir: &str) -> Result<PathBuf, String> {
         return Err(format!("{} is not a diffusers-layout model folder (no model_index.json)", dir.display()));
     }
     Ok(dir)
+}
+
+/// The safety checker's folder: `given` (--safety-model), else `model` when it has one.
+pub fn safety_model(model: &Path, given: Option<&Path>) -> Option<PathBuf> {
+    given.map(Path::to_path_buf).or_else(|| model.join("safety_checker").is_dir().then(|| model.to_path_buf()))
 }
 
 /// Where one model folder's services listen.
@@ -238,14 +246,15 @@ pub async fn serve_mesh(
         }
         None => None,
     };
-    // A folder with safety_checker/ gets the safety service, flagged images replaced by default.
-    let safety = if opts.model.join("safety_checker").is_dir() {
+    // A safety checker (--safety-model, or the model folder's safety_checker/) gets the safety
+    // service, flagged images replaced by default.
+    let safety = if let Some(checker) = safety_model(&opts.model, opts.safety_model.as_deref()) {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}", listener.local_addr()?);
         let safety_opts = sdmesh_safety::SafetyOptions {
             dtype: opts.dtype,
             queue_capacity: opts.queue_capacity,
-            ..sdmesh_safety::SafetyOptions::new(opts.model.clone(), opts.device.clone())
+            ..sdmesh_safety::SafetyOptions::new(checker, opts.device.clone())
         };
         tasks.spawn(sdmesh_safety::run(safety_opts, listener, after_orchestrator()));
         Some(url)

@@ -163,11 +163,15 @@ fn sha256_hex(key: &str) -> String {
 #[tokio::test]
 async fn with_api_keys_each_call_needs_one_and_runs_for_its_tenant() {
     let keys = std::env::temp_dir().join(format!("sdmesh-api-keys-{}.toml", std::process::id()));
-    let text = format!(
-        "[[keys]]\ntenant = \"acme\"\nsha256 = \"{}\"\n\n[[keys]]\nany_tenant = true\nsha256 = \"{}\"\n",
-        sha256_hex("acme-secret"),
-        sha256_hex("gateway-secret")
-    );
+    // acme's entry written by hand with sha256sum; the gateway's made by `sdctl api-key`.
+    let made = std::process::Command::new(sdmesh_testkit::process::bin("sdctl"))
+        .args(["api-key", "--any-tenant"])
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let gateway_key = String::from_utf8(made.stderr).unwrap().trim().rsplit(' ').next().unwrap().to_string();
+    let text = format!("[[keys]]\ntenant = \"acme\"\nsha256 = \"{}\"\n\n", sha256_hex("acme-secret"))
+        + &String::from_utf8(made.stdout).unwrap();
     std::fs::write(&keys, text).unwrap();
     let opts = MeshOptions {
         common_args: vec!["--metrics-listen", "127.0.0.1:0"],
@@ -193,7 +197,8 @@ async fn with_api_keys_each_call_needs_one_and_runs_for_its_tenant() {
     assert_eq!(response.status, 200, "{}", String::from_utf8_lossy(&response.body));
     assert_eq!(http_request(&addr, "GET", "/v1/models", &[acme], b"").status, 200);
     // The gateway's key runs calls for the tenant they name.
-    let gateway = [("authorization", "Bearer gateway-secret"), ("x-sdmesh-tenant", "zeta")];
+    let gateway_auth = format!("Bearer {gateway_key}");
+    let gateway = [("authorization", gateway_auth.as_str()), ("x-sdmesh-tenant", "zeta")];
     assert_eq!(http_request(&addr, "POST", "/v1/generate", &gateway, JOB.as_bytes()).status, 200);
 
     // gRPC, through sdctl: --api-key (or SDMESH_API_KEY) is the key.

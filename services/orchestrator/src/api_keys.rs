@@ -141,6 +141,34 @@ impl ApiKeys {
     }
 }
 
+/// A new random key (256 bits from the OS-seeded CSPRNG, as `sdm_` and 64 hex digits) and its
+/// `[[keys]]` entry for the file: for `tenant`, or for any tenant (a gateway) when None.
+pub fn new_key(tenant: Option<&str>) -> Result<(String, String), String> {
+    use rand::RngCore;
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    let key = format!("sdm_{}", hex(&bytes));
+    let digest = hex(&Sha256::digest(key.as_bytes()));
+    let grant = match tenant {
+        // Printable ASCII (checked) is escaped alike by Rust and TOML.
+        Some(tenant) => format!("tenant = {:?}", check_tenant(tenant)?),
+        None => "any_tenant = true".into(),
+    };
+    Ok((key, format!("[[keys]]\n{grant}\nsha256 = \"{digest}\"\n")))
+}
+
+/// `tenant`, if it can travel as metadata (printable ASCII).
+fn check_tenant(tenant: &str) -> Result<&str, String> {
+    if tenant.is_empty() || !tenant.chars().all(|c| c.is_ascii_graphic() || c == ' ') {
+        return Err(format!("tenant {tenant:?} must be printable ASCII (it travels as metadata)"));
+    }
+    Ok(tenant)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// The key of `authorization: Bearer KEY`.
 fn bearer(metadata: &tonic::metadata::MetadataMap) -> Result<&str, tonic::Status> {
     let missing = || tonic::Status::unauthenticated("this API needs a key: send `authorization: Bearer KEY`");
@@ -159,12 +187,7 @@ fn parse(text: &str) -> Result<Keys, String> {
         let at = |why: String| format!("keys[{i}]: {why}");
         let digest = hex_digest(&entry.sha256).ok_or_else(|| at("sha256 must be 64 hex digits".into()))?;
         let grant = match (&entry.tenant, entry.any_tenant) {
-            (Some(tenant), false) => {
-                if tenant.is_empty() || !tenant.chars().all(|c| c.is_ascii_graphic() || c == ' ') {
-                    return Err(at(format!("tenant {tenant:?} must be printable ASCII (it travels as metadata)")));
-                }
-                Grant::Tenant(tenant.clone())
-            }
+            (Some(tenant), false) => Grant::Tenant(check_tenant(tenant).map_err(at)?.to_string()),
             (None, true) => Grant::AnyTenant,
             _ => return Err(at("give either tenant or any_tenant = true".into())),
         };
@@ -192,7 +215,7 @@ mod tests {
     use super::*;
 
     fn sha256(key: &str) -> String {
-        Sha256::digest(key.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+        hex(&Sha256::digest(key.as_bytes()))
     }
 
     fn metadata(key: Option<&str>) -> tonic::metadata::MetadataMap {
@@ -235,6 +258,20 @@ mod tests {
         for refused in [None, Some("Bearer wrong"), Some("acme-secret"), Some("Basic acme-secret"), Some("Bearer ")] {
             assert_eq!(code(refused, None), tonic::Code::Unauthenticated, "{refused:?}");
         }
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn new_keys_are_random_and_their_entries_grant_them() {
+        let (acme_key, acme) = new_key(Some("acme \"west\"")).unwrap();
+        let (gateway_key, gateway) = new_key(None).unwrap();
+        assert!(new_key(Some("é")).unwrap_err().contains("printable ASCII"));
+        assert!(acme_key.starts_with("sdm_") && acme_key.len() == 68 && acme_key != gateway_key);
+        let path = file(&format!("{acme}\n{gateway}"));
+        let keys = ApiKeys::load(&path).unwrap();
+        let bearer = |key: &str| metadata(Some(&format!("Bearer {key}")));
+        assert_eq!(keys.tenant(&bearer(&acme_key), None).unwrap().as_deref(), Some("acme \"west\""));
+        assert_eq!(keys.tenant(&bearer(&gateway_key), Some("z".into())).unwrap().as_deref(), Some("z"));
         std::fs::remove_file(path).unwrap();
     }
 

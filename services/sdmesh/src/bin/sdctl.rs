@@ -33,6 +33,29 @@ enum Command {
     /// Ask the safety-checker service about images: one JSON object per image (flagged, the
     /// concept and special-care scores) on stdout.
     Check(CheckArgs),
+    /// Make an API key: its [[keys]] entry for the orchestrator's --api-keys-file on stdout
+    /// (only the key's SHA-256), the key itself on stderr, to give to its holder
+    /// (`sdctl api-key --tenant acme >> keys.toml`).
+    ApiKey(ApiKeyArgs),
+}
+
+#[derive(clap::Args, Debug)]
+#[group(required = true, multiple = false)]
+struct ApiKeyArgs {
+    /// The tenant the key's calls run for.
+    #[arg(long)]
+    tenant: Option<String>,
+    /// A gateway's key: its calls name their tenant in x-sdmesh-tenant.
+    #[arg(long)]
+    any_tenant: bool,
+}
+
+/// `sdctl api-key`.
+fn api_key(a: ApiKeyArgs) -> anyhow::Result<()> {
+    let (key, entry) = sdmesh_orchestrator::api_keys::new_key(a.tenant.as_deref()).map_err(anyhow::Error::msg)?;
+    eprintln!("API key (not kept anywhere; give it to its holder): {key}");
+    print!("{entry}");
+    Ok(())
 }
 
 #[derive(clap::Args, Debug)]
@@ -128,6 +151,7 @@ async fn main() {
     let (task, mut args) = match command {
         Command::Check(a) => return exit_on_error(check(a).await),
         Command::Models(a) => return exit_on_error(models(a).await),
+        Command::ApiKey(a) => return exit_on_error(api_key(a)),
         // generate infers the task from what is given (an image: img2img, a mask too: inpaint).
         Command::Generate(a) => (v1::Task::Unspecified, a),
         Command::Img2img(a) => (v1::Task::Img2img, a),

@@ -46,6 +46,10 @@ async fn the_http_api_runs_the_same_jobs_as_grpc() {
     assert_eq!(got.images, expected.images);
     assert_eq!(response.json()["seed"], "7", "64-bit integers are strings, as the JSON mapping says");
 
+    // Ready for load balancers that cannot ask gRPC health.
+    let healthz = http_request(&addr, "GET", "/healthz", &[], b"");
+    assert_eq!((healthz.status, healthz.json()["status"].as_str()), (200, Some("SERVING")));
+
     // The OpenAPI document, which every JSON answer below conforms to.
     let openapi = http_request(&addr, "GET", "/v1/openapi.json", &[], b"");
     assert_eq!((openapi.status, openapi.header("content-type")), (200, Some("application/json")));
@@ -227,4 +231,21 @@ async fn with_api_keys_each_call_needs_one_and_runs_for_its_tenant() {
     assert_eq!(metric(&text, "sdmesh_tenant_jobs_total", &[("tenant", "zeta"), ("code", "Ok")]), 1.0);
     std::fs::remove_file(keys).unwrap();
     std::fs::remove_file(out_png).unwrap();
+}
+
+/// `GET /healthz` is 503 while the orchestrator waits for its model services (here, none is
+/// up), as its gRPC health says NOT_SERVING.
+#[tokio::test]
+async fn healthz_is_503_until_the_model_services_answer() {
+    let nowhere = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let nowhere = format!("http://{nowhere}");
+    let sd = sdmesh_testkit::model("sd21-base-tiny");
+    let orchestrator = sdmesh_testkit::process::start(
+        "sdmesh-orchestrator",
+        &["--model", sd.to_str().unwrap(), "--http-listen", "127.0.0.1:0"],
+        &[("SDMESH_TEXT_ENCODER_URL", &nowhere), ("SDMESH_UNET_URL", &nowhere), ("SDMESH_VAE_URL", &nowhere)],
+    );
+    let healthz = http_request(http(&orchestrator), "GET", "/healthz", &[], b"");
+    assert_eq!((healthz.status, healthz.json()["status"].as_str()), (503, Some("NOT_SERVING")));
+    assert_eq!(sdmesh_testkit::process::health(&orchestrator.addr).await, Some(2), "gRPC health: NOT_SERVING");
 }

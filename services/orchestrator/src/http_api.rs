@@ -39,6 +39,7 @@ pub fn router(service: OrchestratorService, max_body_bytes: usize) -> Router {
         .route("/v1/generate/stream", post(generate_stream))
         .route("/v1/models", get(list_models))
         .route("/v1/openapi.json", get(openapi))
+        .route("/healthz", get(healthz))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(service)
 }
@@ -127,6 +128,15 @@ async fn list_models(State(service): State<OrchestratorService>, headers: Header
     match service.list_models(request).await {
         Ok(response) => Json(response.into_inner()).into_response(),
         Err(status) => error(&status),
+    }
+}
+
+/// For load balancers that cannot ask gRPC health: 200 while the orchestrator takes jobs, 503
+/// while it waits for its model services or drains.
+async fn healthz(State(service): State<OrchestratorService>) -> Response {
+    match service.ready() {
+        true => (StatusCode::OK, Json(serde_json::json!({"status": "SERVING"}))).into_response(),
+        false => (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"status": "NOT_SERVING"}))).into_response(),
     }
 }
 

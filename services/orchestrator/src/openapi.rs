@@ -301,6 +301,8 @@ fn paths() -> Value {
         responses
     };
     let image = json!({"schema": {"type": "string", "format": "binary"}});
+    let health = json!({"type": "object", "properties": {"status": {"enum": ["SERVING", "NOT_SERVING"]}},
+        "required": ["status"], "additionalProperties": false});
     // A key where the orchestrator asks for one (--api-keys-file), else none.
     let secured = json!([{}, {"apiKey": []}]);
     json!({
@@ -351,6 +353,15 @@ fn paths() -> Value {
                 "200": {"description": "The default model first.",
                     "content": {"application/json": {"schema": schema("ListModelsResponse")}}},
                 "503": {"$ref": "#/components/responses/Error"},
+            },
+        }},
+        "/healthz": {"get": {
+            "operationId": "healthz",
+            "summary": "Whether the orchestrator takes jobs, for load balancers without gRPC health.",
+            "responses": {
+                "200": {"description": "It takes jobs.", "content": {"application/json": {"schema": health.clone()}}},
+                "503": {"description": "It waits for its model services, or drains.",
+                    "content": {"application/json": {"schema": health}}},
             },
         }},
         "/v1/openapi.json": {"get": {

@@ -98,6 +98,12 @@ impl OrchestratorService {
         }
     }
 
+    /// Whether it takes jobs now: its models are known and (when served) its health says
+    /// SERVING, which it stops saying when it drains.
+    pub fn ready(&self) -> bool {
+        self.models.get().is_some() && self.health.as_ref().is_none_or(Health::is_serving)
+    }
+
     pub fn set_models(&self, models: Models) {
         let _ = self.models.set(models);
     }

@@ -23,6 +23,8 @@ pub struct Health {
     draining: tokio::sync::watch::Sender<bool>,
     /// The fingerprint of the model this process serves, once loaded (see [`ModelCheckLayer`]).
     model: Arc<OnceLock<HeaderValue>>,
+    /// What [`Self::set`] said last, for those who ask without gRPC.
+    serving: tokio::sync::watch::Sender<bool>,
 }
 
 impl Health {
@@ -38,7 +40,8 @@ impl Health {
             .expect("the embedded descriptor sets are valid");
         let routes = Routes::new(service).add_service(reflection);
         let (grace_over, draining) = (tokio::sync::watch::Sender::new(false), tokio::sync::watch::Sender::new(false));
-        let health = Self { reporter, names, routes, grace_over, draining, model: Arc::default() };
+        let serving = tokio::sync::watch::Sender::new(false);
+        let health = Self { reporter, names, routes, grace_over, draining, model: Arc::default(), serving };
         health.set(ServingStatus::NotServing).await;
         health
     }
@@ -49,6 +52,7 @@ impl Health {
     }
 
     pub async fn set(&self, status: ServingStatus) {
+        self.serving.send_replace(status == ServingStatus::Serving);
         for name in &self.names {
             self.reporter.set_service_status(name, status).await;
         }
@@ -74,6 +78,11 @@ impl Health {
             }
             Err(e) => tracing::warn!("model fingerprint {fingerprint:?} cannot travel as metadata: {e}"),
         }
+    }
+
+    /// Whether it reports SERVING now.
+    pub fn is_serving(&self) -> bool {
+        *self.serving.borrow()
     }
 
     /// Resolves when the drain starts: the process is shutting down, and work that has not

@@ -174,7 +174,7 @@ async fn with_api_keys_each_call_needs_one_and_runs_for_its_tenant() {
         .unwrap();
     assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
     let gateway_key = String::from_utf8(made.stderr).unwrap().trim().rsplit(' ').next().unwrap().to_string();
-    let text = format!("[[keys]]\ntenant = \"acme\"\nsha256 = \"{}\"\n\n", sha256_hex("acme-secret"))
+    let text = format!("[[keys]]\ntenant = \"acme\"\nmax_jobs = 1\nsha256 = \"{}\"\n\n", sha256_hex("acme-secret"))
         + &String::from_utf8(made.stdout).unwrap();
     std::fs::write(&keys, text).unwrap();
     let opts = MeshOptions {
@@ -229,6 +229,35 @@ async fn with_api_keys_each_call_needs_one_and_runs_for_its_tenant() {
     let text = mesh.orchestrator.scrape();
     assert_eq!(metric(&text, "sdmesh_tenant_jobs_total", &[("tenant", "acme"), ("code", "Ok")]), 2.0);
     assert_eq!(metric(&text, "sdmesh_tenant_jobs_total", &[("tenant", "zeta"), ("code", "Ok")]), 1.0);
+
+    // acme's key holds it to one job at a time (max_jobs = 1): its second waits, while the
+    // gateway's tenant runs at once.
+    let stream = |key: &str, tenant: Option<&str>| {
+        let mut request = tonic::Request::new(v1::GenerateRequest {
+            prompt: "a long walk".into(),
+            steps: Some(500),
+            height: Some(32),
+            width: Some(32),
+            ..Default::default()
+        });
+        request.metadata_mut().insert("authorization", format!("Bearer {key}").parse().unwrap());
+        if let Some(tenant) = tenant {
+            request.metadata_mut().insert("x-sdmesh-tenant", tenant.parse().unwrap());
+        }
+        let addr = mesh.orchestrator.addr.clone();
+        async move {
+            let mut client = v1::orchestrator_client::OrchestratorClient::connect(addr).await.unwrap();
+            let mut events = client.generate_stream(request).await.unwrap().into_inner();
+            let first = events.message().await.unwrap().unwrap().event.unwrap();
+            (first, events)
+        }
+    };
+    let (first, _running) = stream("acme-secret", None).await;
+    assert!(matches!(first, v1::generate_event::Event::Progress(_)), "{first:?}");
+    let (second, _waiting) = stream("acme-secret", None).await;
+    assert!(matches!(second, v1::generate_event::Event::Waiting(_)), "acme's second job waits: {second:?}");
+    let (other, _other) = stream(&gateway_key, Some("zeta")).await;
+    assert!(matches!(other, v1::generate_event::Event::Progress(_)), "another tenant's runs: {other:?}");
     std::fs::remove_file(keys).unwrap();
     std::fs::remove_file(out_png).unwrap();
 }

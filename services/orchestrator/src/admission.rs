@@ -108,6 +108,8 @@ impl Priority {
 struct Waiter {
     tenant: String,
     priority: Priority,
+    /// The most jobs its tenant may run at once (0: no bound but `max_running`).
+    cap: usize,
     /// Sends the place when it is this job's turn, or why it lost its place in the line.
     turn: oneshot::Sender<Result<Running>>,
 }
@@ -117,9 +119,8 @@ impl State {
         self.running_by_tenant.get(tenant).copied().unwrap_or(0)
     }
 
-    fn may_run(&self, limits: &JobLimits, tenant: &str) -> bool {
-        self.running < limits.max_running
-            && (limits.max_running_per_tenant == 0 || self.running_of(tenant) < limits.max_running_per_tenant)
+    fn may_run(&self, limits: &JobLimits, tenant: &str, cap: usize) -> bool {
+        self.running < limits.max_running && (cap == 0 || self.running_of(tenant) < cap)
     }
 
     fn start(&mut self, tenant: &str) {
@@ -227,7 +228,7 @@ fn hand_out(shared: &Arc<Shared>, state: &mut State) {
         let next = state
             .waiting
             .iter()
-            .filter(|(_, w)| state.may_run(&shared.limits, &w.tenant))
+            .filter(|(_, w)| state.may_run(&shared.limits, &w.tenant, w.cap))
             .min_by_key(|(seq, w)| (Reverse(w.priority), state.running_of(&w.tenant), **seq))
             .map(|(seq, _)| *seq);
         let Some(seq) = next else { return };
@@ -321,12 +322,19 @@ impl Admission {
     /// Takes a place for a job of `tenant`: to run at once if there is room for it, else in the
     /// line; RESOURCE_EXHAUSTED with a retry hint when the line is full.
     pub fn enter_at(&self, tenant: &str, priority: Priority) -> Result<Ticket> {
+        self.enter_capped(tenant, priority, None)
+    }
+
+    /// [`Admission::enter_at`], the tenant held to `cap` jobs running at once instead of
+    /// `max_running_per_tenant` (its API key's `max_jobs`).
+    pub fn enter_capped(&self, tenant: &str, priority: Priority, cap: Option<usize>) -> Result<Ticket> {
         let shared = &self.shared;
         let limits = &shared.limits;
+        let cap = cap.unwrap_or(limits.max_running_per_tenant);
         let mut state = shared.state.lock().map_err(|_| Error::internal("the admission state is poisoned"))?;
         // Jobs wait only while no place is free to them (places are handed out as they free),
         // so a job that may run now jumps no one.
-        if state.may_run(limits, tenant) {
+        if state.may_run(limits, tenant, cap) {
             state.start(tenant);
             state.gauges();
             let running = Running::new(shared, tenant);
@@ -350,18 +358,18 @@ impl Admission {
             metrics::counter!("sdmesh_jobs_refused_total", "reason" => reason).increment(1);
             let _ = bumped.turn.send(Err(Error::ResourceExhausted { message, retry_after: hint }));
         }
-        Ok(self.wait_in_line(&mut state, tenant, priority))
+        Ok(self.wait_in_line(&mut state, tenant, priority, cap))
     }
 
     /// A place in the line (which has room).
-    fn wait_in_line(&self, state: &mut State, tenant: &str, priority: Priority) -> Ticket {
+    fn wait_in_line(&self, state: &mut State, tenant: &str, priority: Priority, cap: usize) -> Ticket {
         let seq = state.next_seq;
         state.next_seq += 1;
         // The jobs that would run before it, as things stand: those of its priority or higher.
         let ahead = state.waiting.values().filter(|w| w.priority >= priority).count();
         let line = Some((ahead, state.running));
         let (send, turn) = oneshot::channel();
-        state.waiting.insert(seq, Waiter { tenant: tenant.to_string(), priority, turn: send });
+        state.waiting.insert(seq, Waiter { tenant: tenant.to_string(), priority, cap, turn: send });
         state.gauges();
         Ticket { turn: TicketState::Waiting { seq, turn }, shared: self.shared.clone(), line }
     }
@@ -435,6 +443,36 @@ mod tests {
         let _sixth = a.enter("").unwrap();
         let status = tonic::Status::from(a.enter("").err().unwrap());
         assert!(sdmesh_core::retry_after(&status).unwrap() < DEFAULT_HINT);
+    }
+
+    /// A tenant's own bound (its API key's max_jobs) holds in place of the orchestrator's, when
+    /// it enters and when places free; other tenants keep the orchestrator's.
+    #[tokio::test]
+    async fn a_tenant_may_have_its_own_bound_on_running_jobs() {
+        let a = limits(8, 8, 2);
+        let capped = |cap| -> std::result::Result<Running, Turn> {
+            let mut turn: Turn = Box::pin(a.enter_capped("small", Priority::Normal, cap).unwrap().wait());
+            turn.as_mut().now_or_never().map(|place| place.unwrap()).ok_or(turn)
+        };
+        let first = capped(Some(1)).ok().expect("runs");
+        let mut second = capped(Some(1)).err().expect("waits: its tenant runs one, its bound");
+        let _big: Vec<Running> = (0..2).map(|_| enter(&a, "big").ok().expect("the orchestrator's bound: 2")).collect();
+        assert!(enter(&a, "big").is_err(), "big waits at 2");
+        let more: Vec<Running> = (0..3).map(|_| capped(Some(5)).ok().expect("a bound of 5")).collect();
+        assert!(came(&mut second).is_none());
+        drop(first);
+        assert!(came(&mut second).is_none(), "small still runs 3, above the waiting job's bound of 1");
+        drop(more);
+        assert!(came(&mut second).expect("small runs none now").is_ok());
+
+        // A bound above the orchestrator's holds when a place frees too.
+        let b = limits(3, 4, 2);
+        let wide = || -> Turn { Box::pin(b.enter_capped("wide", Priority::Normal, Some(5)).unwrap().wait()) };
+        let mut running: Vec<Running> = (0..3).map(|_| came(&mut wide()).expect("runs").unwrap()).collect();
+        let mut fourth = wide();
+        assert!(came(&mut fourth).is_none(), "the orchestrator runs 3, its most");
+        running.pop();
+        assert!(came(&mut fourth).expect("wide runs 2, under its bound of 5").is_ok());
     }
 
     #[tokio::test]

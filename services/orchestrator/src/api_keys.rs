@@ -11,6 +11,8 @@
 //! [[keys]]
 //! tenant = "acme"      # its calls are acme's (x-sdmesh-tenant may be left out)
 //! sha256 = "…"         # printf %s "$KEY" | sha256sum
+//! max_jobs = 4         # optional: acme's jobs of a model running at once, per orchestrator,
+//!                      # instead of --max-jobs-per-tenant
 //!
 //! [[keys]]
 //! any_tenant = true    # a trusted gateway's key: its calls name their tenant in x-sdmesh-tenant
@@ -50,15 +52,24 @@ struct KeyEntry {
     tenant: Option<String>,
     #[serde(default)]
     any_tenant: bool,
+    max_jobs: Option<usize>,
 }
 
 /// What a key lets its caller do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Grant {
-    /// Call as this tenant only.
-    Tenant(String),
+    /// Call as this tenant only, with at most `max_jobs` of a model running at once if set.
+    Tenant { tenant: String, max_jobs: Option<usize> },
     /// Call as the tenant the call names (a gateway).
     AnyTenant,
+}
+
+/// Whose call it is, as its key says.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Caller {
+    pub tenant: Option<String>,
+    /// The tenant's own bound on jobs of a model running at once (None: the orchestrator's).
+    pub max_jobs: Option<usize>,
 }
 
 type Keys = HashMap<[u8; 32], Grant>;
@@ -94,22 +105,24 @@ impl ApiKeys {
         Ok(Self { path: path.to_path_buf(), reread_after, state })
     }
 
-    /// The tenant a call is for, given its metadata (`claimed`: its `x-sdmesh-tenant`).
-    pub fn tenant(
+    /// Whose a call is, given its metadata (`claimed`: its `x-sdmesh-tenant`).
+    pub fn caller(
         &self,
         metadata: &tonic::metadata::MetadataMap,
         claimed: Option<String>,
-    ) -> Result<Option<String>, tonic::Status> {
+    ) -> Result<Caller, tonic::Status> {
         let key = bearer(metadata)?;
         let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
         let grant = self.keys_now(|keys| keys.get(&digest).cloned());
         match (grant, claimed) {
             (None, _) => Err(tonic::Status::unauthenticated("unknown API key")),
-            (Some(Grant::AnyTenant), claimed) => Ok(claimed),
-            (Some(Grant::Tenant(tenant)), Some(claimed)) if claimed != tenant => Err(tonic::Status::permission_denied(
-                format!("this API key is tenant {tenant:?}'s; x-sdmesh-tenant names {claimed:?}"),
-            )),
-            (Some(Grant::Tenant(tenant)), _) => Ok(Some(tenant)),
+            (Some(Grant::AnyTenant), claimed) => Ok(Caller { tenant: claimed, max_jobs: None }),
+            (Some(Grant::Tenant { tenant, .. }), Some(claimed)) if claimed != tenant => {
+                Err(tonic::Status::permission_denied(format!(
+                    "this API key is tenant {tenant:?}'s; x-sdmesh-tenant names {claimed:?}"
+                )))
+            }
+            (Some(Grant::Tenant { tenant, max_jobs }), _) => Ok(Caller { tenant: Some(tenant), max_jobs }),
         }
     }
 
@@ -186,9 +199,13 @@ fn parse(text: &str) -> Result<Keys, String> {
     for (i, entry) in file.keys.iter().enumerate() {
         let at = |why: String| format!("keys[{i}]: {why}");
         let digest = hex_digest(&entry.sha256).ok_or_else(|| at("sha256 must be 64 hex digits".into()))?;
-        let grant = match (&entry.tenant, entry.any_tenant) {
-            (Some(tenant), false) => Grant::Tenant(check_tenant(tenant).map_err(at)?.to_string()),
-            (None, true) => Grant::AnyTenant,
+        let grant = match (&entry.tenant, entry.any_tenant, entry.max_jobs) {
+            (_, _, Some(0)) => return Err(at("max_jobs must be at least 1".into())),
+            (Some(tenant), false, max_jobs) => {
+                Grant::Tenant { tenant: check_tenant(tenant).map_err(at)?.to_string(), max_jobs }
+            }
+            (None, true, None) => Grant::AnyTenant,
+            (None, true, Some(_)) => return Err(at("max_jobs is for a tenant's key, not any_tenant".into())),
             _ => return Err(at("give either tenant or any_tenant = true".into())),
         };
         if keys.insert(digest, grant).is_some() {
@@ -248,7 +265,9 @@ mod tests {
     fn a_key_says_whose_call_it_is() {
         let path = file(&keys_file(&[("acme-secret", Some("acme")), ("gateway-secret", None)]));
         let keys = ApiKeys::load(&path).unwrap();
-        let tenant = |key: Option<&str>, claimed: Option<&str>| keys.tenant(&metadata(key), claimed.map(String::from));
+        let tenant = |key: Option<&str>, claimed: Option<&str>| {
+            keys.caller(&metadata(key), claimed.map(String::from)).map(|c| c.tenant)
+        };
         assert_eq!(tenant(Some("Bearer acme-secret"), None).unwrap().as_deref(), Some("acme"));
         assert_eq!(tenant(Some("bearer  acme-secret "), Some("acme")).unwrap().as_deref(), Some("acme"));
         assert_eq!(tenant(Some("Bearer gateway-secret"), Some("zeta")).unwrap().as_deref(), Some("zeta"));
@@ -270,8 +289,18 @@ mod tests {
         let path = file(&format!("{acme}\n{gateway}"));
         let keys = ApiKeys::load(&path).unwrap();
         let bearer = |key: &str| metadata(Some(&format!("Bearer {key}")));
-        assert_eq!(keys.tenant(&bearer(&acme_key), None).unwrap().as_deref(), Some("acme \"west\""));
-        assert_eq!(keys.tenant(&bearer(&gateway_key), Some("z".into())).unwrap().as_deref(), Some("z"));
+        assert_eq!(keys.caller(&bearer(&acme_key), None).unwrap().tenant.as_deref(), Some("acme \"west\""));
+        assert_eq!(keys.caller(&bearer(&gateway_key), Some("z".into())).unwrap().tenant.as_deref(), Some("z"));
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn a_tenants_key_may_carry_its_own_bound_on_running_jobs() {
+        let text = format!("[[keys]]\ntenant = \"acme\"\nmax_jobs = 3\nsha256 = {:?}\n", sha256("k"));
+        let path = file(&text);
+        let keys = ApiKeys::load(&path).unwrap();
+        let caller = keys.caller(&metadata(Some("Bearer k")), None).unwrap();
+        assert_eq!(caller, Caller { tenant: Some("acme".into()), max_jobs: Some(3) });
         std::fs::remove_file(path).unwrap();
     }
 
@@ -290,6 +319,8 @@ mod tests {
                 "twice",
             ),
             (format!("[[keys]]\ntenant = \"a\"\nkey = \"plain\"\nsha256 = {digest:?}\n"), "unknown field"),
+            (format!("[[keys]]\ntenant = \"a\"\nmax_jobs = 0\nsha256 = {digest:?}\n"), "at least 1"),
+            (format!("[[keys]]\nany_tenant = true\nmax_jobs = 2\nsha256 = {digest:?}\n"), "not any_tenant"),
         ] {
             let path = file(&text);
             let e = ApiKeys::load(&path).err().expect("refused").to_string();
@@ -302,7 +333,7 @@ mod tests {
     fn keys_are_added_and_revoked_by_changing_the_file() {
         let path = file(&keys_file(&[("old", Some("acme"))]));
         let keys = ApiKeys::load_rereading_after(&path, Duration::ZERO).unwrap();
-        let code = |key: &str| keys.tenant(&metadata(Some(&format!("Bearer {key}"))), None).map_err(|e| e.code());
+        let code = |key: &str| keys.caller(&metadata(Some(&format!("Bearer {key}"))), None).map_err(|e| e.code());
         assert!(code("old").is_ok());
         std::fs::write(&path, keys_file(&[("new", Some("acme"))])).unwrap();
         assert_eq!(code("old"), Err(tonic::Code::Unauthenticated), "revoked");

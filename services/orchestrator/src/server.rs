@@ -62,13 +62,16 @@ impl OrchestratorService {
         Self { models: Arc::default(), health: Some(health), fleet_quota, api_keys }
     }
 
-    /// The tenant a call is for: its `x-sdmesh-tenant`, or with API keys, its key's
+    /// Whose a call is: its `x-sdmesh-tenant`, or with API keys, its key's tenant and bound
     /// (UNAUTHENTICATED without a key the file lists).
-    fn caller(&self, metadata: &tonic::metadata::MetadataMap) -> std::result::Result<Option<String>, tonic::Status> {
+    fn caller(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+    ) -> std::result::Result<crate::api_keys::Caller, tonic::Status> {
         let claimed = tenant(metadata);
         match &self.api_keys {
-            Some(keys) => keys.tenant(metadata, claimed),
-            None => Ok(claimed),
+            Some(keys) => keys.caller(metadata, claimed),
+            None => Ok(crate::api_keys::Caller { tenant: claimed, max_jobs: None }),
         }
     }
 
@@ -81,13 +84,14 @@ impl OrchestratorService {
         model: &Served,
         tenant: Option<&str>,
         priority: Priority,
+        max_jobs: Option<usize>,
     ) -> Result<(Option<QuotaLease>, Ticket)> {
         let tenant = tenant.unwrap_or("");
         let lease = match &self.fleet_quota {
             Some(quota) => quota.take(tenant, model.admission.retry_hint()).await?,
             None => None,
         };
-        Ok((lease, model.admission.enter_at(tenant, priority)?))
+        Ok((lease, model.admission.enter_capped(tenant, priority, max_jobs)?))
     }
 
     /// `job`, cut short with UNAVAILABLE when the shutdown grace period ends.
@@ -123,14 +127,14 @@ impl OrchestratorService {
         &self,
         request: tonic::Request<v1::GenerateRequest>,
     ) -> std::result::Result<(&Served, Admitted), tonic::Status> {
-        let tenant = self.caller(request.metadata())?;
+        let crate::api_keys::Caller { tenant, max_jobs } = self.caller(request.metadata())?;
         let priority = priority(request.metadata())?;
         let deadline = grpc_timeout(request.metadata());
         let request = request.into_inner();
         let model = self.model(&request.model)?;
         let job = model.pipeline.validate(&request)?;
         let encoding = Encoding::of(&request)?;
-        let (lease, ticket) = self.enter(model, tenant.as_deref(), priority).await?;
+        let (lease, ticket) = self.enter(model, tenant.as_deref(), priority, max_jobs).await?;
         let span = job_span(&model.pipeline, &job, tenant.as_deref(), priority);
         let tenant = tenant.unwrap_or_default();
         let admitted =

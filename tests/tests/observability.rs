@@ -1,5 +1,6 @@
 //! Observability and operability across real processes: OTLP traces that follow one generation
-//! through all four services, Prometheus metrics, graceful shutdown on SIGTERM, and `--help`.
+//! through all four services, JSON log lines that name their trace, Prometheus metrics,
+//! graceful shutdown on SIGTERM, and `--help`.
 //! Needs the workspace binaries built (`cargo build --bins`; `make test` does it first).
 
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
@@ -341,6 +342,44 @@ async fn sdctl_roots_the_trace_when_it_exports_one() {
 /// model-thread time and queue depth, and the orchestrator's jobs, steps and prompt-embedding
 /// cache (the second job with the same prompts is answered from the cache, so the text-encoder
 /// serves one Encode for two jobs). A request rejected by validation is counted under its code.
+/// `--log-format json` with traces exported: a log line written inside a traced span names
+/// that span's trace and span ids (the job's "generate" line: those of the exported generate
+/// span), so a log collector can join the logs of one generation to its trace; a line outside
+/// any span has neither.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_log_lines_carry_the_trace_they_were_written_in() {
+    let receiver = Receiver::default();
+    let endpoint = receiver.start().await;
+    let model = sdmesh_testkit::model(MODEL);
+    let (mut serve, log) = sdmesh_testkit::process::start_with_json_log(
+        "sdmesh",
+        &["serve", "--model", model.to_str().unwrap(), "--otlp-endpoint", &endpoint],
+        "warn,sdmesh_orchestrator=info",
+    );
+    sdmesh_testkit::process::wait_serving(&serve.addr).await;
+    client(&serve.addr).await.generate(request("a logged lighthouse", 2)).await.unwrap();
+    let mut lines = Vec::new();
+    let generate_line = loop {
+        let line = log.recv_timeout(Duration::from_secs(30)).expect("the job's generate log line");
+        if line["fields"]["message"] == "generate" {
+            break line;
+        }
+        lines.push(line);
+    };
+    let ready = lines.iter().find(|l| l["fields"]["message"] == "orchestrator ready");
+    let ready = ready.unwrap_or_else(|| panic!("no ready line before the job's: {lines:?}"));
+    assert!(ready.get("trace_id").is_none() && ready.get("span_id").is_none(), "{ready}");
+
+    serve.terminate();
+    assert!(wait_exit(&mut serve, Duration::from_secs(60)).await.success());
+    let all = receiver.spans();
+    let span = all.iter().find(|s| s.name == "generate");
+    let span = span.unwrap_or_else(|| panic!("no generate span:\n{}", describe(&all)));
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    assert_eq!(generate_line["trace_id"].as_str(), Some(hex(&span.trace_id).as_str()), "{generate_line}");
+    assert_eq!(generate_line["span_id"].as_str(), Some(hex(&span.span_id).as_str()), "{generate_line}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn services_expose_prometheus_metrics() {
     let opts = MeshOptions { common_args: vec!["--metrics-listen", "127.0.0.1:0"], ..Default::default() };

@@ -1,7 +1,9 @@
 //! Logs, traces and metrics for every binary.
 //!
 //! - Logs go to stderr, filtered by RUST_LOG (default `info`): text lines (coloured only on a
-//!   terminal), or with `--log-format json` one JSON object per line for a log collector.
+//!   terminal), or with `--log-format json` one JSON object per line for a log collector; when
+//!   traces are exported, a JSON line written inside a traced span carries its `trace_id` and
+//!   `span_id`, so the collector can join the logs of one generation to its trace.
 //! - Traces are exported over OTLP/gRPC when an endpoint is set. W3C trace context travels in
 //!   the gRPC metadata: [`traced`] injects it into outgoing calls and [`server_span`] (installed
 //!   by [`crate::serve::serve`]) extracts it, so one generation is one trace across the mesh.
@@ -13,6 +15,7 @@ use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -31,7 +34,8 @@ pub struct TelemetryArgs {
     #[arg(long, env = "SDMESH_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
     /// Log lines on stderr: text (coloured on a terminal) or json (one object per line:
-    /// timestamp, level, target, fields and the spans it is in).
+    /// timestamp, level, target, fields, the spans it is in and, when traces are exported,
+    /// trace_id and span_id).
     #[arg(long, env = "SDMESH_LOG_FORMAT", value_enum, default_value_t)]
     pub log_format: LogFormat,
 }
@@ -56,6 +60,7 @@ const TRACED_CRATES: &[&str] =
 /// Sets up logging, tracing (when `--otlp-endpoint` is set) and the metrics endpoint (when
 /// `--metrics-listen` is set). Call once, inside the Tokio runtime, before serving.
 pub async fn init(service_name: &'static str, args: &TelemetryArgs) -> anyhow::Result<Telemetry> {
+    let dispatch = Arc::new(OnceLock::new());
     let log_filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let fmt = match args.log_format {
@@ -64,7 +69,14 @@ pub async fn init(service_name: &'static str, args: &TelemetryArgs) -> anyhow::R
             let ansi = std::io::stderr().is_terminal();
             tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi).boxed()
         }
-        LogFormat::Json => tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr).boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
+            .event_format(JsonWithTraceIds {
+                json: tracing_subscriber::fmt::format().json(),
+                dispatch: dispatch.clone(),
+            })
+            .with_writer(std::io::stderr)
+            .boxed(),
     }
     .with_filter(log_filter);
     let tracer_provider = match &args.otlp_endpoint {
@@ -76,7 +88,7 @@ pub async fn init(service_name: &'static str, args: &TelemetryArgs) -> anyhow::R
             .with_targets(TRACED_CRATES.iter().map(|c| (*c, tracing::Level::INFO)));
         tracing_opentelemetry::layer().with_tracer(provider.tracer(service_name)).with_filter(targets)
     });
-    let _ = tracing_subscriber::registry().with(fmt).with(otel).try_init();
+    let _ = tracing_subscriber::registry().with(fmt).with(otel).with(RememberDispatch(dispatch)).try_init();
     opentelemetry::global::set_text_map_propagator(opentelemetry_sdk::propagation::TraceContextPropagator::new());
     if let Some(endpoint) = &args.otlp_endpoint {
         tracing::info!(endpoint = %crate::redact_url(endpoint), "exporting traces over OTLP");
@@ -85,6 +97,57 @@ pub async fn init(service_name: &'static str, args: &TelemetryArgs) -> anyhow::R
         serve_metrics(addr).await?;
     }
     Ok(Telemetry { tracer_provider })
+}
+
+/// The JSON log line, plus the OpenTelemetry `trace_id` and `span_id` (hex, as in
+/// `traceparent`) of the innermost traced span the event was written in.
+struct JsonWithTraceIds {
+    json: tracing_subscriber::fmt::format::Format<tracing_subscriber::fmt::format::Json>,
+    /// The subscriber: a formatter cannot reach it otherwise (inside an event's dispatch the
+    /// thread's default dispatcher reads as none), and the span contexts are kept there.
+    dispatch: Arc<OnceLock<tracing::dispatcher::WeakDispatch>>,
+}
+
+impl<S, N> tracing_subscriber::fmt::FormatEvent<S, N> for JsonWithTraceIds
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let mut line = String::new();
+        self.json.format_event(ctx, tracing_subscriber::fmt::format::Writer::new(&mut line), event)?;
+        let dispatch = self.dispatch.get().and_then(|d| d.upgrade());
+        let ids = dispatch.and_then(|dispatch| {
+            // Spans of crates that are not traced have no context: the nearest traced one counts.
+            ctx.parent_span()?.scope().find_map(|span| {
+                use opentelemetry::trace::TraceContextExt;
+                let context = tracing_opentelemetry::get_otel_context(&span.id(), &dispatch)?;
+                let span_context = context.span().span_context().clone();
+                span_context.is_valid().then_some(span_context)
+            })
+        });
+        // The JSON formatter writes one object and a newline; the ids go in before its brace.
+        match (ids, line.strip_suffix("}\n")) {
+            (Some(ids), Some(object)) => {
+                writeln!(writer, "{object},\"trace_id\":\"{}\",\"span_id\":\"{}\"}}", ids.trace_id(), ids.span_id())
+            }
+            _ => writer.write_str(&line),
+        }
+    }
+}
+
+/// Keeps the subscriber it is registered with, for [`JsonWithTraceIds`].
+struct RememberDispatch(Arc<OnceLock<tracing::dispatcher::WeakDispatch>>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for RememberDispatch {
+    fn on_register_dispatch(&self, subscriber: &tracing::Dispatch) {
+        let _ = self.0.set(subscriber.downgrade());
+    }
 }
 
 fn tracer_provider(service_name: &'static str, endpoint: &str) -> anyhow::Result<SdkTracerProvider> {

@@ -80,7 +80,9 @@ impl ClipTokenizer {
         let mut tokenizer = Tokenizer::new(bpe);
         let whitespace = Replace::new(tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()), " ")
             .map_err(|e| malformed(dir.path.clone(), e.to_string()))?;
-        tokenizer.with_normalizer(Some(NormSeq::new(vec![NFC.into(), whitespace.into(), Lowercase.into()])));
+        tokenizer
+            .with_normalizer(Some(NormSeq::new(vec![NFC.into(), whitespace.into(), Lowercase.into()])))
+            .map_err(|e| malformed(dir.path.clone(), e.to_string()))?;
         let split = Split::new(SplitPattern::Regex(CLIP_WORD_PATTERN.into()), SplitDelimiterBehavior::Removed, true)
             .map_err(|e| malformed(dir.path.clone(), e.to_string()))?;
         tokenizer.with_pre_tokenizer(Some(PreSeq::new(vec![split.into(), ByteLevel::new(false, true, true).into()])));
@@ -88,7 +90,7 @@ impl ClipTokenizer {
             .iter()
             .map(|t| AddedToken::from(t.to_string(), true))
             .collect();
-        tokenizer.add_special_tokens(&specials);
+        tokenizer.add_special_tokens(specials).map_err(|e| malformed(dir.path.clone(), e.to_string()))?;
 
         let id = |t: &str| {
             tokenizer

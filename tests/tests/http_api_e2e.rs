@@ -175,11 +175,24 @@ async fn with_api_keys_each_call_needs_one_and_runs_for_its_tenant() {
     assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
     let gateway_key = String::from_utf8(made.stderr).unwrap().trim().rsplit(' ').next().unwrap().to_string();
     let text = format!("[[keys]]\ntenant = \"acme\"\nmax_jobs = 1\nsha256 = \"{}\"\n\n", sha256_hex("acme-secret"))
+        + &format!("[[keys]]\ntenant = \"beta\"\nfleet_max_jobs = 1\nsha256 = \"{}\"\n\n", sha256_hex("beta-secret"))
         + &String::from_utf8(made.stdout).unwrap();
     std::fs::write(&keys, text).unwrap();
+    // The fleet-wide quota (4 jobs a tenant), for beta's key's own bound.
+    let redis = sdmesh_testkit::process::RedisServer::start();
+    let url = redis.url();
     let opts = MeshOptions {
         common_args: vec!["--metrics-listen", "127.0.0.1:0"],
-        orchestrator_args: vec!["--http-listen", "127.0.0.1:0", "--api-keys-file", keys.to_str().unwrap()],
+        orchestrator_args: vec![
+            "--http-listen",
+            "127.0.0.1:0",
+            "--api-keys-file",
+            keys.to_str().unwrap(),
+            "--redis-url",
+            &url,
+            "--fleet-max-jobs-per-tenant",
+            "4",
+        ],
         ..Default::default()
     };
     let mesh = Mesh::start_with("sd21-base-tiny", &opts).await;
@@ -258,6 +271,19 @@ async fn with_api_keys_each_call_needs_one_and_runs_for_its_tenant() {
     assert!(matches!(second, v1::generate_event::Event::Waiting(_)), "acme's second job waits: {second:?}");
     let (other, _other) = stream(&gateway_key, Some("zeta")).await;
     assert!(matches!(other, v1::generate_event::Event::Progress(_)), "another tenant's runs: {other:?}");
+
+    // beta's key holds it to one job across the orchestrators sharing Redis (fleet_max_jobs =
+    // 1, below the flag's 4): its second is refused at once, naming the key's bound.
+    let (first, _beta) = stream("beta-secret", None).await;
+    assert!(matches!(first, v1::generate_event::Event::Progress(_)), "{first:?}");
+    let mut request = tonic::Request::new(v1::GenerateRequest { prompt: "again".into(), ..Default::default() });
+    request.metadata_mut().insert("authorization", "Bearer beta-secret".parse().unwrap());
+    let mut client =
+        v1::orchestrator_client::OrchestratorClient::connect(mesh.orchestrator.addr.clone()).await.unwrap();
+    let Err(refused) = client.generate(request).await else { panic!("beta's second job ran") };
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("fleet_max_jobs = 1"), "{}", refused.message());
+    assert_eq!(redis.command(&["ZCARD", "sdmesh:tenant-jobs:{beta}"]).unwrap(), ":1");
     std::fs::remove_file(keys).unwrap();
     std::fs::remove_file(out_png).unwrap();
 }

@@ -13,6 +13,9 @@
 //! sha256 = "…"         # printf %s "$KEY" | sha256sum
 //! max_jobs = 4         # optional: acme's jobs of a model running at once, per orchestrator,
 //!                      # instead of --max-jobs-per-tenant
+//! fleet_max_jobs = 12  # optional: acme's jobs running or waiting across the orchestrators
+//!                      # that share Redis, instead of --fleet-max-jobs-per-tenant (which
+//!                      # turns the fleet-wide quota on)
 //!
 //! [[keys]]
 //! any_tenant = true    # a trusted gateway's key: its calls name their tenant in x-sdmesh-tenant
@@ -53,13 +56,14 @@ struct KeyEntry {
     #[serde(default)]
     any_tenant: bool,
     max_jobs: Option<usize>,
+    fleet_max_jobs: Option<usize>,
 }
 
 /// What a key lets its caller do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Grant {
-    /// Call as this tenant only, with at most `max_jobs` of a model running at once if set.
-    Tenant { tenant: String, max_jobs: Option<usize> },
+    /// Call as this tenant only, with its own bounds where set.
+    Tenant { tenant: String, max_jobs: Option<usize>, fleet_max_jobs: Option<usize> },
     /// Call as the tenant the call names (a gateway).
     AnyTenant,
 }
@@ -70,6 +74,8 @@ pub struct Caller {
     pub tenant: Option<String>,
     /// The tenant's own bound on jobs of a model running at once (None: the orchestrator's).
     pub max_jobs: Option<usize>,
+    /// The tenant's own bound on jobs across the fleet (None: `--fleet-max-jobs-per-tenant`).
+    pub fleet_max_jobs: Option<usize>,
 }
 
 type Keys = HashMap<[u8; 32], Grant>;
@@ -105,6 +111,12 @@ impl ApiKeys {
         Ok(Self { path: path.to_path_buf(), reread_after, state })
     }
 
+    /// Whether a key carries `fleet_max_jobs` (which holds only where the fleet quota runs).
+    pub fn any_fleet_bound(&self) -> bool {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.keys.values().any(|grant| matches!(grant, Grant::Tenant { fleet_max_jobs: Some(_), .. }))
+    }
+
     /// Whose a call is, given its metadata (`claimed`: its `x-sdmesh-tenant`).
     pub fn caller(
         &self,
@@ -116,13 +128,15 @@ impl ApiKeys {
         let grant = self.keys_now(|keys| keys.get(&digest).cloned());
         match (grant, claimed) {
             (None, _) => Err(tonic::Status::unauthenticated("unknown API key")),
-            (Some(Grant::AnyTenant), claimed) => Ok(Caller { tenant: claimed, max_jobs: None }),
+            (Some(Grant::AnyTenant), claimed) => Ok(Caller { tenant: claimed, ..Caller::default() }),
             (Some(Grant::Tenant { tenant, .. }), Some(claimed)) if claimed != tenant => {
                 Err(tonic::Status::permission_denied(format!(
                     "this API key is tenant {tenant:?}'s; x-sdmesh-tenant names {claimed:?}"
                 )))
             }
-            (Some(Grant::Tenant { tenant, max_jobs }), _) => Ok(Caller { tenant: Some(tenant), max_jobs }),
+            (Some(Grant::Tenant { tenant, max_jobs, fleet_max_jobs }), _) => {
+                Ok(Caller { tenant: Some(tenant), max_jobs, fleet_max_jobs })
+            }
         }
     }
 
@@ -199,13 +213,20 @@ fn parse(text: &str) -> Result<Keys, String> {
     for (i, entry) in file.keys.iter().enumerate() {
         let at = |why: String| format!("keys[{i}]: {why}");
         let digest = hex_digest(&entry.sha256).ok_or_else(|| at("sha256 must be 64 hex digits".into()))?;
-        let grant = match (&entry.tenant, entry.any_tenant, entry.max_jobs) {
-            (_, _, Some(0)) => return Err(at("max_jobs must be at least 1".into())),
-            (Some(tenant), false, max_jobs) => {
-                Grant::Tenant { tenant: check_tenant(tenant).map_err(at)?.to_string(), max_jobs }
+        for (name, bound) in [("max_jobs", entry.max_jobs), ("fleet_max_jobs", entry.fleet_max_jobs)] {
+            match bound {
+                Some(0) => return Err(at(format!("{name} must be at least 1"))),
+                Some(_) if entry.any_tenant => return Err(at(format!("{name} is for a tenant's key, not any_tenant"))),
+                _ => {}
             }
-            (None, true, None) => Grant::AnyTenant,
-            (None, true, Some(_)) => return Err(at("max_jobs is for a tenant's key, not any_tenant".into())),
+        }
+        let grant = match (&entry.tenant, entry.any_tenant) {
+            (Some(tenant), false) => Grant::Tenant {
+                tenant: check_tenant(tenant).map_err(at)?.to_string(),
+                max_jobs: entry.max_jobs,
+                fleet_max_jobs: entry.fleet_max_jobs,
+            },
+            (None, true) => Grant::AnyTenant,
             _ => return Err(at("give either tenant or any_tenant = true".into())),
         };
         if keys.insert(digest, grant).is_some() {
@@ -295,12 +316,19 @@ mod tests {
     }
 
     #[test]
-    fn a_tenants_key_may_carry_its_own_bound_on_running_jobs() {
+    fn a_tenants_key_may_carry_its_own_bounds() {
         let text = format!("[[keys]]\ntenant = \"acme\"\nmax_jobs = 3\nsha256 = {:?}\n", sha256("k"));
         let path = file(&text);
         let keys = ApiKeys::load(&path).unwrap();
         let caller = keys.caller(&metadata(Some("Bearer k")), None).unwrap();
-        assert_eq!(caller, Caller { tenant: Some("acme".into()), max_jobs: Some(3) });
+        assert_eq!(caller, Caller { tenant: Some("acme".into()), max_jobs: Some(3), fleet_max_jobs: None });
+        assert!(!keys.any_fleet_bound());
+        let text = format!("[[keys]]\ntenant = \"b\"\nfleet_max_jobs = 5\nsha256 = {:?}\n", sha256("k"));
+        let path = file(&text);
+        let keys = ApiKeys::load(&path).unwrap();
+        let caller = keys.caller(&metadata(Some("Bearer k")), None).unwrap();
+        assert_eq!(caller, Caller { tenant: Some("b".into()), max_jobs: None, fleet_max_jobs: Some(5) });
+        assert!(keys.any_fleet_bound());
         std::fs::remove_file(path).unwrap();
     }
 
@@ -321,6 +349,14 @@ mod tests {
             (format!("[[keys]]\ntenant = \"a\"\nkey = \"plain\"\nsha256 = {digest:?}\n"), "unknown field"),
             (format!("[[keys]]\ntenant = \"a\"\nmax_jobs = 0\nsha256 = {digest:?}\n"), "at least 1"),
             (format!("[[keys]]\nany_tenant = true\nmax_jobs = 2\nsha256 = {digest:?}\n"), "not any_tenant"),
+            (
+                format!("[[keys]]\ntenant = \"a\"\nfleet_max_jobs = 0\nsha256 = {digest:?}\n"),
+                "fleet_max_jobs must be at least 1",
+            ),
+            (
+                format!("[[keys]]\nany_tenant = true\nfleet_max_jobs = 2\nsha256 = {digest:?}\n"),
+                "fleet_max_jobs is for a tenant's",
+            ),
         ] {
             let path = file(&text);
             let e = ApiKeys::load(&path).err().expect("refused").to_string();

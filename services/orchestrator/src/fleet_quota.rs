@@ -3,7 +3,8 @@
 //! Admission (`admission.rs`) bounds the jobs of one orchestrator. A platform runs several
 //! orchestrator replicas behind one address, and a tenant's calls land on all of them: a cap of
 //! `--max-jobs-per-tenant 4` there lets a tenant run 4 jobs on each replica. This module keeps a
-//! tenant's jobs to `--fleet-max-jobs-per-tenant` across the whole fleet.
+//! tenant's jobs to `--fleet-max-jobs-per-tenant` across the whole fleet (or to its API key's
+//! `fleet_max_jobs`, where its key has one).
 //!
 //! How: each admitted job (waiting or running) holds a lease in Redis, a member of the sorted
 //! set `sdmesh:tenant-jobs:{TENANT}` whose score is the lease's expiry (Redis' own clock, so
@@ -139,12 +140,25 @@ impl FleetQuota {
     /// A lease for a job of `tenant`; RESOURCE_EXHAUSTED (retry after `hint`) when the tenant
     /// is at its cap. None when Redis could not be asked and jobs are then admitted.
     pub async fn take(&self, tenant: &str, hint: Duration) -> Result<Option<QuotaLease>> {
+        self.take_capped(tenant, None, hint).await
+    }
+
+    /// [`Self::take`], with the tenant's own cap (its API key's `fleet_max_jobs`) in place of
+    /// `--fleet-max-jobs-per-tenant` when given.
+    pub async fn take_capped(&self, tenant: &str, cap: Option<usize>, hint: Duration) -> Result<Option<QuotaLease>> {
         let inner = &self.inner;
+        let (cap, whose) = match cap {
+            Some(cap) => (cap.max(1), format!("its API key's fleet_max_jobs = {}", cap.max(1))),
+            None => (
+                inner.opts.max_jobs_per_tenant,
+                format!("--fleet-max-jobs-per-tenant {}", inner.opts.max_jobs_per_tenant),
+            ),
+        };
         let key = tenant_key(tenant);
         let member = format!("{}-{}", inner.instance, inner.next.fetch_add(1, Ordering::Relaxed));
         let mut take = redis::cmd("EVAL");
         take.arg(TAKE).arg(1).arg(&key);
-        take.arg(inner.opts.max_jobs_per_tenant).arg(inner.opts.lease.as_millis().max(1) as u64).arg(&member);
+        take.arg(cap).arg(inner.opts.lease.as_millis().max(1) as u64).arg(&member);
         let Some((taken, count)) = inner.link.query::<(i64, i64)>("take", take).await else {
             return match inner.opts.on_redis_error {
                 OnRedisError::Admit => Ok(None),
@@ -163,8 +177,7 @@ impl FleetQuota {
             return Err(Error::ResourceExhausted {
                 message: format!(
                     "tenant {tenant:?} has {count} jobs running or waiting across the orchestrators, the most it \
-                     may (--fleet-max-jobs-per-tenant {}); retry once one ends",
-                    inner.opts.max_jobs_per_tenant
+                     may ({whose}); retry once one ends"
                 ),
                 retry_after: hint,
             });

@@ -393,6 +393,9 @@ pub async fn run_with_http(
     };
     let health = Health::new(&[v1::orchestrator_server::SERVICE_NAME]).await;
     let api_keys = opts.api_keys.as_deref().map(api_keys::ApiKeys::load).transpose()?.map(Arc::new);
+    if fleet_quota.is_none() && api_keys.as_ref().is_some_and(|keys| keys.any_fleet_bound()) {
+        tracing::warn!("API keys carry fleet_max_jobs, which holds only with --fleet-max-jobs-per-tenant (and Redis)");
+    }
     let service = server::OrchestratorService::served(health.clone(), fleet_quota, api_keys);
     let routes = health.routes().add_service(
         v1::orchestrator_server::OrchestratorServer::new(service.clone())

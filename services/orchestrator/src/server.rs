@@ -71,27 +71,26 @@ impl OrchestratorService {
         let claimed = tenant(metadata);
         match &self.api_keys {
             Some(keys) => keys.caller(metadata, claimed),
-            None => Ok(crate::api_keys::Caller { tenant: claimed, max_jobs: None }),
+            None => Ok(crate::api_keys::Caller { tenant: claimed, ..Default::default() }),
         }
     }
 
-    /// A place for a job of `tenant` on `model`: its lease in the fleet-wide quota
+    /// A place for a job of `caller`'s tenant on `model`, within its key's bounds: its lease in the fleet-wide quota
     /// (RESOURCE_EXHAUSTED when the tenant is at its cap), then its place among the model's
     /// jobs, now or in the line (RESOURCE_EXHAUSTED when the line is full). Both are held until
     /// the job ends.
     async fn enter(
         &self,
         model: &Served,
-        tenant: Option<&str>,
+        caller: &crate::api_keys::Caller,
         priority: Priority,
-        max_jobs: Option<usize>,
     ) -> Result<(Option<QuotaLease>, Ticket)> {
-        let tenant = tenant.unwrap_or("");
+        let tenant = caller.tenant.as_deref().unwrap_or("");
         let lease = match &self.fleet_quota {
-            Some(quota) => quota.take(tenant, model.admission.retry_hint()).await?,
+            Some(quota) => quota.take_capped(tenant, caller.fleet_max_jobs, model.admission.retry_hint()).await?,
             None => None,
         };
-        Ok((lease, model.admission.enter_capped(tenant, priority, max_jobs)?))
+        Ok((lease, model.admission.enter_capped(tenant, priority, caller.max_jobs)?))
     }
 
     /// `job`, cut short with UNAVAILABLE when the shutdown grace period ends.
@@ -127,16 +126,16 @@ impl OrchestratorService {
         &self,
         request: tonic::Request<v1::GenerateRequest>,
     ) -> std::result::Result<(&Served, Admitted), tonic::Status> {
-        let crate::api_keys::Caller { tenant, max_jobs } = self.caller(request.metadata())?;
+        let caller = self.caller(request.metadata())?;
         let priority = priority(request.metadata())?;
         let deadline = grpc_timeout(request.metadata());
         let request = request.into_inner();
         let model = self.model(&request.model)?;
         let job = model.pipeline.validate(&request)?;
         let encoding = Encoding::of(&request)?;
-        let (lease, ticket) = self.enter(model, tenant.as_deref(), priority, max_jobs).await?;
-        let span = job_span(&model.pipeline, &job, tenant.as_deref(), priority);
-        let tenant = tenant.unwrap_or_default();
+        let (lease, ticket) = self.enter(model, &caller, priority).await?;
+        let span = job_span(&model.pipeline, &job, caller.tenant.as_deref(), priority);
+        let tenant = caller.tenant.unwrap_or_default();
         let admitted =
             Admitted { tenant, deadline, job, encoding, return_array: request.return_array, lease, ticket, span };
         Ok((model, admitted))

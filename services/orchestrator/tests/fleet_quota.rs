@@ -97,3 +97,30 @@ async fn without_redis_jobs_are_admitted_or_refused_as_configured() {
     let _a = take_soon(&refuse, "a", Duration::from_secs(5)).await;
     assert!(refuse.take("a", Duration::from_secs(1)).await.is_err());
 }
+
+/// A tenant's own cap (its API key's fleet_max_jobs) holds in place of the orchestrators':
+/// below it and above it.
+#[tokio::test]
+async fn a_tenant_may_have_its_own_cap_across_the_fleet() {
+    let redis = RedisServer::start();
+    let lease = Duration::from_secs(30);
+    let (first, second) = (quota(&redis, 2, lease, OnRedisError::Admit), quota(&redis, 2, lease, OnRedisError::Admit));
+    let hint = Duration::from_millis(500);
+    let _small = first.take_capped("small", Some(1), hint).await.unwrap().expect("redis is up");
+    let refused = second.take_capped("small", Some(1), hint).await.err().expect("small's second job");
+    let status = tonic::Status::from(refused);
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+    assert!(status.message().contains("fleet_max_jobs = 1"), "{}", status.message());
+    let mut big = Vec::new();
+    for quota in [&first, &second, &first] {
+        big.push(quota.take_capped("big", Some(3), hint).await.unwrap().expect("redis is up"));
+    }
+    assert_eq!(held(&redis, "big"), ":3");
+    let refused = second.take_capped("big", Some(3), hint).await.err().expect("big's fourth job");
+    assert!(tonic::Status::from(refused).message().contains("fleet_max_jobs = 3"));
+    // Without a cap of its own, the orchestrators' holds.
+    let _other = first.take_capped("other", None, hint).await.unwrap();
+    let _other2 = first.take_capped("other", None, hint).await.unwrap();
+    let refused = first.take_capped("other", None, hint).await.err().expect("other's third job");
+    assert!(tonic::Status::from(refused).message().contains("--fleet-max-jobs-per-tenant 2"));
+}

@@ -11,14 +11,15 @@
 //!   straight on a strided view of the padded image, accumulated in place; the two wrapped
 //!   columns per row are then dropped. No im2col; 110-180 GFLOP/s on the same shapes (1.2-4x
 //!   candle's; 2x on the VAE's 128-channel 256x256 layers).
-//!   On x86-64 CPUs with AVX-512, the nine taps' sum is instead one register-tiled kernel
-//!   (`conv_direct`: 8 channels x 48 columns in registers through all taps and channels) where
+//!   On x86-64 CPUs with AVX-512 or AVX2 + FMA, the nine taps' sum is instead one
+//!   register-tiled kernel (`conv_direct`: 8 channels x 48 columns in registers through all
+//!   taps and channels; the same bits on either instruction set) where
 //!   at least 80% of its work is useful: 1.05-1.2x the GEMMs at 64-640 channels (the GEMMs
 //!   pack and re-accumulate nine times). Its units write their sums, plus the additions,
 //!   straight to the output (no image-sized buffer of sums: 300 MB at the VAE's 768x768
 //!   layers). The padded planes (and the GEMMs' sums) are kept by the calling thread between
 //!   calls (`Scratch`): fresh buffers cost a page fault per 4 KiB.
-//! - **Winograd F(2x2, 3x3)** (`conv_winograd`, AVX-512; stride 1 on even maps, the UNet's and
+//! - **Winograd F(2x2, 3x3)** (`conv_winograd`, AVX-512 or AVX2; stride 1 on even maps, the UNet's and
 //!   VAE's bulk): 2x2 output tiles from 4x4 input patches with 2.25x fewer multiply-adds, on
 //!   the same padded planes. Its bands run over the batch's tiles, one image after another, so
 //!   a guided step's small maps still fill its 48-tile groups. 1.4-1.9x the direct kernel or
@@ -42,6 +43,7 @@
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn as nn;
 
+use crate::conv_direct::Isa;
 use crate::cpu_gemm::{cpu_f32, gemm, gemm_row_bias, is_cpu_f32, View};
 
 /// Feature maps of at most this many pixels take the one-GEMM path.
@@ -194,9 +196,9 @@ impl Conv3x3 {
         };
         Ok(match kernel {
             Kernel::Taps(taps) => shifted_conv3x3(input, dims, planes, weight, self.c_out, epilogue, taps),
-            Kernel::Winograd { rows } => {
+            Kernel::Winograd { rows, isa } => {
                 let u = winograd.get_or_init(|| crate::conv_winograd::transform_weights(weight, dims.1, self.c_out));
-                winograd_conv3x3(input, dims, planes, (u, self.c_out), epilogue, rows)
+                winograd_conv3x3(input, dims, planes, (u, self.c_out), epilogue, (rows, isa))
             }
         })
     }
@@ -397,18 +399,18 @@ impl<'a> Epilogue<'a> {
 enum Kernel {
     /// The sum over the nine taps on the padded planes ([`shifted_conv3x3`]).
     Taps(Taps),
-    /// `conv_winograd`'s F(2x2, 3x3) (x86-64 with AVX-512; stride 1, even maps), in bands of
-    /// `rows` rows of 2x2 tiles (by default `conv_winograd::band_rows` for the batch;
-    /// [`winograd_conv3x3`]).
-    Winograd { rows: Option<usize> },
+    /// `conv_winograd`'s F(2x2, 3x3) (x86-64 with AVX-512 or AVX2, `isa`; stride 1, even
+    /// maps), in bands of `rows` rows of 2x2 tiles (by default `conv_winograd::band_rows` for
+    /// the batch; [`winograd_conv3x3`]).
+    Winograd { rows: Option<usize>, isa: Isa },
 }
 
 /// How the shifted path computes the sum over the nine taps.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Taps {
-    /// `conv_direct`'s register-tiled kernel (x86-64 with AVX-512), `tile` output columns (a
-    /// multiple of 48) per unit of work.
-    Direct { tile: usize },
+    /// `conv_direct`'s register-tiled kernel (x86-64 with AVX-512 or AVX2, `isa`), `tile`
+    /// output columns (a multiple of 48) per unit of work.
+    Direct { tile: usize, isa: Isa },
     /// Nine GEMMs (one per tap) accumulated in place, `tile` output columns at a time: large
     /// maps are cut into tiles, each run through all nine taps by one thread while its
     /// accumulator sits in L2 (a whole-map accumulator, 34 MB for the VAE's 128-channel
@@ -424,6 +426,12 @@ enum Taps {
 /// A 4-channel output (50%) stays on the direct kernel.
 const WINOGRAD_MIN_USEFUL: f64 = 0.6;
 
+/// The same on AVX2, where the product kernel runs at a smaller share of the core's peak: on
+/// an 8x8 map (67% useful) it lost to the GEMMs at 320-1280 channels (2-core EPYC Zen 3,
+/// `conv_shift`, best of three: 1280 channels 45.8 against 39.8 ms), and won from 16x16 (100%;
+/// 1280 channels 81.5 against 126.2 ms).
+const WINOGRAD_MIN_USEFUL_AVX2: f64 = 0.8;
+
 /// The batch on which `Kernel::for_shape` judges the Winograd kernel's useful share: its bands
 /// run over the batch's tiles, one image after another, so a guided UNet step (two images, or
 /// more when jobs are batched) fills the 48-tile groups that one small map leaves a third
@@ -432,30 +440,38 @@ const WINOGRAD_MIN_USEFUL: f64 = 0.6;
 const WINOGRAD_JUDGED_IMAGES: usize = 2;
 
 impl Kernel {
-    /// Where the CPU has AVX-512: the Winograd kernel for stride-1 even maps where at least
-    /// `WINOGRAD_MIN_USEFUL` of its work is useful; else the direct kernel where at least 80%
-    /// of the work it would do is useful: it computes whole blocks of 8 channels and 48
-    /// columns, so a map of 8x8 (96 columns computed for 64 pixels) or a 4-channel output runs
-    /// faster as GEMMs. (2-core EPYC, `conv_shift`: 1280 channels at 8x8, 158 GFLOP/s as GEMMs,
-    /// 141 direct; at 16x16, 173 and 194.) The choice depends on the map's shape and the
-    /// channels alone, never the batch.
+    /// Where the CPU has AVX-512 or AVX2: the Winograd kernel for stride-1 even maps where at
+    /// least `WINOGRAD_MIN_USEFUL` (AVX2: `WINOGRAD_MIN_USEFUL_AVX2`) of its work is useful;
+    /// else, on AVX-512, the direct kernel where at least 80% of the work it would do is useful:
+    /// it computes whole blocks of 8 channels and 48 columns, so a map of 8x8 (96 columns
+    /// computed for 64 pixels) or a 4-channel output runs faster as GEMMs. (2-core EPYC Zen 4,
+    /// `conv_shift`: 1280 channels at 8x8, 158 GFLOP/s as GEMMs, 141 direct; at 16x16, 173 and
+    /// 194.) On AVX2 the direct kernel's nine taps lost to the GEMMs on most SD shapes (Zen 3,
+    /// best of three: 128 channels at 256x256 217 against 152 ms; stride 2, 320 channels at
+    /// 64x64, 43 against 36), so the rest runs as GEMMs there. The choice depends on the map's
+    /// shape, the channels and the CPU alone, never the batch.
     fn for_shape(planes: &Planes, c_out: usize) -> Self {
         use crate::conv_direct::{available, COLUMNS, ROWS};
         let even = planes.out_h.is_multiple_of(2) && planes.out_w.is_multiple_of(2);
-        if planes.stride == 1 && even && crate::conv_winograd::available() {
+        if let Some(isa) = crate::conv_winograd::available().filter(|_| planes.stride == 1 && even) {
             // Judged on two images, a guided UNet step's batch (never on the actual batch).
             let (tiles_x, tiles_y) = (planes.out_w / 2, WINOGRAD_JUDGED_IMAGES * planes.out_h / 2);
             let rows = crate::conv_winograd::band_rows(tiles_x, tiles_y, crate::conv_winograd::MAX_BAND_TILES);
             let channels = c_out as f64 / c_out.next_multiple_of(crate::conv_winograd::ROWS) as f64;
-            if crate::conv_winograd::useful_share(tiles_x, tiles_y, rows) * channels >= WINOGRAD_MIN_USEFUL {
-                return Kernel::Winograd { rows: None };
+            let least = match isa {
+                Isa::Avx512 => WINOGRAD_MIN_USEFUL,
+                Isa::Avx2 => WINOGRAD_MIN_USEFUL_AVX2,
+            };
+            if crate::conv_winograd::useful_share(tiles_x, tiles_y, rows) * channels >= least {
+                return Kernel::Winograd { rows: None, isa };
             }
         }
         let computed = planes.columns().next_multiple_of(COLUMNS) * c_out.next_multiple_of(ROWS);
-        if available() && 5 * planes.out_h * planes.out_w * c_out >= 4 * computed {
-            Kernel::Taps(Taps::Direct { tile: DIRECT_TILE })
-        } else {
-            Kernel::Taps(Taps::Gemms { tile: column_tile(c_out, planes.columns()) })
+        match available() {
+            Some(isa @ Isa::Avx512) if 5 * planes.out_h * planes.out_w * c_out >= 4 * computed => {
+                Kernel::Taps(Taps::Direct { tile: DIRECT_TILE, isa })
+            }
+            _ => Kernel::Taps(Taps::Gemms { tile: column_tile(c_out, planes.columns()) }),
         }
     }
 }
@@ -517,7 +533,7 @@ fn shifted_conv3x3(
             .for_each(|(dst, src)| planes.fill(dst, src, w));
         let additions = |o: usize| epilogue.for_channel((image, o), c_out, pixels);
         match kernel {
-            Taps::Direct { tile } => {
+            Taps::Direct { tile, isa } => {
                 let tile = tile.min(computed);
                 let (tiles, groups) = (computed.div_ceil(tile), c_out.div_ceil(ROWS));
                 // Each tile's run of pixels in each channel plane, by unit (tile, block of 8
@@ -541,6 +557,7 @@ fn shifted_conv3x3(
                     let mut sums = vec![0f32; ROWS * width];
                     let input = &padded[first..];
                     crate::conv_direct::block(
+                        isa,
                         (&mut sums, width),
                         width,
                         (rows, 9 * c_in),
@@ -615,7 +632,7 @@ fn winograd_conv3x3(
     planes: &Planes,
     (winograd, c_out): (&[f32], usize),
     epilogue: Epilogue<'_>,
-    rows: Option<usize>,
+    (rows, isa): (Option<usize>, Isa),
 ) -> Vec<f32> {
     use crate::conv_winograd::{band, band_rows, max_band_tiles, Segment, ROWS};
     use rayon::prelude::*;
@@ -663,7 +680,7 @@ fn winograd_conv3x3(
     let additions = |image: usize, o: usize| epilogue.for_channel((image, o), c_out, pixels);
     units.into_par_iter().enumerate().for_each(|(unit, mut segments)| {
         let first = unit % splits * split_channels;
-        band(&mut segments, first, (channel, planes.row), tiles_x, (winograd, c_in, c_out), additions);
+        band(isa, &mut segments, first, (channel, planes.row), tiles_x, (winograd, c_in, c_out), additions);
     });
     scratch.give_back();
     out
@@ -779,9 +796,20 @@ mod tests {
 
     /// `conv` of `x` laid out as `planes`, on `kernel`.
     fn shifted_with(conv: &Conv3x3, x: &Tensor, planes: &Planes, kernel: Kernel) -> Tensor {
+        added_with(conv, x, planes, kernel, (None, None))
+    }
+
+    /// `conv` of `x` laid out as `planes`, plus a per-channel value and a residual, on `kernel`.
+    fn added_with(
+        conv: &Conv3x3,
+        x: &Tensor,
+        planes: &Planes,
+        kernel: Kernel,
+        (per_channel, residual): (Option<&[f32]>, Option<&[f32]>),
+    ) -> Tensor {
         let Weights::CpuF32 { bias, .. } = &conv.weights else { panic!("an f32 CPU convolution keeps candle's") };
         let input = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let epilogue = Epilogue { bias: bias.as_deref(), ..Default::default() };
+        let epilogue = Epilogue { bias: bias.as_deref(), per_channel, residual };
         let out = conv.convolve(&input, x.dims4().unwrap(), planes, epilogue, kernel).unwrap();
         let b = x.dim(0).unwrap();
         Tensor::from_vec(out, (b, conv.c_out, planes.out_h, planes.out_w), &Device::Cpu).unwrap()
@@ -825,21 +853,119 @@ mod tests {
         }
     }
 
-    /// An AVX-512 kernel is on exactly where the CPU has AVX-512F, unless its `switch` is set.
-    fn assert_on_where_the_cpu_allows(available: bool, switch: &str) {
+    /// A kernel is on exactly where the CPU has AVX2 and FMA, unless its `switch` is set, and
+    /// on AVX-512 where the CPU has it, unless SDMESH_CONV_AVX512 is set.
+    fn assert_on_where_the_cpu_allows(available: Option<Isa>, switch: &str) {
         #[cfg(target_arch = "x86_64")]
         if std::env::var(switch).is_err() {
-            assert_eq!(available, std::arch::is_x86_feature_detected!("avx512f"), "{switch}");
+            use std::arch::is_x86_feature_detected as has;
+            let expected = if has!("avx512f") && std::env::var("SDMESH_CONV_AVX512").is_err() {
+                Some(Isa::Avx512)
+            } else {
+                (has!("avx2") && has!("fma")).then_some(Isa::Avx2)
+            };
+            assert_eq!(available, expected, "{switch}");
         }
         #[cfg(not(target_arch = "x86_64"))]
-        assert!(!available, "{switch}");
+        assert_eq!(available, None, "{switch}");
     }
 
-    /// Where the CPU has AVX-512, the direct kernel gives candle's convolution up to f32
+    /// The instruction sets this CPU has, of those the kernels are written for.
+    fn isas_here() -> Vec<Isa> {
+        [Isa::Avx512, Isa::Avx2].into_iter().filter(|isa| isa.on_this_cpu()).collect()
+    }
+
+    /// The Winograd convolution of `x` (stride 1, padding 1, even map) by its definition, one
+    /// tile and output channel at a time, in the order of operations the kernels promise: the
+    /// input patch transformed down its columns then along its rows, each of the 16 products a
+    /// chain of fused multiply-adds over the input channels in order, the output transform, then
+    /// the bias, per-channel value and residual added.
+    fn winograd_by_definition(conv: &Conv3x3, x: &Tensor, (per_channel, residual): (&[f32], &[f32])) -> Tensor {
+        use std::array::from_fn;
+        let Weights::CpuF32 { weight, bias, .. } = &conv.weights else { panic!("an f32 CPU convolution") };
+        let (b, c_in, h, w) = x.dims4().unwrap();
+        let (c_out, rows) = (conv.c_out, crate::conv_winograd::ROWS);
+        let u = crate::conv_winograd::transform_weights(weight, c_in, c_out);
+        let input = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mut out = vec![0f32; b * c_out * h * w];
+        for (image, ty, tx) in (0..b).flat_map(|i| (0..h / 2).flat_map(move |ty| (0..w / 2).map(move |tx| (i, ty, tx))))
+        {
+            let v: Vec<[f32; 16]> = (0..c_in)
+                .map(|ci| {
+                    // Pixel (2 ty + i - 1, 2 tx + j - 1) of the zero-padded image.
+                    let d = |i: usize, j: usize| {
+                        let (y, x) = ((2 * ty + i).wrapping_sub(1), (2 * tx + j).wrapping_sub(1));
+                        if y < h && x < w {
+                            input[((image * c_in + ci) * h + y) * w + x]
+                        } else {
+                            0.0
+                        }
+                    };
+                    let column: [[f32; 4]; 4] = from_fn(|j| {
+                        let (r0, r1, r2, r3) = (d(0, j), d(1, j), d(2, j), d(3, j));
+                        [r0 - r2, r1 + r2, r2 - r1, r1 - r3]
+                    });
+                    let mut v = [0f32; 16];
+                    for i in 0..4 {
+                        let (d0, d1, d2, d3) = (column[0][i], column[1][i], column[2][i], column[3][i]);
+                        v[4 * i..4 * i + 4].copy_from_slice(&[d0 - d2, d1 + d2, d2 - d1, d1 - d3]);
+                    }
+                    v
+                })
+                .collect();
+            for o in 0..c_out {
+                let u = |xi: usize, ci: usize| u[(((o / rows) * 16 + xi) * rows + o % rows) * c_in + ci];
+                let m: [f32; 16] = from_fn(|xi| (0..c_in).fold(0f32, |sum, ci| u(xi, ci).mul_add(v[ci][xi], sum)));
+                for dy in 0..2 {
+                    let s: [f32; 4] =
+                        from_fn(|j| if dy == 0 { m[j] + m[4 + j] + m[8 + j] } else { m[4 + j] - m[8 + j] - m[12 + j] });
+                    for (dx, value) in [s[0] + s[1] + s[2], s[1] - s[2] - s[3]].into_iter().enumerate() {
+                        let at = ((image * c_out + o) * h + 2 * ty + dy) * w + 2 * tx + dx;
+                        let bias = bias.as_ref().map_or(0.0, |bias| bias[o]);
+                        out[at] = value + bias + per_channel[image * c_out + o] + residual[at];
+                    }
+                }
+            }
+        }
+        Tensor::from_vec(out, (b, c_out, h, w), &Device::Cpu).unwrap()
+    }
+
+    /// On every instruction set the CPU has (AVX-512 and AVX2 on an AVX-512 CPU), the Winograd
+    /// kernel gives the bits of its definition, and the direct kernel the same bits on each
+    /// (its own definition is checked in `conv_direct`), with the bias, per-channel values and
+    /// residual added, at tile rows shorter than a vector of either width, a vector and a
+    /// tail, and several: replicas on AVX-512 and AVX2 CPUs give the same images.
+    #[test]
+    fn every_instruction_set_gives_the_same_bits() {
+        let isas = isas_here();
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!(isas.is_empty(), !std::arch::is_x86_feature_detected!("avx2"), "{isas:?}");
+        for (c_in, c_out) in [(24, 40), (70, 13)] {
+            let (conv, _) = conv(c_in, c_out, true);
+            for (b, h, w) in [(2, 10, 12), (1, 6, 40), (1, 34, 70), (2, 2, 2)] {
+                let x = randn(60, &[b, c_in, h, w]);
+                let per_channel = randn(61, &[b * c_out]).to_vec1::<f32>().unwrap();
+                let residual = randn(62, &[b * c_out * h * w]).to_vec1::<f32>().unwrap();
+                let adds = (Some(&per_channel[..]), Some(&residual[..]));
+                let planes = Planes::new((h, w), 1, 1);
+                let by_definition = winograd_by_definition(&conv, &x, (&per_channel, &residual));
+                let direct =
+                    |isa| added_with(&conv, &x, &planes, Kernel::Taps(Taps::Direct { tile: DIRECT_TILE, isa }), adds);
+                for &isa in &isas {
+                    let case = format!("{c_in}->{c_out} {b}x{h}x{w} on {isa:?}");
+                    let winograd = added_with(&conv, &x, &planes, Kernel::Winograd { rows: None, isa }, adds);
+                    assert_eq!(max_diff(&winograd, &by_definition), 0.0, "{case}: Winograd");
+                    assert_eq!(max_diff(&direct(isa), &direct(isas[0])), 0.0, "{case}: direct");
+                }
+            }
+        }
+    }
+
+    /// Where the CPU has AVX-512 or AVX2, the direct kernel gives candle's convolution up to f32
     /// rounding at stride 1 and 2, with channel counts off its 8-row blocks and maps off its
     /// 48-column groups, and the same bits at any tiling of its work (one chain of
     /// multiply-adds per element); the layers run it where `Kernel::for_shape` says, and the
-    /// shifted GEMMs elsewhere (and on CPUs without AVX-512).
+    /// shifted GEMMs elsewhere (and on CPUs without either).
     #[test]
     fn the_direct_kernel_matches_candle_at_any_tiling() {
         let available = crate::conv_direct::available();
@@ -857,25 +983,29 @@ mod tests {
                 let chosen = Kernel::for_shape(&planes, c_out);
                 let on_chosen = shifted_with(&conv, &x, &planes, chosen);
                 assert_eq!(max_diff(&actual, &on_chosen), 0.0, "{case}: the layer runs {chosen:?}");
-                if !available {
+                let Some(isa) = available else {
                     assert!(matches!(chosen, Kernel::Taps(Taps::Gemms { .. })), "{case}");
                     continue;
-                }
+                };
                 layers_on_direct += matches!(chosen, Kernel::Taps(Taps::Direct { .. })) as usize;
-                let direct = shifted_with(&conv, &x, &planes, Kernel::Taps(Taps::Direct { tile: DIRECT_TILE }));
+                let direct = shifted_with(&conv, &x, &planes, Kernel::Taps(Taps::Direct { tile: DIRECT_TILE, isa }));
                 let diff = max_diff(&direct, &expected);
                 assert!(diff <= 1e-5 * scale, "{case}: {diff:e} at scale {scale}");
                 for tile in [48, 96, 480] {
-                    let tiled = shifted_with(&conv, &x, &planes, Kernel::Taps(Taps::Direct { tile }));
+                    let tiled = shifted_with(&conv, &x, &planes, Kernel::Taps(Taps::Direct { tile, isa }));
                     assert_eq!(max_diff(&tiled, &direct), 0.0, "{case}, tile {tile}");
                 }
             }
         }
-        assert!(!available || layers_on_direct >= 4, "only {layers_on_direct} cases ran the direct kernel");
+        // On AVX2 the layers run the GEMMs instead (see `Kernel::for_shape`).
+        match available {
+            Some(Isa::Avx512) => assert!(layers_on_direct >= 4, "only {layers_on_direct} cases ran the direct kernel"),
+            _ => assert_eq!(layers_on_direct, 0, "the direct kernel chosen on {available:?}"),
+        }
     }
 
-    /// Where the CPU has AVX-512, the Winograd kernel gives candle's convolution up to f32
-    /// rounding on even maps (tile rows shorter than its 16-tile vectors, a vector and a tail,
+    /// Where the CPU has AVX-512 or AVX2, the Winograd kernel gives candle's convolution up to f32
+    /// rounding on even maps (tile rows shorter than its vectors of 16 tiles, or 8 on AVX2, a vector and a tail,
     /// several vectors; channel counts off its 8-channel blocks and 64-channel chunks), and the
     /// same bits in any bands; the layers run it where `Kernel::for_shape` says.
     #[test]
@@ -885,7 +1015,7 @@ mod tests {
         let mut layers_on_winograd = 0;
         for (c_in, c_out) in [(24, 40), (5, 3), (70, 130)] {
             let (conv, candle) = conv_with(c_in, c_out, 1, 1);
-            for (b, h, w) in [(2, 10, 12), (1, 6, 40), (1, 34, 70), (2, 2, 2)] {
+            for (b, h, w) in [(2, 10, 12), (1, 6, 40), (1, 34, 70), (2, 2, 2), (2, 16, 24)] {
                 let x = randn(50, &[b, c_in, h, w]);
                 let expected = candle.forward(&x).unwrap();
                 let scale = max_abs(&expected).max(1.0);
@@ -897,21 +1027,24 @@ mod tests {
                     let on_chosen = shifted_with(&conv, &x, &planes, chosen);
                     assert_eq!(max_diff(&actual, &on_chosen), 0.0, "{case}: the layer runs {chosen:?}");
                 }
-                if !available {
+                let Some(isa) = available else {
                     assert!(!matches!(chosen, Kernel::Winograd { .. }), "{case}");
                     continue;
-                }
+                };
                 layers_on_winograd += matches!(chosen, Kernel::Winograd { .. }) as usize;
-                let winograd = shifted_with(&conv, &x, &planes, Kernel::Winograd { rows: Some(1) });
+                let winograd = shifted_with(&conv, &x, &planes, Kernel::Winograd { rows: Some(1), isa });
                 let diff = max_diff(&winograd, &expected);
                 assert!(diff <= 1e-5 * scale, "{case}: {diff:e} at scale {scale}");
                 for rows in [2, 3, h / 2, b * h / 2] {
-                    let banded = shifted_with(&conv, &x, &planes, Kernel::Winograd { rows: Some(rows) });
+                    let banded = shifted_with(&conv, &x, &planes, Kernel::Winograd { rows: Some(rows), isa });
                     assert_eq!(max_diff(&banded, &winograd), 0.0, "{case}, {rows} rows");
                 }
             }
         }
-        assert!(!available || layers_on_winograd >= 4, "only {layers_on_winograd} cases ran the Winograd kernel");
+        assert!(
+            available.is_none() || layers_on_winograd >= 4,
+            "only {layers_on_winograd} cases ran the Winograd kernel"
+        );
     }
 
     /// An image's output is the same bits alone or in any batch, on either path.

@@ -1,4 +1,5 @@
-//! The stride-1 3x3 convolution as Winograd's F(2x2, 3x3) on x86-64 CPUs with AVX-512: each
+//! The stride-1 3x3 convolution as Winograd's F(2x2, 3x3) on x86-64 CPUs with AVX-512 or
+//! AVX2 and FMA (the direct kernel's instruction sets, `conv_direct::Isa`): each
 //! 2x2 block of output pixels ("tile") is computed from its 4x4 input patch with 16
 //! products per input and output channel instead of 36, 2.25x fewer multiply-adds than the
 //! direct kernel (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2015).
@@ -8,15 +9,16 @@
 //!    [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]) into 16 matrices `V[ξ]`
 //!    [c_in, tiles];
 //! 2. 16 products `M[ξ] = U[ξ] V[ξ]` ([c_out, c_in] x [c_in, tiles]) on the direct kernel's
-//!    register tile (`conv_direct::block` with one tap: 8 channels x 48 tiles in 24 vector
-//!    registers), `U` the weights transformed once (`G g G^T`);
+//!    register tile (`conv_direct::block` with one tap: 8 channels x 48 tiles), `U` the
+//!    weights transformed once (`G g G^T`);
 //! 3. each channel's 16 values per tile are transformed back (`A^T M A`, additions only; A^T =
 //!    [[1, 1, 1, 0], [0, 1, -1, -1]]) to its 2x2 pixels, and the bias and other additions
 //!    are added on the way to the output.
 //!
 //! Each output element is a fixed sequence of operations on its own patch (the products sum
 //! over the input channels in order), whatever the band, threads or batch: an image's result
-//! depends on the weights and its own pixels alone.
+//! depends on the weights and its own pixels alone. The transforms have AVX-512 and AVX2
+//! versions with the same additions in the same order, so both give the same bits.
 //!
 //! Its rounding differs from the direct sum: the transforms add and subtract up to 16 inputs
 //! before the products and 9 products after them, but each product sums c_in terms where the
@@ -28,6 +30,7 @@
 /// Output channels per block of the weights and of the product kernel (the direct kernel's
 /// rows).
 pub(crate) const ROWS: usize = crate::conv_direct::ROWS;
+use crate::conv_direct::Isa;
 /// Tiles per product-kernel call (the direct kernel's columns): three vectors of 16.
 pub(crate) const GROUP: usize = crate::conv_direct::COLUMNS;
 /// Output channels whose products are kept at once (the band's `M`).
@@ -47,11 +50,12 @@ pub(crate) fn max_band_tiles(c_in: usize) -> usize {
     (BAND_INPUT_FLOATS / (16 * c_in.max(1))).clamp(GROUP, MAX_BAND_TILES)
 }
 
-/// Whether the kernel can run here: an x86-64 CPU with AVX-512F, and SDMESH_CONV_WINOGRAD
-/// not set to 0 (for comparing with the direct kernel). Read once.
-pub(crate) fn available() -> bool {
+/// The instruction set the layers run the kernel on: `conv_direct::cpu_isa` (AVX-512 or
+/// AVX2 + FMA), unless SDMESH_CONV_WINOGRAD is 0 (for comparing with the direct kernel). Read
+/// once.
+pub(crate) fn available() -> Option<Isa> {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    crate::conv_direct::cpu_supported() && crate::switched_on(&ENABLED, "SDMESH_CONV_WINOGRAD")
+    crate::conv_direct::cpu_isa().filter(|_| crate::switched_on(&ENABLED, "SDMESH_CONV_WINOGRAD"))
 }
 
 /// The tile rows per band for `tiles_y` rows of `tiles_x` tiles (a batch's, one image after
@@ -152,9 +156,10 @@ pub(crate) struct Segment<'s> {
 /// each rows of `row = w + 2` floats (w = 2 * tiles_x, the output width) with one zero row and
 /// column before the pixels, and at least `2 * ty1 + 2` rows. `u`: [`transform_weights`] for
 /// `c_out` channels. `additions(image, o)`: what to add to output channel o of the image.
-/// Panics where [`available`] is false or a slice is too short.
+/// Runs on `isa`; panics where this CPU lacks it or a slice is too short.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn band<'a>(
+    isa: Isa,
     segments: &mut [Segment<'_>],
     first: usize,
     (channel, row): (usize, usize),
@@ -162,7 +167,7 @@ pub(crate) fn band<'a>(
     (u, c_in, c_out): (&[f32], usize, usize),
     additions: impl Fn(usize, usize) -> Additions<'a>,
 ) {
-    assert!(available(), "the Winograd 3x3 kernel needs AVX-512F");
+    assert!(isa.on_this_cpu(), "the Winograd 3x3 kernel on {isa:?}, which this CPU lacks");
     let w = 2 * tiles_x;
     let count = segments.first().map_or(0, |s| s.runs.len());
     let blocks = c_out.div_ceil(ROWS);
@@ -208,7 +213,7 @@ pub(crate) fn band<'a>(
                     let mut rows = v.iter_mut();
                     let mut dst: [&mut [f32]; 16] =
                         std::array::from_fn(|_| &mut rows.next().expect("16 matrices")[at..at + tiles]);
-                    transform_input(&segment.padded[ci * channel..][..channel], row, (ty0, ty1), &mut dst);
+                    transform_input(isa, &segment.padded[ci * channel..][..channel], row, (ty0, ty1), &mut dst);
                 }
             }
         }
@@ -220,7 +225,8 @@ pub(crate) fn band<'a>(
                     let weights = &u[(((chunk / ROWS + block) * 16 + xi) * ROWS) * c_in..][..ROWS * c_in];
                     let inputs = &v[xi * c_in * stride..][..c_in * stride];
                     let sums = &mut m[(xi * CHUNK + block * ROWS) * stride..][..ROWS * stride];
-                    crate::conv_direct::block((sums, stride), stride, (weights, c_in), inputs, stride, &[0], c_in);
+                    let (acc, weights) = ((sums, stride), (weights, c_in));
+                    crate::conv_direct::block(isa, acc, stride, weights, inputs, stride, &[0], c_in);
                 }
             }
             for (segment, &start) in segments.iter_mut().zip(&starts) {
@@ -231,7 +237,7 @@ pub(crate) fn band<'a>(
                     let (bias, per_channel, residual) = additions(segment.image, o);
                     let residual = residual.map(|r| &r[2 * ty0 * w..2 * ty1 * w]);
                     let run = &mut segment.runs[o - first];
-                    transform_output(&sums, (ty1 - ty0, tiles_x), run, (bias, per_channel, residual));
+                    transform_output(isa, &sums, (ty1 - ty0, tiles_x), run, (bias, per_channel, residual));
                 }
             }
         }
@@ -246,44 +252,54 @@ thread_local! {
 
 /// `B^T d B` for each tile of tile rows `ty0..ty1` of one input channel: `plane`, its padded
 /// plane (rows of `row` = 2 * tiles_x + 2 floats); `dst[ξ][t]`, element ξ (4 * i + j) of tile
-/// t's transform, t counted from the first tile of row ty0.
-fn transform_input(plane: &[f32], row: usize, (ty0, ty1): (usize, usize), dst: &mut [&mut [f32]; 16]) {
+/// t's transform, t counted from the first tile of row ty0. On `isa`, which the CPU has
+/// (checked by `band`).
+fn transform_input(isa: Isa, plane: &[f32], row: usize, (ty0, ty1): (usize, usize), dst: &mut [&mut [f32]; 16]) {
     let tiles_x = (row - 2) / 2;
     let tiles = (ty1 - ty0) * tiles_x;
     assert!(row >= 2 && row.is_multiple_of(2), "Winograd input: rows of {row} floats");
     assert!(dst.iter().all(|d| d.len() == tiles), "Winograd input: {tiles} tiles to write");
     assert!(plane.len() >= (2 * ty1 + 2) * row, "Winograd input: plane too short");
     #[cfg(target_arch = "x86_64")]
-    {
+    match isa {
         // SAFETY: AVX-512F is present (checked by `band`); tile row ty reads plane rows 2 * ty
         // ..= 2 * ty + 3 (< 2 * ty1 + 2, asserted) at columns < row, and writes dst[..][(ty -
         // ty0) * tiles_x..][..tiles_x] (asserted lengths); masked lanes are not touched.
         #[allow(unsafe_code)]
-        unsafe {
+        Isa::Avx512 => unsafe {
             let dst = std::array::from_fn(|xi| dst[xi].as_mut_ptr());
             avx512::transform_input(plane.as_ptr(), row, (ty0, ty1), dst)
-        }
+        },
+        // SAFETY: AVX2 and FMA are present (checked by `band`); its accesses are bounds-checked.
+        #[allow(unsafe_code)]
+        Isa::Avx2 => unsafe { avx2::transform_input(plane, row, (ty0, ty1), dst) },
     }
-    // Off x86-64 `available` is false and no layer gets here.
+    // Off x86-64 no CPU has an `Isa` and no layer gets here.
     #[cfg(not(target_arch = "x86_64"))]
-    unreachable!("the Winograd kernel is x86-64 only");
+    unreachable!("the Winograd kernel on {isa:?} off x86-64");
 }
 
 /// `A^T m A` for each of `rows` rows of `tiles_x` tiles (`q[ξ][t]`, tile t's 16 products) to
 /// the output rows `run` (2 * rows rows of 2 * tiles_x pixels), plus the additions (the
-/// residual over the same rows).
-fn transform_output(q: &[&[f32]; 16], (rows, tiles_x): (usize, usize), run: &mut [f32], additions: Additions<'_>) {
+/// residual over the same rows). On `isa`, which the CPU has (checked by `band`).
+fn transform_output(
+    isa: Isa,
+    q: &[&[f32]; 16],
+    (rows, tiles_x): (usize, usize),
+    run: &mut [f32],
+    additions: Additions<'_>,
+) {
     let pixels = 4 * rows * tiles_x;
     assert!(q.iter().all(|q| q.len() >= rows * tiles_x), "Winograd output: products too short");
     assert!(run.len() >= pixels, "Winograd output: rows too short");
     assert!(additions.2.is_none_or(|r| r.len() >= pixels), "Winograd output: residual too short");
     #[cfg(target_arch = "x86_64")]
-    {
+    match isa {
         // SAFETY: AVX-512F is present (checked by `band`); the reads of q (rows * tiles_x
         // each) and the reads and writes of the rows (4 * rows * tiles_x pixels) lie within
         // the asserted lengths; masked lanes are not touched.
         #[allow(unsafe_code)]
-        unsafe {
+        Isa::Avx512 => unsafe {
             let q = std::array::from_fn(|xi| q[xi].as_ptr());
             let (bias, per_channel, residual) = additions;
             avx512::transform_output(
@@ -292,10 +308,163 @@ fn transform_output(q: &[&[f32]; 16], (rows, tiles_x): (usize, usize), run: &mut
                 run.as_mut_ptr(),
                 (bias, per_channel, residual.map(<[f32]>::as_ptr)),
             )
-        }
+        },
+        // SAFETY: AVX2 and FMA are present (checked by `band`); its accesses are bounds-checked.
+        #[allow(unsafe_code)]
+        Isa::Avx2 => unsafe { avx2::transform_output(q, (rows, tiles_x), run, additions) },
     }
     #[cfg(not(target_arch = "x86_64"))]
-    unreachable!("the Winograd kernel is x86-64 only");
+    unreachable!("the Winograd kernel on {isa:?} off x86-64");
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod avx2 {
+    use super::Additions;
+    use std::arch::x86_64::*;
+
+    /// The even (`ODD` = 0) or odd elements of `a` then `b` (16 floats), in order.
+    #[target_feature(enable = "avx2,fma")]
+    fn deinterleave<const ODD: i32>(a: __m256, b: __m256) -> __m256 {
+        // Within each 128-bit lane [a0 a2 b0 b2 | a4 a6 b4 b6] (odd: a1 a3 ...), then the
+        // 64-bit pairs reordered 0, 2, 1, 3.
+        let pairs =
+            if ODD == 0 { _mm256_shuffle_ps::<0b10_00_10_00>(a, b) } else { _mm256_shuffle_ps::<0b11_01_11_01>(a, b) };
+        _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(pairs)))
+    }
+
+    /// [`super::transform_input`] on AVX2: 8 tiles of a row at a time, the rest one by one,
+    /// each with the AVX-512 kernel's additions in its order (the same bits).
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be present; the arguments must pass `transform_input`'s checks.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn transform_input(
+        plane: &[f32],
+        row: usize,
+        (ty0, ty1): (usize, usize),
+        dst: &mut [&mut [f32]; 16],
+    ) {
+        let tiles_x = (row - 2) / 2;
+        let vectors = tiles_x / 8;
+        for ty in ty0..ty1 {
+            let top = 2 * ty * row;
+            let out = (ty - ty0) * tiles_x;
+            for k in (0..8 * vectors).step_by(8) {
+                // Tiles k..k + 8 read columns 2k ..= 2k + 17 < row of rows 2 ty ..= 2 ty + 3.
+                let mut d = [[_mm256_setzero_ps(); 4]; 4];
+                for (i, d) in d.iter_mut().enumerate() {
+                    let p = plane[top + i * row + 2 * k..][..18].as_ptr();
+                    let (a, b) = (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)));
+                    let (a2, b2) = (_mm256_loadu_ps(p.add(2)), _mm256_loadu_ps(p.add(10)));
+                    *d = [
+                        deinterleave::<0>(a, b),
+                        deinterleave::<1>(a, b),
+                        deinterleave::<0>(a2, b2),
+                        deinterleave::<1>(a2, b2),
+                    ];
+                }
+                let mut w = [[_mm256_setzero_ps(); 4]; 4];
+                for (j, w) in w.iter_mut().enumerate() {
+                    let (r0, r1, r2, r3) = (d[0][j], d[1][j], d[2][j], d[3][j]);
+                    *w = [_mm256_sub_ps(r0, r2), _mm256_add_ps(r1, r2), _mm256_sub_ps(r2, r1), _mm256_sub_ps(r1, r3)];
+                }
+                for i in 0..4 {
+                    let (d0, d1, d2, d3) = (w[0][i], w[1][i], w[2][i], w[3][i]);
+                    let values =
+                        [_mm256_sub_ps(d0, d2), _mm256_add_ps(d1, d2), _mm256_sub_ps(d2, d1), _mm256_sub_ps(d1, d3)];
+                    for (j, value) in values.into_iter().enumerate() {
+                        _mm256_storeu_ps(dst[4 * i + j][out + k..][..8].as_mut_ptr(), value);
+                    }
+                }
+            }
+            for t in 8 * vectors..tiles_x {
+                let patch = |i: usize, j: usize| plane[top + i * row + 2 * t + j];
+                let w: [[f32; 4]; 4] = std::array::from_fn(|j| {
+                    let (r0, r1, r2, r3) = (patch(0, j), patch(1, j), patch(2, j), patch(3, j));
+                    [r0 - r2, r1 + r2, r2 - r1, r1 - r3]
+                });
+                for i in 0..4 {
+                    let (d0, d1, d2, d3) = (w[0][i], w[1][i], w[2][i], w[3][i]);
+                    for (j, value) in [d0 - d2, d1 + d2, d2 - d1, d1 - d3].into_iter().enumerate() {
+                        dst[4 * i + j][out + t] = value;
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`super::transform_output`] on AVX2: 8 tiles of a row at a time, the rest one by one,
+    /// each with the AVX-512 kernel's additions in its order (the same bits).
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be present; the arguments must pass `transform_output`'s checks.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn transform_output(
+        q: &[&[f32]; 16],
+        (rows, tiles_x): (usize, usize),
+        run: &mut [f32],
+        (bias, per_channel, residual): Additions<'_>,
+    ) {
+        let w = 2 * tiles_x;
+        let vectors = tiles_x / 8;
+        // The additions in the AVX-512 kernel's order: bias, per-channel value, residual.
+        let finish = |value: __m256, at: usize| {
+            let mut value = _mm256_add_ps(value, _mm256_set1_ps(bias));
+            if let Some(p) = per_channel {
+                value = _mm256_add_ps(value, _mm256_set1_ps(p));
+            }
+            if let Some(r) = residual {
+                value = _mm256_add_ps(value, _mm256_loadu_ps(r[at..][..8].as_ptr()));
+            }
+            value
+        };
+        for ty in 0..rows {
+            for k in (0..8 * vectors).step_by(8) {
+                let m: [__m256; 16] =
+                    std::array::from_fn(|xi| _mm256_loadu_ps(q[xi][ty * tiles_x + k..][..8].as_ptr()));
+                let (mut s0, mut s1) = ([_mm256_setzero_ps(); 4], [_mm256_setzero_ps(); 4]);
+                for j in 0..4 {
+                    s0[j] = _mm256_add_ps(_mm256_add_ps(m[j], m[4 + j]), m[8 + j]);
+                    s1[j] = _mm256_sub_ps(_mm256_sub_ps(m[4 + j], m[8 + j]), m[12 + j]);
+                }
+                for (dy, s) in [s0, s1].into_iter().enumerate() {
+                    let even = _mm256_add_ps(_mm256_add_ps(s[0], s[1]), s[2]);
+                    let odd = _mm256_sub_ps(_mm256_sub_ps(s[1], s[2]), s[3]);
+                    // [e0 o0 e1 o1 | e4 o4 e5 o5] and [e2 o2 e3 o3 | e6 o6 e7 o7], then halves.
+                    let (low, high) = (_mm256_unpacklo_ps(even, odd), _mm256_unpackhi_ps(even, odd));
+                    let halves = [_mm256_permute2f128_ps::<0x20>(low, high), _mm256_permute2f128_ps::<0x31>(low, high)];
+                    for (half, pixels) in halves.into_iter().enumerate() {
+                        let at = (2 * ty + dy) * w + 2 * k + 8 * half;
+                        _mm256_storeu_ps(run[at..][..8].as_mut_ptr(), finish(pixels, at));
+                    }
+                }
+            }
+            for t in 8 * vectors..tiles_x {
+                let m = |xi: usize| q[xi][ty * tiles_x + t];
+                for dy in 0..2 {
+                    let s: [f32; 4] = std::array::from_fn(|j| {
+                        if dy == 0 {
+                            m(j) + m(4 + j) + m(8 + j)
+                        } else {
+                            m(4 + j) - m(8 + j) - m(12 + j)
+                        }
+                    });
+                    for (dx, value) in [s[0] + s[1] + s[2], s[1] - s[2] - s[3]].into_iter().enumerate() {
+                        let at = (2 * ty + dy) * w + 2 * t + dx;
+                        let mut value = value + bias;
+                        if let Some(p) = per_channel {
+                            value += p;
+                        }
+                        if let Some(r) = residual {
+                            value += r[at];
+                        }
+                        run[at] = value;
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]

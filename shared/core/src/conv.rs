@@ -11,11 +11,11 @@
 //!   straight on a strided view of the padded image, accumulated in place; the two wrapped
 //!   columns per row are then dropped. No im2col; 110-180 GFLOP/s on the same shapes (1.2-4x
 //!   candle's; 2x on the VAE's 128-channel 256x256 layers).
-//!   On x86-64 CPUs with AVX-512 or AVX2 + FMA, the nine taps' sum is instead one
-//!   register-tiled kernel (`conv_direct`: 8 channels x 48 columns in registers through all
-//!   taps and channels; the same bits on either instruction set) where
-//!   at least 80% of its work is useful: 1.05-1.2x the GEMMs at 64-640 channels (the GEMMs
-//!   pack and re-accumulate nine times). Its units write their sums, plus the additions,
+//!   On x86-64 CPUs with AVX-512, the nine taps' sum is instead one register-tiled kernel
+//!   (`conv_direct`: 8 channels x 48 columns in registers through all taps and channels)
+//!   where at least 80% of its work is useful: 1.05-1.2x the GEMMs at 64-640 channels (the
+//!   GEMMs pack and re-accumulate nine times). Its AVX2 + FMA version gives the same bits but
+//!   lost to the GEMMs on a Zen 3 CPU (up to 1.4x slower), so AVX2 CPUs run the GEMMs. Its units write their sums, plus the additions,
 //!   straight to the output (no image-sized buffer of sums: 300 MB at the VAE's 768x768
 //!   layers). The padded planes (and the GEMMs' sums) are kept by the calling thread between
 //!   calls (`Scratch`): fresh buffers cost a page fault per 4 KiB.
@@ -23,7 +23,8 @@
 //!   VAE's bulk): 2x2 output tiles from 4x4 input patches with 2.25x fewer multiply-adds, on
 //!   the same padded planes. Its bands run over the batch's tiles, one image after another, so
 //!   a guided step's small maps still fill its 48-tile groups. 1.4-1.9x the direct kernel or
-//!   the GEMMs on the SD shapes from 8x8 maps (batch 2) to 256x256 (`conv_shift`). Its
+//!   the GEMMs on the SD shapes from 8x8 maps (batch 2) to 256x256 (`conv_shift`) with
+//!   AVX-512; with AVX2, from 16x16 maps up, 1.0-1.3x the GEMMs (a 1.16-1.27x VAE decode). Its
 //!   weights (16/9 the size) are made the first time a layer runs it.
 //! - **One GEMM over the batch** (maps of at most 16 pixels, the deepest UNet levels of small
 //!   images): the batch's im2col columns side by side, so the GEMM is not starved of columns.
@@ -934,7 +935,8 @@ mod tests {
     /// kernel gives the bits of its definition, and the direct kernel the same bits on each
     /// (its own definition is checked in `conv_direct`), with the bias, per-channel values and
     /// residual added, at tile rows shorter than a vector of either width, a vector and a
-    /// tail, and several: replicas on AVX-512 and AVX2 CPUs give the same images.
+    /// tail, and several: a layer gives the same bits on AVX-512 and AVX2 CPUs wherever both
+    /// pick the same kernel.
     #[test]
     fn every_instruction_set_gives_the_same_bits() {
         let isas = isas_here();

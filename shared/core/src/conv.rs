@@ -14,13 +14,14 @@
 //!   On x86-64 CPUs with AVX-512, the nine taps' sum is instead one register-tiled kernel
 //!   (`conv_direct`: 8 channels x 48 columns in registers through all taps and channels)
 //!   where at least 80% of its work is useful: 1.05-1.2x the GEMMs at 64-640 channels (the
-//!   GEMMs pack and re-accumulate nine times). Its AVX2 + FMA version gives the same bits but
-//!   lost to the GEMMs on a Zen 3 CPU (up to 1.4x slower), so AVX2 CPUs run the GEMMs. Its units write their sums, plus the additions,
-//!   straight to the output (no image-sized buffer of sums: 300 MB at the VAE's 768x768
-//!   layers). The padded planes (and the GEMMs' sums) are kept by the calling thread between
-//!   calls (`Scratch`): fresh buffers cost a page fault per 4 KiB.
-//! - **Winograd F(2x2, 3x3)** (`conv_winograd`, AVX-512 or AVX2; stride 1 on even maps, the UNet's and
-//!   VAE's bulk): 2x2 output tiles from 4x4 input patches with 2.25x fewer multiply-adds, on
+//!   GEMMs pack and re-accumulate nine times). Its units write their sums, plus the
+//!   additions, straight to the output (no image-sized buffer of sums: 300 MB at the VAE's
+//!   768x768 layers). Its AVX2 + FMA version gives the same bits but lost to the GEMMs on a
+//!   Zen 3 CPU (up to 1.4x slower), so AVX2 CPUs run the GEMMs. The padded planes (and the
+//!   GEMMs' sums) are kept by the calling thread between calls (`Scratch`): fresh buffers
+//!   cost a page fault per 4 KiB.
+//! - **Winograd F(2x2, 3x3)** (`conv_winograd`, AVX-512 or AVX2; stride 1 on even maps, the
+//!   UNet's and VAE's bulk): 2x2 output tiles from 4x4 input patches with 2.25x fewer multiply-adds, on
 //!   the same padded planes. Its bands run over the batch's tiles, one image after another, so
 //!   a guided step's small maps still fill its 48-tile groups. 1.4-1.9x the direct kernel or
 //!   the GEMMs on the SD shapes from 8x8 maps (batch 2) to 256x256 (`conv_shift`) with
@@ -855,12 +856,13 @@ mod tests {
     }
 
     /// A kernel is on exactly where the CPU has AVX2 and FMA, unless its `switch` is set, and
-    /// on AVX-512 where the CPU has it, unless SDMESH_CONV_AVX512 is set.
+    /// on AVX-512 where the CPU has it, unless SDMESH_CONV_AVX512 is 0.
     fn assert_on_where_the_cpu_allows(available: Option<Isa>, switch: &str) {
         #[cfg(target_arch = "x86_64")]
         if std::env::var(switch).is_err() {
             use std::arch::is_x86_feature_detected as has;
-            let expected = if has!("avx512f") && std::env::var("SDMESH_CONV_AVX512").is_err() {
+            let avx512_switch = crate::switched_on(&std::sync::OnceLock::new(), "SDMESH_CONV_AVX512");
+            let expected = if has!("avx512f") && avx512_switch {
                 Some(Isa::Avx512)
             } else {
                 (has!("avx2") && has!("fma")).then_some(Isa::Avx2)
@@ -869,11 +871,6 @@ mod tests {
         }
         #[cfg(not(target_arch = "x86_64"))]
         assert_eq!(available, None, "{switch}");
-    }
-
-    /// The instruction sets this CPU has, of those the kernels are written for.
-    fn isas_here() -> Vec<Isa> {
-        [Isa::Avx512, Isa::Avx2].into_iter().filter(|isa| isa.on_this_cpu()).collect()
     }
 
     /// The Winograd convolution of `x` (stride 1, padding 1, even map) by its definition, one
@@ -939,9 +936,7 @@ mod tests {
     /// pick the same kernel.
     #[test]
     fn every_instruction_set_gives_the_same_bits() {
-        let isas = isas_here();
-        #[cfg(target_arch = "x86_64")]
-        assert_eq!(isas.is_empty(), !std::arch::is_x86_feature_detected!("avx2"), "{isas:?}");
+        let isas = crate::conv_direct::isas_here();
         for (c_in, c_out) in [(24, 40), (70, 13)] {
             let (conv, _) = conv(c_in, c_out, true);
             for (b, h, w) in [(2, 10, 12), (1, 6, 40), (1, 34, 70), (2, 2, 2)] {
@@ -963,8 +958,8 @@ mod tests {
         }
     }
 
-    /// Where the CPU has AVX-512 or AVX2, the direct kernel gives candle's convolution up to f32
-    /// rounding at stride 1 and 2, with channel counts off its 8-row blocks and maps off its
+    /// Where the CPU has AVX-512 or AVX2, the direct kernel gives candle's convolution up to
+    /// f32 rounding at stride 1 and 2, with channel counts off its 8-row blocks and maps off its
     /// 48-column groups, and the same bits at any tiling of its work (one chain of
     /// multiply-adds per element); the layers run it where `Kernel::for_shape` says, and the
     /// shifted GEMMs elsewhere (and on CPUs without either).
@@ -1006,9 +1001,9 @@ mod tests {
         }
     }
 
-    /// Where the CPU has AVX-512 or AVX2, the Winograd kernel gives candle's convolution up to f32
-    /// rounding on even maps (tile rows shorter than its vectors of 16 tiles, or 8 on AVX2, a vector and a tail,
-    /// several vectors; channel counts off its 8-channel blocks and 64-channel chunks), and the
+    /// Where the CPU has AVX-512 or AVX2, the Winograd kernel gives candle's convolution up to
+    /// f32 rounding on even maps (tile rows shorter than its vectors of 16 tiles, or 8 on AVX2,
+    /// a vector and a tail, several vectors; channel counts off its 8-channel blocks and 64-channel chunks), and the
     /// same bits in any bands; the layers run it where `Kernel::for_shape` says.
     #[test]
     fn the_winograd_kernel_matches_candle_in_any_bands() {

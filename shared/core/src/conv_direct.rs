@@ -65,6 +65,16 @@ pub(crate) fn available() -> Option<Isa> {
     cpu_isa().filter(|_| crate::switched_on(&ENABLED, "SDMESH_CONV_DIRECT"))
 }
 
+/// For tests: the instruction sets this CPU has, of those the kernels are written for (AVX2
+/// wherever the CPU has it, so an x86-64 test machine runs at least one).
+#[cfg(test)]
+pub(crate) fn isas_here() -> Vec<Isa> {
+    let isas: Vec<Isa> = [Isa::Avx512, Isa::Avx2].into_iter().filter(|isa| isa.on_this_cpu()).collect();
+    #[cfg(target_arch = "x86_64")]
+    assert_eq!(isas.is_empty(), !std::arch::is_x86_feature_detected!("avx2"), "{isas:?}");
+    isas
+}
+
 /// `acc[r * acc_stride + j] = Σ_tap Σ_ci weight[r * weight_stride + tap * c_in + ci] ·
 /// input[ci * channel + offsets[tap] + j]` over the taps `offsets` names (the 3x3
 /// convolution's nine; one for the Winograd kernel's products) for the `ROWS` rows and
@@ -135,53 +145,75 @@ pub(crate) fn block(
     unreachable!("no CPU off x86-64 has {isa:?}");
 }
 
+/// Defines `$name`, a register tile of `$rows` output channels x `$vectors` vectors of
+/// `$lanes` columns on one instruction set (its intrinsics named): each element's sum is one
+/// chain of fused multiply-adds in the order tap, then input channel, so every instruction
+/// set gives the same bits.
+///
+/// The function's safety contract: the instruction set must be present; `acc` must be writable
+/// at `r * acc_stride + j`, `weight` readable at `r * weight_stride + tap * c_in + ci`, and
+/// `input` readable at `ci * channel + offsets[tap] + j`, for r < `$rows`, j < `$vectors` x
+/// `$lanes`, tap < offsets.len(), ci < c_in.
+#[cfg(target_arch = "x86_64")]
+macro_rules! register_tile {
+    (
+        $(#[$doc:meta])*
+        fn $name:ident on $feature:literal: $rows:expr, $vectors:expr, $lanes:literal,
+        $zero:ident, $load:ident, $splat:ident, $fma:ident, $store:ident
+    ) => {
+        $(#[$doc])*
+        ///
+        /// # Safety
+        /// See `register_tile!`'s contract.
+        #[target_feature(enable = $feature)]
+        #[allow(clippy::too_many_arguments)]
+        pub(super) unsafe fn $name(
+            acc: *mut f32,
+            acc_stride: usize,
+            weight: *const f32,
+            weight_stride: usize,
+            input: *const f32,
+            channel: usize,
+            offsets: &[usize],
+            c_in: usize,
+        ) {
+            let mut sums = [[$zero(); $vectors]; $rows];
+            for (tap, &offset) in offsets.iter().enumerate() {
+                let (input, weight) = (input.add(offset), weight.add(tap * c_in));
+                for ci in 0..c_in {
+                    let x = input.add(ci * channel);
+                    let mut xs = [$zero(); $vectors];
+                    for (v, xs) in xs.iter_mut().enumerate() {
+                        *xs = $load(x.add($lanes * v));
+                    }
+                    for (r, sums) in sums.iter_mut().enumerate() {
+                        let w = $splat(*weight.add(r * weight_stride + ci));
+                        for v in 0..$vectors {
+                            sums[v] = $fma(w, xs[v], sums[v]);
+                        }
+                    }
+                }
+            }
+            for (r, sums) in sums.iter().enumerate() {
+                for (v, &sum) in sums.iter().enumerate() {
+                    $store(acc.add(r * acc_stride + $lanes * v), sum);
+                }
+            }
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 mod avx512 {
     use super::{COLUMNS, ROWS};
     use std::arch::x86_64::*;
 
-    const VECTORS: usize = COLUMNS / 16;
-    const _: () = assert!(VECTORS == 3, "the loads below are written out for three vectors");
-
-    /// One ROWS x COLUMNS block (see [`super::block`]), the accumulators in registers.
-    ///
-    /// # Safety
-    /// AVX-512F must be present; `acc` must be writable at `r * acc_stride + j`, `weight`
-    /// readable at `r * weight_stride + tap * c_in + ci`, and `input` readable at
-    /// `ci * channel + offsets[tap] + j`, for r < ROWS, j < COLUMNS, tap < offsets.len(),
-    /// ci < c_in.
-    #[target_feature(enable = "avx512f")]
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn block(
-        acc: *mut f32,
-        acc_stride: usize,
-        weight: *const f32,
-        weight_stride: usize,
-        input: *const f32,
-        channel: usize,
-        offsets: &[usize],
-        c_in: usize,
-    ) {
-        let mut sums = [[_mm512_setzero_ps(); VECTORS]; ROWS];
-        for (tap, &offset) in offsets.iter().enumerate() {
-            let (input, weight) = (input.add(offset), weight.add(tap * c_in));
-            for ci in 0..c_in {
-                let x = input.add(ci * channel);
-                let xs = [_mm512_loadu_ps(x), _mm512_loadu_ps(x.add(16)), _mm512_loadu_ps(x.add(32))];
-                for (r, sums) in sums.iter_mut().enumerate() {
-                    let w = _mm512_set1_ps(*weight.add(r * weight_stride + ci));
-                    for v in 0..VECTORS {
-                        sums[v] = _mm512_fmadd_ps(w, xs[v], sums[v]);
-                    }
-                }
-            }
-        }
-        for (r, sums) in sums.iter().enumerate() {
-            for (v, &sum) in sums.iter().enumerate() {
-                _mm512_storeu_ps(acc.add(r * acc_stride + 16 * v), sum);
-            }
-        }
+    register_tile! {
+        /// One whole ROWS x COLUMNS block (see [`super::block`]): 24 accumulators in the 32
+        /// registers.
+        fn block on "avx512f": ROWS, COLUMNS / 16, 16,
+        _mm512_setzero_ps, _mm512_loadu_ps, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_storeu_ps
     }
 }
 
@@ -196,49 +228,12 @@ mod avx2 {
     /// left the compiler one register short: it spilled an accumulator and shuffled registers
     /// every step, and ran at about 60% of this one's speed.)
     pub(super) const COLUMNS: usize = super::COLUMNS / 3;
-    const VECTORS: usize = COLUMNS / 8;
-    const _: () = assert!(VECTORS == 2, "the loads below are written out for two vectors");
 
-    /// A ROWS x COLUMNS part of [`super::block`]'s block, its 8 accumulators in registers (as
-    /// many as 2 FMA units x 4 cycles of latency keep busy), each element's sum in the AVX-512
-    /// kernel's order.
-    ///
-    /// # Safety
-    /// AVX2 and FMA must be present; `acc` must be writable at `r * acc_stride + j`, `weight`
-    /// readable at `r * weight_stride + tap * c_in + ci`, and `input` readable at
-    /// `ci * channel + offsets[tap] + j`, for r < ROWS, j < COLUMNS, tap < offsets.len(),
-    /// ci < c_in.
-    #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn part(
-        acc: *mut f32,
-        acc_stride: usize,
-        weight: *const f32,
-        weight_stride: usize,
-        input: *const f32,
-        channel: usize,
-        offsets: &[usize],
-        c_in: usize,
-    ) {
-        let mut sums = [[_mm256_setzero_ps(); VECTORS]; ROWS];
-        for (tap, &offset) in offsets.iter().enumerate() {
-            let (input, weight) = (input.add(offset), weight.add(tap * c_in));
-            for ci in 0..c_in {
-                let x = input.add(ci * channel);
-                let xs = [_mm256_loadu_ps(x), _mm256_loadu_ps(x.add(8))];
-                for (r, sums) in sums.iter_mut().enumerate() {
-                    let w = _mm256_broadcast_ss(&*weight.add(r * weight_stride + ci));
-                    for v in 0..VECTORS {
-                        sums[v] = _mm256_fmadd_ps(w, xs[v], sums[v]);
-                    }
-                }
-            }
-        }
-        for (r, sums) in sums.iter().enumerate() {
-            for (v, &sum) in sums.iter().enumerate() {
-                _mm256_storeu_ps(acc.add(r * acc_stride + 8 * v), sum);
-            }
-        }
+    register_tile! {
+        /// A ROWS x COLUMNS part of [`super::block`]'s block: 8 accumulators in registers (as
+        /// many as 2 FMA units x 4 cycles of latency keep busy) of AVX2's 16.
+        fn part on "avx2,fma": ROWS, COLUMNS / 8, 8,
+        _mm256_setzero_ps, _mm256_loadu_ps, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_storeu_ps
     }
 }
 
@@ -285,9 +280,7 @@ mod tests {
             state ^= state << 17;
             (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
         };
-        let isas: Vec<Isa> = [Isa::Avx512, Isa::Avx2].into_iter().filter(|isa| isa.on_this_cpu()).collect();
-        #[cfg(target_arch = "x86_64")]
-        assert_eq!(isas.is_empty(), !std::arch::is_x86_feature_detected!("avx2"), "{isas:?}");
+        let isas = isas_here();
         let nine: Vec<usize> = (0..9).map(|tap| (tap / 3) * 100 + tap % 3).collect();
         for (offsets, c_in, width) in [(vec![0], 37, 48), (nine.clone(), 5, 96), (nine, 20, 144), (vec![3], 1, 48)] {
             let (weight_stride, acc_stride, channel) = (offsets.len() * c_in + 3, width + 5, width + 300);

@@ -27,10 +27,11 @@
 //! channels). F(4x4, 3x3), with 1.78x fewer products again, was 25-40x the direct kernel's
 //! error in an f32 check against f64 (1.2e-5 of the output's scale at 512 channels): not used.
 
+use crate::conv_direct::Isa;
+
 /// Output channels per block of the weights and of the product kernel (the direct kernel's
 /// rows).
 pub(crate) const ROWS: usize = crate::conv_direct::ROWS;
-use crate::conv_direct::Isa;
 /// Tiles per product-kernel call (the direct kernel's columns): three vectors of 16.
 pub(crate) const GROUP: usize = crate::conv_direct::COLUMNS;
 /// Output channels whose products are kept at once (the band's `M`).

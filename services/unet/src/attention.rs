@@ -2,9 +2,9 @@
 //! `stable_diffusion::attention` (MIT/Apache-2.0, by the candle authors), without the VAE's
 //! attention block and without flash attention (a CUDA-only feature candle gates). Changes:
 //! attention is `sdmesh_core::attention` (bounded chunks, `upcast_attention`); GEGLU is
-//! `sdmesh_core::activation::geglu`, with the exact (erf) GELU as diffusers' GEGLU has it
-//! (candle's used the tanh approximation on strided views: off by up to ~5e-4 per activation,
-//! and slow).
+//! `sdmesh_core::linear::Linear::forward_geglu` (projection and gate fused on the CPU), with
+//! the exact (erf) GELU as diffusers' GEGLU has it (candle's used the tanh approximation on
+//! strided views: off by up to ~5e-4 per activation, and slow).
 use candle_core::{Result, Tensor};
 use candle_nn as nn;
 use candle_nn::Module;
@@ -29,7 +29,7 @@ impl GeGlu {
 impl Module for GeGlu {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let _enter = self.span.enter();
-        sdmesh_core::activation::geglu(&self.proj.forward(xs)?)
+        self.proj.forward_geglu(xs)
     }
 }
 
@@ -242,11 +242,7 @@ impl SpatialTransformer {
                 let xs = xs.transpose(1, 2)?.t()?.reshape((batch, height * weight, inner_dim))?;
                 (inner_dim, xs)
             }
-            Proj::Linear(p) => {
-                let inner_dim = xs.dim(1)?;
-                let xs = xs.transpose(1, 2)?.t()?.reshape((batch, height * weight, inner_dim))?;
-                (inner_dim, p.forward(&xs)?)
-            }
+            Proj::Linear(p) => (xs.dim(1)?, p.forward_map_to_tokens(&xs)?),
         };
         let mut xs = xs;
         for block in self.transformer_blocks.iter() {
@@ -254,7 +250,7 @@ impl SpatialTransformer {
         }
         let xs = match &self.proj_out {
             Proj::Conv2d(p) => p.forward(&xs.reshape((batch, height, weight, inner_dim))?.t()?.transpose(1, 2)?)?,
-            Proj::Linear(p) => p.forward(&xs)?.reshape((batch, height, weight, inner_dim))?.t()?.transpose(1, 2)?,
+            Proj::Linear(p) => p.forward_tokens_to_map(&xs, (height, weight))?,
         };
         xs + residual
     }

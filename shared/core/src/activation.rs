@@ -147,6 +147,15 @@ crate::fast_math::simd_kernel! {
 }
 
 crate::fast_math::simd_kernel! {
+    /// hidden · GELU(gate), element by element.
+    pub(crate) fn geglu_halves(out: &mut [f32], hidden: &[f32], gate: &[f32]) {
+        for ((o, h), g) in out.iter_mut().zip(hidden).zip(gate) {
+            *o = h * crate::fast_math::gelu_erf(*g);
+        }
+    }
+}
+
+crate::fast_math::simd_kernel! {
     /// hidden · GELU(gate) for one row, [hidden | gate] -> out.
     fn geglu_row(out: &mut [f32], row: &[f32]) {
         let (hidden, gate) = row.split_at(out.len());

@@ -88,21 +88,29 @@ pub(crate) fn cpu_threads() -> usize {
     *THREADS.get_or_init(candle_core::utils::get_num_threads)
 }
 
-/// `rows x cols` f32 values at `data[r * row_stride + c]`: a row-major matrix whose rows start
-/// `row_stride` elements apart.
+/// `rows x cols` f32 values at `data[r * row_stride + c * col_stride]`: a row-major matrix
+/// whose rows start `row_stride` elements apart ([`View::rows`]), or the transpose of one
+/// ([`View::transposed`]).
 #[derive(Clone, Copy)]
 pub(crate) struct View<'a> {
     pub data: &'a [f32],
     pub row_stride: usize,
+    pub col_stride: usize,
 }
 
 impl<'a> View<'a> {
     pub fn rows(data: &'a [f32], row_stride: usize) -> Self {
-        Self { data, row_stride }
+        Self { data, row_stride, col_stride: 1 }
+    }
+
+    /// The transpose of the row-major matrix in `data` whose rows start `stride` apart: element
+    /// (r, c) is `data[c * stride + r]`.
+    pub fn transposed(data: &'a [f32], stride: usize) -> Self {
+        Self { data, row_stride: 1, col_stride: stride }
     }
 
     fn fits(&self, rows: usize, cols: usize) -> bool {
-        rows == 0 || cols == 0 || (rows - 1) * self.row_stride + cols - 1 < self.data.len()
+        rows == 0 || cols == 0 || (rows - 1) * self.row_stride + (cols - 1) * self.col_stride < self.data.len()
     }
 }
 
@@ -157,10 +165,10 @@ pub(crate) fn gemm(
     let mut first = 0;
     loop {
         let depth = block.min(k - first);
-        // SAFETY: dst, lhs and rhs are addressed as [row * row_stride + col] within their
-        // slices (asserted above for the whole of k; this block's columns of lhs
-        // and rows of rhs are a part of it); dst does not alias lhs or rhs (a &mut and two &
-        // borrows).
+        // SAFETY: dst is addressed as [row * row_stride + col], lhs and rhs as [row * row_stride
+        // + col * col_stride], within their slices (asserted above for the whole of k; this
+        // block's columns of lhs and rows of rhs are a part of it); dst does not alias lhs or
+        // rhs (a &mut and two & borrows).
         unsafe {
             gemm::gemm(
                 m,
@@ -170,11 +178,11 @@ pub(crate) fn gemm(
                 1,
                 dst_row_stride as isize,
                 accumulate || first > 0,
-                lhs.data.as_ptr().add(first),
-                1,
+                lhs.data.as_ptr().add(first * lhs.col_stride),
+                lhs.col_stride as isize,
                 lhs.row_stride as isize,
                 rhs.data.as_ptr().add(first * rhs.row_stride),
-                1,
+                rhs.col_stride as isize,
                 rhs.row_stride as isize,
                 1.0,
                 scale,

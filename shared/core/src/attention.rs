@@ -166,19 +166,24 @@ pub fn tf32_for_upcast_attention(device: &Device, dtype: DType) {
     }
 }
 
-/// Query tokens per block of the CPU path: a block's scores (64 x kv_len) stay in cache.
+/// Query tokens per block of the CPU path: a block's scores (kv_len x 64) stay in cache.
 const CPU_QUERY_BLOCK: usize = 64;
 
 /// The CPU f32 path, over [batch, tokens, heads · head_dim] with the heads side by side (as
 /// the projections give them; `heads` = 1 for rows already split): for each (image, block of
-/// 64 query tokens), in parallel, and each head, the scores q·kᵀ·scale (one GEMM on a strided
-/// view of q and the image's kᵀ, into a scratch buffer), their exponentials in place, then one
-/// GEMM with v written straight into the head's columns of the output, scaled by the softmax's
-/// 1 / sum there (dv values a row, not kv_len). candle's ops write the whole score matrix to memory
-/// and read it back twice, its softmax calls libm's exp per element, and the heads would be
-/// transposed to rows and back; at 1024 tokens this path takes under half their time. A
-/// block's result does not depend on the other images, so batching changes nothing. `causal`:
-/// query token t attends to keys 0..=t only (queries and keys the same tokens).
+/// 64 query tokens), in parallel, and each head, the block's scores transposed, k·qᵀ·scale
+/// [kv_len, 64] (one GEMM on the image's k as it lies and a strided view of the block's q),
+/// their exponentials in place column by column, then vᵀ times them (one GEMM, [dv, 64]),
+/// written into the head's columns of the output scaled by the softmax's 1 / sum there (dv
+/// values a query, not kv_len). The transposed order keeps k and v, the operands every block
+/// shares, on the side `gemm` reads where they lie: the other way round it copied (packed) all
+/// of k and v again for every block, a quarter of the CPU samples (perf) at 4096 tokens, and
+/// the attention took 10-20% more CPU time (`examples/attention_shapes` at 4096 x 128, user
+/// time of the whole run, 5.5-6.0 s against 4.8-5.0). candle's
+/// ops write the whole score matrix to memory and read it back twice, its softmax calls libm's
+/// exp per element, and the heads would be transposed to rows and back. A block's result does
+/// not depend on the other images, so batching changes nothing. `causal`: query token t
+/// attends to keys 0..=t only (queries and keys the same tokens).
 fn cpu_f32_attention(
     query: &Tensor,
     key: &Tensor,
@@ -214,13 +219,13 @@ fn cpu_f32_attention(
         let k = &k[image_rows(image, kv_len, k_stride, inner)];
         let v = &v[image_rows(image, kv_len, v_stride, inner_v)];
         let q = &q[image_rows(image, q_len, q_stride, inner)];
-        // kᵀ per head, [heads][d][kv_len] row-major, once for all query blocks: gemm's AVX-512
-        // kernels are slow on a transposed right-hand side with few rows on the left.
-        let mut k_t = vec![0f32; kv_len * inner];
-        k_t.par_chunks_mut(d * kv_len).enumerate().for_each(|(head, k_t)| {
-            for (j, k_row) in k.chunks(k_stride).enumerate() {
-                for (i, &x) in k_row[head * d..][..d].iter().enumerate() {
-                    k_t[i * kv_len + j] = x;
+        // vᵀ per head, [heads][dv][kv_len] row-major, once for all query blocks: the left side
+        // of the second GEMM, which `gemm` reads in place only with unit column stride.
+        let mut v_t = vec![0f32; kv_len * inner_v];
+        v_t.par_chunks_mut(dv * kv_len).enumerate().for_each(|(head, v_t)| {
+            for (j, v_row) in v.chunks(v_stride).enumerate() {
+                for (i, &x) in v_row[head * dv..][..dv].iter().enumerate() {
+                    v_t[i * kv_len + j] = x;
                 }
             }
         });
@@ -228,29 +233,111 @@ fn cpu_f32_attention(
             let n = block_out.len() / inner_v;
             let first_query = block * CPU_QUERY_BLOCK;
             let q_block = &q[first_query * q_stride..];
-            let mut scores = vec![0f32; n * kv_len];
-            let mut inv_sums = vec![0f32; n];
+            let mut scores_t = vec![0f32; kv_len * n];
+            let mut out_t = vec![0f32; dv * n];
+            let mut softmax = ColumnSoftmax::new(n);
             for head in 0..heads {
-                let (q_head, k_head) =
-                    (View::rows(&q_block[head * d..], q_stride), View::rows(&k_t[head * d * kv_len..], kv_len));
-                gemm((&mut scores, kv_len), q_head, k_head, (n, kv_len, d), scale as f32, false, false);
-                for (i, (row, inv_sum)) in scores.chunks_mut(kv_len).zip(&mut inv_sums).enumerate() {
-                    // Causal: query token t sees keys 0..=t; the rest weigh exactly 0.
-                    let seen = if causal { (first_query + i + 1).min(kv_len) } else { kv_len };
-                    let (kept, masked) = row.split_at_mut(seen);
-                    *inv_sum = exp_shifted_in_place(kept);
-                    masked.fill(0.0);
+                let (k_head, q_head_t) =
+                    (View::rows(&k[head * d..], k_stride), View::transposed(&q_block[head * d..], q_stride));
+                gemm((&mut scores_t, n), k_head, q_head_t, (kv_len, n, d), scale as f32, false, false);
+                if causal {
+                    softmax.exp_shifted_causal(&mut scores_t, first_query);
+                } else {
+                    softmax.exp_shifted(&mut scores_t);
                 }
-                let (p, v_head) = (View::rows(&scores, kv_len), View::rows(&v[head * dv..], v_stride));
-                gemm((&mut block_out[head * dv..], inner_v), p, v_head, (n, dv, kv_len), 1.0, false, false);
+                let v_head_t = View::rows(&v_t[head * dv * kv_len..], kv_len);
+                gemm((&mut out_t, n), v_head_t, View::rows(&scores_t, n), (dv, n, kv_len), 1.0, false, false);
                 // The softmax's normalisation, on the dv outputs instead of the kv_len scores.
-                for (row, &inv_sum) in block_out.chunks_mut(inner_v).zip(&inv_sums) {
-                    row[head * dv..][..dv].iter_mut().for_each(|x| *x *= inv_sum);
+                for (query, (row, &inv_sum)) in block_out.chunks_mut(inner_v).zip(&softmax.inv_sums).enumerate() {
+                    for (c, x) in row[head * dv..][..dv].iter_mut().enumerate() {
+                        *x = out_t[c * n + query] * inv_sum;
+                    }
                 }
             }
         });
     });
     Ok(Some(Tensor::from_vec(out, (batch, q_len, inner_v), &Device::Cpu)?))
+}
+
+/// The unnormalised softmax of each column of transposed scores [keys, queries] (rows n
+/// apart), in place, with 1 / each column's sum, summed in [`exp_shifted_in_place`]'s order
+/// (so a column's values are what that function gives on it as a row). Scratch kept across
+/// heads.
+struct ColumnSoftmax {
+    n: usize,
+    maxes: Vec<f32>,
+    /// Eight partial sums per column (key j adds to lane j % 8), then the rest of the keys.
+    lanes: Vec<f32>,
+    tails: Vec<f32>,
+    inv_sums: Vec<f32>,
+    /// One column, for the causal case.
+    column: Vec<f32>,
+}
+
+impl ColumnSoftmax {
+    fn new(n: usize) -> Self {
+        let zeros = |len| vec![0f32; len];
+        Self { n, maxes: zeros(n), lanes: zeros(8 * n), tails: zeros(n), inv_sums: zeros(n), column: Vec::new() }
+    }
+
+    fn exp_shifted(&mut self, scores_t: &mut [f32]) {
+        exp_shifted_columns(scores_t, &mut self.maxes, &mut self.lanes, &mut self.tails, &mut self.inv_sums);
+    }
+
+    /// Query column i (token `first_query + i`) sees keys 0..=first_query + i; the rest weigh
+    /// exactly 0. Column by column through [`exp_shifted_in_place`] (causal attention is the
+    /// text encoder's, 77 tokens, where this pass costs nothing that matters).
+    fn exp_shifted_causal(&mut self, scores_t: &mut [f32], first_query: usize) {
+        let (n, keys) = (self.n, scores_t.len() / self.n);
+        for (i, inv_sum) in self.inv_sums.iter_mut().enumerate() {
+            let seen = (first_query + i + 1).min(keys);
+            self.column.clear();
+            self.column.extend((0..seen).map(|j| scores_t[j * n + i]));
+            *inv_sum = exp_shifted_in_place(&mut self.column);
+            for (j, &x) in self.column.iter().enumerate() {
+                scores_t[j * n + i] = x;
+            }
+            (seen..keys).for_each(|j| scores_t[j * n + i] = 0.0);
+        }
+    }
+}
+
+crate::fast_math::simd_kernel! {
+    /// [`ColumnSoftmax::exp_shifted`]: three passes over the rows (the columns' maxes; the
+    /// exps and the partial sums; the sums folded), each vectorised along a row of queries.
+    fn exp_shifted_columns(
+        scores_t: &mut [f32],
+        maxes: &mut [f32],
+        lanes: &mut [f32],
+        tails: &mut [f32],
+        inv_sums: &mut [f32],
+    ) {
+        let n = maxes.len();
+        maxes.fill(f32::NEG_INFINITY);
+        for row in scores_t.chunks(n) {
+            maxes.iter_mut().zip(row).for_each(|(m, &x)| *m = m.max(x));
+        }
+        lanes.fill(0.0);
+        tails.fill(0.0);
+        let keys = scores_t.len() / n;
+        let (whole, rest) = scores_t.split_at_mut(keys / 8 * 8 * n);
+        for (j, row) in whole.chunks_mut(n).enumerate() {
+            let lane = &mut lanes[(j % 8) * n..][..n];
+            for ((x, &m), sum) in row.iter_mut().zip(maxes.iter()).zip(lane) {
+                *x = exp_nonpositive(*x - m);
+                *sum += *x;
+            }
+        }
+        for row in rest.chunks_mut(n) {
+            for ((x, &m), sum) in row.iter_mut().zip(maxes.iter()).zip(tails.iter_mut()) {
+                *x = exp_nonpositive(*x - m);
+                *sum += *x;
+            }
+        }
+        for (i, (inv_sum, &tail)) in inv_sums.iter_mut().zip(tails.iter()).enumerate() {
+            *inv_sum = 1.0 / (0..8).fold(tail, |a, lane| a + lanes[lane * n + i]);
+        }
+    }
 }
 
 crate::fast_math::simd_kernel! {
@@ -317,6 +404,24 @@ mod tests {
         let sum = sums.into_iter().fold(tail.iter().sum::<f32>(), |a, b| a + b);
         assert_eq!(dispatched, baseline);
         assert_eq!(inv_sum, 1.0 / sum);
+    }
+
+    /// The column pass gives each column the bits the row pass gives it as a row, with rows
+    /// past the last whole chunk of 8 keys and without.
+    #[test]
+    fn column_softmax_has_the_row_passes_bits() {
+        for (keys, n) in [(77, 13), (64, 8), (1000, 64), (3, 5)] {
+            let scores = (randn(14, &[keys, n]) * 30.0).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let mut columns = scores.clone();
+            let mut softmax = ColumnSoftmax::new(n);
+            softmax.exp_shifted(&mut columns);
+            for i in 0..n {
+                let mut row: Vec<f32> = (0..keys).map(|j| scores[j * n + i]).collect();
+                let inv_sum = exp_shifted_in_place(&mut row);
+                assert_eq!(softmax.inv_sums[i], inv_sum, "{keys} keys, column {i}");
+                assert!((0..keys).all(|j| columns[j * n + i] == row[j]), "{keys} keys, column {i}");
+            }
+        }
     }
 
     /// Splitting by rows and by query tokens gives what the one-block computation gives.

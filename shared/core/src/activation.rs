@@ -32,7 +32,10 @@ pub fn geglu(projected: &Tensor) -> Result<Tensor> {
     let mut out = vec![0f32; projected.elem_count() / 2];
     if half > 0 {
         let input = crate::cpu_gemm::cpu_f32(&projected)?;
-        out.par_chunks_mut(half).zip(input.par_chunks(width)).for_each(|(out, row)| geglu_row(out, row));
+        out.par_chunks_mut(half).zip(input.par_chunks(width)).for_each(|(out, row)| {
+            let (hidden, gate) = row.split_at(half);
+            geglu_halves(out, hidden, gate)
+        });
     }
     Tensor::from_vec(out, out_dims, &Device::Cpu)
 }
@@ -149,16 +152,6 @@ crate::fast_math::simd_kernel! {
 crate::fast_math::simd_kernel! {
     /// hidden · GELU(gate), element by element.
     pub(crate) fn geglu_halves(out: &mut [f32], hidden: &[f32], gate: &[f32]) {
-        for ((o, h), g) in out.iter_mut().zip(hidden).zip(gate) {
-            *o = h * crate::fast_math::gelu_erf(*g);
-        }
-    }
-}
-
-crate::fast_math::simd_kernel! {
-    /// hidden · GELU(gate) for one row, [hidden | gate] -> out.
-    fn geglu_row(out: &mut [f32], row: &[f32]) {
-        let (hidden, gate) = row.split_at(out.len());
         for ((o, h), g) in out.iter_mut().zip(hidden).zip(gate) {
             *o = h * crate::fast_math::gelu_erf(*g);
         }

@@ -264,7 +264,7 @@ fn cpu_f32_attention(
 /// (so a column's values are what that function gives on it as a row). Scratch kept across
 /// heads.
 struct ColumnSoftmax {
-    n: usize,
+    /// One per column (query).
     maxes: Vec<f32>,
     /// Eight partial sums per column (key j adds to lane j % 8), then the rest of the keys.
     lanes: Vec<f32>,
@@ -277,7 +277,7 @@ struct ColumnSoftmax {
 impl ColumnSoftmax {
     fn new(n: usize) -> Self {
         let zeros = |len| vec![0f32; len];
-        Self { n, maxes: zeros(n), lanes: zeros(8 * n), tails: zeros(n), inv_sums: zeros(n), column: Vec::new() }
+        Self { maxes: zeros(n), lanes: zeros(8 * n), tails: zeros(n), inv_sums: zeros(n), column: Vec::new() }
     }
 
     fn exp_shifted(&mut self, scores_t: &mut [f32]) {
@@ -288,7 +288,8 @@ impl ColumnSoftmax {
     /// exactly 0. Column by column through [`exp_shifted_in_place`] (causal attention is the
     /// text encoder's, 77 tokens, where this pass costs nothing that matters).
     fn exp_shifted_causal(&mut self, scores_t: &mut [f32], first_query: usize) {
-        let (n, keys) = (self.n, scores_t.len() / self.n);
+        let n = self.maxes.len();
+        let keys = scores_t.len() / n;
         for (i, inv_sum) in self.inv_sums.iter_mut().enumerate() {
             let seen = (first_query + i + 1).min(keys);
             self.column.clear();

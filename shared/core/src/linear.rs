@@ -16,7 +16,7 @@
 use candle_core::{Device, Module, Result, Tensor};
 use candle_nn as nn;
 
-use crate::cpu_gemm::{cpu_f32, gemm, is_cpu_f32, View};
+use crate::cpu_gemm::{cpu_f32, gemm, gemm_row_bias, is_cpu_f32, View};
 
 #[derive(Debug, Clone)]
 pub struct Linear {
@@ -136,14 +136,9 @@ impl Linear {
                 let tokens = tokens.contiguous()?;
                 let input = cpu_f32(&tokens)?;
                 let mut out = vec![0f32; batch * n * pixels];
-                if let Some(bias) = bias {
-                    for (channel, &b) in out.chunks_mut(pixels).zip(bias.iter().cycle()) {
-                        channel.fill(b);
-                    }
-                }
                 for (image, out) in input.chunks(pixels * k).zip(out.chunks_mut(n * pixels)) {
                     let (weight, image) = (View::transposed(weight_t, n), View::transposed(image, k));
-                    gemm((out, pixels), weight, image, (n, pixels, k), 1.0, bias.is_some(), true);
+                    gemm_row_bias(out, weight, image, (n, pixels, k), bias.as_deref());
                 }
                 Tensor::from_vec(out, (batch, n, h, w), &Device::Cpu)
             }
